@@ -1,0 +1,3 @@
+from pneumonia.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Metrics (from scikit-learn), bootstrap intervals, thresholds, calibration and plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn import metrics as skm
+
+from pneumonia.dataset import CLASS_NAMES
+
+
+def metrics_at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    predicted = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    return {
+        "threshold": float(threshold),
+        "accuracy": float(skm.accuracy_score(labels, predicted)),
+        "precision": float(skm.precision_score(labels, predicted, zero_division=0)),
+        "recall": float(skm.recall_score(labels, predicted, zero_division=0)),
+        "specificity": float(skm.recall_score(labels, predicted, pos_label=0, zero_division=0)),
+        "f1": float(skm.f1_score(labels, predicted, zero_division=0)),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0) -> dict:
+    """95 % percentile intervals of AUC, and accuracy / recall / specificity at `threshold`."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    samples = {"auc": [], "accuracy": [], "recall": [], "specificity": []}
+    for _ in range(rounds):
+        idx = rng.integers(0, n, n)
+        y, p = labels[idx], probs[idx]
+        if y.min() == y.max():
+            continue  # a resample with one class has no AUC
+        predicted = p >= threshold
+        samples["auc"].append(skm.roc_auc_score(y, p))
+        samples["accuracy"].append(skm.accuracy_score(y, predicted))
+        samples["recall"].append(skm.recall_score(y, predicted, zero_division=0))
+        samples["specificity"].append(skm.recall_score(y, predicted, pos_label=0, zero_division=0))
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()}
+
+
+def evaluate_predictions(labels, probs, thresholds: dict, model_name: str, split: str) -> dict:
+    """The metrics.json schema: AUC, AP, loss, per-threshold metrics, 95 % intervals.
+
+    `thresholds` maps a name ("default", "screening") to its value; the intervals are taken
+    at the default threshold.
+    """
+    labels = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    return {
+        "model": model_name,
+        "split": split,
+        "n": {name: int((labels == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        "auc": float(skm.roc_auc_score(labels, probs)),
+        "average_precision": float(skm.average_precision_score(labels, probs)),
+        "loss": float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "thresholds": {name: metrics_at_threshold(labels, probs, t) for name, t in thresholds.items()},
+        "ci95": bootstrap_ci(labels, probs, thresholds["default"]),
+    }
+
+
+def screening_threshold(labels, probs, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity (recall) on these labels reaches the target."""
+    labels = np.asarray(labels, dtype=int)
+    positives = np.sort(np.asarray(probs)[labels == 1])
+    if len(positives) == 0:
+        raise ValueError("no positive examples to set a screening threshold on")
+    # Calling p >= t positive; keeping ceil(target * P) positives means t = the k-th largest score.
+    keep = int(np.ceil(target_sensitivity * len(positives)))
+    return float(positives[len(positives) - keep])
+
+
+def expected_calibration_error(labels, probs, bins: int = 15) -> float:
+    """Equal-width bins; |accuracy - confidence| of each bin weighted by its share."""
+    labels = np.asarray(labels, dtype=float)
+    probs = np.asarray(probs, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(labels[mask].mean() - probs[mask].mean())
+    return float(ece)
+
+
+def sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def fit_temperature(labels, logits) -> float:
+    """Temperature T minimising the validation log-loss of sigmoid(logit / T)."""
+    labels = np.asarray(labels, dtype=float)
+    logits = np.asarray(logits, dtype=float)
+
+    def nll(log_t):
+        p = np.clip(sigmoid(logits / np.exp(log_t)), 1e-12, 1 - 1e-12)
+        return -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def write_metrics(metrics: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def save_plots(labels, probs, metrics: dict, out_dir: str | Path) -> list[Path]:
+    """confusion_matrix_<name>.png for each threshold, roc_curve.png, pr_curve.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, entry in metrics["thresholds"].items():
+        cm = entry["confusion_matrix"]
+        grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+        fig, ax = plt.subplots(figsize=(4, 3.6))
+        ax.imshow(grid, cmap="Blues")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > grid.max() / 2 else "black")
+        ax.set_xticks([0, 1], CLASS_NAMES)
+        ax.set_yticks([0, 1], CLASS_NAMES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name} threshold {entry['threshold']:.3f}")
+        fig.tight_layout()
+        written.append(out / f"confusion_matrix_{name}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+    fpr, tpr, _ = skm.roc_curve(labels, probs)
+    precision, recall, _ = skm.precision_recall_curve(labels, probs)
+    for filename, (x, y, xlabel, ylabel, title) in {
+        "roc_curve.png": (fpr, tpr, "false positive rate", "true positive rate", f"ROC, AUC {metrics['auc']:.3f}"),
+        "pr_curve.png": (recall, precision, "recall", "precision", f"PR, AP {metrics['average_precision']:.3f}"),
+    }.items():
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(x, y)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{metrics['model']} on {metrics['split']}: {title}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out / filename)
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def format_table(metrics: dict) -> str:
+    lines = [
+        f"{metrics['model']} on {metrics['split']} (n = {sum(metrics['n'].values())}: "
+        + ", ".join(f"{k} {v}" for k, v in metrics["n"].items()) + ")",
+        f"AUC {metrics['auc']:.4f} [{metrics['ci95']['auc'][0]:.4f}, {metrics['ci95']['auc'][1]:.4f}]   "
+        f"AP {metrics['average_precision']:.4f}   loss {metrics['loss']:.4f}",
+        f"{'threshold':<22}{'accuracy':>9}{'precision':>10}{'recall':>8}{'specif.':>9}{'f1':>7}   tn/fp/fn/tp",
+    ]
+    for name, m in metrics["thresholds"].items():
+        cm = m["confusion_matrix"]
+        lines.append(
+            f"{name + ' ' + format(m['threshold'], '.4f'):<22}{m['accuracy']:>9.4f}{m['precision']:>10.4f}"
+            f"{m['recall']:>8.4f}{m['specificity']:>9.4f}{m['f1']:>7.4f}   {cm['tn']}/{cm['fp']}/{cm['fn']}/{cm['tp']}"
+        )
+    return "\n".join(lines)

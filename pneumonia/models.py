@@ -1,0 +1,129 @@
+"""The two architectures: DenseNet121 (the product) and the seed's 14-layer custom CNN.
+
+Both end in Dense(1) named "logit" and a sigmoid named "probability": one sigmoid unit,
+with the logit reachable for Grad-CAM and temperature scaling.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION
+
+ARCHITECTURES = ("densenet121", "custom")
+
+
+class InitError(RuntimeError):
+    """The requested initial weights cannot be had; the message says what to do instead."""
+
+
+def normalization_for(arch: str) -> dict:
+    """DenseNet121 keeps ImageNet statistics so `--init imagenet` and a local file just work."""
+    return IMAGENET_NORMALIZATION if arch == "densenet121" else UNIT_NORMALIZATION
+
+
+def _classifier_head(features, dropout: float = 0.0):
+    if dropout:
+        features = layers.Dropout(dropout, name="head_dropout")(features)
+    logit = layers.Dense(1, name="logit")(features)
+    return layers.Activation("sigmoid", dtype="float32", name="probability")(logit)
+
+
+def _imagenet_weights_or_stop() -> str:
+    """Fetches the Keras DenseNet121 notop file, or stops with the alternatives."""
+    try:
+        return keras.utils.get_file(
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            cache_subdir="models",
+            file_hash="4912a53fbd2a69346e7f2c0b5ec8c6d3",
+        )
+    except Exception as err:  # no network, proxy, DNS: all end the same way
+        raise InitError(
+            "Could not download the ImageNet weights for DenseNet121 "
+            f"({type(err).__name__}: {err}).\n"
+            "Use one of:\n"
+            "  --init none         train from random initialisation\n"
+            "  --init PATH         a local DenseNet121 weights file "
+            "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+        ) from None
+
+
+def resolve_init(init: str) -> dict:
+    """'imagenet' | 'none' | a path -> what the card records: kind, and file + sha256."""
+    if init == "none":
+        return {"kind": "none", "description": "random initialisation (no pretrained weights)"}
+    if init == "imagenet":
+        path = Path(_imagenet_weights_or_stop())
+        kind, description = "imagenet", "ImageNet weights downloaded by Keras"
+    else:
+        path = Path(init)
+        if not path.is_file():
+            raise InitError(f"--init {init}: no such weights file. Use --init none, imagenet or a path to a file.")
+        kind, description = "file", f"local weights file {path.name}"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"kind": kind, "description": description, "file": str(path), "sha256": digest}
+
+
+def build_densenet121(image_size: int, weights_file: str | None = None) -> keras.Model:
+    inputs = keras.Input((image_size, image_size, 3), name="xray")
+    backbone = keras.applications.DenseNet121(include_top=False, weights=None, input_tensor=inputs)
+    if weights_file:
+        backbone.load_weights(weights_file)
+    features = layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
+    return keras.Model(inputs, _classifier_head(features), name="densenet121")
+
+
+def build_custom_cnn(image_size: int) -> keras.Model:
+    """The seed's baseline, block for block."""
+    inputs = keras.Input((image_size, image_size, 3), name="xray")
+    x = layers.Conv2D(16, 3, activation="relu", padding="same")(inputs)
+    x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
+    x = layers.MaxPooling2D()(x)
+    for filters in (32, 64, 128, 256):
+        x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same")(x)
+        x = layers.SeparableConv2D(filters, 3, activation="relu", padding="same", name=f"block{filters}_conv2")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D()(x)
+        if filters >= 128:
+            x = layers.Dropout(0.2)(x)
+    x = layers.Flatten()(x)
+    for units, rate in ((512, 0.7), (128, 0.5), (64, 0.3)):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Dropout(rate)(x)
+    return keras.Model(inputs, _classifier_head(x), name="custom_cnn")
+
+
+def build_model(arch: str, image_size: int, init: dict) -> keras.Model:
+    if arch == "densenet121":
+        return build_densenet121(image_size, init.get("file"))
+    if arch == "custom":
+        if init["kind"] != "none":
+            raise InitError("The custom CNN has no pretrained weights: use --init none.")
+        return build_custom_cnn(image_size)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+
+
+def gradcam_layer_for(model: keras.Model) -> str:
+    """The last activated feature map with at least 7x7 cells.
+
+    DenseNet121 at 224 px: the final 7x7 `relu`; at 128 px that map is 4x4, so the 8x8
+    `pool4_relu` (dense block 4's input) is taken. 1x1 transition convolutions are skipped:
+    they only mix the channels of the activation before them.
+    """
+    best = None
+    for layer in model.layers:
+        shape = getattr(getattr(layer, "output", None), "shape", None)
+        if shape is None or len(shape) != 4 or shape[1] < 7 or shape[2] < 7:
+            continue
+        is_conv = isinstance(layer, (layers.Conv2D, layers.SeparableConv2D)) and max(layer.kernel_size) > 1
+        if is_conv or isinstance(layer, (layers.Activation, layers.ReLU, layers.Concatenate)):
+            best = layer.name
+    if best is None:
+        raise ValueError("model has no feature map of at least 7x7")
+    return best

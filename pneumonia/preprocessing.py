@@ -1,0 +1,145 @@
+"""The one path from image bytes (or a file) to model input.
+
+Training, evaluation, the CLI and the web app all go through `xray_pixels` and
+`normalize` (`preprocess` is the two together), so what the model sees at serving
+time is what it saw in training.
+
+    bytes | path ──load_xray──> PIL "L" image ──resize──> uint8 (H, W) ──normalize──> float32 (H, W, 3)
+
+The training cache stores the uint8 (H, W) arrays of `xray_pixels`; augmentation runs on
+them before `normalize`.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+Source = Union[bytes, bytearray, str, Path]
+
+# A 2,900 px X-ray is ~8 Mpx; 60 Mpx leaves headroom for large scanners while refusing
+# decompression bombs (a tiny PNG that claims 100k x 100k pixels) before decoding.
+MAX_IMAGE_PIXELS = 60_000_000
+
+# keras.applications.densenet.preprocess_input ("torch" mode): what ImageNet weights expect.
+IMAGENET_NORMALIZATION = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+UNIT_NORMALIZATION = {"scale": 1 / 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+
+
+class XrayReadError(ValueError):
+    """An input that cannot be turned into an X-ray; the message is meant for a person."""
+
+
+def preprocessing_spec(image_size: int, normalization: dict) -> dict:
+    """The preprocessing section of a model card."""
+    return {
+        "image_size": int(image_size),
+        "colour": "greyscale, replicated to 3 channels",
+        "resize": "stretched to a square (as the training copy of the data set), Pillow bilinear with antialiasing",
+        "bit_depth": "16-bit images scaled by their full range into 0..255",
+        "normalization": dict(normalization),
+    }
+
+
+def _open_image(source: Source) -> Image.Image:
+    """Opens without decoding pixels, so size checks happen before any large allocation."""
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise XrayReadError("The file is empty.")
+        stream = io.BytesIO(source)
+        name = "the upload"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise XrayReadError(f"No such image file: {path}")
+        stream = path.open("rb")
+        name = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        if isinstance(err, UnidentifiedImageError):
+            raise XrayReadError(f"{name} is not an image Pillow can read (JPEG, PNG, BMP or TIFF).") from None
+        raise XrayReadError(f"{name} declares too many pixels to be an X-ray; refused before decoding.") from None
+    except OSError as err:
+        raise XrayReadError(f"{name} could not be read as an image: {err}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise XrayReadError(
+            f"{name} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refused before decoding."
+        )
+    if width < 8 or height < 8:
+        raise XrayReadError(f"{name} is only {width}x{height} pixels: too small to be an X-ray.")
+    return image
+
+
+def _to_greyscale(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit "L"; 16-bit and float data are scaled by their range, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        span = high - low if high > low else 1.0
+        return Image.fromarray(np.round((values - low) * (255.0 / span)).astype(np.uint8), mode="L")
+    if image.mode == "L":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels become black, the background of an X-ray.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    if image.mode == "RGB":
+        return image.convert("L")
+    return image.convert("RGB").convert("L")  # CMYK, YCbCr, palette, 1-bit: via RGB
+
+
+def load_xray(source: Source) -> Image.Image:
+    """Decodes bytes or a file into an upright 8-bit greyscale image at its own size."""
+    image = _open_image(source)
+    try:
+        image = ImageOps.exif_transpose(image)
+        image = _to_greyscale(image)
+        image.load()
+    except XrayReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
+    return image
+
+
+def resize_xray(image: Image.Image, image_size: int) -> np.ndarray:
+    """uint8 (image_size, image_size): the square the model sees."""
+    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def xray_pixels(source: Source, image_size: int) -> np.ndarray:
+    """bytes or path -> uint8 (image_size, image_size). What the training cache stores."""
+    return resize_xray(load_xray(source), image_size)
+
+
+def normalize(pixels, normalization: dict):
+    """uint8 or float pixels (..., H, W) in 0..255 -> float32 (..., H, W, 3).
+
+    Plain arithmetic, so the same function serves NumPy arrays here and TensorFlow tensors
+    inside the training input pipeline.
+    """
+    mean = np.asarray(normalization["mean"], dtype=np.float32)
+    std = np.asarray(normalization["std"], dtype=np.float32)
+    scale = np.float32(normalization["scale"])
+    if isinstance(pixels, np.ndarray):
+        channels = np.repeat(pixels.astype(np.float32)[..., None], 3, axis=-1)
+    else:  # a tf.Tensor; imported lazily so the web app's import stays light
+        import tensorflow as tf
+
+        channels = tf.repeat(tf.cast(pixels, tf.float32)[..., None], 3, axis=-1)
+    return (channels * scale - mean) / std
+
+
+def preprocess(source: Source, spec: dict) -> np.ndarray:
+    """bytes or path -> float32 (H, W, 3) model input, following a model card's preprocessing."""
+    return normalize(xray_pixels(source, spec["image_size"]), spec["normalization"])

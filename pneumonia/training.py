@@ -1,0 +1,263 @@
+"""`python -m pneumonia train`: data -> model, card and validation report in one folder.
+
+DIR/
+  <arch>.keras          best epoch by validation AUC
+  model.json            the card
+  report/               validation metrics.json, plots, history.csv, training_curves.png
+  checkpoints/          last.keras + state.json (for --resume), best.keras
+"""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumonia import dataset
+from pneumonia.evaluation import (
+    evaluate_predictions,
+    expected_calibration_error,
+    fit_temperature,
+    save_plots,
+    screening_threshold,
+    sigmoid,
+    write_metrics,
+)
+from pneumonia.preprocessing import normalize, preprocessing_spec
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str
+    arch: str = "densenet121"
+    out: str = "runs/densenet121"
+    init: str = "imagenet"
+    image_size: int = 128
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.1
+    seed: int = 42
+    patience: int = 6
+    target_sensitivity: float = 0.98
+    resume: bool = False
+    cache_dir: str | None = "cache"
+
+
+def augmentation(seed: int):
+    """Small geometric and photometric changes an X-ray can plausibly have; no flips
+    (the heart is on the left)."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),  # about +-10 degrees
+            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
+            layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+            layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 3),
+            layers.RandomContrast(0.15, seed=seed + 4),
+        ],
+        name="augmentation",
+    )
+
+
+def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, shuffle=False):
+    """uint8 (N, S, S) + labels -> tf.data of normalized float32 (B, S, S, 3) batches."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((pixels, labels.astype("float32")))
+    if shuffle:
+        ds = ds.shuffle(len(pixels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        # Augment in 0..255 greyscale (B, S, S, 1), then the shared normalisation.
+        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32)[..., None], training=True)[..., 0], y),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: (tf.clip_by_value(x, 0.0, 255.0), y))
+    ds = ds.map(lambda x, y: (normalize(x, normalization), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Balanced: each class contributes equally to the loss (the data is about 1 : 2.9)."""
+    counts = np.bincount(labels, minlength=2)
+    return {i: float(len(labels) / (2 * counts[i])) for i in range(2)}
+
+
+def plot_history(history_csv: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(history_csv.open()))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("loss", "auc")):
+        ax.plot(epochs, [float(r[metric]) for r in rows], label=f"train {metric}")
+        ax.plot(epochs, [float(r[f"val_{metric}"]) for r in rows], label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+class _SaveState:
+    """Keras callback: last.keras + state.json after every epoch, so --resume can continue."""
+
+    def __new__(cls, checkpoint_dir: Path):
+        import keras
+
+        class SaveState(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.best = -np.inf
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.best = max(self.best, float(logs.get("val_auc", -np.inf)))
+                self.model.save(checkpoint_dir / "last.keras")
+                (checkpoint_dir / "state.json").write_text(
+                    json.dumps({"epochs_done": epoch + 1, "best_val_auc": self.best})
+                )
+
+        return SaveState()
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from pneumonia.models import build_model, gradcam_layer_for, normalization_for, resolve_init
+
+    started = time.time()
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    report = out / "report"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
+
+    init = resolve_init(config.init)  # stops at once when ImageNet weights cannot be had
+    log(f"initial weights: {init['description']}")
+    keras.utils.set_random_seed(config.seed)
+
+    all_train = dataset.scan_split(config.data_dir, "train")
+    if all_train is None or not all_train.paths:
+        raise SystemExit(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
+    log(dataset.describe("train/ (all)", all_train))
+    train_files, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
+    train_x, train_y, train_files = dataset.load_pixels(train_files, config.image_size, config.cache_dir, log)
+    val_x, val_y, val_files = dataset.load_pixels(val_files, config.image_size, config.cache_dir, log)
+    log(dataset.describe("training part", train_files))
+    log(dataset.describe("validation part (patient-grouped, from train/)", val_files))
+
+    normalization = normalization_for(config.arch)
+    spec = preprocessing_spec(config.image_size, normalization)
+    train_ds = make_dataset(train_x, train_y, normalization, config.batch_size, config.seed,
+                            augment=augmentation(config.seed), shuffle=True)
+    val_ds = make_dataset(val_x, val_y, normalization, config.batch_size, config.seed)
+
+    state_file = checkpoints / "state.json"
+    initial_epoch, best_so_far = 0, None
+    if config.resume and state_file.exists():
+        state = json.loads(state_file.read_text())
+        initial_epoch, best_so_far = state["epochs_done"], state["best_val_auc"]
+        model = keras.saving.load_model(checkpoints / "last.keras")
+        log(f"resuming after epoch {initial_epoch} (best validation AUC so far {best_so_far:.4f})")
+    else:
+        if config.resume:
+            log("--resume: no checkpoint found, starting from scratch")
+        model = build_model(config.arch, config.image_size, init)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.learning_rate),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+        )
+    best_path = checkpoints / "best.keras"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(best_path, monitor="val_auc", mode="max", save_best_only=True,
+                                        initial_value_threshold=best_so_far),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
+        keras.callbacks.CSVLogger(report / "history.csv", append=initial_epoch > 0),
+        _SaveState(checkpoints),
+    ]
+    if initial_epoch < config.epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                  class_weight=class_weights(train_y), callbacks=callbacks, verbose=1)
+    plot_history(report / "history.csv", report / "training_curves.png")
+
+    best = keras.saving.load_model(best_path, compile=False)
+    logit_model = keras.Model(best.inputs, best.get_layer("logit").output)
+    val_logits = np.concatenate([np.asarray(logit_model(x, training=False)).reshape(-1) for x, _ in val_ds])
+
+    # Calibration and thresholds come from the validation part only.
+    raw_probs = sigmoid(val_logits)
+    temperature = fit_temperature(val_y, val_logits)
+    probs = sigmoid(val_logits / temperature)
+    thresholds = {"default": 0.5, "screening": screening_threshold(val_y, probs, config.target_sensitivity)}
+    metrics = evaluate_predictions(val_y, probs, thresholds, config.arch, "validation (patient-grouped from train/)")
+    write_metrics(metrics, report)
+    save_plots(val_y, probs, metrics, report)
+
+    model_file = f"{config.arch}.keras"
+    best.save(out / model_file)
+    history = list(csv.DictReader((report / "history.csv").open()))
+    best_epoch = int(history[int(np.argmax([float(r["val_auc"]) for r in history]))]["epoch"]) + 1 if history else None
+    gradcam_layer = gradcam_layer_for(best)
+    card = {
+        "name": config.arch,
+        "architecture": config.arch,
+        "file": model_file,
+        "input_size": config.image_size,
+        "class_names": list(dataset.CLASS_NAMES),
+        "preprocessing": spec,
+        "init": {**init, "file": Path(init["file"]).name} if "file" in init else init,
+        "calibration": {
+            "method": "temperature scaling on the validation logits",
+            "temperature": temperature,
+            "ece_before": expected_calibration_error(val_y, raw_probs),
+            "ece_after": expected_calibration_error(val_y, probs),
+        },
+        "thresholds": {
+            "default": thresholds["default"],
+            "screening": thresholds["screening"],
+            "target_sensitivity": config.target_sensitivity,
+            "chosen_on": "validation part of train/ (patient-grouped); calibrated probabilities",
+        },
+        "validation": metrics,
+        "data": {
+            "source": str(Path(config.data_dir).name),
+            "train": train_files.counts(),
+            "validation": val_files.counts(),
+            "val_fraction": config.val_fraction,
+            "train_fingerprint": dataset.fingerprint(train_files),
+            "validation_fingerprint": dataset.fingerprint(val_files),
+        },
+        "training": {
+            "config": asdict(config),
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "command": "python -m pneumonia " + shlex.join(sys.argv[1:]),
+            "wall_time_s": round(time.time() - started, 1),
+            "optimizer": "Adam",
+            "loss": "binary cross-entropy, balanced class weights",
+        },
+        "gradcam": {"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+                     "numpy": np.__version__},
+    }
+    (out / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+    log(f"wrote {out / model_file} and {out / 'model.json'}")
+    return card
