@@ -19,6 +19,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumonia.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom
+
 Source = Union[bytes, bytearray, str, Path]
 
 # A 2,900 px X-ray is ~8 Mpx; 60 Mpx leaves headroom for large scanners while refusing
@@ -64,7 +66,7 @@ def _open_image(source: Source) -> Image.Image:
             image = Image.open(stream)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         if isinstance(err, UnidentifiedImageError):
-            raise XrayReadError(f"{name} is not an image Pillow can read (JPEG, PNG, BMP or TIFF).") from None
+            raise XrayReadError(f"{name} is not a supported image (JPEG, PNG, BMP, TIFF or DICOM).") from None
         raise XrayReadError(f"{name} declares too many pixels to be an X-ray; refused before decoding.") from None
     except OSError as err:
         raise XrayReadError(f"{name} could not be read as an image: {err}") from None
@@ -97,8 +99,25 @@ def _to_greyscale(image: Image.Image) -> Image.Image:
     return image.convert("RGB").convert("L")  # CMYK, YCbCr, palette, 1-bit: via RGB
 
 
+def _dicom_bytes(source: Source) -> bytes | None:
+    """The bytes of a DICOM source (by its 'DICM' preamble), else None."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source) if is_dicom(source) else None
+    path = Path(source)
+    if path.is_file():
+        with path.open("rb") as handle:
+            head = handle.read(DICOM_MAGIC_OFFSET + 4)
+        if is_dicom(head):
+            return path.read_bytes()
+    return None
+
+
 def load_xray(source: Source) -> Image.Image:
-    """Decodes bytes or a file into an upright 8-bit greyscale image at its own size."""
+    """Decodes bytes or a file (JPEG, PNG, BMP, TIFF or DICOM) into an upright 8-bit
+    greyscale image at its own size."""
+    dicom = _dicom_bytes(source)
+    if dicom is not None:
+        return dicom_to_image(dicom, MAX_IMAGE_PIXELS)
     image = _open_image(source)
     try:
         image = ImageOps.exif_transpose(image)
