@@ -114,25 +114,21 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-class _SaveState:
-    """Keras callback: last.keras + state.json after every epoch, so --resume can continue."""
+def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None = None):
+    """Saves last.keras + state.json after every epoch, so --resume can continue."""
+    import keras
 
-    def __new__(cls, checkpoint_dir: Path):
-        import keras
+    class SaveResumeState(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = -np.inf if best_val_auc is None else best_val_auc
 
-        class SaveState(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.best = -np.inf
+        def on_epoch_end(self, epoch, logs=None):
+            self.best = max(self.best, float(logs.get("val_auc", -np.inf)))
+            self.model.save(checkpoint_dir / "last.keras")
+            (checkpoint_dir / "state.json").write_text(json.dumps({"epochs_done": epoch + 1, "best_val_auc": self.best}))
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.best = max(self.best, float(logs.get("val_auc", -np.inf)))
-                self.model.save(checkpoint_dir / "last.keras")
-                (checkpoint_dir / "state.json").write_text(
-                    json.dumps({"epochs_done": epoch + 1, "best_val_auc": self.best})
-                )
-
-        return SaveState()
+    return SaveResumeState()
 
 
 def train(config: TrainConfig, log=print) -> dict:
@@ -191,7 +187,7 @@ def train(config: TrainConfig, log=print) -> dict:
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
         keras.callbacks.CSVLogger(report / "history.csv", append=initial_epoch > 0),
-        _SaveState(checkpoints),
+        resume_state_callback(checkpoints, best_so_far),
     ]
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
