@@ -25,14 +25,24 @@ class ModelLoadError(RuntimeError):
 def find_card(model_path: str | Path) -> tuple[Path, dict]:
     """A model directory or `.keras` file -> (path of the .keras file, card)."""
     path = Path(model_path)
+    if not path.exists():
+        # Not path.with_name(...): for a missing folder that would look for a card beside it.
+        raise ModelLoadError(f"No model folder or .keras file {path}: train a model with `python -m pneumonia train`.")
     card_path = path / CARD_NAME if path.is_dir() else path.with_name(CARD_NAME)
     if not card_path.is_file():
         raise ModelLoadError(f"No model card {card_path}: train a model with `python -m pneumonia train`.")
     try:
         card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"The model card {card_path} is unreadable: {err}") from None
-    keras_path = path if path.suffix == ".keras" else card_path.with_name(card.get("file", ""))
+    if not isinstance(card, dict):
+        raise ModelLoadError(f"The model card {card_path} is not a JSON object.")
+    if path.suffix == ".keras":
+        keras_path = path
+    elif isinstance(card.get("file"), str) and card["file"]:
+        keras_path = card_path.with_name(card["file"])
+    else:
+        raise ModelLoadError(f"The model card {card_path} does not name its model file (\"file\").")
     if not keras_path.is_file():
         raise ModelLoadError(f"The model file {keras_path} named by {card_path} is missing.")
     return keras_path, card

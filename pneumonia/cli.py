@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def _train(args) -> int:
     from pneumonia.training import TrainConfig, train
 
     config = TrainConfig(
-        data_dir=args.data_dir, arch=args.arch, out=args.out or f"runs/{args.arch}", init=args.init,
+        data_dir=args.data_dir, arch=args.arch, out=args.out or f"runs/{args.arch}",
+        init=args.init or ("imagenet" if args.arch == "densenet121" else "none"),
         image_size=args.image_size or (128 if args.arch == "densenet121" else 320), epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, val_fraction=args.val_fraction,
         seed=args.seed, patience=args.patience, target_sensitivity=args.target_sensitivity,
@@ -42,8 +44,8 @@ def _evaluate(args) -> int:
         print(f"error: {args.data_dir} has no {args.split}/NORMAL or {args.split}/PNEUMONIA images", file=sys.stderr)
         return 2
     print(dataset.describe(args.split, files))
-    results = []
-    for model_path in args.model:
+    results, folders = [], _model_folder_names(args.model)
+    for model_path, folder in zip(args.model, folders):
         try:
             classifier = XrayClassifier(model_path)
         except ModelLoadError as err:
@@ -52,7 +54,7 @@ def _evaluate(args) -> int:
         pixels, labels, kept = dataset.load_pixels(files, classifier.image_size, args.cache_dir, log=print)
         probs = classifier.probabilities_from_pixels(pixels)
         metrics = evaluate_predictions(labels, probs, classifier.thresholds, classifier.name, args.split)
-        out = Path(args.out) / classifier.name if len(args.model) > 1 else Path(args.out)
+        out = Path(args.out) / folder if len(args.model) > 1 else Path(args.out)
         write_metrics(metrics, out)
         save_plots(labels, probs, metrics, out)
         print(format_table(metrics))
@@ -60,19 +62,47 @@ def _evaluate(args) -> int:
         results.append(metrics)
     if len(results) > 1:
         path = Path(args.out) / "comparison.md"
-        path.write_text(comparison_table(results))
+        path.write_text(comparison_table(results, folders))
         print(path.read_text())
     return 0
 
 
-def comparison_table(results: list[dict]) -> str:
+def _model_folder_names(model_paths: list[str]) -> list[str]:
+    """One report folder per --model, unique even when cards share a name (two runs of one
+    architecture are both called "custom"): the card's name, else the model folder's name,
+    else a numbered name."""
+    from pneumonia.classifier import find_card, ModelLoadError
+
+    def card_name(model_path: str) -> str:
+        try:
+            return str(find_card(model_path)[1].get("name") or "")
+        except ModelLoadError:
+            return ""  # reported when the model is loaded
+
+    def folder_of(model_path: str) -> str:
+        path = Path(model_path).resolve()
+        return (path.parent if path.suffix == ".keras" else path).name
+
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", card_name(m)) or folder_of(m) for m in model_paths]
+    chosen = []
+    for model_path, name in zip(model_paths, names):
+        if names.count(name) > 1:
+            name = f"{name}-{folder_of(model_path)}"
+        base, number = name, 2
+        while name in chosen:
+            name, number = f"{base}-{number}", number + 1
+        chosen.append(name)
+    return chosen
+
+
+def comparison_table(results: list[dict], names: list[str] | None = None) -> str:
     rows = [("AUC", lambda m: m["auc"]), ("average precision", lambda m: m["average_precision"]),
             ("loss", lambda m: m["loss"])]
     for name in ("default", "screening"):
         for key in ("threshold", "accuracy", "precision", "recall", "specificity", "f1"):
             rows.append((f"{key} @ {name}", lambda m, n=name, k=key: m["thresholds"][n][k]))
     lines = [f"# Comparison on {results[0]['split']}", "",
-             "| metric | " + " | ".join(m["model"] for m in results) + " |",
+             "| metric | " + " | ".join(names or [m["model"] for m in results]) + " |",
              "|---|" + "---|" * len(results)]
     lines += [f"| {label} | " + " | ".join(f"{get(m):.4f}" for m in results) + " |" for label, get in rows]
     return "\n".join(lines) + "\n"
@@ -116,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data_dir")
     train.add_argument("--arch", choices=("densenet121", "custom"), default="densenet121")
     train.add_argument("--out", help="output folder (default runs/<arch>)")
-    train.add_argument("--init", default="imagenet", help="imagenet (default), none, or a local weights file")
+    train.add_argument("--init", help="imagenet, none, or a local DenseNet121 weights file "
+                                      "(default: imagenet for densenet121, none for custom)")
     train.add_argument("--image-size", type=int, help="input side in pixels (default 128 for densenet121, 320 for custom)")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=32)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from pneumonia.dataset import CLASS_NAMES
@@ -25,21 +26,37 @@ def metrics_at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float
     }
 
 
+def _roc_auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row (Mann-Whitney with mid-ranks for ties: sklearn's number exactly)."""
+    ranks = rankdata(scores, axis=1)
+    positives = labels.sum(axis=1)
+    negatives = labels.shape[1] - positives
+    return ((ranks * labels).sum(axis=1) - positives * (positives + 1) / 2) / (positives * negatives)
+
+
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0) -> dict:
-    """95 % percentile intervals of AUC, and accuracy / recall / specificity at `threshold`."""
+    """95 % percentile intervals of AUC, and accuracy / recall / specificity at `threshold`.
+
+    All resamples at once with NumPy (sklearn's per-call checks made 1,000 rounds take
+    seconds); resamples holding one class only have no AUC and are left out.
+    """
+    labels = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
     n = len(labels)
-    samples = {"auc": [], "accuracy": [], "recall": [], "specificity": []}
-    for _ in range(rounds):
-        idx = rng.integers(0, n, n)
-        y, p = labels[idx], probs[idx]
-        if y.min() == y.max():
-            continue  # a resample with one class has no AUC
-        predicted = p >= threshold
-        samples["auc"].append(skm.roc_auc_score(y, p))
-        samples["accuracy"].append(skm.accuracy_score(y, predicted))
-        samples["recall"].append(skm.recall_score(y, predicted, zero_division=0))
-        samples["specificity"].append(skm.recall_score(y, predicted, pos_label=0, zero_division=0))
+    idx = rng.integers(0, n, (rounds, n))
+    y, p = labels[idx], probs[idx]
+    both = (y.min(axis=1) == 0) & (y.max(axis=1) == 1)
+    if not both.any():
+        raise ValueError("every bootstrap resample holds one class only: no AUC interval")
+    y, p = y[both], p[both]
+    predicted = p >= threshold
+    samples = {
+        "auc": _roc_auc_rows(y, p),
+        "accuracy": (predicted == (y == 1)).mean(axis=1),
+        "recall": (predicted & (y == 1)).sum(axis=1) / (y == 1).sum(axis=1),
+        "specificity": (~predicted & (y == 0)).sum(axis=1) / (y == 0).sum(axis=1),
+    }
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()}
 
 
@@ -69,8 +86,11 @@ def screening_threshold(labels, probs, target_sensitivity: float) -> float:
     positives = np.sort(np.asarray(probs)[labels == 1])
     if len(positives) == 0:
         raise ValueError("no positive examples to set a screening threshold on")
+    if not 0 < target_sensitivity <= 1:
+        raise ValueError("target_sensitivity must be in (0, 1]")
     # Calling p >= t positive; keeping ceil(target * P) positives means t = the k-th largest score.
-    keep = int(np.ceil(target_sensitivity * len(positives)))
+    # The tolerance stops float noise from asking for one positive more (0.07 * 100 = 7.000000000000001).
+    keep = min(len(positives), max(1, int(np.ceil(target_sensitivity * len(positives) - 1e-9))))
     return float(positives[len(positives) - keep])
 
 

@@ -40,7 +40,7 @@ def _imagenet_weights_or_stop() -> str:
             "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
             cache_subdir="models",
-            file_hash="4912a53fbd2a69346e7f2c0b5ec8c6d3",
+            file_hash="30ee3e1110167f948a6b9946edeeb738",  # as keras.applications.DenseNet121 checks it
         )
     except Exception as err:  # no network, proxy, DNS: all end the same way
         raise InitError(

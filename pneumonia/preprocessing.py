@@ -58,7 +58,9 @@ def _open_image(source: Source) -> Image.Image:
         path = Path(source)
         if not path.is_file():
             raise XrayReadError(f"No such image file: {path}")
-        stream = path.open("rb")
+        if path.stat().st_size == 0:
+            raise XrayReadError(f"{path} is empty.")
+        stream = path  # Pillow opens it, and closes it once the pixels are read or on error
         name = str(path)
     try:
         with warnings.catch_warnings():
@@ -72,10 +74,12 @@ def _open_image(source: Source) -> Image.Image:
         raise XrayReadError(f"{name} could not be read as an image: {err}") from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
+        image.close()
         raise XrayReadError(
             f"{name} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refused before decoding."
         )
     if width < 8 or height < 8:
+        image.close()
         raise XrayReadError(f"{name} is only {width}x{height} pixels: too small to be an X-ray.")
     return image
 
@@ -118,15 +122,18 @@ def load_xray(source: Source) -> Image.Image:
     dicom = _dicom_bytes(source)
     if dicom is not None:
         return dicom_to_image(dicom, MAX_IMAGE_PIXELS)
-    image = _open_image(source)
+    opened = _open_image(source)
     try:
-        image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(opened)
         image = _to_greyscale(image)
         image.load()
-    except XrayReadError:
-        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        opened.close()  # Pillow leaves the file open when decoding fails
+        if isinstance(err, XrayReadError):
+            raise
         raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
+    if image is not opened:
+        opened.close()
     return image
 
 

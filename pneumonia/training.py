@@ -114,6 +114,39 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def logits_of(model, batches) -> np.ndarray:
+    """The "logit" layer's output (N,) for the inputs of a tf.data of (x, y) batches, in order."""
+    import keras
+
+    logit_model = keras.Model(model.inputs, model.get_layer("logit").output)
+    out = [np.asarray(logit_model(x, training=False)).reshape(-1) for x, _ in batches]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def exact_val_auc_callback(val_ds, val_y):
+    """Replaces each epoch's `val_auc` with the exact ROC AUC of the validation logits.
+
+    Keras' AUC metric counts probabilities in 200 buckets. Early in training, while the
+    BatchNormalization moving statistics are far from the batch statistics (the custom CNN's
+    activations have variances of 1e-5..1e-8 against a moving variance that starts at 1), a
+    model can rank the validation images well yet put every probability in one bucket: the
+    bucketed AUC reads exactly 0.5, and best-epoch selection and early stopping, which watch
+    `val_auc`, keep the first epoch. Ranks of the logits have neither the bucketing nor float32
+    sigmoid saturation. Put it before the callbacks that read `val_auc`.
+    """
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(val_y)
+
+    class ExactValidationAUC(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and len(np.unique(labels)) == 2:
+                logs["val_auc"] = float(roc_auc_score(labels, logits_of(self.model, val_ds)))
+
+    return ExactValidationAUC()
+
+
 def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None = None):
     """Saves last.keras + state.json after every epoch, so --resume can continue."""
     import keras
@@ -135,7 +168,7 @@ def train(config: TrainConfig, log=print) -> dict:
     import keras
     import tensorflow as tf
 
-    from pneumonia.models import build_model, gradcam_layer_for, normalization_for, resolve_init
+    from pneumonia.models import InitError, build_model, gradcam_layer_for, normalization_for, resolve_init
 
     started = time.time()
     out = Path(config.out)
@@ -144,6 +177,8 @@ def train(config: TrainConfig, log=print) -> dict:
     checkpoints.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
 
+    if config.arch == "custom" and config.init != "none":  # before any download
+        raise InitError("The custom CNN has no pretrained weights: use --init none.")
     init = resolve_init(config.init)  # stops at once when ImageNet weights cannot be had
     log(f"initial weights: {init['description']}")
     keras.utils.set_random_seed(config.seed)
@@ -182,6 +217,7 @@ def train(config: TrainConfig, log=print) -> dict:
         )
     best_path = checkpoints / "best.keras"
     callbacks = [
+        exact_val_auc_callback(val_ds, val_y),  # first: the callbacks below read its val_auc
         keras.callbacks.ModelCheckpoint(best_path, monitor="val_auc", mode="max", save_best_only=True,
                                         initial_value_threshold=best_so_far),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
@@ -195,8 +231,7 @@ def train(config: TrainConfig, log=print) -> dict:
     plot_history(report / "history.csv", report / "training_curves.png")
 
     best = keras.saving.load_model(best_path, compile=False)
-    logit_model = keras.Model(best.inputs, best.get_layer("logit").output)
-    val_logits = np.concatenate([np.asarray(logit_model(x, training=False)).reshape(-1) for x, _ in val_ds])
+    val_logits = logits_of(best, val_ds)
 
     # Calibration and thresholds come from the validation part only.
     raw_probs = sigmoid(val_logits)
