@@ -60,3 +60,86 @@ def tiny_model_dir(synthetic_data_dir, tmp_path_factory):
                          seed=0, patience=10, cache_dir=None)
     train(config, log=lambda *_: None)
     return out
+
+
+# --- Web app and Grad-CAM fixtures -----------------------------------------------------
+
+import io  # noqa: E402
+import json  # noqa: E402
+
+CENTRED_NORMALIZATION = {"scale": 1 / 255, "mean": [0.45] * 3, "std": [0.2] * 3}
+
+
+def encode_image(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def xray_jpeg(width: int = 320, height: int = 256, seed: int = 0, label: int = 1) -> bytes:
+    """A synthetic X-ray, stretched to width x height, as JPEG bytes."""
+    image = synthetic_xray(label, np.random.default_rng(seed), size=128).resize((width, height))
+    return encode_image(image, "JPEG", quality=90)
+
+
+def save_model_dir(model, out, image_size: int, gradcam_layer: str, normalization=CENTRED_NORMALIZATION):
+    """A .keras file and a minimal card in the shape `train` writes: enough for the web app."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.keras")
+    card = {
+        "name": model.name, "architecture": model.name, "file": "model.keras", "input_size": image_size,
+        "preprocessing": {"image_size": image_size, "normalization": normalization},
+        "calibration": {"temperature": 1.0},
+        "thresholds": {"default": 0.5, "screening": 0.3},
+        "gradcam": {"layer": gradcam_layer, "map_size": list(model.get_layer(gradcam_layer).output.shape[1:3])},
+    }
+    (out / "model.json").write_text(json.dumps(card))
+    return out
+
+
+def build_gap_cnn(image_size: int, name: str = "gap_cnn"):
+    """Three convolutions, global average pooling, Dense(1) "logit", sigmoid: the layout
+    Grad-CAM was designed for, so the map follows the evidence closely."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((image_size, image_size, 3), name="xray")
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="features")(x)  # (S/4, S/4, 16)
+    x = layers.GlobalAveragePooling2D()(x)
+    logit = layers.Dense(1, name="logit")(x)
+    return keras.Model(inputs, layers.Activation("sigmoid", name="probability")(logit), name=name)
+
+
+@pytest.fixture(scope="session")
+def gap_model_dir(tmp_path_factory):
+    """A GAP CNN trained at 64 px on synthetic X-rays whose pneumonia blob lies at rows and
+    columns 60-80 %; it separates them perfectly in a few seconds."""
+    import keras
+
+    from pneumonia.preprocessing import normalize
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(400) % 2
+    pixels = np.stack([np.asarray(synthetic_xray(int(y), rng, 64)) for y in labels])
+    keras.utils.set_random_seed(0)
+    model = build_gap_cnn(64)
+    model.compile(keras.optimizers.Adam(3e-3), "binary_crossentropy", metrics=["accuracy"])
+    model.fit(normalize(pixels, CENTRED_NORMALIZATION), labels, epochs=10, batch_size=16, verbose=0)
+    return save_model_dir(model, tmp_path_factory.mktemp("gap_model"), 64, "features")
+
+
+@pytest.fixture(scope="session")
+def web_app(tiny_model_dir):
+    """The app on the tiny model, created once (model loading and tracing take seconds)."""
+    from web import create_app
+
+    return create_app({"MODEL_PATH": str(tiny_model_dir), "TESTING": True})
+
+
+@pytest.fixture
+def client(web_app):
+    return web_app.test_client()

@@ -1,0 +1,269 @@
+"""Latency of one upload, split by stage, against the naive keras.io Grad-CAM path; then
+requests per second with concurrent clients against gunicorn on loopback, and RSS per worker.
+
+    .venv/bin/python bench/benchmark_upload.py --model model/ --out bench-results/
+
+Stages of the fast path come from the server's own `timing_ms` (decode, preprocess, model +
+Grad-CAM, overlay + encode); "HTTP" is what the client measured minus the server's total.
+The naive path (keras.io "Grad-CAM class activation visualization") runs in this process on
+the same image: `model.predict`, then a second Grad-CAM model built and run under a
+GradientTape, then a matplotlib jet overlay at full size saved as PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SAMPLES = REPO.parent / "shared" / "samples"
+TARGET_PIXELS = 2_000_000
+
+
+def pick_image(path: str | None) -> tuple[bytes, str]:
+    """--image, else the ../shared/samples JPEG nearest 2 megapixels, else a synthetic one."""
+    from PIL import Image
+
+    if path:
+        return Path(path).read_bytes(), path
+    candidates = sorted(SAMPLES.glob("*/*/*.jpeg")) if SAMPLES.is_dir() else []
+    if candidates:
+        best = min(candidates, key=lambda p: abs(np.prod(Image.open(p).size) - TARGET_PIXELS))
+        return best.read_bytes(), str(best.relative_to(REPO.parent))
+    y, x = np.mgrid[0:1200, 0:1700] / 1200
+    rng = np.random.default_rng(0)
+    image = 90 + 60 * np.exp(-((x - 0.7) ** 2 + (y - 0.5) ** 2) / 0.2) + rng.normal(0, 8, x.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue(), "synthetic 1700x1200 JPEG"
+
+
+def percentiles(values) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(values, 50)), 2), "p95": round(float(np.percentile(values, 95)), 2)}
+
+
+def naive_keras_io(model, layer: str, data: bytes, preprocessing: dict) -> dict[str, float]:
+    """The keras.io example's path, timed by stage; decode and preprocess as the fast path."""
+    import keras
+    import matplotlib
+    import tensorflow as tf
+
+    from pneumonia.preprocessing import load_xray, normalize, resize_xray
+
+    laps, last = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal last
+        now = time.perf_counter()
+        laps[name] = (now - last) * 1000
+        last = now
+
+    xray = load_xray(data)
+    lap("decode")
+    img_array = normalize(resize_xray(xray, preprocessing["image_size"]), preprocessing["normalization"])[None]
+    lap("preprocess")
+    model.predict(img_array, verbose=0)
+    grad_model = keras.models.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    with tf.GradientTape() as tape:
+        last_conv_layer_output, preds = grad_model(img_array)
+        class_channel = preds[:, 0]
+    grads = tape.gradient(class_channel, last_conv_layer_output)
+    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
+    heatmap = tf.squeeze(last_conv_layer_output[0] @ pooled_grads[..., tf.newaxis])
+    heatmap = (tf.maximum(heatmap, 0) / (tf.math.reduce_max(heatmap) + 1e-12)).numpy()
+    lap("model_gradcam")
+    img = keras.utils.img_to_array(xray.convert("RGB"))
+    jet_colors = matplotlib.colormaps["jet"](np.arange(256))[:, :3]
+    jet_heatmap = keras.utils.array_to_img(jet_colors[np.uint8(255 * heatmap)])
+    jet_heatmap = keras.utils.img_to_array(jet_heatmap.resize((img.shape[1], img.shape[0])))
+    superimposed = keras.utils.array_to_img(jet_heatmap * 0.4 + img)
+    superimposed.save(io.BytesIO(), "PNG")
+    lap("overlay_encode")
+    laps["total"] = sum(laps.values())
+    return laps
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_gunicorn(model: str, workers: int, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PNEUMONIA_MODEL_PATH": str(Path(model).resolve()), "WEB_CONCURRENCY": str(workers),
+           "GUNICORN_THREADS": str(threads)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+         "--access-logfile", "/dev/null", "app:app"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(server: subprocess.Popen, workers: int) -> None:
+    """Until every worker has logged that its model is loaded (and warmed up)."""
+    loaded = 0
+    for line in server.stderr:
+        loaded += "loaded from" in line
+        if "MODEL NOT LOADED" in line:
+            raise SystemExit(line.strip())
+        if loaded == workers:
+            threading.Thread(target=server.stderr.read, daemon=True).start()  # keep the pipe drained
+            return
+    raise SystemExit("gunicorn exited while starting; run it by hand to see why")
+
+
+def worker_pids(server: subprocess.Popen) -> list[int]:
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def post(session, url: str, data: bytes) -> tuple[float, dict]:
+    started = time.perf_counter()
+    response = session.post(f"{url}/api/predict", files={"file": ("xray.jpeg", data, "image/jpeg")}, timeout=120)
+    elapsed = (time.perf_counter() - started) * 1000
+    response.raise_for_status()
+    return elapsed, response.json()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(REPO / "model"), help="model directory (default model/)")
+    parser.add_argument("--out", default=str(REPO / "bench-results"),
+                        help="a .json file, or a folder to write benchmark_upload.json in (default bench-results/)")
+    parser.add_argument("--image", help="the upload (default: the ../shared/samples JPEG nearest 2 MP)")
+    parser.add_argument("--repeats", type=int, default=60, help="sequential uploads over HTTP")
+    parser.add_argument("--naive-repeats", type=int, default=15)
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
+    parser.add_argument("--requests", type=int, default=160, help="uploads in the throughput run")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn WEB_CONCURRENCY")
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn GUNICORN_THREADS")
+    args = parser.parse_args()
+
+    import keras
+    import requests
+
+    # keras.io's example calls the model with a bare array; Keras 3 warns on every call.
+    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+
+    from pneumonia.classifier import ModelLoadError, find_card
+
+    try:
+        keras_path, card = find_card(args.model)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    data, image_name = pick_image(args.image)
+    from PIL import Image
+
+    width, height = Image.open(io.BytesIO(data)).size
+    print(f"model {card.get('name')} ({keras_path}), image {image_name}: {width}x{height}, {len(data) / 1e6:.2f} MB")
+
+    # Naive keras.io path, in this process.
+    model = keras.saving.load_model(keras_path, compile=False)
+    layer = card["gradcam"]["layer"]
+    naive_keras_io(model, layer, data, card["preprocessing"])  # warm-up
+    naive_runs = [naive_keras_io(model, layer, data, card["preprocessing"]) for _ in range(args.naive_repeats)]
+    naive = {stage: percentiles([r[stage] for r in naive_runs]) for stage in naive_runs[0]}
+    del model
+
+    # The app under gunicorn: sequential uploads, then concurrent clients.
+    server, url = start_gunicorn(args.model, args.workers, args.threads)
+    try:
+        session = requests.Session()
+        started = time.time()
+        wait_ready(server, args.workers)
+        startup_s = time.time() - started
+        for _ in range(3):
+            post(session, url, data)
+        sequential = [post(session, url, data) for _ in range(args.repeats)]
+        client_ms = [elapsed for elapsed, _ in sequential]
+        server_ms = [body["timing_ms"] for _, body in sequential]
+        fast = {stage: percentiles([t[stage] for t in server_ms]) for stage in ("decode", "preprocess", "model_gradcam",
+                                                                              "overlay_encode", "total")}
+        fast["http"] = percentiles([c - t["total"] for c, t in zip(client_ms, server_ms)])
+        fast["end_to_end"] = percentiles(client_ms)
+
+        def client(count: int) -> list[float]:
+            own = requests.Session()
+            return [post(own, url, data)[0] for _ in range(count)]
+
+        per_client = [args.requests // args.clients] * args.clients
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            loaded = [ms for result in pool.map(client, per_client) for ms in result]
+        wall = time.perf_counter() - started
+        rss = {pid: rss_mib(pid) for pid in worker_pids(server)}
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    results = {
+        "model": {"name": card.get("name"), "path": str(keras_path), "input_size": card["preprocessing"]["image_size"],
+                  "gradcam_layer": layer},
+        "image": {"name": image_name, "size": [width, height], "bytes": len(data)},
+        "machine": {"cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "fast_path_http_ms": fast,
+        "naive_keras_io_in_process_ms": naive,
+        "speedup_end_to_end_vs_naive_p50": round(naive["total"]["p50"] / fast["end_to_end"]["p50"], 2),
+        "speedup_server_vs_naive_p50": round(naive["total"]["p50"] / fast["total"]["p50"], 2),
+        "throughput": {"clients": args.clients, "requests": len(loaded), "workers": args.workers,
+                       "threads": args.threads, "requests_per_s": round(len(loaded) / wall, 2),
+                       "latency_ms": percentiles(loaded)},
+        "rss_mib_per_worker": list(rss.values()),
+        "gunicorn_startup_s": round(startup_s, 1),
+        "load_average_after": os.getloadavg(),
+    }
+    print_table(results)
+    out = Path(args.out)
+    path = out / "benchmark_upload.json" if out.suffix != ".json" else out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    fast, naive = results["fast_path_http_ms"], results["naive_keras_io_in_process_ms"]
+    rows = [("decode", "decode"), ("preprocess", "preprocess"), ("model + Grad-CAM", "model_gradcam"),
+            ("overlay + encode", "overlay_encode"), ("server total", "total"), ("HTTP", "http"),
+            ("end to end", "end_to_end")]
+    print(f"\n{'stage (ms)':<20}{'fast p50':>10}{'fast p95':>10}{'naive p50':>11}{'naive p95':>11}")
+    for label, key in rows:
+        n = naive.get(key, {})
+        print(f"{label:<20}{fast[key]['p50']:>10.1f}{fast[key]['p95']:>10.1f}"
+              f"{n.get('p50', float('nan')):>11.1f}{n.get('p95', float('nan')):>11.1f}")
+    t = results["throughput"]
+    print(f"\nnaive (in process, no HTTP) / fast end to end, p50: {results['speedup_end_to_end_vs_naive_p50']}x")
+    print(f"{t['clients']} clients, {t['requests']} uploads, {t['workers']} worker(s) x {t['threads']} threads: "
+          f"{t['requests_per_s']} requests/s, latency p50 {t['latency_ms']['p50']} ms, p95 {t['latency_ms']['p95']} ms")
+    print(f"RSS per worker (MiB): {results['rss_mib_per_worker']}; load average before: "
+          f"{results['machine']['load_average_before'][0]:.2f} on {results['machine']['cpus']} CPUs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

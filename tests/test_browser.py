@@ -1,0 +1,110 @@
+"""A real browser: headless Chromium uploads a full-size X-ray through the page and sees the
+probability and the overlay; the page's script runs under the Content-Security-Policy."""
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_xray
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO.parent / "shared" / "samples" / "original-train" / "PNEUMONIA" / "person279_bacteria_1315.jpeg"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="the browser test needs Chromium and its driver: apt-get install chromium chromium-driver",
+)
+
+
+@pytest.fixture(scope="module")
+def live_server(web_app):
+    """The app on 127.0.0.1 and a free port, in a background thread."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, web_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def full_size_xray(tmp_path_factory) -> Path:
+    """A real X-ray from ../shared/samples when there, else a 2000x1800 synthetic one."""
+    if SAMPLE.is_file():
+        return SAMPLE
+    path = tmp_path_factory.mktemp("upload") / "full-size.jpeg"
+    synthetic_xray(1, np.random.default_rng(0), 256).resize((2000, 1800)).save(path, quality=92)
+    return path
+
+
+def test_upload_shows_probability_and_overlay(browser, live_server, full_size_xray):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{live_server}/")
+    assert "research tool, not a medical device" in browser.page_source.lower()
+    browser.find_element(By.ID, "file").send_keys(str(full_size_xray))
+    assert browser.find_element(By.ID, "chosen").text == full_size_xray.name  # static/app.js ran
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 90).until(expected_conditions.presence_of_element_located((By.ID, "probability")))
+
+    assert browser.find_element(By.ID, "probability").text.endswith("%")
+    assert browser.find_element(By.ID, "label-default").text in ("NORMAL", "PNEUMONIA")
+    rendered = browser.execute_script(
+        "return ['original', 'overlay'].map(id => { const i = document.getElementById(id);"
+        " return [i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().width]; });"
+    )
+    width, height = Image.open(full_size_xray).size
+    for complete, natural_width, natural_height, shown_width in rendered:
+        assert complete and natural_width > 0 and shown_width > 0
+        assert natural_width / natural_height == pytest.approx(width / height, rel=0.01)
+
+    # The opacity slider is revealed and works: the script is allowed by the CSP.
+    slider = browser.find_element(By.ID, "opacity")
+    assert slider.is_displayed()
+    opacity = browser.execute_script(
+        "const s = document.getElementById('opacity'); s.value = 30; s.dispatchEvent(new Event('input'));"
+        " return document.getElementById('overlay').style.opacity;"
+    )
+    assert opacity == "0.3"
+    problems = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []
+
+
+def test_drag_and_drop_fills_the_file_input(browser, live_server):
+    browser.get(f"{live_server}/")
+    chosen = browser.execute_script(
+        "const files = new DataTransfer(); files.items.add(new File(['x'], 'dropped.png', {type: 'image/png'}));"
+        " document.getElementById('dropzone').dispatchEvent("
+        "   new DragEvent('drop', {dataTransfer: files, bubbles: true, cancelable: true}));"
+        " return [document.getElementById('file').files.length, document.getElementById('chosen').textContent];"
+    )
+    assert chosen == [1, "dropped.png"]

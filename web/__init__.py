@@ -1,0 +1,57 @@
+"""The Flask app: upload page, result page, JSON API, model card and health check.
+
+`create_app` loads the model once (per gunicorn worker, since `app.py` calls it at import);
+a model that cannot be loaded is logged at start-up and reported by /healthz and every
+page, and the app still starts so the reason can be read.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from flask import Flask
+
+from pneumonia.classifier import SHIPPED_MODEL_DIR
+from web.uploads import InMemoryRequest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULTS = {
+    "MODEL_PATH": str(SHIPPED_MODEL_DIR),
+    "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # 413 above this
+    "MAX_FORM_PARTS": 16,  # the forms have one file field
+    "OVERLAY_ALPHA": 0.5,
+    "PAGE_IMAGE_MAX_SIDE": 1024,  # JPEGs in the result page
+    "API_IMAGE_MAX_SIDE": 512,  # the PNG in the JSON answer: PNG encoding cost grows with area
+}
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Settings: DEFAULTS, then PNEUMONIA_* environment variables (PNEUMONIA_MODEL_PATH,
+    PNEUMONIA_MAX_CONTENT_LENGTH, ...), then `config`."""
+    app = Flask(__name__, root_path=str(REPO_ROOT))
+    app.request_class = InMemoryRequest
+    app.config.update(DEFAULTS)
+    app.config.from_prefixed_env("PNEUMONIA")
+    app.config.update(config or {})
+    app.logger.setLevel(logging.INFO)
+    _keep_dicom_tags_out_of_logs()
+
+    from web import api, errors, pages, security
+    from web.screening import load_screener
+
+    load_screener(app)
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    errors.register(app)
+    security.register(app)
+    return app
+
+
+def _keep_dicom_tags_out_of_logs() -> None:
+    """pydicom's log records and warnings can quote element values (patient name, ID)."""
+    logging.getLogger("pydicom").propagate = False
+    for module in ("pydicom", "pneumonia.dicom"):
+        warnings.filterwarnings("ignore", module=module)
+

@@ -1,0 +1,56 @@
+"""JSON: POST /api/predict and GET /healthz."""
+from __future__ import annotations
+
+import base64
+import time
+
+from flask import Blueprint, current_app, jsonify, request
+
+from web.screening import current_screener
+from web.uploads import read_upload
+
+bp = Blueprint("api", __name__)
+
+NOTICE = "Research tool, not a medical device."
+
+
+@bp.post("/api/predict")
+def predict():
+    """multipart field `file`; `?gradcam=0` skips rendering the overlay."""
+    started = time.perf_counter()
+    screener = current_screener()
+    data = read_upload(request)
+    with_gradcam = request.args.get("gradcam", "1").lower() not in ("0", "false", "no")
+    result = screener.screen(data, ".png" if with_gradcam else None, current_app.config["API_IMAGE_MAX_SIDE"])
+    result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
+    card = screener.card
+    return jsonify(
+        probability=result.probability,
+        label=result.labels["default"],
+        screening_label=result.labels["screening"],
+        thresholds=screener.classifier.thresholds,
+        model={
+            "name": screener.classifier.name,
+            "architecture": card.get("architecture"),
+            "input_size": screener.classifier.image_size,
+            "validation_auc": card.get("validation", {}).get("auc"),
+        },
+        gradcam={
+            "layer": screener.gradcam.layer,
+            "map_size": list(screener.gradcam.map_size),
+            "target": result.gradcam_target,
+            "localised": result.localised,
+        },
+        gradcam_png=base64.b64encode(result.overlay).decode("ascii") if result.overlay else None,
+        timing_ms=result.timing_ms,
+        notice=NOTICE,
+    )
+
+
+@bp.get("/healthz")
+def healthz():
+    screener = current_app.extensions["screener"]
+    if screener is None:
+        return jsonify(status="not ready", ready=False, reason=current_app.extensions["model_error"]), 503
+    return jsonify(status="ready", ready=True, model=screener.classifier.name,
+                   gradcam_layer=screener.gradcam.layer, gradcam_map_size=list(screener.gradcam.map_size))

@@ -1,0 +1,54 @@
+"""Every failure answers with its status and a sentence for a person: a page, or JSON under
+/api/ and /healthz. Unexpected errors are logged with their stack but not their message,
+which could quote the upload."""
+from __future__ import annotations
+
+import traceback
+
+from flask import current_app, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from pneumonia.preprocessing import XrayReadError
+from web.screening import ModelNotReady
+from web.uploads import UploadError
+
+HTTP_MESSAGES = {
+    404: "There is no page at this address.",
+    405: "This address does not accept that kind of request.",
+}
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/") or request.path == "/healthz"
+
+
+def error_response(status: int, message: str):
+    if wants_json():
+        return jsonify(error=message, status=status), status
+    return render_template("error.html", status=status, message=message), status
+
+
+def _http_error(err: HTTPException):
+    if err.code == 413:
+        limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        return error_response(413, f"The upload is too large: the limit is {limit_mb:g} MB.")
+    return error_response(err.code or 500, HTTP_MESSAGES.get(err.code, err.description or err.name))
+
+
+def _unexpected(err: Exception):
+    current_app.logger.error(
+        "Unexpected %s in %s %s (message withheld: it may quote the upload)\n%s",
+        type(err).__name__, request.method, request.path, "".join(traceback.format_tb(err.__traceback__)),
+    )
+    return error_response(500, "Something went wrong on our side. Nothing was stored; please try again.")
+
+
+def register(app) -> None:
+    app.register_error_handler(UploadError, lambda err: error_response(err.status, err.message))
+    app.register_error_handler(XrayReadError, lambda err: error_response(400, str(err)))
+    app.register_error_handler(
+        ModelNotReady,
+        lambda err: error_response(503, f"The model is not loaded, so nothing can be screened: {err.reason}"),
+    )
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)

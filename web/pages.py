@@ -1,0 +1,60 @@
+"""The HTML pages: upload form, result, model card (and its evaluation plots)."""
+from __future__ import annotations
+
+import base64
+import time
+
+from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
+
+from web.screening import current_screener
+from web.uploads import ACCEPTED, read_upload
+
+bp = Blueprint("pages", __name__)
+
+# The plots `python -m pneumonia train` writes to DIR/report/, in the order shown.
+REPORT_PLOTS = {
+    "roc_curve.png": "ROC curve",
+    "pr_curve.png": "Precision-recall curve",
+    "confusion_matrix_default.png": "Confusion matrix at the default threshold",
+    "confusion_matrix_screening.png": "Confusion matrix at the screening threshold",
+    "training_curves.png": "Training curves",
+}
+
+
+def data_uri(encoded: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(encoded).decode('ascii')}"
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html", model_error=current_app.extensions["model_error"], accepted=ACCEPTED,
+                           max_mb=current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024))
+
+
+@bp.post("/predict")
+def predict():
+    started = time.perf_counter()
+    screener = current_screener()
+    data = read_upload(request)
+    result = screener.screen(data, ".jpg", current_app.config["PAGE_IMAGE_MAX_SIDE"], with_original=True)
+    result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
+    return render_template(
+        "result.html", result=result, card=screener.card, gradcam=screener.gradcam,
+        original_uri=data_uri(result.original, "image/jpeg"), overlay_uri=data_uri(result.overlay, "image/jpeg"),
+    )
+
+
+@bp.get("/model")
+def model_card():
+    screener = current_app.extensions["screener"]
+    if screener is None:
+        return render_template("model.html", card=None, model_error=current_app.extensions["model_error"]), 503
+    plots = {name: title for name, title in REPORT_PLOTS.items() if (screener.report_dir / name).is_file()}
+    return render_template("model.html", card=screener.card, gradcam=screener.gradcam, plots=plots)
+
+
+@bp.get("/model/report/<name>")
+def report_plot(name: str):
+    if name not in REPORT_PLOTS:
+        abort(404)
+    return send_from_directory(current_screener().report_dir, name, max_age=3600)

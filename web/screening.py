@@ -1,0 +1,139 @@
+"""The model as the web app uses it: one upload -> probability, labels and Grad-CAM images.
+
+Decoding and preprocessing are the package's `load_xray`, `resize_xray` and `normalize`
+(`preprocess` split in two so the decoded X-ray is also used for display).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from gradcam import GradCam, display_image, heatmap, overlay
+from pneumonia.classifier import ModelLoadError, XrayClassifier
+from pneumonia.models import gradcam_layer_for
+from pneumonia.preprocessing import load_xray, normalize, resize_xray
+
+ENCODE_PARAMS = {
+    ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
+    # The overlay is noisy, so stronger compression buys little: the SUB filter with Huffman-only
+    # coding was the fastest setting measured (~5 ms at 512x384), within ~20 % of the smallest.
+    ".png": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
+}
+
+
+@dataclass
+class Screening:
+    probability: float
+    labels: dict[str, str]  # threshold name -> class
+    gradcam_target: str  # the class whose evidence the heatmap shows
+    localised: bool  # False when Grad-CAM found no positive evidence (an all-zero map)
+    overlay: bytes | None = None  # encoded, display size
+    original: bytes | None = None  # encoded JPEG, display size
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopwatch:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self._last) * 1000, 2)
+        self._last = now
+
+
+class Screener:
+    """Loaded once per process. Every call works on its own arrays and the Grad-CAM function
+    is a read-only concrete function, so one Screener serves all of a worker's threads."""
+
+    def __init__(self, model_path: str | Path, overlay_alpha: float = 0.5):
+        self.classifier = XrayClassifier(model_path)
+        card = self.classifier.card
+        # Cards written by `train` name the layer; for others, the same rule `train` uses.
+        layer = card.get("gradcam", {}).get("layer") or gradcam_layer_for(self.classifier.model)
+        self.gradcam = GradCam(self.classifier.model, layer, self.classifier.image_size)
+        self.overlay_alpha = overlay_alpha
+
+    @property
+    def card(self) -> dict:
+        return self.classifier.card
+
+    @property
+    def report_dir(self) -> Path:
+        return self.classifier.keras_path.parent / "report"
+
+    def screen(self, data: bytes, overlay_format: str | None = None, max_side: int = 1024,
+               with_original: bool = False) -> Screening:
+        """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
+        (long side <= max_side); None skips it. Raises XrayReadError for unreadable input."""
+        watch = _Stopwatch()
+        xray = load_xray(data)  # PIL "L", own size
+        watch.lap("decode")
+        pixels = resize_xray(xray, self.classifier.image_size)  # uint8 (S, S)
+        inputs = normalize(pixels, self.classifier.preprocessing["normalization"])[None]  # (1, S, S, 3)
+        watch.lap("preprocess")
+        logit, cam = self.gradcam.explain(inputs)  # one forward pass: logit and signed cam (h, w)
+        probability = float(self.classifier.calibrated(logit))
+        labels = self.classifier.labels(probability)
+        target = labels["default"]
+        heat = heatmap(cam, for_pneumonia=target == "PNEUMONIA")  # (h, w) in [0, 1]
+        watch.lap("model_gradcam")
+        result = Screening(probability, labels, target, localised=bool(heat.max() > 0))
+        if overlay_format:
+            grey = display_image(xray, max_side)  # (H', W'), the X-ray's aspect ratio
+            result.overlay = _encode(overlay(grey, heat, self.overlay_alpha), overlay_format)
+            if with_original:
+                result.original = _encode(grey, ".jpg")
+            watch.lap("overlay_encode")
+        result.timing_ms = watch.laps
+        return result
+
+
+def _encode(image: np.ndarray, extension: str) -> bytes:
+    ok, buffer = cv2.imencode(extension, image, ENCODE_PARAMS[extension])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {extension} image")
+    return buffer.tobytes()
+
+
+class ModelNotReady(Exception):
+    """The model did not load at start-up; `reason` says why (shown as a 503)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def load_screener(app) -> None:
+    """At start-up: app.extensions["screener"] is the Screener, or None with the reason in
+    app.extensions["model_error"]."""
+    path = app.config["MODEL_PATH"]
+    screener, error = None, None
+    try:
+        screener = Screener(path, app.config["OVERLAY_ALPHA"])
+    except ModelLoadError as err:
+        error = str(err)
+    except Exception as err:  # a card missing keys, a model without a "logit" layer, ...
+        error = f"The model at {path} could not be prepared for serving: {type(err).__name__}: {err}"
+    app.extensions["screener"] = screener
+    app.extensions["model_error"] = error
+    if error:
+        app.logger.error("MODEL NOT LOADED, predictions will answer 503: %s", error)
+    else:
+        app.logger.info("Model %s loaded from %s; Grad-CAM layer %s (%dx%d)", screener.classifier.name, path,
+                        screener.gradcam.layer, *screener.gradcam.map_size)
+
+
+def current_screener() -> Screener:
+    from flask import current_app
+
+    screener = current_app.extensions["screener"]
+    if screener is None:
+        raise ModelNotReady(current_app.extensions["model_error"])
+    return screener

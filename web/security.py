@@ -1,0 +1,27 @@
+"""Response headers: scripts and styles only from static/ (no inline code), images also as
+data: URIs (the result page embeds them), never framed, never sniffed, results never cached."""
+from __future__ import annotations
+
+from flask import request
+
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' data:",
+    "form-action 'self'",
+    "base-uri 'none'",
+    "frame-ancestors 'none'",
+])
+
+
+def register(app) -> None:
+    @app.after_request
+    def security_headers(response):
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if request.method == "POST":  # results describe someone's X-ray
+            response.headers["Cache-Control"] = "no-store"
+        return response
