@@ -59,7 +59,8 @@ class XrayClassifier:
             self.model = keras.saving.load_model(self.keras_path, compile=False)
         except Exception as err:  # Keras raises several types for a bad file
             raise ModelLoadError(f"The model file {self.keras_path} could not be loaded: {err}") from None
-        self.logit_model = keras.Model(self.model.inputs, self.model.get_layer("logit").output)
+        # `input`, not `inputs`: called with a plain array, a one-element input list warns on every call
+        self.logit_model = keras.Model(self.model.input, self.model.get_layer("logit").output)
         self.preprocessing = self.card["preprocessing"]
         self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
         self.thresholds = {k: float(v) for k, v in self.card["thresholds"].items() if k in ("default", "screening")}

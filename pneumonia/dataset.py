@@ -3,7 +3,9 @@ validation split, and the cache of decoded, resized pixels."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,10 +127,13 @@ def load_pixels(files: SplitFiles, image_size: int, cache_dir: str | Path | None
         ).hexdigest()[:20]
         cache_file = Path(cache_dir) / f"pixels-{image_size}-{key}.npz"
         if cache_file.exists():
-            cached = np.load(cache_file, allow_pickle=False)
-            position = {str(p): i for i, p in enumerate(files.paths)}
-            kept = [position[p] for p in cached["paths"]]
-            return cached["pixels"], cached["labels"], files.subset(kept)
+            try:
+                with np.load(cache_file, allow_pickle=False) as cached:
+                    position = {str(p): i for i, p in enumerate(files.paths)}
+                    kept = [position[str(p)] for p in cached["paths"]]
+                    return cached["pixels"], cached["labels"], files.subset(kept)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                log(f"ignoring unreadable pixel cache {cache_file} ({type(err).__name__}); decoding again")
     pixels, kept = [], []
     for index, path in enumerate(files.paths):
         try:
@@ -141,7 +146,9 @@ def load_pixels(files: SplitFiles, image_size: int, cache_dir: str | Path | None
     labels = np.asarray(kept_files.labels, dtype=np.int64)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache_file, pixels=array, labels=labels, paths=np.asarray([str(p) for p in kept_files.paths]))
+        partial = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, pixels=array, labels=labels, paths=np.asarray([str(p) for p in kept_files.paths]))
+        os.replace(partial, cache_file)  # an interrupted run leaves no half-written cache behind
     return array, labels, kept_files
 
 

@@ -118,7 +118,7 @@ def logits_of(model, batches) -> np.ndarray:
     """The "logit" layer's output (N,) for the inputs of a tf.data of (x, y) batches, in order."""
     import keras
 
-    logit_model = keras.Model(model.inputs, model.get_layer("logit").output)
+    logit_model = keras.Model(model.input, model.get_layer("logit").output)
     out = [np.asarray(logit_model(x, training=False)).reshape(-1) for x, _ in batches]
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -6,6 +6,9 @@ difference (a bright opacity in the lower right lung field) from NORMAL.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,19 +19,22 @@ from PIL import Image
 from pneumonia.training import TrainConfig, train
 
 
-def synthetic_xray(label: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """A dark chest-like field; label 1 adds a bright blob at rows/cols 55-85 % of the image."""
+def synthetic_xray(label: int, rng: np.random.Generator, size: int = 64, opacity: float = 110,
+                   spread: float = 0.1) -> Image.Image:
+    """A dark chest-like field; label 1 adds a bright blob (`opacity` grey levels, Gaussian
+    radius `spread` of the side) centred at rows/cols 60-80 % of the image."""
     y, x = np.mgrid[0:size, 0:size] / size
     body = 90 + 60 * np.exp(-(((x - 0.5) / 0.35) ** 2 + ((y - 0.5) / 0.45) ** 2))
     image = body + rng.normal(0, 12, (size, size))
     if label:
         cy, cx = rng.uniform(0.6, 0.8, 2)
-        image += 110 * np.exp(-(((x - cx) / 0.1) ** 2 + ((y - cy) / 0.1) ** 2))
+        image += opacity * np.exp(-(((x - cx) / spread) ** 2 + ((y - cy) / spread) ** 2))
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="L")
 
 
-def write_synthetic_dataset(root, per_class: int = 24, splits=("train",), seed: int = 0, size: int = 64):
-    """ROOT/<split>/{NORMAL,PNEUMONIA}/ with Kaggle-style names; two images per patient."""
+def write_synthetic_dataset(root, per_class: int = 24, splits=("train",), seed: int = 0, size: int = 64, **style):
+    """ROOT/<split>/{NORMAL,PNEUMONIA}/ with Kaggle-style names; two images per patient.
+    `style` goes to `synthetic_xray` (opacity, spread)."""
     rng = np.random.default_rng(seed)
     for split in splits:
         for label, class_name in enumerate(("NORMAL", "PNEUMONIA")):
@@ -37,7 +43,7 @@ def write_synthetic_dataset(root, per_class: int = 24, splits=("train",), seed: 
             for i in range(per_class):
                 patient = i // 2 + 1000 * (split != "train")
                 name = (f"person{patient}_bacteria_{i}.jpeg" if label else f"IM-{patient:04d}-{i % 2 + 1:04d}.jpeg")
-                synthetic_xray(label, rng, size).convert("RGB").save(folder / name, quality=92)
+                synthetic_xray(label, rng, size, **style).convert("RGB").save(folder / name, quality=92)
     return root
 
 
@@ -143,3 +149,42 @@ def web_app(tiny_model_dir):
 @pytest.fixture
 def client(web_app):
     return web_app.test_client()
+
+
+# --- Fixtures for the pneumonia package tests ------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A large, bright opacity, so that the custom CNN (dropout 0.7, seven BatchNormalization layers)
+# learns it within one epoch of ~75 steps: the default blob barely moves its training loss in that
+# many steps and needs more epochs than a test can afford.
+LEARNABLE = {"opacity": 160, "spread": 0.2}
+
+
+def run_cli(*args, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m pneumonia ARGS` in a fresh interpreter, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "pneumonia", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def learnable_data_dir(tmp_path_factory):
+    """train/ (200 per class, 100 patients each) and test/ (12 per class) with the LEARNABLE signal."""
+    root = tmp_path_factory.mktemp("learnable_xray")
+    write_synthetic_dataset(root, per_class=200, splits=("train",), seed=10, **LEARNABLE)
+    write_synthetic_dataset(root, per_class=12, splits=("test",), seed=11, **LEARNABLE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def densenet_cli_run(learnable_data_dir, tmp_path_factory):
+    """DenseNet121 from scratch, 2 epochs at 32 px, through `python -m pneumonia train`:
+    (output folder, finished process). The slowest fixture (~1 min on 2 idle cores: tracing
+    and saving a 121-layer model dominate), so one run serves the training and CLI tests."""
+    work = tmp_path_factory.mktemp("densenet_cli")
+    out = work / "run"
+    result = run_cli("train", learnable_data_dir, "--arch", "densenet121", "--init", "none", "--image-size", 32,
+                     "--epochs", 2, "--batch-size", 32, "--val-fraction", 0.25, "--seed", 0, "--no-cache",
+                     "--out", out, cwd=work, timeout=600)
+    return out, result

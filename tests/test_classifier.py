@@ -1,0 +1,132 @@
+"""Loading a model with its card, and one probability per image whichever way it comes in."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pneumonia import dataset
+from pneumonia.classifier import ModelLoadError, XrayClassifier, find_card
+from pneumonia.evaluation import sigmoid
+from pneumonia.preprocessing import preprocess, xray_pixels
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model_dir):
+    return XrayClassifier(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def test_images(synthetic_data_dir):
+    return dataset.scan_split(synthetic_data_dir, "test").paths
+
+
+def _copy(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoints", "report"))
+
+
+def test_missing_model_folder_names_it(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(ModelLoadError, match="no_such_model") as caught:
+        XrayClassifier(missing)
+    assert str(missing) in str(caught.value)
+    (tmp_path / "model.json").write_text("{}")  # a card beside the missing folder must not be picked up
+    with pytest.raises(ModelLoadError, match="No model folder"):
+        find_card(missing)
+
+
+def test_folder_without_a_card(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError) as caught:
+        XrayClassifier(tmp_path / "empty")
+    assert str(tmp_path / "empty" / "model.json") in str(caught.value)
+
+
+def test_card_naming_a_missing_model_file(tiny_model_dir, tmp_path):
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    keras_file = model_dir / json.loads((model_dir / "model.json").read_text())["file"]
+    keras_file.unlink()
+    with pytest.raises(ModelLoadError, match="missing") as caught:
+        XrayClassifier(model_dir)
+    assert str(keras_file) in str(caught.value)
+
+
+def test_corrupt_model_file(tiny_model_dir, tmp_path):
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    keras_file = model_dir / json.loads((model_dir / "model.json").read_text())["file"]
+    keras_file.write_bytes(b"PK\x03\x04 not really a zip archive")
+    with pytest.raises(ModelLoadError, match="could not be loaded") as caught:
+        XrayClassifier(model_dir)
+    assert str(keras_file) in str(caught.value)
+
+
+@pytest.mark.parametrize("card_text, words", [
+    ("{ not json", "unreadable"),
+    ("[1, 2]", "not a JSON object"),
+    (json.dumps({"preprocessing": {}, "thresholds": {}}), "does not name its model file"),
+])
+def test_bad_card(tiny_model_dir, tmp_path, card_text, words):
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    (model_dir / "model.json").write_text(card_text)
+    with pytest.raises(ModelLoadError, match=words) as caught:
+        XrayClassifier(model_dir)
+    assert str(model_dir / "model.json") in str(caught.value)
+
+
+def test_keras_file_path_loads_with_the_card_beside_it(tiny_model_dir, classifier, test_images):
+    keras_path, card = find_card(tiny_model_dir)
+    direct = XrayClassifier(keras_path)
+    assert direct.keras_path == keras_path and direct.card == card
+    assert direct.predict_source(test_images[0]) == pytest.approx(classifier.predict_source(test_images[0]), abs=1e-7)
+
+
+def test_card_settings_are_used(classifier, tiny_model_dir):
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    assert classifier.image_size == card["input_size"] == card["preprocessing"]["image_size"] == 32
+    assert classifier.temperature == pytest.approx(card["calibration"]["temperature"])
+    assert classifier.thresholds == {"default": 0.5, "screening": pytest.approx(card["thresholds"]["screening"])}
+    assert classifier.name == card["name"]
+
+
+def test_probabilities_from_pixels_equal_predict_source(classifier, test_images):
+    pixels = np.stack([xray_pixels(path, classifier.image_size) for path in test_images])
+    batched = classifier.probabilities_from_pixels(pixels, batch_size=7)  # several batches, one partial
+    one_by_one = np.array([classifier.predict_source(path) for path in test_images])
+    from_bytes = np.array([classifier.predict_source(path.read_bytes()) for path in test_images[:4]])
+    assert batched.shape == (len(test_images),)
+    assert ((batched > 0) & (batched < 1)).all()
+    np.testing.assert_allclose(batched, one_by_one, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(from_bytes, one_by_one[:4], rtol=0, atol=1e-7)
+    assert classifier.probabilities_from_pixels(pixels[:0]).shape == (0,)
+
+
+def test_probability_is_the_sigmoid_of_the_logit_over_the_card_temperature(tiny_model_dir, tmp_path, test_images):
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    card = json.loads((model_dir / "model.json").read_text())
+    card["calibration"]["temperature"] = 2.5
+    (model_dir / "model.json").write_text(json.dumps(card))
+    warm = XrayClassifier(model_dir)
+    card["calibration"]["temperature"] = 0.25
+    (model_dir / "model.json").write_text(json.dumps(card))
+    cold = XrayClassifier(model_dir)
+    assert (warm.temperature, cold.temperature) == (2.5, 0.25)
+
+    inputs = np.stack([preprocess(path, warm.preprocessing) for path in test_images])
+    logits = warm.logits(inputs)
+    assert np.ptp(logits) > 0
+    np.testing.assert_allclose([warm.predict_source(p) for p in test_images], sigmoid(logits / 2.5), atol=1e-6)
+    np.testing.assert_allclose([cold.predict_source(p) for p in test_images], sigmoid(logits / 0.25), atol=1e-6)
+    # a lower temperature pushes every probability further from 0.5, in the same direction
+    warm_p, cold_p = sigmoid(logits / 2.5), sigmoid(logits / 0.25)
+    assert (np.abs(cold_p - 0.5) >= np.abs(warm_p - 0.5) - 1e-12).all()
+    assert (np.sign(cold_p - 0.5) == np.sign(warm_p - 0.5)).all()
+
+
+def test_labels_follow_each_threshold(classifier):
+    screening = classifier.thresholds["screening"]
+    assert classifier.labels(0.5) == {"default": "PNEUMONIA", "screening": "PNEUMONIA" if 0.5 >= screening else "NORMAL"}
+    assert classifier.labels(np.nextafter(0.5, 0))["default"] == "NORMAL"
+    assert classifier.labels(screening)["screening"] == "PNEUMONIA"
+    assert classifier.labels(np.nextafter(screening, 0))["screening"] == "NORMAL"

@@ -1,0 +1,222 @@
+"""`train` end to end at tiny sizes: both architectures learn, the card says what was done,
+the saved model reproduces it, and --resume continues where a run stopped."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pneumonia import dataset, models
+from pneumonia.classifier import XrayClassifier
+from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
+from pneumonia.training import TrainConfig, class_weights, make_dataset, train
+
+# 300 training images in batches of 4: 75 steps an epoch. The first epoch must have enough steps
+# for the BatchNormalization moving statistics to catch up (models.BN_MOMENTUM): the best epoch
+# is chosen by validation AUC, and AUC cannot tell a trained model whose inference outputs are
+# still squeezed together (every probability 0.5 +- 1e-7, useless at any fixed threshold) from
+# one that works. With Keras' default momentum of 0.99 this very run ends at exactly that.
+CUSTOM = dict(arch="custom", init="none", image_size=32, epochs=3, batch_size=4, learning_rate=1e-3,
+              val_fraction=0.25, seed=0, patience=10, cache_dir=None)
+
+
+def history(out) -> list[dict]:
+    return list(csv.DictReader((out / "report" / "history.csv").open()))
+
+
+@pytest.fixture(scope="module")
+def custom_run(learnable_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("custom_run")
+    config = TrainConfig(data_dir=str(learnable_data_dir), out=str(out), **CUSTOM)
+    card = train(config, log=lambda *_: None)
+    return out, card, config
+
+
+def _assert_learned(out, card):
+    rows = history(out)
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < losses[0], losses  # the training loss falls
+    # the card's validation AUC is computed on the saved best epoch, with scikit-learn
+    validation = card["validation"]
+    assert validation["auc"] > 0.9, validation["auc"]
+    assert max(float(r["val_auc"]) for r in rows) > 0.9
+    # and its outputs are usable, not only well ranked: the default threshold separates the classes
+    assert validation["thresholds"]["default"]["accuracy"] >= 0.8, validation["thresholds"]["default"]
+
+
+def test_custom_cnn_learns(custom_run):
+    out, card, _ = custom_run
+    _assert_learned(out, card)
+    assert len(history(out)) == CUSTOM["epochs"]
+
+
+def test_densenet121_learns(densenet_cli_run):
+    out, result = densenet_cli_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((out / "model.json").read_text())
+    _assert_learned(out, card)
+    assert len(history(out)) == 2
+    assert card["architecture"] == "densenet121" and card["init"]["kind"] == "none"
+    assert card["preprocessing"]["normalization"] == IMAGENET_NORMALIZATION
+    layer, size = card["gradcam"]["layer"], card["gradcam"]["map_size"]
+    assert min(size) >= 7
+    model = keras.saving.load_model(out / card["file"], compile=False)
+    assert list(model.get_layer(layer).output.shape[1:3]) == size
+
+
+def test_validation_auc_in_the_history_is_exact(custom_run, learnable_data_dir):
+    """val_auc (what best-epoch selection watches) is the AUC of the validation logits, not
+    Keras' 200-bucket estimate, which reads 0.5 while the outputs are squeezed together."""
+    out, card, config = custom_run
+    rows = history(out)
+    best_epoch = max(range(len(rows)), key=lambda i: float(rows[i]["val_auc"]))
+    assert card["training"]["best_epoch"] == best_epoch + 1
+    # the best checkpoint's exact validation AUC is the best history value
+    all_train = dataset.scan_split(learnable_data_dir, "train")
+    _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
+    best = keras.saving.load_model(out / "checkpoints" / "best.keras", compile=False)
+    logit_model = keras.Model(best.input, best.get_layer("logit").output)
+    inputs = np.stack([preprocess(p, card["preprocessing"]) for p in val_files.paths])
+    logits = np.asarray(logit_model(inputs, training=False)).reshape(-1)
+    assert roc_auc_score(val_files.labels, logits) == pytest.approx(float(rows[best_epoch]["val_auc"]), abs=1e-6)
+
+
+def test_card_records_what_was_done(custom_run, learnable_data_dir):
+    out, card, config = custom_run
+    assert card["architecture"] == "custom" and card["name"] == "custom" and card["file"] == "custom.keras"
+    assert card["input_size"] == 32 and card["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert card["preprocessing"]["image_size"] == 32
+    assert card["preprocessing"]["normalization"] == UNIT_NORMALIZATION
+    assert card["init"]["kind"] == "none"
+    thresholds = card["thresholds"]
+    assert thresholds["default"] == 0.5 and 0 < thresholds["screening"] <= 1
+    assert thresholds["target_sensitivity"] == config.target_sensitivity
+    validation = card["validation"]
+    assert validation["thresholds"]["screening"]["recall"] >= config.target_sensitivity
+    assert validation["thresholds"]["screening"]["threshold"] == thresholds["screening"]
+    assert json.loads((out / "report" / "metrics.json").read_text()) == validation
+    for key in ("auc", "average_precision", "loss", "ci95", "n"):
+        assert key in validation
+    # data: counts add up, fingerprints are those of the patient-grouped split
+    data = card["data"]
+    assert sum(data["train"].values()) + sum(data["validation"].values()) == 400
+    assert data["validation"] == validation["n"]
+    all_train = dataset.scan_split(learnable_data_dir, "train")
+    train_files, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
+    assert data["train_fingerprint"] == dataset.fingerprint(train_files)
+    assert data["validation_fingerprint"] == dataset.fingerprint(val_files)
+    assert data["train_fingerprint"] != data["validation_fingerprint"]
+    training = card["training"]
+    assert training["epochs_run"] == config.epochs and 1 <= training["best_epoch"] <= config.epochs
+    assert training["config"]["seed"] == 0 and training["config"]["epochs"] == CUSTOM["epochs"]
+    assert training["config"]["learning_rate"] == CUSTOM["learning_rate"]
+    assert 0 < training["wall_time_s"] < 600
+    assert set(card["versions"]) >= {"python", "tensorflow", "keras", "numpy"}
+    assert card["versions"]["keras"] == keras.__version__
+    calibration = card["calibration"]
+    assert 0.05 <= calibration["temperature"] <= 20
+    assert 0 <= calibration["ece_after"] <= 1 and 0 <= calibration["ece_before"] <= 1
+    assert card["gradcam"] == {"layer": "block64_conv2", "map_size": [8, 8]}
+    for name in ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png",
+                 "training_curves.png", "history.csv"):
+        assert (out / "report" / name).stat().st_size > 100, name
+    for name in ("best.keras", "last.keras", "state.json"):
+        assert (out / "checkpoints" / name).is_file()
+
+
+def test_saved_model_reproduces_the_validation_numbers(custom_run, learnable_data_dir):
+    """save -> load: the shipped .keras and card give, image by image, the calibrated
+    probabilities the validation metrics were computed from."""
+    out, card, config = custom_run
+    classifier = XrayClassifier(out)
+    all_train = dataset.scan_split(learnable_data_dir, "train")
+    _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
+    probs = np.array([classifier.predict_source(p) for p in val_files.paths])
+    assert roc_auc_score(val_files.labels, probs) == pytest.approx(card["validation"]["auc"], abs=1e-9)
+    screening = card["thresholds"]["screening"]
+    tp = int(((probs >= screening) & (np.array(val_files.labels) == 1)).sum())
+    assert tp == card["validation"]["thresholds"]["screening"]["confusion_matrix"]["tp"]
+    # the shipped file is the best checkpoint
+    inputs = np.stack([preprocess(p, card["preprocessing"]) for p in val_files.paths[:8]])
+    shipped = keras.saving.load_model(out / "custom.keras", compile=False)
+    best = keras.saving.load_model(out / "checkpoints" / "best.keras", compile=False)
+    np.testing.assert_array_equal(shipped.predict(inputs, verbose=0), best.predict(inputs, verbose=0))
+
+
+def test_save_and_load_give_identical_predictions(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = models.build_custom_cnn(32)
+    inputs = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype("float32")
+    before = model.predict(inputs, verbose=0)
+    model.save(tmp_path / "m.keras")
+    after = keras.saving.load_model(tmp_path / "m.keras", compile=False).predict(inputs, verbose=0)
+    np.testing.assert_array_equal(before, after)
+
+
+def test_resume_continues_from_the_checkpoint(custom_run, tmp_path, monkeypatch):
+    out, card, config = custom_run
+    resumed_out = tmp_path / "resumed"
+    shutil.copytree(out, resumed_out)
+    before = history(resumed_out)
+    state = json.loads((resumed_out / "checkpoints" / "state.json").read_text())
+    assert state["epochs_done"] == config.epochs
+
+    def no_fresh_model(*args, **kwargs):
+        raise AssertionError("--resume built a new model instead of loading last.keras")
+
+    monkeypatch.setattr(models, "build_model", no_fresh_model)
+    log = []
+    resumed = train(TrainConfig(**{**vars(config), "out": str(resumed_out), "epochs": config.epochs + 1,
+                                   "resume": True}), log=log.append)
+    assert any(f"resuming after epoch {config.epochs}" in line for line in log)
+    state = json.loads((resumed_out / "checkpoints" / "state.json").read_text())
+    assert state["epochs_done"] == config.epochs + 1
+    rows = history(resumed_out)
+    assert [int(r["epoch"]) for r in rows] == list(range(config.epochs + 1))
+    assert rows[: config.epochs] == before  # the earlier epochs are kept, not rewritten
+    assert resumed["training"]["epochs_run"] == config.epochs + 1
+    # it went on from the trained weights: its first epoch's loss is that of a trained model
+    assert float(rows[config.epochs]["loss"]) < float(before[0]["loss"])
+    # the best AUC so far is carried across the resume
+    assert state["best_val_auc"] == pytest.approx(max(float(r["val_auc"]) for r in rows))
+
+
+def test_resume_without_a_checkpoint_starts_afresh(synthetic_data_dir, tmp_path):
+    log = []
+    config = TrainConfig(data_dir=str(synthetic_data_dir), out=str(tmp_path / "run"),
+                         **{**CUSTOM, "epochs": 1, "batch_size": 32, "resume": True})
+    card = train(config, log=log.append)
+    assert any("no checkpoint found" in line for line in log)
+    assert card["training"]["epochs_run"] == 1
+
+
+def test_training_without_images_stops_with_a_message(tmp_path):
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no train/NORMAL or train/PNEUMONIA images"):
+        train(TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "out"), **CUSTOM), log=lambda *_: None)
+
+
+def test_class_weights_balance_the_classes():
+    labels = np.array([0] * 10 + [1] * 30)
+    weights = class_weights(labels)
+    assert weights[0] * 10 == pytest.approx(weights[1] * 30) == pytest.approx(20)
+
+
+def test_augmentation_changes_images_but_keeps_range_and_labels():
+    from pneumonia.training import augmentation
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(60, 200, (8, 32, 32), dtype=np.uint8)
+    labels = np.arange(8) % 2
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0)])
+    batches = list(make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0, augment=augmentation(0)))
+    augmented = np.concatenate([x.numpy() for x, _ in batches])
+    assert augmented.shape == plain.shape == (8, 32, 32, 3)
+    assert 0 <= augmented.min() and augmented.max() <= 1  # clipped to 0..255 before normalising
+    assert np.abs(augmented - plain).mean() > 0.01
+    assert np.concatenate([y.numpy() for _, y in batches]).tolist() == labels.tolist()
