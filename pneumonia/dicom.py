@@ -27,18 +27,20 @@ def _scaled_to_uint8(values: np.ndarray) -> np.ndarray:
 def dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     """DICOM bytes -> PIL "L". Raises XrayReadError for what cannot or should not be decoded."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     from pneumonia.preprocessing import XrayReadError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, KeyError, AttributeError) as err:
+    except Exception as err:  # pydicom raises many types on damaged files
         raise XrayReadError(f"The DICOM file could not be parsed ({type(err).__name__}).") from None
     if "PixelData" not in ds:
         raise XrayReadError("The DICOM file holds no image (no Pixel Data).")
-    rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    try:
+        rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    except Exception:
+        raise XrayReadError("The DICOM file has an unreadable image size.") from None
     if rows * columns > max_pixels:
         raise XrayReadError(f"The DICOM image is {columns}x{rows} pixels, more than the {max_pixels:,} allowed.")
     try:
@@ -57,8 +59,12 @@ def dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3:  # colour DICOM (RGB / YBR already converted by pydicom)
         return Image.fromarray(pixels.astype(np.uint8)).convert("L")
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
-    values = apply_voi_lut(values, ds, index=0) if ("VOILUTSequence" in ds or "WindowCenter" in ds) else values
+    try:
+        values = apply_modality_lut(pixels, ds).astype(np.float64)
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            values = apply_voi_lut(values, ds, index=0)
+    except Exception as err:  # e.g. a WindowCenter that is not a number
+        raise XrayReadError(f"The DICOM rescale or window values are invalid ({type(err).__name__}).") from None
     image = _scaled_to_uint8(np.asarray(values, dtype=np.float64))
     if photometric == "MONOCHROME1":
         image = 255 - image
