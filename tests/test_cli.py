@@ -1,0 +1,209 @@
+"""`python -m pneumonia train | evaluate | predict` end to end, in fresh interpreters."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import run_cli
+from pneumonia import cli, dataset
+from pneumonia.classifier import XrayClassifier
+
+PLOTS = ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png")
+THRESHOLD_KEYS = {"threshold", "accuracy", "precision", "recall", "specificity", "f1", "confusion_matrix"}
+
+
+def assert_metrics_schema(metrics: dict, n_normal: int, n_pneumonia: int) -> None:
+    assert {"model", "split", "n", "auc", "average_precision", "loss", "thresholds", "ci95"} <= set(metrics)
+    assert metrics["n"] == {"NORMAL": n_normal, "PNEUMONIA": n_pneumonia}
+    for value in (metrics["auc"], metrics["average_precision"]):
+        assert 0 <= value <= 1
+    assert metrics["loss"] > 0
+    assert set(metrics["thresholds"]) == {"default", "screening"}
+    for entry in metrics["thresholds"].values():
+        assert set(entry) == THRESHOLD_KEYS
+        cm = entry["confusion_matrix"]
+        assert set(cm) == {"tn", "fp", "fn", "tp"}
+        assert cm["tn"] + cm["fp"] == n_normal and cm["fn"] + cm["tp"] == n_pneumonia
+        assert entry["recall"] == pytest.approx(cm["tp"] / n_pneumonia)
+        assert entry["specificity"] == pytest.approx(cm["tn"] / n_normal)
+    assert set(metrics["ci95"]) == {"auc", "accuracy", "recall", "specificity"}
+    for low, high in metrics["ci95"].values():
+        assert 0 <= low <= high <= 1
+    assert metrics["ci95"]["auc"][0] <= metrics["auc"] <= metrics["ci95"]["auc"][1]
+
+
+def assert_plots(folder) -> None:
+    for name in PLOTS:
+        data = (folder / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000, name
+
+
+def test_train_writes_the_model_its_card_and_a_report(densenet_cli_run):
+    out, result = densenet_cli_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((out / "model.json").read_text())
+    assert f"validation AUC {card['validation']['auc']:.4f}" in result.stdout
+    assert f"screening {card['thresholds']['screening']:.3f}" in result.stdout
+    assert (out / "densenet121.keras").is_file() and card["file"] == "densenet121.keras"
+    for name in ("best.keras", "last.keras", "state.json"):
+        assert (out / "checkpoints" / name).is_file()
+    assert_plots(out / "report")
+    assert (out / "report" / "training_curves.png").stat().st_size > 5_000
+    assert json.loads((out / "report" / "metrics.json").read_text()) == card["validation"]
+    assert card["training"]["command"].startswith("python -m pneumonia train ")
+    assert "--arch densenet121" in card["training"]["command"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(densenet_cli_run, learnable_data_dir, tmp_path_factory):
+    out, _ = densenet_cli_run
+    report = tmp_path_factory.mktemp("evaluate") / "report"
+    result = run_cli("evaluate", learnable_data_dir, "--model", out, "--out", report, cwd=report.parent)
+    return report, result
+
+
+def test_evaluate_writes_metrics_and_plots(evaluated, densenet_cli_run, learnable_data_dir):
+    report, result = evaluated
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["model"] == "densenet121" and metrics["split"] == "test"
+    assert_metrics_schema(metrics, 12, 12)
+    assert_plots(report)
+    assert f"AUC {metrics['auc']:.4f}" in result.stdout and "test: 24 images" in result.stdout
+    # the numbers are those of the model on these images
+    classifier = XrayClassifier(densenet_cli_run[0])
+    files = dataset.scan_split(learnable_data_dir, "test")
+    probs = np.array([classifier.predict_source(path) for path in files.paths])
+    assert metrics["auc"] == pytest.approx(roc_auc_score(files.labels, probs), abs=1e-6)
+    screening = classifier.thresholds["screening"]
+    assert metrics["thresholds"]["screening"]["threshold"] == pytest.approx(screening)
+    assert metrics["thresholds"]["screening"]["confusion_matrix"]["tp"] == int(
+        ((probs >= screening) & (np.array(files.labels) == 1)).sum())
+
+
+def test_evaluate_several_models_keeps_each_report(densenet_cli_run, tiny_model_dir, learnable_data_dir, tmp_path):
+    """Two runs of the custom CNN are both named "custom" on their cards: each still gets
+    its own folder, and the comparison has a column for each."""
+    twin = shutil.copytree(tiny_model_dir, tmp_path / "twin_run")
+    report = tmp_path / "comparison"
+    result = run_cli("evaluate", learnable_data_dir, "--model", tiny_model_dir, "--model", twin,
+                     "--model", densenet_cli_run[0], "--out", report, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = [f"custom-{tiny_model_dir.name}", "custom-twin_run", "densenet121"]
+    assert sorted(p.name for p in report.iterdir() if p.is_dir()) == sorted(folders)
+    reports = {}
+    for folder in folders:
+        reports[folder] = json.loads((report / folder / "metrics.json").read_text())
+        assert_metrics_schema(reports[folder], 12, 12)
+        assert_plots(report / folder)
+    assert reports[folders[0]]["model"] == reports[folders[1]]["model"] == "custom"
+    assert reports[folders[0]]["auc"] == pytest.approx(reports[folders[1]]["auc"], abs=1e-9)  # the same model
+    table = (report / "comparison.md").read_text()
+    assert "| metric | " + " | ".join(folders) + " |" in table
+    auc_row = next(line for line in table.splitlines() if line.startswith("| AUC |"))
+    assert [float(cell) for cell in auc_row.strip("|").split("|")[1:]] == pytest.approx(
+        [reports[f]["auc"] for f in folders], abs=1e-4)
+    for row in ("recall @ screening", "specificity @ default", "threshold @ screening"):
+        assert f"| {row} |" in table
+
+
+def test_model_folder_names_are_unique(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text(json.dumps({"name": "custom", "file": "m.keras"}))
+        (tmp_path / name / "m.keras").write_bytes(b"")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.json").write_text(json.dumps({"name": "densenet121", "file": "m.keras"}))
+    (tmp_path / "c" / "m.keras").write_bytes(b"")
+    paths = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), str(tmp_path / "a" / "m.keras")]
+    names = cli._model_folder_names(paths)
+    assert len(set(names)) == len(names) == 4
+    assert names[2] == "densenet121" and names[0] == "custom-a" and names[1] == "custom-b"
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_data_dir, tmp_path_factory):
+    """Two readable test images and a corrupt one."""
+    good = dataset.scan_split(synthetic_data_dir, "test").paths
+    folder = tmp_path_factory.mktemp("predict")
+    corrupt = folder / "corrupt.jpeg"
+    corrupt.write_bytes(good[0].read_bytes()[:200])
+    return [good[0], good[-1]], corrupt
+
+
+def test_predict_prints_one_line_per_image(tiny_model_dir, images, tmp_path):
+    good, _ = images
+    result = run_cli("predict", *good, "--model", tiny_model_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    classifier = XrayClassifier(tiny_model_dir)
+    for line, path in zip(lines, good):
+        fields = line.split("\t")
+        assert fields[0] == str(path)
+        probability = classifier.predict_source(path)
+        assert float(fields[1]) == pytest.approx(probability, abs=6e-5)
+        labels = classifier.labels(probability)
+        assert fields[2] == f"default({classifier.thresholds['default']:.3f}): {labels['default']}"
+        assert fields[3] == f"screening({classifier.thresholds['screening']:.3f}): {labels['screening']}"
+
+
+def test_predict_json_reports_a_bad_file_and_still_scores_the_others(tiny_model_dir, images, tmp_path):
+    good, corrupt = images
+    missing = tmp_path / "absent.png"
+    result = run_cli("predict", good[0], corrupt, good[1], missing, "--model", tiny_model_dir, "--json", cwd=tmp_path)
+    assert result.returncode == 1
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [row["path"] for row in rows] == [str(good[0]), str(corrupt), str(good[1]), str(missing)]
+    classifier = XrayClassifier(tiny_model_dir)
+    for row, path in ((rows[0], good[0]), (rows[2], good[1])):
+        assert {"path", "probability", "label", "screening_label"} <= set(row) and "error" not in row
+        assert row["probability"] == pytest.approx(classifier.predict_source(path), abs=1e-6)
+        assert row["label"] == ("PNEUMONIA" if row["probability"] >= classifier.thresholds["default"] else "NORMAL")
+        assert row["screening_label"] == (
+            "PNEUMONIA" if row["probability"] >= classifier.thresholds["screening"] else "NORMAL")
+    assert set(rows[1]) == {"path", "error"} and "truncated" in rows[1]["error"].lower()
+    assert set(rows[3]) == {"path", "error"} and "No such image file" in rows[3]["error"]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, synthetic_data_dir, capsys):
+    """In-process (the fresh-interpreter path is covered above): each failure exits 2 with
+    a message naming what is missing."""
+    missing_model = tmp_path / "no_model"
+    assert cli.main(["predict", str(tmp_path / "x.png"), "--model", str(missing_model)]) == 2
+    assert str(missing_model) in capsys.readouterr().err
+    assert cli.main(["evaluate", str(synthetic_data_dir), "--model", str(missing_model),
+                     "--out", str(tmp_path / "r")]) == 2
+    assert str(missing_model) in capsys.readouterr().err
+    assert cli.main(["evaluate", str(synthetic_data_dir), "--split", "val", "--out", str(tmp_path / "r")]) == 2
+    assert "no val/NORMAL or val/PNEUMONIA images" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monkeypatch):
+    """`--arch custom` without --init: no ImageNet download, no InitError."""
+    import keras
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download ImageNet weights for the custom CNN")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_download)
+    (tmp_path / "data" / "train" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no train/NORMAL or train/PNEUMONIA images"):
+        cli.main(["train", str(tmp_path / "data"), "--arch", "custom", "--out", str(tmp_path / "run"), "--no-cache"])
+    configs = []
+
+    def fake_train(config, log=print):
+        configs.append(config)
+        return {"validation": {"auc": 0.5}, "thresholds": {"default": 0.5, "screening": 0.1}}
+
+    monkeypatch.setattr("pneumonia.training.train", fake_train)
+    assert cli.main(["train", "d"]) == 0 and cli.main(["train", "d", "--arch", "custom"]) == 0
+    assert cli.main(["train", "d", "--init", "none"]) == 0
+    assert [(c.arch, c.init, c.image_size) for c in configs] == [
+        ("densenet121", "imagenet", 128), ("custom", "none", 320), ("densenet121", "none", 128)]
