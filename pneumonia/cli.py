@@ -52,6 +52,10 @@ def _evaluate(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         pixels, labels, kept = dataset.load_pixels(files, classifier.image_size, args.cache_dir, log=print)
+        if len(set(labels.tolist())) < 2:  # AUC, specificity and the rest need both classes
+            print(f"error: {args.data_dir} {args.split}/ needs readable NORMAL and PNEUMONIA images to evaluate on; "
+                  f"found {dataset.describe(args.split, kept)}", file=sys.stderr)
+            return 2
         probs = classifier.probabilities_from_pixels(pixels)
         metrics = evaluate_predictions(labels, probs, classifier.thresholds, classifier.name, args.split)
         out = Path(args.out) / folder if len(args.model) > 1 else Path(args.out)

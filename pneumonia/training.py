@@ -227,7 +227,8 @@ def train(config: TrainConfig, log=print) -> dict:
     ]
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                  class_weight=class_weights(train_y), callbacks=callbacks, verbose=1)
+                  class_weight=class_weights(train_y), callbacks=callbacks, verbose=1,
+                  shuffle=False)  # train_ds shuffles itself; Keras warns that it ignores shuffle=True
     plot_history(report / "history.csv", report / "training_curves.png")
 
     best = keras.saving.load_model(best_path, compile=False)

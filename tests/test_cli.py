@@ -185,6 +185,15 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, synthetic_data_dir, ca
     assert not (tmp_path / "r").exists()
 
 
+def test_evaluate_on_one_class_says_so(tmp_path, tiny_model_dir, synthetic_data_dir, capsys):
+    one_class = tmp_path / "data" / "test"
+    shutil.copytree(synthetic_data_dir / "test" / "PNEUMONIA", one_class / "PNEUMONIA")
+    assert cli.main(["evaluate", str(tmp_path / "data"), "--model", str(tiny_model_dir),
+                     "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "needs readable NORMAL and PNEUMONIA images" in err and "NORMAL 0, PNEUMONIA 12" in err
+
+
 def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monkeypatch):
     """`--arch custom` without --init: no ImageNet download, no InitError."""
     import keras

@@ -81,6 +81,30 @@ def test_colour_modes_become_the_same_greyscale(grey, mode):
     assert 0.0 <= model_input.min() and model_input.max() <= 1.0
 
 
+def _every_mode(grey: np.ndarray) -> dict[str, bytes]:
+    base = Image.fromarray(grey, "L")
+    palette = base.convert("P")
+    return {
+        "L": encode(base, "PNG"), "RGB": encode(base.convert("RGB"), "JPEG"),
+        "RGBA": encode(_half_transparent(base, "RGBA"), "PNG"), "LA": encode(_half_transparent(base, "LA"), "PNG"),
+        "P": encode(palette, "PNG"), "P+transparency": encode(palette, "PNG", transparency=0),
+        "CMYK": encode(base.convert("RGB").convert("CMYK"), "JPEG"), "1": encode(base.convert("1"), "BMP"),
+        "I;16 PNG": encode(Image.fromarray(_twelve_bit_ramp()), "PNG"),
+        "I;16 TIFF": encode(Image.fromarray(_twelve_bit_ramp()), "TIFF"),
+    }
+
+
+def test_every_mode_gives_the_shapes_and_types_the_model_takes(grey):
+    spec = preprocessing_spec(24, IMAGENET_NORMALIZATION)
+    for mode, data in _every_mode(grey).items():
+        pixels = xray_pixels(data, 24)
+        assert pixels.dtype == np.uint8 and pixels.shape == (24, 24), mode
+        assert pixels.std() > 10, mode  # the picture survived
+        model_input = preprocess(data, spec)
+        assert model_input.dtype == np.float32 and model_input.shape == (24, 24, 3), mode
+        np.testing.assert_allclose(model_input, normalize(pixels, IMAGENET_NORMALIZATION), atol=0)
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_transparent_pixels_become_black_and_opaque_keep_their_value(grey, mode):
     data = encode(_half_transparent(Image.fromarray(grey, "L"), mode), "PNG")

@@ -220,3 +220,8 @@ def test_augmentation_changes_images_but_keeps_range_and_labels():
     assert 0 <= augmented.min() and augmented.max() <= 1  # clipped to 0..255 before normalising
     assert np.abs(augmented - plain).mean() > 0.01
     assert np.concatenate([y.numpy() for _, y in batches]).tolist() == labels.tolist()
+    # each pass over the data set (each epoch) draws new transformations
+    pipeline = make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0, augment=augmentation(0))
+    first_pass = np.concatenate([x.numpy() for x, _ in pipeline])
+    second_pass = np.concatenate([x.numpy() for x, _ in pipeline])
+    assert np.abs(first_pass - second_pass).mean() > 0.01
