@@ -156,7 +156,7 @@ def client(web_app):
 REPO = Path(__file__).resolve().parent.parent
 
 # A large, bright opacity, so that the custom CNN (dropout 0.7, seven BatchNormalization layers)
-# learns it within one epoch of ~75 steps: the default blob barely moves its training loss in that
+# learns it within one epoch of ~150 steps: the default blob barely moves its training loss in that
 # many steps and needs more epochs than a test can afford.
 LEARNABLE = {"opacity": 160, "spread": 0.2}
 
@@ -170,9 +170,9 @@ def run_cli(*args, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def learnable_data_dir(tmp_path_factory):
-    """train/ (200 per class, 100 patients each) and test/ (12 per class) with the LEARNABLE signal."""
+    """train/ (100 per class, 50 patients each) and test/ (12 per class) with the LEARNABLE signal."""
     root = tmp_path_factory.mktemp("learnable_xray")
-    write_synthetic_dataset(root, per_class=200, splits=("train",), seed=10, **LEARNABLE)
+    write_synthetic_dataset(root, per_class=100, splits=("train",), seed=10, **LEARNABLE)
     write_synthetic_dataset(root, per_class=12, splits=("test",), seed=11, **LEARNABLE)
     return root
 

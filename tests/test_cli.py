@@ -162,10 +162,11 @@ def test_predict_json_reports_a_bad_file_and_still_scores_the_others(tiny_model_
     classifier = XrayClassifier(tiny_model_dir)
     for row, path in ((rows[0], good[0]), (rows[2], good[1])):
         assert {"path", "probability", "label", "screening_label"} <= set(row) and "error" not in row
-        assert row["probability"] == pytest.approx(classifier.predict_source(path), abs=1e-6)
-        assert row["label"] == ("PNEUMONIA" if row["probability"] >= classifier.thresholds["default"] else "NORMAL")
-        assert row["screening_label"] == (
-            "PNEUMONIA" if row["probability"] >= classifier.thresholds["screening"] else "NORMAL")
+        probability = classifier.predict_source(path)
+        assert row["probability"] == pytest.approx(probability, abs=1e-6)  # printed to 6 decimals
+        expected = classifier.labels(probability)
+        assert (row["label"], row["screening_label"]) == (expected["default"], expected["screening"])
+        assert expected["default"] == ("PNEUMONIA" if probability >= classifier.thresholds["default"] else "NORMAL")
     assert set(rows[1]) == {"path", "error"} and "truncated" in rows[1]["error"].lower()
     assert set(rows[3]) == {"path", "error"} and "No such image file" in rows[3]["error"]
     assert "Traceback" not in result.stderr

@@ -11,18 +11,21 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from conftest import LEARNABLE, write_synthetic_dataset
 from pneumonia import dataset, models
 from pneumonia.classifier import XrayClassifier
 from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
 from pneumonia.training import TrainConfig, class_weights, make_dataset, train
 
-# 300 training images in batches of 4: 75 steps an epoch. The first epoch must have enough steps
-# for the BatchNormalization moving statistics to catch up (models.BN_MOMENTUM): the best epoch
-# is chosen by validation AUC, and AUC cannot tell a trained model whose inference outputs are
-# still squeezed together (every probability 0.5 +- 1e-7, useless at any fixed threshold) from
-# one that works. With Keras' default momentum of 0.99 this very run ends at exactly that.
-CUSTOM = dict(arch="custom", init="none", image_size=32, epochs=3, batch_size=4, learning_rate=1e-3,
+# 600 training images in batches of 4: 150 steps an epoch. The first epoch must have enough steps
+# for the BatchNormalization moving statistics to catch up (models.BN_MOMENTUM): the best epoch is
+# chosen by validation AUC, the synthetic task is easy enough for every epoch to reach AUC 1.0, and
+# on a tie the first epoch is kept; AUC cannot tell a model whose inference outputs are still
+# offset or squeezed together (useless at any fixed threshold) from one that works. With 75 steps
+# an epoch that happened in about one run in three; with Keras' default momentum of 0.99, always.
+CUSTOM = dict(arch="custom", init="none", image_size=32, epochs=2, batch_size=4, learning_rate=1e-3,
               val_fraction=0.25, seed=0, patience=10, cache_dir=None)
+CUSTOM_IMAGES_PER_CLASS = 400
 
 
 def history(out) -> list[dict]:
@@ -30,9 +33,11 @@ def history(out) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def custom_run(learnable_data_dir, tmp_path_factory):
+def custom_run(tmp_path_factory):
+    data = write_synthetic_dataset(tmp_path_factory.mktemp("custom_data"), per_class=CUSTOM_IMAGES_PER_CLASS,
+                                   seed=20, **LEARNABLE)
     out = tmp_path_factory.mktemp("custom_run")
-    config = TrainConfig(data_dir=str(learnable_data_dir), out=str(out), **CUSTOM)
+    config = TrainConfig(data_dir=str(data), out=str(out), **CUSTOM)
     card = train(config, log=lambda *_: None)
     return out, card, config
 
@@ -69,7 +74,7 @@ def test_densenet121_learns(densenet_cli_run):
     assert list(model.get_layer(layer).output.shape[1:3]) == size
 
 
-def test_validation_auc_in_the_history_is_exact(custom_run, learnable_data_dir):
+def test_validation_auc_in_the_history_is_exact(custom_run):
     """val_auc (what best-epoch selection watches) is the AUC of the validation logits, not
     Keras' 200-bucket estimate, which reads 0.5 while the outputs are squeezed together."""
     out, card, config = custom_run
@@ -77,7 +82,7 @@ def test_validation_auc_in_the_history_is_exact(custom_run, learnable_data_dir):
     best_epoch = max(range(len(rows)), key=lambda i: float(rows[i]["val_auc"]))
     assert card["training"]["best_epoch"] == best_epoch + 1
     # the best checkpoint's exact validation AUC is the best history value
-    all_train = dataset.scan_split(learnable_data_dir, "train")
+    all_train = dataset.scan_split(config.data_dir, "train")
     _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
     best = keras.saving.load_model(out / "checkpoints" / "best.keras", compile=False)
     logit_model = keras.Model(best.input, best.get_layer("logit").output)
@@ -86,7 +91,7 @@ def test_validation_auc_in_the_history_is_exact(custom_run, learnable_data_dir):
     assert roc_auc_score(val_files.labels, logits) == pytest.approx(float(rows[best_epoch]["val_auc"]), abs=1e-6)
 
 
-def test_card_records_what_was_done(custom_run, learnable_data_dir):
+def test_card_records_what_was_done(custom_run):
     out, card, config = custom_run
     assert card["architecture"] == "custom" and card["name"] == "custom" and card["file"] == "custom.keras"
     assert card["input_size"] == 32 and card["class_names"] == ["NORMAL", "PNEUMONIA"]
@@ -104,9 +109,9 @@ def test_card_records_what_was_done(custom_run, learnable_data_dir):
         assert key in validation
     # data: counts add up, fingerprints are those of the patient-grouped split
     data = card["data"]
-    assert sum(data["train"].values()) + sum(data["validation"].values()) == 400
+    assert sum(data["train"].values()) + sum(data["validation"].values()) == 2 * CUSTOM_IMAGES_PER_CLASS
     assert data["validation"] == validation["n"]
-    all_train = dataset.scan_split(learnable_data_dir, "train")
+    all_train = dataset.scan_split(config.data_dir, "train")
     train_files, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
     assert data["train_fingerprint"] == dataset.fingerprint(train_files)
     assert data["validation_fingerprint"] == dataset.fingerprint(val_files)
@@ -129,12 +134,12 @@ def test_card_records_what_was_done(custom_run, learnable_data_dir):
         assert (out / "checkpoints" / name).is_file()
 
 
-def test_saved_model_reproduces_the_validation_numbers(custom_run, learnable_data_dir):
+def test_saved_model_reproduces_the_validation_numbers(custom_run):
     """save -> load: the shipped .keras and card give, image by image, the calibrated
     probabilities the validation metrics were computed from."""
     out, card, config = custom_run
     classifier = XrayClassifier(out)
-    all_train = dataset.scan_split(learnable_data_dir, "train")
+    all_train = dataset.scan_split(config.data_dir, "train")
     _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
     probs = np.array([classifier.predict_source(p) for p in val_files.paths])
     assert roc_auc_score(val_files.labels, probs) == pytest.approx(card["validation"]["auc"], abs=1e-9)
