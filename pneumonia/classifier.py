@@ -1,7 +1,7 @@
 """A trained model with its card: what evaluate, predict and the web app load.
 
-The card (`model.json` beside the `.keras` file) says how to preprocess, the calibration
-temperature and the thresholds; `XrayClassifier` applies all three, so every caller gets
+The card (`model.json` beside the `.keras` file) says how to preprocess, the Platt
+calibration and the thresholds; `XrayClassifier` applies all three, so every caller gets
 the same probability for the same image.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia.evaluation import sigmoid
+from pneumonia.evaluation import platt
 from pneumonia.preprocessing import Source, normalize, preprocess
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
@@ -62,7 +62,8 @@ class XrayClassifier:
         # `input`, not `inputs`: called with a plain array, a one-element input list warns on every call
         self.logit_model = keras.Model(self.model.input, self.model.get_layer("logit").output)
         self.preprocessing = self.card["preprocessing"]
-        self.temperature = float(self.card.get("calibration", {}).get("temperature", 1.0))
+        calibration = self.card.get("calibration", {})
+        self.platt = (float(calibration.get("slope", 1.0)), float(calibration.get("intercept", 0.0)))
         self.thresholds = {k: float(v) for k, v in self.card["thresholds"].items() if k in ("default", "screening")}
         self.name = self.card.get("name", self.keras_path.stem)
 
@@ -72,7 +73,7 @@ class XrayClassifier:
 
     def calibrated(self, logits) -> np.ndarray:
         """Raw logits -> calibrated probability of PNEUMONIA."""
-        return sigmoid(np.asarray(logits, dtype=np.float64) / self.temperature)
+        return platt(logits, *self.platt)
 
     def logits(self, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """float32 (N, S, S, 3) -> raw logits (N,)."""

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.stats import rankdata
 from sklearn import metrics as skm
 
@@ -112,17 +111,21 @@ def sigmoid(logits):
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
-def fit_temperature(labels, logits) -> float:
-    """Temperature T minimising the validation log-loss of sigmoid(logit / T)."""
-    labels = np.asarray(labels, dtype=float)
-    logits = np.asarray(logits, dtype=float)
+def fit_platt(labels, logits) -> tuple[float, float]:
+    """Platt scaling: (slope, intercept) of the logistic regression of the labels on the logits.
 
-    def nll(log_t):
-        p = np.clip(sigmoid(logits / np.exp(log_t)), 1e-12, 1 - 1e-12)
-        return -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    A temperature alone (slope, no intercept) cannot move where the 0.5 boundary falls; a
+    model whose BatchNorm statistics shift its logits needs the intercept too.
+    """
+    from sklearn.linear_model import LogisticRegression
 
-    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
-    return float(np.exp(result.x))
+    fit = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(logits, dtype=float).reshape(-1, 1), labels)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def platt(logits, slope: float, intercept: float) -> np.ndarray:
+    """Raw logits -> calibrated probabilities."""
+    return sigmoid(slope * np.asarray(logits, dtype=np.float64) + intercept)
 
 
 def write_metrics(metrics: dict, out_dir: str | Path) -> Path:

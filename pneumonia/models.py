@@ -1,7 +1,7 @@
 """The two architectures: DenseNet121 (the product) and the seed's 14-layer custom CNN.
 
 Both end in Dense(1) named "logit" and a sigmoid named "probability": one sigmoid unit,
-with the logit reachable for Grad-CAM and temperature scaling.
+with the logit reachable for Grad-CAM and calibration.
 """
 from __future__ import annotations
 

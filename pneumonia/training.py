@@ -23,7 +23,8 @@ from pneumonia import dataset
 from pneumonia.evaluation import (
     evaluate_predictions,
     expected_calibration_error,
-    fit_temperature,
+    fit_platt,
+    platt,
     save_plots,
     screening_threshold,
     sigmoid,
@@ -236,8 +237,8 @@ def train(config: TrainConfig, log=print) -> dict:
 
     # Calibration and thresholds come from the validation part only.
     raw_probs = sigmoid(val_logits)
-    temperature = fit_temperature(val_y, val_logits)
-    probs = sigmoid(val_logits / temperature)
+    slope, intercept = fit_platt(val_y, val_logits)
+    probs = platt(val_logits, slope, intercept)
     thresholds = {"default": 0.5, "screening": screening_threshold(val_y, probs, config.target_sensitivity)}
     metrics = evaluate_predictions(val_y, probs, thresholds, config.arch, "validation (patient-grouped from train/)")
     write_metrics(metrics, report)
@@ -257,8 +258,9 @@ def train(config: TrainConfig, log=print) -> dict:
         "preprocessing": spec,
         "init": {**init, "file": Path(init["file"]).name} if "file" in init else init,
         "calibration": {
-            "method": "temperature scaling on the validation logits",
-            "temperature": temperature,
+            "method": "Platt scaling, sigmoid(slope * logit + intercept), fitted on the validation logits",
+            "slope": slope,
+            "intercept": intercept,
             "ece_before": expected_calibration_error(val_y, raw_probs),
             "ece_after": expected_calibration_error(val_y, probs),
         },

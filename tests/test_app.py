@@ -197,7 +197,7 @@ def test_model_page_is_the_model_card(client, tiny_model_dir):
     html = client.get("/model").get_data(as_text=True)
     card = XrayClassifier(tiny_model_dir).card
     assert f'<strong id="auc">{card["validation"]["auc"]:.3f}</strong>' in html
-    for name in ("Accuracy", "Sensitivity", "Specificity", "TN / FP / FN / TP", "temperature"):
+    for name in ("Accuracy", "Sensitivity", "Specificity", "TN / FP / FN / TP", "Platt", "intercept"):
         assert name in html
     assert f'<code id="gradcam-layer">{card["gradcam"]["layer"]}</code>' in html and "8×8" in html
     assert "Intended use" in html and "Limitations" in html and "not a medical device" in html

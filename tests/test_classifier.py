@@ -85,7 +85,7 @@ def test_keras_file_path_loads_with_the_card_beside_it(tiny_model_dir, classifie
 def test_card_settings_are_used(classifier, tiny_model_dir):
     card = json.loads((tiny_model_dir / "model.json").read_text())
     assert classifier.image_size == card["input_size"] == card["preprocessing"]["image_size"] == 32
-    assert classifier.temperature == pytest.approx(card["calibration"]["temperature"])
+    assert classifier.platt == pytest.approx((card["calibration"]["slope"], card["calibration"]["intercept"]))
     assert classifier.thresholds == {"default": 0.5, "screening": pytest.approx(card["thresholds"]["screening"])}
     assert classifier.name == card["name"]
 
@@ -102,27 +102,24 @@ def test_probabilities_from_pixels_equal_predict_source(classifier, test_images)
     assert classifier.probabilities_from_pixels(pixels[:0]).shape == (0,)
 
 
-def test_probability_is_the_sigmoid_of_the_logit_over_the_card_temperature(tiny_model_dir, tmp_path, test_images):
+def test_probability_is_the_platt_calibrated_logit_from_the_card(tiny_model_dir, tmp_path, test_images):
     model_dir = _copy(tiny_model_dir, tmp_path)
     card = json.loads((model_dir / "model.json").read_text())
-    card["calibration"]["temperature"] = 2.5
+    card["calibration"].update(slope=0.4, intercept=0.0)
     (model_dir / "model.json").write_text(json.dumps(card))
-    warm = XrayClassifier(model_dir)
-    card["calibration"]["temperature"] = 0.25
+    soft = XrayClassifier(model_dir)
+    card["calibration"].update(slope=4.0, intercept=-1.0)
     (model_dir / "model.json").write_text(json.dumps(card))
-    cold = XrayClassifier(model_dir)
-    assert (warm.temperature, cold.temperature) == (2.5, 0.25)
+    shifted = XrayClassifier(model_dir)
+    assert (soft.platt, shifted.platt) == ((0.4, 0.0), (4.0, -1.0))
 
-    inputs = np.stack([preprocess(path, warm.preprocessing) for path in test_images])
-    logits = warm.logits(inputs)
+    inputs = np.stack([preprocess(path, soft.preprocessing) for path in test_images])
+    logits = soft.logits(inputs)
     assert np.ptp(logits) > 0
-    np.testing.assert_allclose([warm.predict_source(p) for p in test_images], sigmoid(logits / 2.5), atol=1e-6)
-    np.testing.assert_allclose([cold.predict_source(p) for p in test_images], sigmoid(logits / 0.25), atol=1e-6)
-    # a lower temperature pushes every probability further from 0.5, in the same direction
-    warm_p, cold_p = sigmoid(logits / 2.5), sigmoid(logits / 0.25)
-    assert (np.abs(cold_p - 0.5) >= np.abs(warm_p - 0.5) - 1e-12).all()
-    assert (np.sign(cold_p - 0.5) == np.sign(warm_p - 0.5)).all()
-
+    np.testing.assert_allclose([soft.predict_source(p) for p in test_images], sigmoid(0.4 * logits), atol=1e-6)
+    np.testing.assert_allclose([shifted.predict_source(p) for p in test_images], sigmoid(4.0 * logits - 1.0), atol=1e-6)
+    # the ranking of the images does not depend on the calibration
+    assert (np.argsort(sigmoid(0.4 * logits)) == np.argsort(sigmoid(4.0 * logits - 1.0))).all()
 
 def test_labels_follow_each_threshold(classifier):
     screening = classifier.thresholds["screening"]

@@ -11,7 +11,8 @@ from pneumonia.evaluation import (
     bootstrap_ci,
     evaluate_predictions,
     expected_calibration_error,
-    fit_temperature,
+    fit_platt,
+    platt,
     format_table,
     metrics_at_threshold,
     save_plots,
@@ -111,17 +112,20 @@ def test_expected_calibration_error_is_zero_when_calibrated_and_large_when_overc
     assert expected_calibration_error(truth, confident) == pytest.approx(0.29, abs=0.02)
 
 
-@pytest.mark.parametrize("true_temperature", [3.0, 0.5])
-def test_fit_temperature_recovers_a_known_temperature(true_temperature):
+@pytest.mark.parametrize("true_slope, true_intercept", [(1 / 3, 0.0), (2.0, -1.5)])
+def test_fit_platt_recovers_a_known_slope_and_intercept(true_slope, true_intercept):
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 4, 40_000)
-    labels = (rng.uniform(0, 1, logits.size) < sigmoid(logits / true_temperature)).astype(int)
-    fitted = fit_temperature(labels, logits)
-    assert fitted == pytest.approx(true_temperature, rel=0.05)
-    # and it is the log-loss minimum: nearby temperatures do worse
-    def nll(t):
-        return skm.log_loss(labels, np.clip(sigmoid(logits / t), 1e-12, 1 - 1e-12))
-    assert nll(fitted) <= min(nll(fitted * 1.1), nll(fitted / 1.1))
+    labels = (rng.uniform(0, 1, logits.size) < sigmoid(true_slope * logits + true_intercept)).astype(int)
+    slope, intercept = fit_platt(labels, logits)
+    assert slope == pytest.approx(true_slope, rel=0.06)
+    assert intercept == pytest.approx(true_intercept, abs=0.08)
+    # and it is the log-loss minimum: nearby parameters do worse
+    def nll(a, b):
+        return skm.log_loss(labels, np.clip(platt(logits, a, b), 1e-12, 1 - 1e-12))
+    best = nll(slope, intercept)
+    assert best <= min(nll(slope * 1.1, intercept), nll(slope / 1.1, intercept),
+                       nll(slope, intercept + 0.1), nll(slope, intercept - 0.1))
 
 
 def test_bootstrap_ci_contains_the_point_estimate_and_matches_a_plain_loop(predictions):
