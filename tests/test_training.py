@@ -124,7 +124,7 @@ def test_card_records_what_was_done(custom_run):
     assert set(card["versions"]) >= {"python", "tensorflow", "keras", "numpy"}
     assert card["versions"]["keras"] == keras.__version__
     calibration = card["calibration"]
-    assert 0.05 <= calibration["temperature"] <= 20
+    assert calibration["slope"] > 0 and np.isfinite(calibration["intercept"])  # higher logit, higher probability
     assert 0 <= calibration["ece_after"] <= 1 and 0 <= calibration["ece_before"] <= 1
     assert card["gradcam"] == {"layer": "block64_conv2", "map_size": [8, 8]}
     for name in ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png",
@@ -143,9 +143,11 @@ def test_saved_model_reproduces_the_validation_numbers(custom_run):
     _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
     probs = np.array([classifier.predict_source(p) for p in val_files.paths])
     assert roc_auc_score(val_files.labels, probs) == pytest.approx(card["validation"]["auc"], abs=1e-9)
-    screening = card["thresholds"]["screening"]
-    tp = int(((probs >= screening) & (np.array(val_files.labels) == 1)).sum())
-    assert tp == card["validation"]["thresholds"]["screening"]["confusion_matrix"]["tp"]
+    # the screening threshold is one validation positive's own score; one image at a time (not in
+    # batches, as in training) its probability can differ in the 7th decimal
+    screening, positive = card["thresholds"]["screening"], np.array(val_files.labels) == 1
+    tp = card["validation"]["thresholds"]["screening"]["confusion_matrix"]["tp"]
+    assert ((probs >= screening + 1e-6) & positive).sum() <= tp <= ((probs >= screening - 1e-6) & positive).sum()
     # the shipped file is the best checkpoint
     inputs = np.stack([preprocess(p, card["preprocessing"]) for p in val_files.paths[:8]])
     shipped = keras.saving.load_model(out / "custom.keras", compile=False)
