@@ -49,7 +49,7 @@ def test_both_architectures_end_in_one_sigmoid_unit_after_a_logit_layer(which, r
     assert isinstance(logit, layers.Dense) and logit.units == 1
     assert probability.name == "probability" and probability.activation is keras.activations.sigmoid
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
-    logit_model = keras.Model(model.inputs, logit.output)
+    logit_model = keras.Model(model.input, logit.output)
     np.testing.assert_allclose(np.asarray(model(x)), 1 / (1 + np.exp(-np.asarray(logit_model(x)))), atol=1e-5)
 
 
