@@ -148,8 +148,12 @@ def exact_val_auc_callback(val_ds, val_y):
     return ExactValidationAUC()
 
 
-def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None = None):
-    """Saves last.keras + state.json after every epoch, so --resume can continue."""
+def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, started: float):
+    """Saves last.keras + state.json after every epoch, so --resume can continue.
+
+    `started` is the clock time training would have begun had it never stopped, so the
+    recorded wall time adds up across resumes.
+    """
     import keras
 
     class SaveResumeState(keras.callbacks.Callback):
@@ -160,7 +164,8 @@ def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None = Non
         def on_epoch_end(self, epoch, logs=None):
             self.best = max(self.best, float(logs.get("val_auc", -np.inf)))
             self.model.save(checkpoint_dir / "last.keras")
-            (checkpoint_dir / "state.json").write_text(json.dumps({"epochs_done": epoch + 1, "best_val_auc": self.best}))
+            state = {"epochs_done": epoch + 1, "best_val_auc": self.best, "wall_time_s": time.time() - started}
+            (checkpoint_dir / "state.json").write_text(json.dumps(state))
 
     return SaveResumeState()
 
@@ -205,6 +210,7 @@ def train(config: TrainConfig, log=print) -> dict:
     if config.resume and state_file.exists():
         state = json.loads(state_file.read_text())
         initial_epoch, best_so_far = state["epochs_done"], state["best_val_auc"]
+        started -= state.get("wall_time_s", 0.0)
         model = keras.saving.load_model(checkpoints / "last.keras")
         log(f"resuming after epoch {initial_epoch} (best validation AUC so far {best_so_far:.4f})")
     else:
@@ -224,7 +230,7 @@ def train(config: TrainConfig, log=print) -> dict:
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
         keras.callbacks.CSVLogger(report / "history.csv", append=initial_epoch > 0),
-        resume_state_callback(checkpoints, best_so_far),
+        resume_state_callback(checkpoints, best_so_far, started),
     ]
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
