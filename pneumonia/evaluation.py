@@ -93,6 +93,16 @@ def screening_threshold(labels, probs, target_sensitivity: float) -> float:
     return float(positives[len(positives) - keep])
 
 
+def balanced_threshold(labels, probs) -> float:
+    """The threshold maximising Youden's J (sensitivity + specificity - 1).
+
+    Unlike accuracy, J does not depend on the share of pneumonia in the validation data,
+    which differs from site to site; ties go to the highest such threshold.
+    """
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
+    return float(min(thresholds[int(np.argmax(tpr - fpr))], 1.0))
+
+
 def expected_calibration_error(labels, probs, bins: int = 15) -> float:
     """Equal-width bins; |accuracy - confidence| of each bin weighted by its share."""
     labels = np.asarray(labels, dtype=float)

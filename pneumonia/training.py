@@ -23,6 +23,7 @@ from pneumonia import dataset
 from pneumonia.evaluation import (
     evaluate_predictions,
     expected_calibration_error,
+    balanced_threshold,
     fit_platt,
     platt,
     save_plots,
@@ -245,7 +246,10 @@ def train(config: TrainConfig, log=print) -> dict:
     raw_probs = sigmoid(val_logits)
     slope, intercept = fit_platt(val_y, val_logits)
     probs = platt(val_logits, slope, intercept)
-    thresholds = {"default": 0.5, "screening": screening_threshold(val_y, probs, config.target_sensitivity)}
+    # The screening threshold is never above the default: its label must be the more sensitive one.
+    default = balanced_threshold(val_y, probs)
+    thresholds = {"default": default,
+                  "screening": min(default, screening_threshold(val_y, probs, config.target_sensitivity))}
     metrics = evaluate_predictions(val_y, probs, thresholds, config.arch, "validation (patient-grouped from train/)")
     write_metrics(metrics, report)
     save_plots(val_y, probs, metrics, report)
@@ -275,6 +279,8 @@ def train(config: TrainConfig, log=print) -> dict:
             "screening": thresholds["screening"],
             "target_sensitivity": config.target_sensitivity,
             "chosen_on": "validation part of train/ (patient-grouped); calibrated probabilities",
+            "rule": "default maximises Youden's J (sensitivity + specificity - 1); screening is the highest "
+                    "threshold whose sensitivity reaches the target, and never above the default",
         },
         "validation": metrics,
         "data": {

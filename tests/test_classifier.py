@@ -86,7 +86,8 @@ def test_card_settings_are_used(classifier, tiny_model_dir):
     card = json.loads((tiny_model_dir / "model.json").read_text())
     assert classifier.image_size == card["input_size"] == card["preprocessing"]["image_size"] == 32
     assert classifier.platt == pytest.approx((card["calibration"]["slope"], card["calibration"]["intercept"]))
-    assert classifier.thresholds == {"default": 0.5, "screening": pytest.approx(card["thresholds"]["screening"])}
+    assert classifier.thresholds == {"default": pytest.approx(card["thresholds"]["default"]),
+                                     "screening": pytest.approx(card["thresholds"]["screening"])}
     assert classifier.name == card["name"]
 
 
@@ -126,8 +127,8 @@ def test_probability_is_the_platt_calibrated_logit_from_the_card(tiny_model_dir,
 
 
 def test_labels_follow_each_threshold(classifier):
-    screening = classifier.thresholds["screening"]
-    assert classifier.labels(0.5) == {"default": "PNEUMONIA", "screening": "PNEUMONIA" if 0.5 >= screening else "NORMAL"}
-    assert classifier.labels(np.nextafter(0.5, 0))["default"] == "NORMAL"
+    default, screening = classifier.thresholds["default"], classifier.thresholds["screening"]
+    assert classifier.labels(default) == {"default": "PNEUMONIA", "screening": "PNEUMONIA" if default >= screening else "NORMAL"}
+    assert classifier.labels(np.nextafter(default, 0))["default"] == "NORMAL"
     assert classifier.labels(screening)["screening"] == "PNEUMONIA"
     assert classifier.labels(np.nextafter(screening, 0))["screening"] == "NORMAL"

@@ -8,6 +8,7 @@ import pytest
 from sklearn import metrics as skm
 
 from pneumonia.evaluation import (
+    balanced_threshold,
     bootstrap_ci,
     evaluate_predictions,
     expected_calibration_error,
@@ -169,3 +170,21 @@ def test_plots_and_metrics_are_written(predictions, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
     table = format_table(metrics)
     assert f"AUC {metrics['auc']:.4f}" in table and "screening 0.3000" in table
+
+
+def test_balanced_threshold_maximises_youden_j_over_every_candidate():
+    rng = np.random.default_rng(7)
+    labels = (rng.uniform(0, 1, 600) < 0.7).astype(int)
+    probs = np.clip(rng.normal(0.35 + 0.4 * labels, 0.18), 0, 1)
+    chosen = balanced_threshold(labels, probs)
+
+    def youden(t):
+        m = metrics_at_threshold(labels, probs, t)
+        return m["recall"] + m["specificity"] - 1
+
+    best = max(youden(t) for t in np.unique(probs))
+    assert youden(chosen) == pytest.approx(best)
+    # prevalence does not move it: duplicating every negative leaves J's maximiser in place
+    more_negatives = np.concatenate([labels, labels[labels == 0]])
+    more_probs = np.concatenate([probs, probs[labels == 0]])
+    assert balanced_threshold(more_negatives, more_probs) == pytest.approx(chosen)
