@@ -183,7 +183,7 @@ def save_plots(labels, probs, metrics: dict, out_dir: str | Path) -> list[Path]:
         ax.plot(x, y)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{metrics['model']} on {metrics['split']}: {title}")
+        ax.set_title(f"{metrics['model']} on {metrics['split']}\n{title}", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
