@@ -18,7 +18,9 @@ def is_dicom(data: bytes) -> bool:
     return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
-def _scaled_to_uint8(values: np.ndarray) -> np.ndarray:
+def range_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Any numeric array -> uint8 with its own min at 0 and max at 255 (scaled, not clipped)."""
+    values = np.asarray(values, dtype=np.float64)
     low, high = float(values.min()), float(values.max())
     span = high - low if high > low else 1.0
     return np.round((values - low) * (255.0 / span)).astype(np.uint8)
@@ -65,7 +67,7 @@ def dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
             values = apply_voi_lut(values, ds, index=0)
     except Exception as err:  # e.g. a WindowCenter that is not a number
         raise XrayReadError(f"The DICOM rescale or window values are invalid ({type(err).__name__}).") from None
-    image = _scaled_to_uint8(np.asarray(values, dtype=np.float64))
+    image = range_to_uint8(values)
     if photometric == "MONOCHROME1":
         image = 255 - image
     return Image.fromarray(image, mode="L")

@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumonia.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom
+from pneumonia.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom, range_to_uint8
 
 Source = Union[bytes, bytearray, str, Path]
 
@@ -87,10 +87,7 @@ def _open_image(source: Source) -> Image.Image:
 def _to_greyscale(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit "L"; 16-bit and float data are scaled by their range, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        span = high - low if high > low else 1.0
-        return Image.fromarray(np.round((values - low) * (255.0 / span)).astype(np.uint8), mode="L")
+        return Image.fromarray(range_to_uint8(np.asarray(image)), mode="L")
     if image.mode == "L":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
