@@ -2,10 +2,11 @@
 
 The models end in Dense(1) "logit" -> sigmoid "probability". Gradients are taken of the
 logit, not of the probability, which saturates (a confident 0.999 has almost no gradient).
-One compiled function returns the logit and the class-activation map from one forward pass:
+One compiled function returns the logit, the class-activation map and the pooled features
+(what the out-of-distribution gate scores) from one forward pass:
 
-    float32 (1, S, S, 3) ──model──> features (1, h, w, c) ──...──> logit (1, 1)
-                                    cam = sum_c mean_hw(d logit / d features)_c * features_c
+    float32 (1, S, S, 3) ──model──> feature map (1, h, w, c) ──...──> pooled (1, d) ──> logit (1, 1)
+                                    cam = sum_c mean_hw(d logit / d feature map)_c * feature map_c
 
 `cam` is signed: positive where the features raise the logit (evidence for PNEUMONIA),
 negative where they lower it. Grad-CAM of the negative logit (the evidence for NORMAL) is
@@ -39,24 +40,25 @@ class GradCam:
         if min(self.map_size) < MIN_CELLS:
             raise ValueError(f"Grad-CAM layer {layer} is {self.map_size[0]}x{self.map_size[1]}; "
                              f"at least {MIN_CELLS}x{MIN_CELLS} cells are needed")
-        grad_model = keras.Model(model.input, [features, model.get_layer("logit").output])  # one input, not a list
+        logit_layer = model.get_layer("logit")
+        grad_model = keras.Model(model.input, [features, logit_layer.input, logit_layer.output])  # one input
 
         @tf.function(input_signature=[tf.TensorSpec((1, image_size, image_size, 3), tf.float32)])
         def explain(x):
             with tf.GradientTape() as tape:
-                feature_map, logit = grad_model(x, training=False)  # (1, h, w, c), (1, 1)
+                feature_map, pooled, logit = grad_model(x, training=False)  # (1, h, w, c), (1, d), (1, 1)
             grads = tape.gradient(logit, feature_map)  # (1, h, w, c)
             weights = tf.reduce_mean(grads, axis=(1, 2))  # (1, c)
             cam = tf.einsum("bhwc,bc->bhw", feature_map, weights)  # (1, h, w), signed
-            return logit[0, 0], cam[0]
+            return logit[0, 0], cam[0], pooled[0]
 
         self._explain = explain.get_concrete_function()
         self.explain(np.zeros((1, image_size, image_size, 3), np.float32))  # allocates now, not on a request
 
-    def explain(self, inputs: np.ndarray) -> tuple[float, np.ndarray]:
-        """float32 (1, S, S, 3) -> (raw logit, signed cam float32 (h, w))."""
-        logit, cam = self._explain(inputs)
-        return float(logit), cam.numpy()
+    def explain(self, inputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """float32 (1, S, S, 3) -> (raw logit, signed cam float32 (h, w), pooled features (d,))."""
+        logit, cam, pooled = self._explain(inputs)
+        return float(logit), cam.numpy(), pooled.numpy()
 
 
 def heatmap(cam: np.ndarray, for_pneumonia: bool) -> np.ndarray:

@@ -21,7 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pneumonia.models import build_model, normalization_for  # noqa: E402
-from pneumonia.training import augmentation, class_weights, make_dataset  # noqa: E402
+from pneumonia.training import augmentation_for, class_weights, make_dataset  # noqa: E402
 
 TRAIN_IMAGES = 4692  # the training part of the Kaggle train/ split after the validation carve-out
 
@@ -33,7 +33,7 @@ def seconds_per_step(arch: str, image_size: int, batch_size: int, steps: int) ->
     model = build_model(arch, image_size, {"kind": "none"})
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
-    batches = make_dataset(pixels, labels, normalization_for(arch), batch_size, 0, augment=augmentation(0), shuffle=True)
+    batches = make_dataset(pixels, labels, normalization_for(arch), batch_size, 0, augment=augmentation_for("standard", 0), shuffle=True)
     weights = class_weights(labels)
     model.fit(batches.take(2), epochs=1, verbose=0, class_weight=weights)  # traces the same signature
     started = time.perf_counter()

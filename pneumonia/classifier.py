@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia.evaluation import platt
-from pneumonia.preprocessing import Source, normalize, preprocess
+from pneumonia.ood import Verdict, load_gate_for
+from pneumonia.preprocessing import Source, decode_xray, normalize, preprocess, resize_xray
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
 CARD_NAME = "model.json"
@@ -59,8 +60,11 @@ class XrayClassifier:
             self.model = keras.saving.load_model(self.keras_path, compile=False)
         except Exception as err:  # Keras raises several types for a bad file
             raise ModelLoadError(f"The model file {self.keras_path} could not be loaded: {err}") from None
-        # `input`, not `inputs`: called with a plain array, a one-element input list warns on every call
-        self.logit_model = keras.Model(self.model.input, self.model.get_layer("logit").output)
+        # `input`, not `inputs`: called with a plain array, a one-element input list warns on every call.
+        # Outputs the pooled features that feed the logit (the gate's input) and the logit.
+        logit_layer = self.model.get_layer("logit")
+        self.feature_model = keras.Model(self.model.input, [logit_layer.input, logit_layer.output])
+        self.gate, self.gate_status = load_gate_for(self.keras_path)
         self.preprocessing = self.card["preprocessing"]
         calibration = self.card.get("calibration", {})
         self.platt = (float(calibration.get("slope", 1.0)), float(calibration.get("intercept", 0.0)))
@@ -75,24 +79,52 @@ class XrayClassifier:
         """Raw logits -> calibrated probability of PNEUMONIA."""
         return platt(logits, *self.platt)
 
+    def features_and_logits(self, inputs: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (N, S, S, 3) -> pooled features (N, d) and raw logits (N,): one pass per batch."""
+        features, logits = [], []
+        for i in range(0, len(inputs), batch_size):
+            f, z = self.feature_model(inputs[i : i + batch_size], training=False)
+            features.append(np.asarray(f))
+            logits.append(np.asarray(z).reshape(-1))
+        if not logits:
+            return np.zeros((0, int(self.feature_model.outputs[0].shape[-1]))), np.zeros(0)
+        return np.concatenate(features), np.concatenate(logits)
+
     def logits(self, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """float32 (N, S, S, 3) -> raw logits (N,)."""
-        out = [
-            np.asarray(self.logit_model(inputs[i : i + batch_size], training=False)).reshape(-1)
-            for i in range(0, len(inputs), batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros(0)
+        return self.features_and_logits(inputs, batch_size)[1]
+
+    def features_and_logits_of_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S) from `xray_pixels` -> (N, d), (N,); normalised a batch at a time."""
+        parts = [self.features_and_logits(normalize(pixels[i : i + batch_size], self.preprocessing["normalization"]))
+                 for i in range(0, len(pixels), batch_size)]
+        if not parts:
+            return self.features_and_logits(np.zeros((0, self.image_size, self.image_size, 3), np.float32))
+        return np.concatenate([f for f, _ in parts]), np.concatenate([z for _, z in parts])
 
     def probabilities_from_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 (N, S, S) from `xray_pixels` -> calibrated probabilities (N,)."""
-        out = [
-            self.logits(normalize(pixels[i : i + batch_size], self.preprocessing["normalization"]), batch_size)
-            for i in range(0, len(pixels), batch_size)
-        ]
-        return self.calibrated(np.concatenate(out) if out else np.zeros(0))
+        return self.calibrated(self.features_and_logits_of_pixels(pixels, batch_size)[1])
+
+    def screen_source(self, source: Source) -> tuple[float | None, Verdict | None]:
+        """One image (bytes or path) -> (calibrated probability, gate verdict).
+
+        With a gate, a refused image gives (None, the rejection); without one the verdict is None.
+        """
+        xray, stats = decode_xray(source)
+        if self.gate is not None:
+            refused = self.gate.check_pixels(stats)
+            if refused is not None:
+                return None, refused
+        inputs = normalize(resize_xray(xray, self.image_size), self.preprocessing["normalization"])[None]
+        features, logits = self.features_and_logits(inputs)
+        verdict = self.gate.check_features(features[0]) if self.gate is not None else None
+        if verdict is not None and not verdict.accepted:
+            return None, verdict
+        return float(self.calibrated(logits)[0]), verdict
 
     def predict_source(self, source: Source) -> float:
-        """One image (bytes or path) -> calibrated probability."""
+        """One image (bytes or path) -> calibrated probability, whatever the gate would say."""
         inputs = preprocess(source, self.preprocessing)[None]
         return float(self.calibrated(self.logits(inputs))[0])
 

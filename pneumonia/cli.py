@@ -1,4 +1,4 @@
-"""`python -m pneumonia {train,evaluate,predict}`."""
+"""`python -m pneumonia {train,evaluate,predict,calibrate}`."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
 
@@ -21,7 +23,7 @@ def _train(args) -> int:
         image_size=args.image_size or (128 if args.arch == "densenet121" else 320), epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, val_fraction=args.val_fraction,
         seed=args.seed, patience=args.patience, target_sensitivity=args.target_sensitivity,
-        resume=args.resume, cache_dir=None if args.no_cache else args.cache_dir,
+        resume=args.resume, cache_dir=None if args.no_cache else args.cache_dir, augment=args.augment,
     )
     try:
         card = train(config)
@@ -56,8 +58,10 @@ def _evaluate(args) -> int:
             print(f"error: {args.data_dir} {args.split}/ needs readable NORMAL and PNEUMONIA images to evaluate on; "
                   f"found {dataset.describe(args.split, kept)}", file=sys.stderr)
             return 2
-        probs = classifier.probabilities_from_pixels(pixels)
+        features, logits = classifier.features_and_logits_of_pixels(pixels)
+        probs = classifier.calibrated(logits)
         metrics = evaluate_predictions(labels, probs, classifier.thresholds, classifier.name, args.split)
+        metrics["ood_gate"] = _gate_on_split(classifier, kept, features, labels, probs, args.split)
         out = Path(args.out) / folder if len(args.model) > 1 else Path(args.out)
         write_metrics(metrics, out)
         save_plots(labels, probs, metrics, out)
@@ -69,6 +73,30 @@ def _evaluate(args) -> int:
         path.write_text(comparison_table(results, folders))
         print(path.read_text())
     return 0
+
+
+def _gate_on_split(classifier, files, features, labels, probs, split: str) -> dict:
+    """How many images of the split the gate refuses or flags, and the metrics on the accepted ones."""
+    from pneumonia.evaluation import evaluate_predictions, format_table
+    from pneumonia.fit_ood import pixel_stats_of, verdict_counts
+
+    if classifier.gate is None:
+        print(f"out-of-distribution gate: off ({classifier.gate_status})")
+        return {"gate": "off", "detail": classifier.gate_status}
+    gate = classifier.gate
+    stats = pixel_stats_of(files)
+    scores = gate.density.distance(features)
+    counts = verdict_counts(gate, stats, scores)
+    accepted = np.array([(gate.check_pixels(s) or gate.check_score(float(d))).accepted for s, d in zip(stats, scores)])
+    print(f"out-of-distribution gate: refused {100 * counts['refused_fraction']:.1f} % "
+          f"({sum(counts['refused_by'].values())} of {counts['images']}: {counts['refused_by'] or 'none'}), "
+          f"flagged unusual {100 * counts['unusual_fraction']:.1f} %")
+    report = {"gate": "on", **counts, "metrics_on_accepted": None}
+    if accepted.any() and len(set(labels[accepted].tolist())) == 2:
+        report["metrics_on_accepted"] = evaluate_predictions(labels[accepted], probs[accepted], classifier.thresholds,
+                                                             classifier.name, f"{split} (accepted by the gate)")
+        print("on the images the gate accepted:\n" + format_table(report["metrics_on_accepted"]))
+    return report
 
 
 def _model_folder_names(model_paths: list[str]) -> list[str]:
@@ -121,26 +149,87 @@ def _predict(args) -> int:
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if classifier.gate is None:
+        print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
     failed = 0
     for image in args.images:
         try:
-            probability = classifier.predict_source(image)
+            probability, verdict = classifier.screen_source(image)
         except XrayReadError as err:
             failed += 1
             print(json.dumps({"path": image, "error": str(err)}) if args.json else f"{image}\terror: {err}")
             continue
-        labels = classifier.labels(probability)
-        if args.json:
-            print(json.dumps({"path": image, "probability": round(probability, 6), "label": labels["default"],
-                              "screening_label": labels["screening"], "thresholds": classifier.thresholds}))
-        else:
-            print(f"{image}\t{probability:.4f}\tdefault({classifier.thresholds['default']:.3f}): {labels['default']}"
-                  f"\tscreening({classifier.thresholds['screening']:.3f}): {labels['screening']}")
+        print(_prediction_line(image, probability, verdict, classifier, args.json))
     return 1 if failed else 0
+
+
+def _prediction_line(image: str, probability, verdict, classifier, as_json: bool) -> str:
+    """One output line: the probability and labels, or the gate's reason for refusing the image."""
+    ood = None if verdict is None else {k: v for k, v in vars(verdict).items() if v is not None}
+    if probability is None:
+        if as_json:
+            return json.dumps({"path": image, "probability": None, "ood": ood, "error": verdict.message})
+        return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"
+    labels = classifier.labels(probability)
+    if as_json:
+        return json.dumps({"path": image, "probability": round(probability, 6), "label": labels["default"],
+                           "screening_label": labels["screening"], "thresholds": classifier.thresholds, "ood": ood})
+    warning = "\tunusual for this model" if verdict is not None and verdict.verdict == "unusual" else ""
+    return (f"{image}\t{probability:.4f}\tdefault({classifier.thresholds['default']:.3f}): {labels['default']}"
+            f"\tscreening({classifier.thresholds['screening']:.3f}): {labels['screening']}{warning}")
+
+
+def _fit_ood(args) -> int:
+    from pneumonia.classifier import ModelLoadError
+    from pneumonia.fit_ood import fit_ood, format_gate
+
+    try:
+        gate = fit_ood(args.model, args.data_dir, args.cache_dir)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_gate(gate))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from pneumonia.classifier import ModelLoadError
+    from pneumonia.recalibration import RecalibrationError, format_operating_figures, recalibrate
+
+    try:
+        result = recalibrate(args.model, args.site_dir, args.out, args.split,
+                             warn=lambda text: print(text, file=sys.stderr))
+    except (RecalibrationError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    recalibration = result.card["recalibration"]
+    print(format_operating_figures(recalibration["metrics"], recalibration["previous_metrics"]))
+    previous, new = recalibration["previous"]["thresholds"], result.card["thresholds"]
+    print(f"thresholds (each on its own calibrated scale): default {previous['default']:.3f} -> {new['default']:.3f}, "
+          f"screening {previous['screening']:.3f} -> {new['screening']:.3f}")
+    print(f"wrote {result.out} (serve it with PNEUMONIA_MODEL_PATH={result.out})")
+    return 0
+
+
+def _robustness(args) -> int:
+    from pneumonia.classifier import SHIPPED_MODEL_DIR, ModelLoadError
+    from pneumonia.robustness import RobustnessError, run, to_markdown, write_report
+
+    models = args.model or [str(SHIPPED_MODEL_DIR)]
+    try:
+        report = run(args.data_dir, models, args.originals, names=_model_folder_names(models))
+    except (RobustnessError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(report, args.out)
+    print(to_markdown(report))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pneumonia.classifier import SHIPPED_MODEL_DIR
+    from pneumonia.training import AUGMENTATIONS
 
     parser = argparse.ArgumentParser(prog="python -m pneumonia",
                                      description="Pneumonia screening from chest X-rays (research tool, not a medical device).")
@@ -160,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better validation AUC")
     train.add_argument("--target-sensitivity", type=float, default=0.98)
+    train.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
+                       help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
+                            "gamma, noise and stronger contrast (what differs between X-ray machines)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
     train.add_argument("--cache-dir", default="cache", help="where decoded, resized pixels are kept between runs")
     train.add_argument("--no-cache", action="store_true")
@@ -178,6 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="model folder or .keras file (default: the shipped model)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.set_defaults(run=_predict)
+
+    fit_ood = commands.add_parser("fit-ood", help="fit the gate that refuses images that are not chest X-rays, "
+                                                  "for an existing model")
+    fit_ood.add_argument("model", help="model folder or .keras file; ood.npz is written beside it")
+    fit_ood.add_argument("data_dir", help="the Kaggle-layout folder the model was trained on (its train/ split)")
+    fit_ood.add_argument("--cache-dir", default="cache", help="decoded, resized pixels, shared with train")
+    fit_ood.set_defaults(run=_fit_ood)
+
+    calibrate = commands.add_parser("calibrate", help="refit calibration and thresholds on a labelled sample "
+                                                      "from a new site; writes a new model folder")
+    calibrate.add_argument("site_dir", help="SITE_DIR/NORMAL/* and SITE_DIR/PNEUMONIA/* (or see --split)")
+    calibrate.add_argument("--split", help="read SITE_DIR/SPLIT/{NORMAL,PNEUMONIA} (a Kaggle-layout root)")
+    calibrate.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="model folder or .keras file (default: the shipped model)")
+    calibrate.add_argument("--out", required=True, help="new model folder to write (must not exist or be empty)")
+    calibrate.set_defaults(run=_calibrate)
+    robustness = commands.add_parser("robustness", help="proxies for distribution shift: originals, validation under "
+                                                        "acquisition shifts, specificity per NORMAL series")
+    robustness.add_argument("data_dir", help="Kaggle-layout root; the validation part of train/ is recreated from the card")
+    robustness.add_argument("--model", action="append", help="model folder or .keras file (repeat to compare; default: the shipped model)")
+    robustness.add_argument("--originals", help="FOLDER/{NORMAL,PNEUMONIA} of full-resolution images (e.g. ../shared/samples/original-val)")
+    robustness.add_argument("--out", default="reports/robustness")
+    robustness.set_defaults(run=_robustness)
     return parser
 
 

@@ -49,7 +49,7 @@ def _imagenet_weights_or_stop() -> str:
             "Use one of:\n"
             "  --init none         train from random initialisation\n"
             "  --init PATH         a local DenseNet121 weights file "
-            "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+            "(densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5), or a trained .keras model to start from"
         ) from None
 
 
@@ -72,10 +72,15 @@ def resolve_init(init: str) -> dict:
 def build_densenet121(image_size: int, weights_file: str | None = None) -> keras.Model:
     inputs = keras.Input((image_size, image_size, 3), name="xray")
     backbone = keras.applications.DenseNet121(include_top=False, weights=None, input_tensor=inputs)
-    if weights_file:
+    if weights_file and not str(weights_file).endswith(".keras"):
         backbone.load_weights(weights_file)
     features = layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
-    return keras.Model(inputs, _classifier_head(features), name="densenet121")
+    model = keras.Model(inputs, _classifier_head(features), name="densenet121")
+    if weights_file and str(weights_file).endswith(".keras"):
+        # A warm start from a trained model of this package (head included). Convolution
+        # weights do not depend on the input size, so it may have been trained at another size.
+        model.set_weights(keras.saving.load_model(weights_file, compile=False).get_weights())
+    return model
 
 
 # The custom CNN's BatchNormalization moving averages. Keras' default 0.99 needs ~1,000 steps to

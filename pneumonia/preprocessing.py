@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumonia.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom, range_to_uint8
+from pneumonia.ood import PixelStats, grey_spread, mean_chroma
 
 Source = Union[bytes, bytearray, str, Path]
 
@@ -113,25 +114,33 @@ def _dicom_bytes(source: Source) -> bytes | None:
     return None
 
 
-def load_xray(source: Source) -> Image.Image:
+def decode_xray(source: Source) -> tuple[Image.Image, PixelStats]:
     """Decodes bytes or a file (JPEG, PNG, BMP, TIFF or DICOM) into an upright 8-bit
-    greyscale image at its own size."""
+    greyscale image at its own size, and what the gate's pixel checks measure: the colour
+    before the greyscale conversion, the size and the grey-level spread after it."""
     dicom = _dicom_bytes(source)
     if dicom is not None:
-        return dicom_to_image(dicom, MAX_IMAGE_PIXELS)
-    opened = _open_image(source)
-    try:
-        image = ImageOps.exif_transpose(opened)
-        image = _to_greyscale(image)
-        image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        opened.close()  # Pillow leaves the file open when decoding fails
-        if isinstance(err, XrayReadError):
-            raise
-        raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
-    if image is not opened:
-        opened.close()
-    return image
+        image, chroma = dicom_to_image(dicom, MAX_IMAGE_PIXELS), 0.0
+    else:
+        opened = _open_image(source)
+        try:
+            upright = ImageOps.exif_transpose(opened)
+            chroma = mean_chroma(upright)
+            image = _to_greyscale(upright)
+            image.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            opened.close()  # Pillow leaves the file open when decoding fails
+            if isinstance(err, XrayReadError):
+                raise
+            raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
+        if image is not opened:
+            opened.close()
+    return image, PixelStats(image.width, image.height, chroma, grey_spread(image))
+
+
+def load_xray(source: Source) -> Image.Image:
+    """The upright 8-bit greyscale image of `decode_xray`."""
+    return decode_xray(source)[0]
 
 
 def resize_xray(image: Image.Image, image_size: int) -> np.ndarray:

@@ -50,6 +50,13 @@ class TrainConfig:
     target_sensitivity: float = 0.98
     resume: bool = False
     cache_dir: str | None = "cache"
+    augment: str = "standard"  # one of AUGMENTATIONS
+
+
+# "acquisition" adds what differs between X-ray machines and sites: sharpness, gamma, noise,
+# contrast. The shipped from-scratch model read blurrier or flatter NORMAL images as pneumonia
+# (../shared/notes/measurements.md); these make such differences uninformative in training.
+AUGMENTATIONS = ("standard", "acquisition")
 
 
 def augmentation(seed: int):
@@ -70,6 +77,48 @@ def augmentation(seed: int):
     )
 
 
+def acquisition_shift(seed: int, max_blur: float = 1.0, gamma_range: float = 0.35, max_noise: float = 6.0):
+    """(B, S, S, 1) float 0..255 -> the same batch as another machine might have taken it.
+
+    Per image: a blend towards a Gaussian blur (sigma ~1 px) or away from it (an unsharp
+    mask), a gamma in [1/(1+g), 1+g], and Gaussian noise of up to `max_noise` grey levels.
+    """
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed)
+    taps = np.exp(-0.5 * (np.arange(-3, 4) / 1.0) ** 2)
+    kernel_1d = (taps / taps.sum()).astype("float32")
+    kernel_x = tf.constant(kernel_1d.reshape(1, 7, 1, 1))
+    kernel_y = tf.constant(kernel_1d.reshape(7, 1, 1, 1))
+
+    def shift(x):
+        batch = tf.shape(x)[0]
+        blurred = tf.nn.conv2d(tf.nn.conv2d(x, kernel_x, 1, "SAME"), kernel_y, 1, "SAME")
+        # > 0 blurs, < 0 sharpens (x + |a| (x - blur))
+        amount = generator.uniform((batch, 1, 1, 1), -max_blur, max_blur)
+        x = tf.clip_by_value(x + amount * (blurred - x), 0.0, 255.0)
+        log_gamma = generator.uniform((batch, 1, 1, 1), -np.log1p(gamma_range), np.log1p(gamma_range))
+        x = 255.0 * tf.pow(x / 255.0, tf.exp(log_gamma))
+        noise = generator.uniform((batch, 1, 1, 1), 0.0, max_noise) * generator.normal(tf.shape(x))
+        return tf.clip_by_value(x + noise, 0.0, 255.0)
+
+    return shift
+
+
+def augmentation_for(name: str, seed: int):
+    """The training augmentation called `name` (AUGMENTATIONS): a function of a (B, S, S, 1) batch."""
+    import keras
+
+    standard = augmentation(seed)
+    if name == "standard":
+        return lambda x: standard(x, training=True)
+    if name != "acquisition":
+        raise ValueError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
+    stronger_contrast = keras.layers.RandomContrast(0.3, seed=seed + 5)
+    shift = acquisition_shift(seed + 6)
+    return lambda x: shift(stronger_contrast(standard(x, training=True), training=True))
+
+
 def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, shuffle=False):
     """uint8 (N, S, S) + labels -> tf.data of normalized float32 (B, S, S, 3) batches."""
     import tensorflow as tf
@@ -80,7 +129,7 @@ def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, 
     ds = ds.batch(batch_size)
     if augment is not None:
         # Augment in 0..255 greyscale (B, S, S, 1), then the shared normalisation.
-        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32)[..., None], training=True)[..., 0], y),
+        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32)[..., None])[..., 0], y),
                     num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(lambda x, y: (tf.clip_by_value(x, 0.0, 255.0), y))
     ds = ds.map(lambda x, y: (normalize(x, normalization), y), num_parallel_calls=tf.data.AUTOTUNE)
@@ -203,7 +252,7 @@ def train(config: TrainConfig, log=print) -> dict:
     normalization = normalization_for(config.arch)
     spec = preprocessing_spec(config.image_size, normalization)
     train_ds = make_dataset(train_x, train_y, normalization, config.batch_size, config.seed,
-                            augment=augmentation(config.seed), shuffle=True)
+                            augment=augmentation_for(config.augment, config.seed), shuffle=True)
     val_ds = make_dataset(val_x, val_y, normalization, config.batch_size, config.seed)
 
     state_file = checkpoints / "state.json"
@@ -306,4 +355,8 @@ def train(config: TrainConfig, log=print) -> dict:
     }
     (out / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     log(f"wrote {out / model_file} and {out / 'model.json'}")
-    return card
+    from pneumonia.fit_ood import fit_ood, format_gate
+
+    log("fitting the out-of-distribution gate")
+    log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
+    return json.loads((out / "model.json").read_text())

@@ -134,9 +134,9 @@ def test_static_files_are_local(client):
     assert "http" not in javascript and "eval(" not in javascript
 
 
-def test_result_page_shows_probability_labels_images_model_and_time(result_page, tiny_model_dir):
+def test_result_page_shows_probability_labels_images_model_and_time(result_page, ungated_model_dir):
     html = result_page.get_data(as_text=True)
-    card = XrayClassifier(tiny_model_dir).card
+    card = XrayClassifier(ungated_model_dir).card
     assert result_page.headers["Cache-Control"] == "no-store"
     assert 'id="probability"' in html and "Probability of pneumonia" in html
     for name in ("default", "screening"):
@@ -161,12 +161,12 @@ def test_normal_result_says_the_heatmap_shows_evidence_for_normal(gap_model_dir)
     assert 'id="label-default">PNEUMONIA' in html and "raised the pneumonia score" in html
 
 
-def test_api_predict_returns_the_documented_json(client, tiny_model_dir):
+def test_api_predict_returns_the_documented_json(client, ungated_model_dir):
     data = xray_jpeg(600, 480, seed=4)
     response = client.post("/api/predict", data=upload(data))
     body = response.get_json()
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
-    classifier = XrayClassifier(tiny_model_dir)
+    classifier = XrayClassifier(ungated_model_dir)
     assert body["probability"] == pytest.approx(classifier.predict_source(data), abs=1e-6)
     assert body["thresholds"] == classifier.thresholds
     for key, threshold in (("label", "default"), ("screening_label", "screening")):
@@ -193,16 +193,16 @@ def test_healthz_when_ready(client):
     assert response.get_json()["status"] == "ready" and response.get_json()["gradcam_layer"]
 
 
-def test_model_page_is_the_model_card(client, tiny_model_dir):
+def test_model_page_is_the_model_card(client, ungated_model_dir):
     html = client.get("/model").get_data(as_text=True)
-    card = XrayClassifier(tiny_model_dir).card
+    card = XrayClassifier(ungated_model_dir).card
     assert f'<strong id="auc">{card["validation"]["auc"]:.3f}</strong>' in html
     for name in ("Accuracy", "Sensitivity", "Specificity", "TN / FP / FN / TP", "Platt", "intercept"):
         assert name in html
     assert f'<code id="gradcam-layer">{card["gradcam"]["layer"]}</code>' in html and "8×8" in html
     assert "Intended use" in html and "Limitations" in html and "not a medical device" in html
     assert all(part in html for part in CITATION)
-    plots = sorted(p.name for p in (tiny_model_dir / "report").glob("*.png"))
+    plots = sorted(p.name for p in (ungated_model_dir / "report").glob("*.png"))
     assert len(plots) == 5
     for name in plots:
         assert f'src="/model/report/{name}"' in html
@@ -225,11 +225,11 @@ def test_wrong_method_is_answered_in_kind(client, path, method):
         assert "does not accept" in response.get_data(as_text=True)
 
 
-def _broken_model(tmp_path, tiny_model_dir, how: str) -> Path:
+def _broken_model(tmp_path, ungated_model_dir, how: str) -> Path:
     if how == "missing":
         return tmp_path / "empty"
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_model_dir, broken)
+    shutil.copytree(ungated_model_dir, broken)
     if how == "corrupt model file":
         (broken / "custom.keras").write_bytes(b"not a zip file")
     elif how == "corrupt card":
@@ -247,10 +247,10 @@ def _broken_model(tmp_path, tiny_model_dir, how: str) -> Path:
     ("corrupt card", "unreadable"),
     ("card without preprocessing", "could not be prepared"),
 ])
-def test_a_broken_model_is_reported_at_start_up_and_by_healthz(tmp_path, tiny_model_dir, caplog, how, reason):
+def test_a_broken_model_is_reported_at_start_up_and_by_healthz(tmp_path, ungated_model_dir, caplog, how, reason):
     (tmp_path / "empty").mkdir()
     with caplog.at_level("ERROR"):
-        client = create_app({"MODEL_PATH": str(_broken_model(tmp_path, tiny_model_dir, how))}).test_client()
+        client = create_app({"MODEL_PATH": str(_broken_model(tmp_path, ungated_model_dir, how))}).test_client()
     assert any("MODEL NOT LOADED" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
     health = client.get("/healthz")
     assert health.status_code == 503 and health.get_json()["ready"] is False and reason in health.get_json()["reason"]
@@ -314,16 +314,16 @@ def test_concurrent_requests_answer_as_sequential_ones(web_app):
         assert np.abs(blended.astype(int) - expected[2]).max() <= 2
 
 
-def test_default_settings(tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("PNEUMONIA_MODEL_PATH", str(tiny_model_dir))
+def test_default_settings(ungated_model_dir, monkeypatch):
+    monkeypatch.setenv("PNEUMONIA_MODEL_PATH", str(ungated_model_dir))
     app = create_app()
     assert app.config["MAX_CONTENT_LENGTH"] == 20 * 1024 * 1024
-    assert app.config["MODEL_PATH"] == str(tiny_model_dir)
+    assert app.config["MODEL_PATH"] == str(ungated_model_dir)
     assert app.extensions["screener"] is not None
 
 
-def test_app_module_is_the_wsgi_entry_point(tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("PNEUMONIA_MODEL_PATH", str(tiny_model_dir))
+def test_app_module_is_the_wsgi_entry_point(ungated_model_dir, monkeypatch):
+    monkeypatch.setenv("PNEUMONIA_MODEL_PATH", str(ungated_model_dir))
     monkeypatch.delitem(sys.modules, "app", raising=False)
     module = importlib.import_module("app")
     assert module.app.test_client().get("/healthz").status_code == 200
@@ -345,11 +345,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_gunicorn_serves_the_app(tiny_model_dir):
+def test_gunicorn_serves_the_app(ungated_model_dir):
     """The Procfile command with gunicorn.conf.py (on loopback): the worker loads the model, then serves."""
     port = _free_port()
     env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "2",
-           "PNEUMONIA_MODEL_PATH": str(tiny_model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "PNEUMONIA_MODEL_PATH": str(ungated_model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "app:app"], cwd=REPO,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

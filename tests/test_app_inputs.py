@@ -104,11 +104,11 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_each_image_format_goes_through_the_package_path(client, tiny_model_dir, fmt):
+def test_each_image_format_goes_through_the_package_path(client, ungated_model_dir, fmt):
     data = FORMATS[fmt](Image.fromarray(reference_xray()))
     api = client.post("/api/predict", data=upload(data, f"x.{fmt.split()[0].lower()}"))
     assert api.status_code == 200, api.get_json()
-    expected = XrayClassifier(tiny_model_dir).predict_source(data)
+    expected = XrayClassifier(ungated_model_dir).predict_source(data)
     assert api.get_json()["probability"] == pytest.approx(expected, abs=1e-6)
     assert gradcam_image(api.get_json()).shape == (128, 160, 3)
     assert client.post("/predict", data=upload(data)).status_code == 200

@@ -24,17 +24,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def live_server(web_app):
-    """The app on 127.0.0.1 and a free port, in a background thread."""
+def serve(app):
+    """The app on 127.0.0.1 and a free port, in a background thread: yields its address."""
     from werkzeug.serving import make_server
 
-    server = make_server("127.0.0.1", 0, web_app, threaded=True)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_server(web_app):
+    yield from serve(web_app)
+
+
+@pytest.fixture(scope="module")
+def shipped_live_server(shipped_app):
+    yield from serve(shipped_app)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +117,20 @@ def test_drag_and_drop_fills_the_file_input(browser, live_server):
         " return [document.getElementById('file').files.length, document.getElementById('chosen').textContent];"
     )
     assert chosen == [1, "dropped.png"]
+
+
+def test_a_photo_is_refused_with_the_reason_and_no_result(browser, shipped_live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    from sklearn.datasets import load_sample_image
+
+    photo = tmp_path / "flower.jpg"
+    Image.fromarray(load_sample_image("flower.jpg")).save(photo, quality=90)
+    browser.get(f"{shipped_live_server}/")
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 90).until(expected_conditions.presence_of_element_located((By.ID, "refusal-reason")))
+    assert "in colour" in browser.find_element(By.ID, "refusal-reason").text
+    assert "frontal chest radiograph" in browser.page_source
+    assert not browser.find_elements(By.ID, "probability") and not browser.find_elements(By.ID, "overlay")

@@ -135,13 +135,13 @@ def images(synthetic_data_dir, tmp_path_factory):
     return [good[0], good[-1]], corrupt
 
 
-def test_predict_prints_one_line_per_image(tiny_model_dir, images, tmp_path):
+def test_predict_prints_one_line_per_image(ungated_model_dir, images, tmp_path):
     good, _ = images
-    result = run_cli("predict", *good, "--model", tiny_model_dir, cwd=tmp_path)
+    result = run_cli("predict", *good, "--model", ungated_model_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2
-    classifier = XrayClassifier(tiny_model_dir)
+    classifier = XrayClassifier(ungated_model_dir)
     for line, path in zip(lines, good):
         fields = line.split("\t")
         assert fields[0] == str(path)
@@ -152,14 +152,14 @@ def test_predict_prints_one_line_per_image(tiny_model_dir, images, tmp_path):
         assert fields[3] == f"screening({classifier.thresholds['screening']:.3f}): {labels['screening']}"
 
 
-def test_predict_json_reports_a_bad_file_and_still_scores_the_others(tiny_model_dir, images, tmp_path):
+def test_predict_json_reports_a_bad_file_and_still_scores_the_others(ungated_model_dir, images, tmp_path):
     good, corrupt = images
     missing = tmp_path / "absent.png"
-    result = run_cli("predict", good[0], corrupt, good[1], missing, "--model", tiny_model_dir, "--json", cwd=tmp_path)
+    result = run_cli("predict", good[0], corrupt, good[1], missing, "--model", ungated_model_dir, "--json", cwd=tmp_path)
     assert result.returncode == 1
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [row["path"] for row in rows] == [str(good[0]), str(corrupt), str(good[1]), str(missing)]
-    classifier = XrayClassifier(tiny_model_dir)
+    classifier = XrayClassifier(ungated_model_dir)
     for row, path in ((rows[0], good[0]), (rows[2], good[1])):
         assert {"path", "probability", "label", "screening_label"} <= set(row) and "error" not in row
         probability = classifier.predict_source(path)

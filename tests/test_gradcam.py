@@ -42,7 +42,7 @@ def test_map_has_the_card_layer_size_and_stays_in_range(tiny_screener, tiny_mode
     assert list(tiny_screener.gradcam.map_size) == card["gradcam"]["map_size"]
     assert min(tiny_screener.gradcam.map_size) >= gradcam.MIN_CELLS
     for seed in range(3):
-        logit, cam = tiny_screener.gradcam.explain(_inputs(tiny_screener, _pneumonia_image(seed)))
+        logit, cam, _ = tiny_screener.gradcam.explain(_inputs(tiny_screener, _pneumonia_image(seed)))
         assert cam.shape == tiny_screener.gradcam.map_size
         for for_pneumonia in (True, False):
             heat = gradcam.heatmap(cam, for_pneumonia)
@@ -82,7 +82,7 @@ def test_a_zero_gradient_model_gives_a_finite_map_and_a_visible_overlay():
     logit_layer = model.get_layer("logit")
     logit_layer.set_weights([np.zeros_like(w) for w in logit_layer.get_weights()])  # d logit / d features = 0
     explainer = gradcam.GradCam(model, "features", 32)
-    logit, cam = explainer.explain(np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32))
+    logit, cam, _ = explainer.explain(np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32))
     heat = gradcam.heatmap(cam, for_pneumonia=logit >= 0)
     assert logit == 0 and np.isfinite(heat).all() and not heat.any()
     grey = np.full((40, 60), 128, np.uint8)
@@ -96,11 +96,11 @@ def test_gradients_come_from_the_logit_so_a_saturated_probability_still_explains
 
     model = keras.saving.load_model(gap_model_dir / "model.keras", compile=False)
     inputs = _inputs(Screener(gap_model_dir), _pneumonia_image(3))
-    _, cam = gradcam.GradCam(model, "features", 64).explain(inputs)
+    _, cam, _ = gradcam.GradCam(model, "features", 64).explain(inputs)
     kernel, bias = model.get_layer("logit").get_weights()
     model.get_layer("logit").set_weights([kernel * 1000, bias * 1000])  # sigmoid is exactly 1.0 in float32
     assert float(model(inputs)[0, 0]) == 1.0
-    logit, saturated_cam = gradcam.GradCam(model, "features", 64).explain(inputs)
+    logit, saturated_cam, _ = gradcam.GradCam(model, "features", 64).explain(inputs)
     assert logit > 100
     np.testing.assert_allclose(gradcam.heatmap(saturated_cam, True), gradcam.heatmap(cam, True), atol=1e-4)
 
@@ -116,7 +116,7 @@ def test_hot_area_lands_on_the_pneumonia_blob(gap_screener):
     size = gap_screener.gradcam.map_size[0]
     band = slice(int(0.5 * size), int(0.9 * size) + 1)  # the 60-80 % band plus one cell either side
     for seed in range(10, 16):
-        logit, cam = gap_screener.gradcam.explain(_inputs(gap_screener, _pneumonia_image(seed)))
+        logit, cam, _ = gap_screener.gradcam.explain(_inputs(gap_screener, _pneumonia_image(seed)))
         assert logit > 0  # the model calls it pneumonia
         heat = gradcam.heatmap(cam, for_pneumonia=True)
         row, col = np.unravel_index(heat.argmax(), heat.shape)

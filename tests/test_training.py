@@ -215,20 +215,20 @@ def test_class_weights_balance_the_classes():
 
 
 def test_augmentation_changes_images_but_keeps_range_and_labels():
-    from pneumonia.training import augmentation
+    from pneumonia.training import augmentation_for
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(60, 200, (8, 32, 32), dtype=np.uint8)
     labels = np.arange(8) % 2
     plain = np.concatenate([x.numpy() for x, _ in make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0)])
-    batches = list(make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0, augment=augmentation(0)))
+    batches = list(make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0, augment=augmentation_for("standard", 0)))
     augmented = np.concatenate([x.numpy() for x, _ in batches])
     assert augmented.shape == plain.shape == (8, 32, 32, 3)
     assert 0 <= augmented.min() and augmented.max() <= 1  # clipped to 0..255 before normalising
     assert np.abs(augmented - plain).mean() > 0.01
     assert np.concatenate([y.numpy() for _, y in batches]).tolist() == labels.tolist()
     # each pass over the data set (each epoch) draws new transformations
-    pipeline = make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0, augment=augmentation(0))
+    pipeline = make_dataset(pixels, labels, UNIT_NORMALIZATION, 4, 0, augment=augmentation_for("standard", 0))
     first_pass = np.concatenate([x.numpy() for x, _ in pipeline])
     second_pass = np.concatenate([x.numpy() for x, _ in pipeline])
     assert np.abs(first_pass - second_pass).mean() > 0.01

@@ -13,7 +13,7 @@ from pathlib import Path
 from flask import Flask
 
 from pneumonia.classifier import SHIPPED_MODEL_DIR
-from web.uploads import InMemoryRequest
+from web.uploads import BodyDeadline, InMemoryRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,12 +24,19 @@ DEFAULTS = {
     "OVERLAY_ALPHA": 0.5,
     "PAGE_IMAGE_MAX_SIDE": 1024,  # JPEGs in the result page
     "API_IMAGE_MAX_SIDE": 512,  # the PNG in the JSON answer: PNG encoding cost grows with area
+    # Slow clients (web/uploads.py): 408 when a body takes longer than this in all, or pauses this long.
+    "BODY_TIMEOUT": 30,  # seconds; a PaaS router (Heroku's) gives up on a request after 30 s anyway
+    "BODY_READ_TIMEOUT": 10,  # seconds without a byte of the body
+    # Model capacity (web/capacity.py): screenings at once per worker, and the longest expected
+    # wait for one before an upload is answered 503 with Retry-After.
+    "MODEL_SLOTS": 2,
+    "MODEL_QUEUE_SECONDS": 5,
 }
 
 
 def create_app(config: dict | None = None) -> Flask:
     """Settings: DEFAULTS, then PNEUMONIA_* environment variables (PNEUMONIA_MODEL_PATH,
-    PNEUMONIA_MAX_CONTENT_LENGTH, ...), then `config`."""
+    PNEUMONIA_MAX_CONTENT_LENGTH, PNEUMONIA_BODY_TIMEOUT, PNEUMONIA_MODEL_SLOTS, ...), then `config`."""
     app = Flask(__name__, root_path=str(REPO_ROOT))
     app.request_class = InMemoryRequest
     app.config.update(DEFAULTS)
@@ -38,10 +45,12 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from web import api, errors, pages, security
+    from web import api, capacity, errors, pages, security
     from web.screening import load_screener
 
     load_screener(app)
+    capacity.register(app)
+    app.wsgi_app = BodyDeadline(app.wsgi_app, app.config["BODY_TIMEOUT"], app.config["BODY_READ_TIMEOUT"])
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     errors.register(app)

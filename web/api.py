@@ -6,7 +6,8 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from web.screening import current_screener
+from web.capacity import model_slot
+from web.screening import current_screener, ood_json
 from web.uploads import read_upload
 
 bp = Blueprint("api", __name__)
@@ -21,7 +22,8 @@ def predict():
     screener = current_screener()
     data = read_upload(request)
     with_gradcam = request.args.get("gradcam", "1").lower() not in ("0", "false", "no")
-    result = screener.screen(data, ".png" if with_gradcam else None, current_app.config["API_IMAGE_MAX_SIDE"])
+    with model_slot():  # 503 with Retry-After when too many uploads wait for the model
+        result = screener.screen(data, ".png" if with_gradcam else None, current_app.config["API_IMAGE_MAX_SIDE"])
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     card = screener.card
     return jsonify(
@@ -41,6 +43,7 @@ def predict():
             "target": result.gradcam_target,
             "localised": result.localised,
         },
+        ood=ood_json(result.ood, screener),
         gradcam_png=base64.b64encode(result.overlay).decode("ascii") if result.overlay else None,
         timing_ms=result.timing_ms,
         notice=NOTICE,
@@ -53,4 +56,5 @@ def healthz():
     if screener is None:
         return jsonify(status="not ready", ready=False, reason=current_app.extensions["model_error"]), 503
     return jsonify(status="ready", ready=True, model=screener.classifier.name,
-                   gradcam_layer=screener.gradcam.layer, gradcam_map_size=list(screener.gradcam.map_size))
+                   gradcam_layer=screener.gradcam.layer, gradcam_map_size=list(screener.gradcam.map_size),
+                   ood_gate="on" if screener.classifier.gate else f"off: {screener.classifier.gate_status}")

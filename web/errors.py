@@ -8,8 +8,10 @@ import traceback
 from flask import current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from pneumonia.ood import EXPECTED, OutOfDistribution
 from pneumonia.preprocessing import XrayReadError
-from web.screening import ModelNotReady
+from web.capacity import ModelBusy
+from web.screening import ModelNotReady, current_screener, ood_json
 from web.uploads import UploadError
 
 HTTP_MESSAGES = {
@@ -35,6 +37,20 @@ def _http_error(err: HTTPException):
     return error_response(err.code or 500, HTTP_MESSAGES.get(err.code, err.description or err.name))
 
 
+def _refused(err: OutOfDistribution):
+    """422: the upload decoded but the gate says it is not a chest X-ray; no probability, no heatmap."""
+    if wants_json():
+        return jsonify(error=str(err), status=422, ood=ood_json(err.verdict, current_screener())), 422
+    return render_template("refused.html", verdict=err.verdict, expected=EXPECTED), 422
+
+
+def _busy(err: ModelBusy):
+    """503 at once, with Retry-After, when more uploads wait for the model than it can serve soon."""
+    body, status = error_response(
+        503, f"The screening service is busy: too many X-rays are waiting. Please try again in {err.retry_after} s.")
+    return body, status, {"Retry-After": str(err.retry_after)}
+
+
 def _unexpected(err: Exception):
     current_app.logger.error(
         "Unexpected %s in %s %s (message withheld: it may quote the upload)\n%s",
@@ -45,6 +61,8 @@ def _unexpected(err: Exception):
 
 def register(app) -> None:
     app.register_error_handler(UploadError, lambda err: error_response(err.status, err.message))
+    app.register_error_handler(OutOfDistribution, _refused)
+    app.register_error_handler(ModelBusy, _busy)
     app.register_error_handler(XrayReadError, lambda err: error_response(400, str(err)))
     app.register_error_handler(
         ModelNotReady,

@@ -6,6 +6,7 @@ import time
 
 from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
 
+from web.capacity import model_slot
 from web.screening import current_screener
 from web.uploads import ACCEPTED, read_upload
 
@@ -36,7 +37,8 @@ def predict():
     started = time.perf_counter()
     screener = current_screener()
     data = read_upload(request)
-    result = screener.screen(data, ".jpg", current_app.config["PAGE_IMAGE_MAX_SIDE"], with_original=True)
+    with model_slot():  # 503 with Retry-After when too many uploads wait for the model
+        result = screener.screen(data, ".jpg", current_app.config["PAGE_IMAGE_MAX_SIDE"], with_original=True)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     return render_template(
         "result.html", result=result, card=screener.card, gradcam=screener.gradcam,
@@ -50,7 +52,9 @@ def model_card():
     if screener is None:
         return render_template("model.html", card=None, model_error=current_app.extensions["model_error"]), 503
     plots = {name: title for name, title in REPORT_PLOTS.items() if (screener.report_dir / name).is_file()}
-    return render_template("model.html", card=screener.card, gradcam=screener.gradcam, plots=plots)
+    gate = screener.classifier.gate
+    return render_template("model.html", card=screener.card, gradcam=screener.gradcam, plots=plots,
+                           ood=gate.summary() if gate else None, gate_status=screener.classifier.gate_status)
 
 
 @bp.get("/model/report/<name>")

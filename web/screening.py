@@ -1,7 +1,9 @@
 """The model as the web app uses it: one upload -> probability, labels and Grad-CAM images.
 
-Decoding and preprocessing are the package's `load_xray`, `resize_xray` and `normalize`
-(`preprocess` split in two so the decoded X-ray is also used for display).
+Decoding and preprocessing are the package's `decode_xray`, `resize_xray` and `normalize`
+(`preprocess` split in two so the decoded X-ray is also used for display). The model's gate
+(`pneumonia.ood`) refuses what is not a chest X-ray: pixel checks before the model pass, the
+feature distance from the same pass that gives the logit and Grad-CAM.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 from gradcam import GradCam, display_image, heatmap, overlay
 from pneumonia.classifier import ModelLoadError, XrayClassifier
 from pneumonia.models import gradcam_layer_for
-from pneumonia.preprocessing import load_xray, normalize, resize_xray
+from pneumonia.ood import OutOfDistribution, Verdict
+from pneumonia.preprocessing import decode_xray, normalize, resize_xray
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -32,6 +35,7 @@ class Screening:
     labels: dict[str, str]  # threshold name -> class
     gradcam_target: str  # the class whose evidence the heatmap shows
     localised: bool  # False when Grad-CAM found no positive evidence (an all-zero map)
+    ood: Verdict | None = None  # None when the model has no gate
     overlay: bytes | None = None  # encoded, display size
     original: bytes | None = None  # encoded JPEG, display size
     timing_ms: dict[str, float] = field(default_factory=dict)
@@ -71,20 +75,28 @@ class Screener:
     def screen(self, data: bytes, overlay_format: str | None = None, max_side: int = 1024,
                with_original: bool = False) -> Screening:
         """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
-        (long side <= max_side); None skips it. Raises XrayReadError for unreadable input."""
+        (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
+        OutOfDistribution for what the gate refuses."""
         watch = _Stopwatch()
-        xray = load_xray(data)  # PIL "L", own size
+        xray, stats = decode_xray(data)  # PIL "L", own size; what the pixel checks measure
+        gate = self.classifier.gate
+        refused = gate.check_pixels(stats) if gate is not None else None
+        if refused is not None:
+            raise OutOfDistribution(refused)
         watch.lap("decode")
         pixels = resize_xray(xray, self.classifier.image_size)  # uint8 (S, S)
         inputs = normalize(pixels, self.classifier.preprocessing["normalization"])[None]  # (1, S, S, 3)
         watch.lap("preprocess")
-        logit, cam = self.gradcam.explain(inputs)  # one forward pass: logit and signed cam (h, w)
+        logit, cam, features = self.gradcam.explain(inputs)  # one pass: logit, signed cam (h, w), features (d,)
+        verdict = gate.check_features(features) if gate is not None else None
+        if verdict is not None and not verdict.accepted:
+            raise OutOfDistribution(verdict)
         probability = float(self.classifier.calibrated(logit))
         labels = self.classifier.labels(probability)
         target = labels["default"]
         heat = heatmap(cam, for_pneumonia=target == "PNEUMONIA")  # (h, w) in [0, 1]
         watch.lap("model_gradcam")
-        result = Screening(probability, labels, target, localised=bool(heat.max() > 0))
+        result = Screening(probability, labels, target, localised=bool(heat.max() > 0), ood=verdict)
         if overlay_format:
             grey = display_image(xray, max_side)  # (H', W'), the X-ray's aspect ratio
             result.overlay = _encode(overlay(grey, heat, self.overlay_alpha), overlay_format)
@@ -93,6 +105,19 @@ class Screener:
             watch.lap("overlay_encode")
         result.timing_ms = watch.laps
         return result
+
+
+def ood_json(verdict: Verdict | None, screener: "Screener") -> dict:
+    """The `ood` object of the API: the verdict with the gate's thresholds, or why the gate is off."""
+    gate = screener.classifier.gate
+    if gate is None:
+        return {"verdict": "unchecked", "gate": "off", "detail": screener.classifier.gate_status}
+    if not verdict.accepted:
+        return {"verdict": "rejected", "reason": verdict.reason, "score": verdict.score, "threshold": verdict.threshold}
+    answer = {"verdict": verdict.verdict, "score": verdict.score, "thresholds": gate.thresholds}
+    if verdict.message:
+        answer["warning"] = verdict.message
+    return answer
 
 
 def _encode(image: np.ndarray, extension: str) -> bytes:
