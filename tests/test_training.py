@@ -232,3 +232,22 @@ def test_augmentation_changes_images_but_keeps_range_and_labels():
     first_pass = np.concatenate([x.numpy() for x, _ in pipeline])
     second_pass = np.concatenate([x.numpy() for x, _ in pipeline])
     assert np.abs(first_pass - second_pass).mean() > 0.01
+
+
+def test_acquisition_shift_blurs_or_sharpens_changes_gamma_and_stays_in_range():
+    import tensorflow as tf
+
+    from pneumonia.training import acquisition_shift, augmentation_for
+
+    rng = np.random.default_rng(1)
+    batch = tf.constant(rng.integers(40, 220, (16, 32, 32, 1)).astype("float32"))
+    shifted = acquisition_shift(0)(batch).numpy()
+    assert shifted.shape == (16, 32, 32, 1) and shifted.min() >= 0 and shifted.max() <= 255
+    # per image, not per batch: the change in edge content differs from image to image
+    edges = lambda x: np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))  # noqa: E731
+    ratio = edges(shifted) / edges(batch.numpy())
+    assert ratio.min() < 0.9 and ratio.max() > 1.0 and ratio.std() > 0.05
+    unblurred = acquisition_shift(0, max_blur=0.0, gamma_range=0.0, max_noise=0.0)(batch).numpy()
+    np.testing.assert_allclose(unblurred, batch.numpy(), atol=1e-3)  # no change with every strength at 0
+    with pytest.raises(ValueError, match="choose from standard, acquisition"):
+        augmentation_for("strong", 0)
