@@ -17,8 +17,8 @@ from web.screening import Screener
 
 
 @pytest.fixture(scope="module")
-def tiny_screener(tiny_model_dir):
-    return Screener(tiny_model_dir)
+def tiny_screener(ungated_model_dir):
+    return Screener(ungated_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def _pneumonia_image(seed: int) -> Image.Image:
     return synthetic_xray(1, np.random.default_rng(seed), 64)
 
 
-def test_map_has_the_card_layer_size_and_stays_in_range(tiny_screener, tiny_model_dir):
-    card = XrayClassifier(tiny_model_dir).card
+def test_map_has_the_card_layer_size_and_stays_in_range(tiny_screener, ungated_model_dir):
+    card = XrayClassifier(ungated_model_dir).card
     assert tiny_screener.gradcam.layer == card["gradcam"]["layer"]
     assert list(tiny_screener.gradcam.map_size) == card["gradcam"]["map_size"]
     assert min(tiny_screener.gradcam.map_size) >= gradcam.MIN_CELLS
@@ -50,8 +50,8 @@ def test_map_has_the_card_layer_size_and_stays_in_range(tiny_screener, tiny_mode
             assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
 
 
-def test_a_card_without_a_gradcam_layer_gets_the_training_rule(tiny_model_dir, tmp_path):
-    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+def test_a_card_without_a_gradcam_layer_gets_the_training_rule(ungated_model_dir, tmp_path):
+    model_dir = shutil.copytree(ungated_model_dir, tmp_path / "model")
     card = json.loads((model_dir / "model.json").read_text())
     expected = card.pop("gradcam")
     (model_dir / "model.json").write_text(json.dumps(card))
@@ -59,9 +59,9 @@ def test_a_card_without_a_gradcam_layer_gets_the_training_rule(tiny_model_dir, t
     assert screener.gradcam.layer == expected["layer"] and list(screener.gradcam.map_size) == expected["map_size"]
 
 
-def test_probability_matches_the_package_classifier(tiny_screener, tiny_model_dir):
+def test_probability_matches_the_package_classifier(tiny_screener, ungated_model_dir):
     data = encode_image(_pneumonia_image(1).resize((200, 160)), "PNG")
-    expected = XrayClassifier(tiny_model_dir).predict_source(data)
+    expected = XrayClassifier(ungated_model_dir).predict_source(data)
     assert tiny_screener.screen(data).probability == pytest.approx(expected, abs=1e-6)
 
 
