@@ -151,20 +151,14 @@ def detection_figures(classifier: XrayClassifier, gate: OodGate, sets: dict[str,
 
     figures = {}
     for name, images in sets.items():
-        refused = unusual = 0
-        scores = []
-        for data in images:
-            xray, stats = decode_xray(data)
-            pixels = resize_xray(xray, classifier.image_size)[None]
-            features, _ = classifier.features_and_logits_of_pixels(pixels)
-            score = float(gate.density.distance(features)[0])
-            scores.append(score)
-            verdict = gate.check_pixels(stats) or gate.check_features(features[0])
-            refused += not verdict.accepted
-            unusual += verdict.verdict == "unusual"
+        decoded = [decode_xray(data) for data in images]
+        pixels = np.stack([resize_xray(xray, classifier.image_size) for xray, _ in decoded])  # (n, S, S)
+        scores = gate.density.distance(classifier.features_and_logits_of_pixels(pixels)[0])  # one batch
+        verdicts = [gate.check_pixels(stats) or gate.check_score(float(score))
+                    for (_, stats), score in zip(decoded, scores)]
         labels = np.r_[np.zeros(len(val_scores)), np.ones(len(scores))]
-        figures[name] = {"n": len(images), "refused_fraction": refused / len(images),
-                         "unusual_fraction": unusual / len(images),
+        figures[name] = {"n": len(images), "refused_fraction": float(np.mean([not v.accepted for v in verdicts])),
+                         "unusual_fraction": float(np.mean([v.verdict == "unusual" for v in verdicts])),
                          "auroc": float(roc_auc_score(labels, np.r_[val_scores, scores]))}
     return figures
 
