@@ -63,7 +63,7 @@ def naive_keras_io(model, layer: str, data: bytes, preprocessing: dict) -> dict[
     import matplotlib
     import tensorflow as tf
 
-    from pneumonia.preprocessing import load_xray, normalize, resize_xray
+    from pneumonia.preprocessing import load_xray, model_input, resize_xray
 
     laps, last = {}, time.perf_counter()
 
@@ -75,7 +75,7 @@ def naive_keras_io(model, layer: str, data: bytes, preprocessing: dict) -> dict[
 
     xray = load_xray(data)
     lap("decode")
-    img_array = normalize(resize_xray(xray, preprocessing["image_size"]), preprocessing["normalization"])[None]
+    img_array = model_input(resize_xray(xray, preprocessing["image_size"]), preprocessing)[None]
     lap("preprocess")
     model.predict(img_array, verbose=0)
     grad_model = keras.models.Model(model.inputs, [model.get_layer(layer).output, model.output])

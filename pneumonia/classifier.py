@@ -13,7 +13,7 @@ import numpy as np
 
 from pneumonia.evaluation import platt
 from pneumonia.ood import Verdict, load_gate_for
-from pneumonia.preprocessing import Source, decode_xray, normalize, preprocess, resize_xray
+from pneumonia.preprocessing import Source, decode_xray, model_input, preprocess, resize_xray
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
 CARD_NAME = "model.json"
@@ -96,7 +96,7 @@ class XrayClassifier:
 
     def features_and_logits_of_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S) from `xray_pixels` -> (N, d), (N,); normalised a batch at a time."""
-        parts = [self.features_and_logits(normalize(pixels[i : i + batch_size], self.preprocessing["normalization"]))
+        parts = [self.features_and_logits(model_input(pixels[i : i + batch_size], self.preprocessing))
                  for i in range(0, len(pixels), batch_size)]
         if not parts:
             return self.features_and_logits(np.zeros((0, self.image_size, self.image_size, 3), np.float32))
@@ -116,7 +116,7 @@ class XrayClassifier:
             refused = self.gate.check_pixels(stats)
             if refused is not None:
                 return None, refused
-        inputs = normalize(resize_xray(xray, self.image_size), self.preprocessing["normalization"])[None]
+        inputs = model_input(resize_xray(xray, self.image_size), self.preprocessing)[None]
         features, logits = self.features_and_logits(inputs)
         verdict = self.gate.check_features(features[0]) if self.gate is not None else None
         if verdict is not None and not verdict.accepted:

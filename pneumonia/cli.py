@@ -24,6 +24,7 @@ def _train(args) -> int:
         batch_size=args.batch_size, learning_rate=args.learning_rate, val_fraction=args.val_fraction,
         seed=args.seed, patience=args.patience, target_sensitivity=args.target_sensitivity,
         resume=args.resume, cache_dir=None if args.no_cache else args.cache_dir, augment=args.augment,
+        contrast=args.contrast, label_smoothing=args.label_smoothing, ema=args.ema,
     )
     try:
         card = train(config)
@@ -230,6 +231,7 @@ def _robustness(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pneumonia.classifier import SHIPPED_MODEL_DIR
     from pneumonia.training import AUGMENTATIONS
+    from pneumonia.preprocessing import CONTRASTS
 
     parser = argparse.ArgumentParser(prog="python -m pneumonia",
                                      description="Pneumonia screening from chest X-rays (research tool, not a medical device).")
@@ -252,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
                        help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
                             "gamma, noise and stronger contrast (what differs between X-ray machines)")
+    train.add_argument("--contrast", choices=CONTRASTS, default="none",
+                       help="contrast normalisation of the model's square, recorded in the card and applied "
+                            "everywhere the model is used: clahe (adaptive histogram equalisation) or equalize")
+    train.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="binary cross-entropy label smoothing (0: none)")
+    train.add_argument("--ema", action="store_true",
+                       help="keep an exponential moving average of the weights and validate and save it")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
     train.add_argument("--cache-dir", default="cache", help="where decoded, resized pixels are kept between runs")
     train.add_argument("--no-cache", action="store_true")

@@ -4,10 +4,11 @@ Training, evaluation, the CLI and the web app all go through `xray_pixels` and
 `normalize` (`preprocess` is the two together), so what the model sees at serving
 time is what it saw in training.
 
-    bytes | path ──load_xray──> PIL "L" image ──resize──> uint8 (H, W) ──normalize──> float32 (H, W, 3)
+    bytes | path ──load_xray──> PIL "L" image ──resize──> uint8 (H, W)
+        ──model_input: normalize_contrast, normalize──> float32 (H, W, 3)
 
-The training cache stores the uint8 (H, W) arrays of `xray_pixels`; augmentation runs on
-them before `normalize`.
+The training cache stores the uint8 (H, W) arrays of `xray_pixels`; training applies the
+card's contrast normalisation to them, augments, then `normalize`s.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Union
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -33,16 +35,25 @@ IMAGENET_NORMALIZATION = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std"
 UNIT_NORMALIZATION = {"scale": 1 / 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 
 
+# What a card's "contrast" may say. "clahe": OpenCV's contrast-limited adaptive histogram
+# equalisation on the model's square (8x8 tiles, clip 2); "equalize": global equalisation.
+CONTRASTS = ("none", "equalize", "clahe")
+CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, (8, 8)
+
+
 class XrayReadError(ValueError):
     """An input that cannot be turned into an X-ray; the message is meant for a person."""
 
 
-def preprocessing_spec(image_size: int, normalization: dict) -> dict:
+def preprocessing_spec(image_size: int, normalization: dict, contrast: str = "none") -> dict:
     """The preprocessing section of a model card."""
+    if contrast not in CONTRASTS:
+        raise ValueError(f"unknown contrast normalisation {contrast!r}; choose from {', '.join(CONTRASTS)}")
     return {
         "image_size": int(image_size),
         "colour": "greyscale, replicated to 3 channels",
         "resize": "stretched to a square (as the training copy of the data set), Pillow bilinear with antialiasing",
+        "contrast": contrast,
         "bit_depth": "16-bit images scaled by their full range into 0..255",
         "normalization": dict(normalization),
     }
@@ -154,6 +165,25 @@ def xray_pixels(source: Source, image_size: int) -> np.ndarray:
     return resize_xray(load_xray(source), image_size)
 
 
+def normalize_contrast(pixels: np.ndarray, contrast: str) -> np.ndarray:
+    """uint8 (S, S) or (N, S, S) -> the same, each square contrast-normalised as `contrast` says."""
+    if contrast == "none":
+        return pixels
+    if contrast not in CONTRASTS:
+        raise ValueError(f"unknown contrast normalisation {contrast!r}; choose from {', '.join(CONTRASTS)}")
+    if pixels.ndim == 3:
+        return np.stack([normalize_contrast(square, contrast) for square in pixels]) if len(pixels) else pixels
+    square = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if contrast == "equalize":
+        return cv2.equalizeHist(square)
+    return cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES).apply(square)
+
+
+def model_input(pixels: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 (S, S) or (N, S, S) from `xray_pixels` -> float32 (..., S, S, 3), as a card's preprocessing says."""
+    return normalize(normalize_contrast(pixels, spec.get("contrast", "none")), spec["normalization"])
+
+
 def normalize(pixels, normalization: dict):
     """uint8 or float pixels (..., H, W) in 0..255 -> float32 (..., H, W, 3).
 
@@ -174,4 +204,4 @@ def normalize(pixels, normalization: dict):
 
 def preprocess(source: Source, spec: dict) -> np.ndarray:
     """bytes or path -> float32 (H, W, 3) model input, following a model card's preprocessing."""
-    return normalize(xray_pixels(source, spec["image_size"]), spec["normalization"])
+    return model_input(xray_pixels(source, spec["image_size"]), spec)

@@ -31,7 +31,7 @@ from pneumonia.evaluation import (
     sigmoid,
     write_metrics,
 )
-from pneumonia.preprocessing import normalize, preprocessing_spec
+from pneumonia.preprocessing import normalize, normalize_contrast, preprocessing_spec
 
 
 @dataclass
@@ -51,6 +51,9 @@ class TrainConfig:
     resume: bool = False
     cache_dir: str | None = "cache"
     augment: str = "standard"  # one of AUGMENTATIONS
+    contrast: str = "none"  # one of preprocessing.CONTRASTS
+    label_smoothing: float = 0.0
+    ema: bool = False
 
 
 # "acquisition" adds what differs between X-ray machines and sites: sharpness, gamma, noise,
@@ -250,7 +253,9 @@ def train(config: TrainConfig, log=print) -> dict:
     log(dataset.describe("validation part (patient-grouped, from train/)", val_files))
 
     normalization = normalization_for(config.arch)
-    spec = preprocessing_spec(config.image_size, normalization)
+    spec = preprocessing_spec(config.image_size, normalization, config.contrast)
+    # The card's contrast normalisation before augmentation: what `model_input` does when serving.
+    train_x, val_x = normalize_contrast(train_x, config.contrast), normalize_contrast(val_x, config.contrast)
     train_ds = make_dataset(train_x, train_y, normalization, config.batch_size, config.seed,
                             augment=augmentation_for(config.augment, config.seed), shuffle=True)
     val_ds = make_dataset(val_x, val_y, normalization, config.batch_size, config.seed)
@@ -268,13 +273,16 @@ def train(config: TrainConfig, log=print) -> dict:
             log("--resume: no checkpoint found, starting from scratch")
         model = build_model(config.arch, config.image_size, init)
         model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate),
-            loss="binary_crossentropy",
+            optimizer=keras.optimizers.Adam(config.learning_rate, use_ema=config.ema),
+            loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
         )
     best_path = checkpoints / "best.keras"
-    callbacks = [
-        exact_val_auc_callback(val_ds, val_y),  # first: the callbacks below read its val_auc
+    # With --ema the averaged weights are swapped in at each epoch's end, so validation, the
+    # checkpoints and the saved model are the average.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
+    callbacks += [
+        exact_val_auc_callback(val_ds, val_y),  # the callbacks below read its val_auc
         keras.callbacks.ModelCheckpoint(best_path, monitor="val_auc", mode="max", save_best_only=True,
                                         initial_value_threshold=best_so_far),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
@@ -347,7 +355,9 @@ def train(config: TrainConfig, log=print) -> dict:
             "command": "python -m pneumonia " + shlex.join(sys.argv[1:]),
             "wall_time_s": round(time.time() - started, 1),
             "optimizer": "Adam",
-            "loss": "binary cross-entropy, balanced class weights",
+            "loss": "binary cross-entropy, balanced class weights"
+                    + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
+            "weights": "exponential moving average (Adam use_ema)" if config.ema else "the best epoch's",
         },
         "gradcam": {"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,

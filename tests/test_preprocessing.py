@@ -348,3 +348,41 @@ def test_files_are_closed_after_reading(grey, tmp_path):
                 xray_pixels(tmp_path / bad, 16)
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.parametrize("contrast, kept_share", [("equalize", 0.35), ("clahe", 0.6)])
+def test_contrast_normalisation_undoes_a_flatter_exposure(contrast, kept_share):
+    """Why the option exists: a flatter or darker acquisition of the same X-ray comes out
+    of the normalisation much closer to the original than it went in (CLAHE less so: its
+    clip limit caps how far it stretches)."""
+    from pneumonia.preprocessing import normalize_contrast
+
+    rng = np.random.default_rng(3)
+    square = np.clip(np.tile(np.linspace(30, 220, 64), (64, 1)) + rng.normal(0, 12, (64, 64)), 0, 255)
+    original = square.astype(np.uint8)
+    flatter = np.round(128 + 0.7 * (original.astype(float) - 128) - 10).astype(np.uint8)
+    before = np.abs(flatter.astype(int) - original).mean()
+    after = np.abs(normalize_contrast(flatter, contrast).astype(int) - normalize_contrast(original, contrast)).mean()
+    assert after < kept_share * before, (before, after)
+    assert normalize_contrast(original, contrast).dtype == np.uint8
+    # a batch is each square on its own
+    batch = np.stack([original, flatter])
+    np.testing.assert_array_equal(normalize_contrast(batch, contrast)[1], normalize_contrast(flatter, contrast))
+
+
+def test_the_cards_contrast_is_part_of_the_one_path(grey):
+    """preprocess (CLI, evaluation) and model_input on cached pixels (training, the web app)
+    apply the card's contrast normalisation the same way; "none" leaves the pixels alone."""
+    from pneumonia.preprocessing import model_input, normalize_contrast
+
+    data = encode(Image.fromarray(grey), "PNG")
+    spec = preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="clahe")
+    pixels = xray_pixels(data, SIZE)
+    served = preprocess(data, spec)
+    np.testing.assert_array_equal(served, model_input(pixels, spec))
+    np.testing.assert_array_equal(served, normalize(normalize_contrast(pixels, "clahe"), UNIT_NORMALIZATION))
+    assert np.abs(served - preprocess(data, preprocessing_spec(SIZE, UNIT_NORMALIZATION))).max() > 0.05
+    old_card = {k: v for k, v in preprocessing_spec(SIZE, UNIT_NORMALIZATION).items() if k != "contrast"}
+    np.testing.assert_array_equal(preprocess(data, old_card), normalize(pixels, UNIT_NORMALIZATION))
+    with pytest.raises(ValueError, match="choose from none, equalize, clahe"):
+        preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="gamma")

@@ -9,7 +9,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from conftest import LEARNABLE, write_synthetic_dataset
 from pneumonia import dataset, models
@@ -200,6 +200,28 @@ def test_resume_without_a_checkpoint_starts_afresh(synthetic_data_dir, tmp_path)
     card = train(config, log=log.append)
     assert any("no checkpoint found" in line for line in log)
     assert card["training"]["epochs_run"] == 1
+
+
+def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_model(custom_run, tmp_path):
+    """--contrast clahe --label-smoothing 0.1 --ema: the card says so, and the saved model
+    served through `preprocess` (which applies the card's contrast) gives the validation
+    loss that training computed on its own contrast-normalised pixels."""
+    config = TrainConfig(data_dir=custom_run[2].data_dir, out=str(tmp_path / "run"),
+                         **{**CUSTOM, "contrast": "clahe", "label_smoothing": 0.1,
+                            "ema": True})
+    card = train(config, log=lambda *_: None)
+    assert card["preprocessing"]["contrast"] == "clahe"
+    assert "label smoothing 0.1" in card["training"]["loss"] and "moving average" in card["training"]["weights"]
+    classifier = XrayClassifier(tmp_path / "run")
+    _, val_files = dataset.patient_grouped_split(dataset.scan_split(config.data_dir, "train"),
+                                                 config.val_fraction, config.seed)
+    probs = np.array([classifier.predict_source(p) for p in val_files.paths])
+    assert probs.std() > 0.01  # the loss below can tell one preprocessing from another
+    served_loss = log_loss(val_files.labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
+    assert served_loss == pytest.approx(card["validation"]["loss"], rel=1e-4)
+    unnormalised = np.array([classifier.calibrated(classifier.logits(
+        preprocess(p, {**card["preprocessing"], "contrast": "none"})[None]))[0] for p in val_files.paths])
+    assert np.abs(unnormalised - probs).max() > 1e-3  # the contrast step is not a no-op on these images
 
 
 def test_training_without_images_stops_with_a_message(tmp_path):

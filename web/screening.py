@@ -1,6 +1,6 @@
 """The model as the web app uses it: one upload -> probability, labels and Grad-CAM images.
 
-Decoding and preprocessing are the package's `decode_xray`, `resize_xray` and `normalize`
+Decoding and preprocessing are the package's `decode_xray`, `resize_xray` and `model_input`
 (`preprocess` split in two so the decoded X-ray is also used for display). The model's gate
 (`pneumonia.ood`) refuses what is not a chest X-ray: pixel checks before the model pass, the
 feature distance from the same pass that gives the logit and Grad-CAM.
@@ -18,7 +18,7 @@ from gradcam import GradCam, display_image, heatmap, overlay
 from pneumonia.classifier import ModelLoadError, XrayClassifier
 from pneumonia.models import gradcam_layer_for
 from pneumonia.ood import OutOfDistribution, Verdict
-from pneumonia.preprocessing import decode_xray, normalize, resize_xray
+from pneumonia.preprocessing import decode_xray, model_input, resize_xray
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -85,7 +85,7 @@ class Screener:
             raise OutOfDistribution(refused)
         watch.lap("decode")
         pixels = resize_xray(xray, self.classifier.image_size)  # uint8 (S, S)
-        inputs = normalize(pixels, self.classifier.preprocessing["normalization"])[None]  # (1, S, S, 3)
+        inputs = model_input(pixels, self.classifier.preprocessing)[None]  # (1, S, S, 3)
         watch.lap("preprocess")
         logit, cam, features = self.gradcam.explain(inputs)  # one pass: logit, signed cam (h, w), features (d,)
         verdict = gate.check_features(features) if gate is not None else None

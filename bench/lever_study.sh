@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The cheap-lever study of issue #8 on the custom CNN (120 px): one training run per lever, then
+# the distribution-shift proxies for all of them. Results: runs/levers/*/ and runs/levers/robustness/.
+#   bash bench/lever_study.sh DATA_DIR ORIGINALS_DIR [LEVER...]
+# Runs already finished (model.json present) are skipped, so the study can be restarted.
+set -euo pipefail
+data=${1:?data dir}; originals=${2:?originals dir}; shift 2
+common=(--arch custom --image-size 120 --epochs 12 --patience 3 --seed 42)
+declare -A levers=(
+  [base]=""
+  [clahe]="--contrast clahe"
+  [acquisition]="--augment acquisition"
+  [clahe-acquisition]="--contrast clahe --augment acquisition"
+  [equalize]="--contrast equalize"
+  [label-smoothing]="--label-smoothing 0.1"
+  [ema]="--ema"
+  [size-160]="--image-size 160"
+  [base-seed-43]="--seed 43"
+)
+order=(${@:-base clahe acquisition clahe-acquisition equalize label-smoothing ema base-seed-43 size-160})
+models=()
+for name in "${order[@]}"; do
+  out=runs/levers/$name
+  models+=(--model "$out")
+  [[ -f $out/model.json ]] && continue
+  # shellcheck disable=SC2086
+  python -m pneumonia train "$data" "${common[@]}" ${levers[$name]} --out "$out" --resume
+done
+python -m pneumonia robustness "$data" "${models[@]}" --originals "$originals" --out runs/levers/robustness
