@@ -5,7 +5,7 @@
 # Runs already finished (model.json present) are skipped, so the study can be restarted.
 set -euo pipefail
 data=${1:?data dir}; originals=${2:?originals dir}; shift 2
-common=(--arch custom --image-size 120 --epochs 12 --patience 3 --seed 42)
+common=(--arch custom --image-size 120 --epochs 6 --patience 2 --seed 42)
 declare -A levers=(
   [base]=""
   [clahe]="--contrast clahe"
@@ -14,10 +14,9 @@ declare -A levers=(
   [equalize]="--contrast equalize"
   [label-smoothing]="--label-smoothing 0.1"
   [ema]="--ema"
-  [size-160]="--image-size 160"
   [base-seed-43]="--seed 43"
 )
-order=(${@:-base clahe acquisition clahe-acquisition equalize label-smoothing ema base-seed-43 size-160})
+order=(${@:-base clahe acquisition clahe-acquisition equalize label-smoothing ema base-seed-43})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia.preprocessing import XrayReadError, xray_pixels
+from pneumonia.errors import XrayReadError
+from pneumonia.preprocessing import xray_pixels
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label = index; 1 = PNEUMONIA
 SPLITS = ("train", "val", "test")

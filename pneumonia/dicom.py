@@ -11,6 +11,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from pneumonia.errors import XrayReadError
+
 DICOM_MAGIC_OFFSET = 128
 
 
@@ -30,8 +32,6 @@ def dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     """DICOM bytes -> PIL "L". Raises XrayReadError for what cannot or should not be decoded."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    from pneumonia.preprocessing import XrayReadError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumonia.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom, range_to_uint8
+from pneumonia.errors import XrayReadError
 from pneumonia.ood import PixelStats, grey_spread, mean_chroma
 
 Source = Union[bytes, bytearray, str, Path]
@@ -39,10 +40,6 @@ UNIT_NORMALIZATION = {"scale": 1 / 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.
 # equalisation on the model's square (8x8 tiles, clip 2); "equalize": global equalisation.
 CONTRASTS = ("none", "equalize", "clahe")
 CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, (8, 8)
-
-
-class XrayReadError(ValueError):
-    """An input that cannot be turned into an X-ray; the message is meant for a person."""
 
 
 def preprocessing_spec(image_size: int, normalization: dict, contrast: str = "none") -> dict:

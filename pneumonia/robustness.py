@@ -33,7 +33,8 @@ from sklearn import metrics as skm
 
 from pneumonia import dataset
 from pneumonia.evaluation import metrics_at_threshold
-from pneumonia.preprocessing import XrayReadError, load_xray, resize_xray
+from pneumonia.errors import XrayReadError
+from pneumonia.preprocessing import load_xray, resize_xray
 
 THRESHOLD_NAMES = ("default", "screening")
 

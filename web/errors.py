@@ -9,7 +9,7 @@ from flask import current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from pneumonia.ood import EXPECTED, OutOfDistribution
-from pneumonia.preprocessing import XrayReadError
+from pneumonia.errors import XrayReadError
 from web.capacity import ModelBusy
 from web.screening import ModelNotReady, current_screener, ood_json
 from web.uploads import UploadError
