@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.card import CARD_NAME
 from pneumonia.evaluation import platt
 from pneumonia.ood import Verdict, load_gate_for
 from pneumonia.preprocessing import Source, decode_xray, model_input, preprocess, resize_xray
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
-CARD_NAME = "model.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -55,15 +55,14 @@ class XrayClassifier:
     def __init__(self, model_path: str | Path = SHIPPED_MODEL_DIR):
         import keras
 
+        from pneumonia.models import features_and_logit_model
+
         self.keras_path, self.card = find_card(model_path)
         try:
             self.model = keras.saving.load_model(self.keras_path, compile=False)
         except Exception as err:  # Keras raises several types for a bad file
             raise ModelLoadError(f"The model file {self.keras_path} could not be loaded: {err}") from None
-        # `input`, not `inputs`: called with a plain array, a one-element input list warns on every call.
-        # Outputs the pooled features that feed the logit (the gate's input) and the logit.
-        logit_layer = self.model.get_layer("logit")
-        self.feature_model = keras.Model(self.model.input, [logit_layer.input, logit_layer.output])
+        self.feature_model = features_and_logit_model(self.model)  # [features (the gate's input), logit]
         self.gate, self.gate_status = load_gate_for(self.keras_path)
         self.preprocessing = self.card["preprocessing"]
         calibration = self.card.get("calibration", {})

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from pneumonia import dataset
-from pneumonia.classifier import CARD_NAME, XrayClassifier
+from pneumonia.card import CARD_NAME, write_card
+from pneumonia.classifier import XrayClassifier
 from pneumonia.ood import (
     GATE_FILE,
     OodGate,
@@ -189,7 +190,7 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     card_path = model_dir / CARD_NAME
     card = json.loads(card_path.read_text())
     card["ood"] = {**gate.summary(), "file": GATE_FILE}
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_card(model_dir, card)
     return gate
 
 

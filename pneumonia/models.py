@@ -53,8 +53,15 @@ def _imagenet_weights_or_stop() -> str:
         ) from None
 
 
-def resolve_init(init: str) -> dict:
+def check_init_fits(arch: str, init_kind: str) -> None:
+    """The custom CNN only starts from random weights; checked before anything is downloaded."""
+    if arch == "custom" and init_kind != "none":
+        raise InitError("The custom CNN has no pretrained weights: use --init none.")
+
+
+def resolve_init(init: str, arch: str = "densenet121") -> dict:
     """'imagenet' | 'none' | a path -> what the card records: kind, and file + sha256."""
+    check_init_fits(arch, init)
     if init == "none":
         return {"kind": "none", "description": "random initialisation (no pretrained weights)"}
     if init == "imagenet":
@@ -117,10 +124,18 @@ def build_model(arch: str, image_size: int, init: dict) -> keras.Model:
     if arch == "densenet121":
         return build_densenet121(image_size, init.get("file"))
     if arch == "custom":
-        if init["kind"] != "none":
-            raise InitError("The custom CNN has no pretrained weights: use --init none.")
+        check_init_fits(arch, init["kind"])
         return build_custom_cnn(image_size)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+
+
+def features_and_logit_model(model: keras.Model) -> keras.Model:
+    """The model's input -> [pooled features that feed the logit (N, d), logit (N, 1)].
+
+    `input`, not `inputs`: called with a plain array, a one-element input list warns on every call.
+    """
+    logit = model.get_layer("logit")
+    return keras.Model(model.input, [logit.input, logit.output])
 
 
 def gradcam_layer_for(model: keras.Model) -> str:

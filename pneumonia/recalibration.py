@@ -26,7 +26,6 @@ perfect score shows >= 0.96.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shlex
 import shutil
@@ -36,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import dataset
-from pneumonia.classifier import CARD_NAME, XrayClassifier, find_card
+from pneumonia.card import CARD_NAME, write_card
+from pneumonia.classifier import XrayClassifier, find_card
 from pneumonia.evaluation import (
     balanced_threshold,
     bootstrap_ci,
@@ -186,7 +186,7 @@ def write_model_folder(keras_path: Path, card: dict, out: Path, metrics: dict) -
             shutil.copytree(source / "report", staging / "report")
         write_metrics(metrics, staging / "report" / SITE_REPORT)
         card = {**card, "file": keras_path.name}
-        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+        write_card(staging, card)
         if out.exists():
             out.rmdir()  # checked empty by check_output_folder
         os.replace(staging, out)

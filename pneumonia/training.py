@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia import dataset
+from pneumonia.card import Calibration, ModelCard, Thresholds, write_card
 from pneumonia.evaluation import (
     evaluate_predictions,
     expected_calibration_error,
@@ -170,10 +171,10 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
 
 def logits_of(model, batches) -> np.ndarray:
     """The "logit" layer's output (N,) for the inputs of a tf.data of (x, y) batches, in order."""
-    import keras
+    from pneumonia.models import features_and_logit_model
 
-    logit_model = keras.Model(model.input, model.get_layer("logit").output)
-    out = [np.asarray(logit_model(x, training=False)).reshape(-1) for x, _ in batches]
+    logit_model = features_and_logit_model(model)
+    out = [np.asarray(logit_model(x, training=False)[1]).reshape(-1) for x, _ in batches]
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -223,25 +224,18 @@ def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, star
     return SaveResumeState()
 
 
-def train(config: TrainConfig, log=print) -> dict:
-    import keras
-    import tensorflow as tf
+@dataclass
+class TrainingData:
+    """The patient-grouped training and validation parts, decoded, resized and contrast-normalised."""
+    train_x: np.ndarray  # uint8 (N, S, S)
+    train_y: np.ndarray  # int (N,)
+    val_x: np.ndarray
+    val_y: np.ndarray
+    train_files: dataset.SplitFiles
+    val_files: dataset.SplitFiles
 
-    from pneumonia.models import InitError, build_model, gradcam_layer_for, normalization_for, resolve_init
 
-    started = time.time()
-    out = Path(config.out)
-    checkpoints = out / "checkpoints"
-    report = out / "report"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    report.mkdir(parents=True, exist_ok=True)
-
-    if config.arch == "custom" and config.init != "none":  # before any download
-        raise InitError("The custom CNN has no pretrained weights: use --init none.")
-    init = resolve_init(config.init)  # stops at once when ImageNet weights cannot be had
-    log(f"initial weights: {init['description']}")
-    keras.utils.set_random_seed(config.seed)
-
+def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     all_train = dataset.scan_split(config.data_dir, "train")
     if all_train is None or not all_train.paths:
         raise SystemExit(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
@@ -251,122 +245,175 @@ def train(config: TrainConfig, log=print) -> dict:
     val_x, val_y, val_files = dataset.load_pixels(val_files, config.image_size, config.cache_dir, log)
     log(dataset.describe("training part", train_files))
     log(dataset.describe("validation part (patient-grouped, from train/)", val_files))
-
-    normalization = normalization_for(config.arch)
-    spec = preprocessing_spec(config.image_size, normalization, config.contrast)
     # The card's contrast normalisation before augmentation: what `model_input` does when serving.
-    train_x, val_x = normalize_contrast(train_x, config.contrast), normalize_contrast(val_x, config.contrast)
-    train_ds = make_dataset(train_x, train_y, normalization, config.batch_size, config.seed,
-                            augment=augmentation_for(config.augment, config.seed), shuffle=True)
-    val_ds = make_dataset(val_x, val_y, normalization, config.batch_size, config.seed)
+    return TrainingData(normalize_contrast(train_x, config.contrast), train_y,
+                        normalize_contrast(val_x, config.contrast), val_y, train_files, val_files)
+
+
+def compile_for_training(model, learning_rate: float, label_smoothing: float = 0.0, ema: bool = False) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, use_ema=ema),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+
+
+@dataclass
+class Progress:
+    """Where training starts: a fresh model at epoch 0, or the checkpoint of an earlier run."""
+    model: object
+    initial_epoch: int = 0
+    best_val_auc: float | None = None
+    earlier_wall_time_s: float = 0.0
+
+
+def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) -> Progress:
+    import keras
+
+    from pneumonia.models import build_model
 
     state_file = checkpoints / "state.json"
-    initial_epoch, best_so_far = 0, None
     if config.resume and state_file.exists():
         state = json.loads(state_file.read_text())
-        initial_epoch, best_so_far = state["epochs_done"], state["best_val_auc"]
-        started -= state.get("wall_time_s", 0.0)
-        model = keras.saving.load_model(checkpoints / "last.keras")
-        log(f"resuming after epoch {initial_epoch} (best validation AUC so far {best_so_far:.4f})")
-    else:
-        if config.resume:
-            log("--resume: no checkpoint found, starting from scratch")
-        model = build_model(config.arch, config.image_size, init)
-        model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate, use_ema=config.ema),
-            loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
-            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-        )
-    best_path = checkpoints / "best.keras"
+        log(f"resuming after epoch {state['epochs_done']} (best validation AUC so far {state['best_val_auc']:.4f})")
+        return Progress(keras.saving.load_model(checkpoints / "last.keras"), state["epochs_done"],
+                        state["best_val_auc"], state.get("wall_time_s", 0.0))
+    if config.resume:
+        log("--resume: no checkpoint found, starting from scratch")
+    model = build_model(config.arch, config.image_size, init)
+    compile_for_training(model, config.learning_rate, config.label_smoothing, config.ema)
+    return Progress(model)
+
+
+def training_callbacks(config: TrainConfig, progress: Progress, val_ds, val_y, paths: dict, started: float) -> list:
+    import keras
+
     # With --ema the averaged weights are swapped in at each epoch's end, so validation, the
     # checkpoints and the saved model are the average.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
-    callbacks += [
+    return callbacks + [
         exact_val_auc_callback(val_ds, val_y),  # the callbacks below read its val_auc
-        keras.callbacks.ModelCheckpoint(best_path, monitor="val_auc", mode="max", save_best_only=True,
-                                        initial_value_threshold=best_so_far),
+        keras.callbacks.ModelCheckpoint(paths["best"], monitor="val_auc", mode="max", save_best_only=True,
+                                        initial_value_threshold=progress.best_val_auc),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
-        keras.callbacks.CSVLogger(report / "history.csv", append=initial_epoch > 0),
-        resume_state_callback(checkpoints, best_so_far, started),
+        keras.callbacks.CSVLogger(paths["history"], append=progress.initial_epoch > 0),
+        resume_state_callback(paths["checkpoints"], progress.best_val_auc, started),
     ]
-    if initial_epoch < config.epochs:
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-                  class_weight=class_weights(train_y), callbacks=callbacks, verbose=1,
-                  shuffle=False)  # train_ds shuffles itself; Keras warns that it ignores shuffle=True
-    plot_history(report / "history.csv", report / "training_curves.png")
 
-    best = keras.saving.load_model(best_path, compile=False)
-    val_logits = logits_of(best, val_ds)
 
-    # Calibration and thresholds come from the validation part only.
-    raw_probs = sigmoid(val_logits)
+@dataclass
+class OperatingPoint:
+    """What the validation logits of the best epoch give: calibration, thresholds and metrics."""
+    calibration: Calibration
+    thresholds: Thresholds
+    metrics: dict
+    probabilities: np.ndarray
+
+
+def operating_point(val_y: np.ndarray, val_logits: np.ndarray, arch: str, target_sensitivity: float) -> OperatingPoint:
+    """Platt calibration and both thresholds, from the validation part only."""
     slope, intercept = fit_platt(val_y, val_logits)
     probs = platt(val_logits, slope, intercept)
+    calibration = Calibration(slope, intercept, expected_calibration_error(val_y, sigmoid(val_logits)),
+                              expected_calibration_error(val_y, probs))
     # The screening threshold is never above the default: its label must be the more sensitive one.
     default = balanced_threshold(val_y, probs)
-    thresholds = {"default": default,
-                  "screening": min(default, screening_threshold(val_y, probs, config.target_sensitivity))}
-    metrics = evaluate_predictions(val_y, probs, thresholds, config.arch, "validation (patient-grouped from train/)")
-    write_metrics(metrics, report)
-    save_plots(val_y, probs, metrics, report)
+    screening = min(default, screening_threshold(val_y, probs, target_sensitivity))
+    metrics = evaluate_predictions(val_y, probs, {"default": default, "screening": screening}, arch,
+                                   "validation (patient-grouped from train/)")
+    return OperatingPoint(calibration, Thresholds(default, screening, target_sensitivity), metrics, probs)
 
+
+def training_record(config: TrainConfig, history: list[dict], started: float) -> dict:
+    best_epoch = int(history[int(np.argmax([float(r["val_auc"]) for r in history]))]["epoch"]) + 1 if history else None
+    return {
+        "config": asdict(config),
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "command": "python -m pneumonia " + shlex.join(sys.argv[1:]),
+        "wall_time_s": round(time.time() - started, 1),
+        "optimizer": "Adam",
+        "loss": "binary cross-entropy, balanced class weights"
+                + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
+        "weights": "exponential moving average (Adam use_ema)" if config.ema else "the best epoch's",
+    }
+
+
+def data_record(config: TrainConfig, data: TrainingData) -> dict:
+    return {
+        "source": str(Path(config.data_dir).name),
+        "train": data.train_files.counts(),
+        "validation": data.val_files.counts(),
+        "val_fraction": config.val_fraction,
+        "train_fingerprint": dataset.fingerprint(data.train_files),
+        "validation_fingerprint": dataset.fingerprint(data.val_files),
+    }
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__}
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
+    import keras
+
+    from pneumonia.models import gradcam_layer_for, normalization_for, resolve_init
+
+    started = time.time()
+    out = Path(config.out)
+    paths = {"checkpoints": out / "checkpoints", "report": out / "report", "best": out / "checkpoints" / "best.keras",
+             "history": out / "report" / "history.csv"}
+    paths["checkpoints"].mkdir(parents=True, exist_ok=True)
+    paths["report"].mkdir(parents=True, exist_ok=True)
+
+    init = resolve_init(config.init, config.arch)  # stops at once when ImageNet weights cannot be had
+    log(f"initial weights: {init['description']}")
+    keras.utils.set_random_seed(config.seed)
+    data = load_training_data(config, log)
+    normalization = normalization_for(config.arch)
+    train_ds = make_dataset(data.train_x, data.train_y, normalization, config.batch_size, config.seed,
+                            augment=augmentation_for(config.augment, config.seed), shuffle=True)
+    val_ds = make_dataset(data.val_x, data.val_y, normalization, config.batch_size, config.seed)
+
+    progress = model_to_fit(config, init, paths["checkpoints"], log)
+    started -= progress.earlier_wall_time_s  # the recorded wall time adds up across resumes
+    if progress.initial_epoch < config.epochs:
+        progress.model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                           initial_epoch=progress.initial_epoch, class_weight=class_weights(data.train_y),
+                           callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
+                           verbose=1, shuffle=False)  # train_ds shuffles itself; Keras warns about shuffle=True
+    plot_history(paths["history"], paths["report"] / "training_curves.png")
+
+    best = keras.saving.load_model(paths["best"], compile=False)
+    point = operating_point(data.val_y, logits_of(best, val_ds), config.arch, config.target_sensitivity)
+    write_metrics(point.metrics, paths["report"])
+    save_plots(data.val_y, point.probabilities, point.metrics, paths["report"])
     model_file = f"{config.arch}.keras"
     best.save(out / model_file)
-    history = list(csv.DictReader((report / "history.csv").open()))
-    best_epoch = int(history[int(np.argmax([float(r["val_auc"]) for r in history]))]["epoch"]) + 1 if history else None
     gradcam_layer = gradcam_layer_for(best)
-    card = {
-        "name": config.arch,
-        "architecture": config.arch,
-        "file": model_file,
-        "input_size": config.image_size,
-        "class_names": list(dataset.CLASS_NAMES),
-        "preprocessing": spec,
-        "init": {**init, "file": Path(init["file"]).name} if "file" in init else init,
-        "calibration": {
-            "method": "Platt scaling, sigmoid(slope * logit + intercept), fitted on the validation logits",
-            "slope": slope,
-            "intercept": intercept,
-            "ece_before": expected_calibration_error(val_y, raw_probs),
-            "ece_after": expected_calibration_error(val_y, probs),
-        },
-        "thresholds": {
-            "default": thresholds["default"],
-            "screening": thresholds["screening"],
-            "target_sensitivity": config.target_sensitivity,
-            "chosen_on": "validation part of train/ (patient-grouped); calibrated probabilities",
-            "rule": "default maximises Youden's J (sensitivity + specificity - 1); screening is the highest "
-                    "threshold whose sensitivity reaches the target, and never above the default",
-        },
-        "validation": metrics,
-        "data": {
-            "source": str(Path(config.data_dir).name),
-            "train": train_files.counts(),
-            "validation": val_files.counts(),
-            "val_fraction": config.val_fraction,
-            "train_fingerprint": dataset.fingerprint(train_files),
-            "validation_fingerprint": dataset.fingerprint(val_files),
-        },
-        "training": {
-            "config": asdict(config),
-            "epochs_run": len(history),
-            "best_epoch": best_epoch,
-            "command": "python -m pneumonia " + shlex.join(sys.argv[1:]),
-            "wall_time_s": round(time.time() - started, 1),
-            "optimizer": "Adam",
-            "loss": "binary cross-entropy, balanced class weights"
-                    + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
-            "weights": "exponential moving average (Adam use_ema)" if config.ema else "the best epoch's",
-        },
-        "gradcam": {"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                     "numpy": np.__version__},
-    }
-    (out / "model.json").write_text(json.dumps(card, indent=2) + "\n")
-    log(f"wrote {out / model_file} and {out / 'model.json'}")
+    card = ModelCard(
+        name=config.arch, architecture=config.arch, file=model_file, input_size=config.image_size,
+        class_names=list(dataset.CLASS_NAMES),
+        preprocessing=preprocessing_spec(config.image_size, normalization, config.contrast),
+        init={**init, "file": Path(init["file"]).name} if "file" in init else init,
+        calibration=point.calibration, thresholds=point.thresholds, validation=point.metrics,
+        data=data_record(config, data),
+        training=training_record(config, list(csv.DictReader(paths["history"].open())), started),
+        gradcam={"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
+        versions=versions(),
+    )
+    card_path = write_card(out, card)
+    log(f"wrote {out / model_file} and {card_path}")
     from pneumonia.fit_ood import fit_ood, format_gate
 
     log("fitting the out-of-distribution gate")
     log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
-    return json.loads((out / "model.json").read_text())
+    return json.loads(card_path.read_text())
