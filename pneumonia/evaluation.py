@@ -79,28 +79,32 @@ def evaluate_predictions(labels, probs, thresholds: dict, model_name: str, split
     }
 
 
-def screening_threshold(labels, probs, target_sensitivity: float) -> float:
-    """The highest threshold whose sensitivity (recall) on these labels reaches the target."""
+def thresholds_from_roc(labels, probs, target_sensitivity: float) -> tuple[float, float]:
+    """(balanced, screening) from one ROC curve of calibrated probabilities.
+
+    balanced maximises Youden's J (sensitivity + specificity - 1): unlike accuracy, J does not
+    depend on the share of pneumonia in the data, which differs from site to site; ties go to
+    the highest such threshold. screening is the highest threshold whose sensitivity (recall)
+    reaches the target.
+    """
     labels = np.asarray(labels, dtype=int)
-    positives = np.sort(np.asarray(probs)[labels == 1])
-    if len(positives) == 0:
+    if not (labels == 1).any():
         raise ValueError("no positive examples to set a screening threshold on")
     if not 0 < target_sensitivity <= 1:
         raise ValueError("target_sensitivity must be in (0, 1]")
-    # Calling p >= t positive; keeping ceil(target * P) positives means t = the k-th largest score.
+    # Every distinct score is a candidate (drop_intermediate=False); the first is +inf (nothing positive).
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs, drop_intermediate=False)
+    balanced = thresholds[int(np.argmax(tpr - fpr))]
     # The tolerance stops float noise from asking for one positive more (0.07 * 100 = 7.000000000000001).
-    keep = min(len(positives), max(1, int(np.ceil(target_sensitivity * len(positives) - 1e-9))))
-    return float(positives[len(positives) - keep])
+    screening = thresholds[int(np.argmax(tpr >= target_sensitivity - 1e-9))]
+    return float(min(balanced, 1.0)), float(min(screening, 1.0))
 
 
-def balanced_threshold(labels, probs) -> float:
-    """The threshold maximising Youden's J (sensitivity + specificity - 1).
-
-    Unlike accuracy, J does not depend on the share of pneumonia in the validation data,
-    which differs from site to site; ties go to the highest such threshold.
-    """
-    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
-    return float(min(thresholds[int(np.argmax(tpr - fpr))], 1.0))
+def choose_thresholds(labels, probs, target_sensitivity: float) -> dict[str, float]:
+    """The two operating thresholds: "default" (balanced) and "screening", never above the
+    default, so that its label is always the more sensitive one."""
+    default, screening = thresholds_from_roc(labels, probs, target_sensitivity)
+    return {"default": default, "screening": min(default, screening)}
 
 
 def expected_calibration_error(labels, probs, bins: int = 15) -> float:
@@ -156,41 +160,28 @@ def save_plots(labels, probs, metrics: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, entry in metrics["thresholds"].items():
-        cm = entry["confusion_matrix"]
-        grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
-        fig, ax = plt.subplots(figsize=(4, 3.6))
-        ax.imshow(grid, cmap="Blues")
-        for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > grid.max() / 2 else "black")
-        ax.set_xticks([0, 1], CLASS_NAMES)
-        ax.set_yticks([0, 1], CLASS_NAMES)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{name} threshold {entry['threshold']:.3f}")
+
+    def save(fig, name: str) -> None:
         fig.tight_layout()
-        written.append(out / f"confusion_matrix_{name}.png")
+        written.append(out / name)
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
 
-    fpr, tpr, _ = skm.roc_curve(labels, probs)
-    precision, recall, _ = skm.precision_recall_curve(labels, probs)
-    for filename, (x, y, xlabel, ylabel, title) in {
-        "roc_curve.png": (fpr, tpr, "false positive rate", "true positive rate", f"ROC, AUC {metrics['auc']:.3f}"),
-        "pr_curve.png": (recall, precision, "recall", "precision", f"PR, AP {metrics['average_precision']:.3f}"),
-    }.items():
+    for name, entry in metrics["thresholds"].items():
+        cm = entry["confusion_matrix"]
+        fig, ax = plt.subplots(figsize=(4, 3.6))
+        grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+        skm.ConfusionMatrixDisplay(grid, display_labels=CLASS_NAMES).plot(ax=ax, cmap="Blues", colorbar=False)
+        ax.set_title(f"{name} threshold {entry['threshold']:.3f}")
+        save(fig, f"confusion_matrix_{name}.png")
+    curves = {"roc_curve.png": (skm.RocCurveDisplay, f"ROC, AUC {metrics['auc']:.3f}"),
+              "pr_curve.png": (skm.PrecisionRecallDisplay, f"PR, AP {metrics['average_precision']:.3f}")}
+    for filename, (display, title) in curves.items():
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot(x, y)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        display.from_predictions(labels, probs, ax=ax, name=metrics["model"])
         ax.set_title(f"{metrics['model']} on {metrics['split']}\n{title}", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(out / filename)
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        save(fig, filename)
     return written
 
 

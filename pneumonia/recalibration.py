@@ -38,13 +38,12 @@ from pneumonia import dataset
 from pneumonia.card import CARD_NAME, write_card
 from pneumonia.classifier import XrayClassifier, find_card
 from pneumonia.evaluation import (
-    balanced_threshold,
+    choose_thresholds,
     bootstrap_ci,
     evaluate_predictions,
     expected_calibration_error,
     fit_platt,
     platt,
-    screening_threshold,
     write_metrics,
 )
 
@@ -111,8 +110,7 @@ def refit_calibration(labels: np.ndarray, logits: np.ndarray) -> dict:
 
 def refit_thresholds(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> dict:
     """Training's rules: default maximises Youden's J; screening reaches the target, never above default."""
-    default = balanced_threshold(labels, probs)
-    return {"default": default, "screening": min(default, screening_threshold(labels, probs, target_sensitivity))}
+    return choose_thresholds(labels, probs, target_sensitivity)
 
 
 def site_metrics(labels, probs, thresholds: dict, model_name: str, split: str) -> dict:

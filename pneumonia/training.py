@@ -22,13 +22,12 @@ import numpy as np
 from pneumonia import dataset
 from pneumonia.card import Calibration, ModelCard, Thresholds, write_card
 from pneumonia.evaluation import (
+    choose_thresholds,
     evaluate_predictions,
     expected_calibration_error,
-    balanced_threshold,
     fit_platt,
     platt,
     save_plots,
-    screening_threshold,
     sigmoid,
     write_metrics,
 )
@@ -319,12 +318,9 @@ def operating_point(val_y: np.ndarray, val_logits: np.ndarray, arch: str, target
     probs = platt(val_logits, slope, intercept)
     calibration = Calibration(slope, intercept, expected_calibration_error(val_y, sigmoid(val_logits)),
                               expected_calibration_error(val_y, probs))
-    # The screening threshold is never above the default: its label must be the more sensitive one.
-    default = balanced_threshold(val_y, probs)
-    screening = min(default, screening_threshold(val_y, probs, target_sensitivity))
-    metrics = evaluate_predictions(val_y, probs, {"default": default, "screening": screening}, arch,
-                                   "validation (patient-grouped from train/)")
-    return OperatingPoint(calibration, Thresholds(default, screening, target_sensitivity), metrics, probs)
+    chosen = choose_thresholds(val_y, probs, target_sensitivity)
+    metrics = evaluate_predictions(val_y, probs, chosen, arch, "validation (patient-grouped from train/)")
+    return OperatingPoint(calibration, Thresholds(**chosen, target_sensitivity=target_sensitivity), metrics, probs)
 
 
 def training_record(config: TrainConfig, history: list[dict], started: float) -> dict:

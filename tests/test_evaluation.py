@@ -8,7 +8,6 @@ import pytest
 from sklearn import metrics as skm
 
 from pneumonia.evaluation import (
-    balanced_threshold,
     bootstrap_ci,
     evaluate_predictions,
     expected_calibration_error,
@@ -17,7 +16,8 @@ from pneumonia.evaluation import (
     format_table,
     metrics_at_threshold,
     save_plots,
-    screening_threshold,
+    thresholds_from_roc,
+    choose_thresholds,
     sigmoid,
     write_metrics,
 )
@@ -59,6 +59,14 @@ def test_evaluate_predictions_equals_scikit_learn(predictions):
     json.dumps(result)  # the metrics.json schema is plain JSON
 
 
+def screening_threshold(labels, probs, target):
+    return thresholds_from_roc(labels, probs, target)[1]
+
+
+def balanced_threshold(labels, probs):
+    return thresholds_from_roc(labels, probs, 1.0)[0]
+
+
 def test_metrics_at_threshold_on_a_hand_checked_case():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     probs = np.array([0.1, 0.6, 0.4, 0.9, 0.6, 0.2, 0.7])
@@ -73,6 +81,7 @@ def test_metrics_at_threshold_on_a_hand_checked_case():
 def test_screening_threshold_is_the_highest_reaching_the_target(predictions, target):
     labels, probs = predictions
     threshold = screening_threshold(labels, probs, target)
+    assert choose_thresholds(labels, probs, target)["screening"] == min(threshold, balanced_threshold(labels, probs))
     assert skm.recall_score(labels, probs >= threshold) >= target - 1e-12
     # every higher threshold misses the target
     higher = np.unique(probs[probs > threshold])

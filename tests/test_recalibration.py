@@ -22,7 +22,7 @@ from conftest import CENTRED_NORMALIZATION, run_cli, save_model_dir, synthetic_x
 from pneumonia import cli, dataset, recalibration
 from pneumonia.classifier import XrayClassifier
 from pneumonia.evaluation import (
-    balanced_threshold, evaluate_predictions, expected_calibration_error, fit_platt, platt, screening_threshold,
+    choose_thresholds, evaluate_predictions, expected_calibration_error, fit_platt, platt,
 )
 from pneumonia.preprocessing import normalize, xray_pixels
 
@@ -85,8 +85,7 @@ def model_dir(tmp_path_factory):
     logits = classifier.logits(normalize(np.stack(pixels), CENTRED_NORMALIZATION))
     slope, intercept = fit_platt(labels, logits)
     probs = platt(logits, slope, intercept)
-    default = balanced_threshold(labels, probs)
-    thresholds = {"default": default, "screening": min(default, screening_threshold(labels, probs, 0.98))}
+    thresholds = choose_thresholds(labels, probs, 0.98)
     card = json.loads((out / "model.json").read_text())
     card.update(
         calibration={"method": "Platt scaling on the validation logits", "slope": slope, "intercept": intercept,
