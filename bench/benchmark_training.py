@@ -1,7 +1,7 @@
 """Seconds per training epoch on this machine, through the package's own input pipeline.
 
-    .venv/bin/python bench/benchmark_training.py --arch densenet121 --image-size 120
-    .venv/bin/python bench/benchmark_training.py --arch custom --image-size 120 --steps 60
+    .venv/bin/python -m bench.benchmark_training --arch densenet121 --image-size 120
+    .venv/bin/python -m bench.benchmark_training --arch custom --image-size 120 --steps 60
 
 Random pixels stand in for X-rays (the step costs the same); augmentation, class weights and
 the metrics are those of `train`. The first steps are traced and not timed.
@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pneumonia.models import build_model, normalization_for  # noqa: E402
-from pneumonia.training import augmentation_for, class_weights, make_dataset  # noqa: E402
+from pneumonia.models import ARCHITECTURES, build_model, normalization_for  # noqa: E402
+from pneumonia.training import TrainConfig, augmentation_for, class_weights, compile_for_training, make_dataset  # noqa: E402
 
 TRAIN_IMAGES = 4692  # the training part of the Kaggle train/ split after the validation carve-out
 
@@ -31,8 +27,7 @@ def seconds_per_step(arch: str, image_size: int, batch_size: int, steps: int) ->
     pixels = rng.integers(0, 256, (batch_size * steps, image_size, image_size), dtype=np.uint8)
     labels = (rng.uniform(0, 1, len(pixels)) < 0.74).astype(np.int64)
     model = build_model(arch, image_size, {"kind": "none"})
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+    compile_for_training(model, TrainConfig.learning_rate)
     batches = make_dataset(pixels, labels, normalization_for(arch), batch_size, 0, augment=augmentation_for("standard", 0), shuffle=True)
     weights = class_weights(labels)
     model.fit(batches.take(2), epochs=1, verbose=0, class_weight=weights)  # traces the same signature
@@ -43,7 +38,7 @@ def seconds_per_step(arch: str, image_size: int, batch_size: int, steps: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("densenet121", "custom"), default="densenet121")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="densenet121")
     parser.add_argument("--image-size", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16, help="timed steps")

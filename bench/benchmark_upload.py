@@ -1,7 +1,7 @@
 """Latency of one upload, split by stage, against the naive keras.io Grad-CAM path; then
 requests per second with concurrent clients against gunicorn on loopback, and RSS per worker.
 
-    .venv/bin/python bench/benchmark_upload.py --model model/ --out bench-results/
+    .venv/bin/python -m bench.benchmark_upload --model model/ --out bench-results/
 
 Stages of the fast path come from the server's own `timing_ms` (decode, preprocess, model +
 Grad-CAM, overlay + encode); "HTTP" is what the client measured minus the server's total.
@@ -30,7 +30,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 SAMPLES = REPO.parent / "shared" / "samples"
 TARGET_PIXELS = 2_000_000
 

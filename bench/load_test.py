@@ -1,8 +1,8 @@
 """Load scenarios against the app as deployed: slow clients, a flood of uploads, a soak.
 
-    .venv/bin/python bench/load_test.py slow  --clients 16 --seconds 60
-    .venv/bin/python bench/load_test.py flood --clients 16 --seconds 90
-    .venv/bin/python bench/load_test.py soak  --clients 16 --minutes 10 --out bench-results/soak.json
+    .venv/bin/python -m bench.load_test slow  --clients 16 --seconds 60
+    .venv/bin/python -m bench.load_test flood --clients 16 --seconds 90
+    .venv/bin/python -m bench.load_test soak  --clients 16 --minutes 10 --out bench-results/soak.json
 
 It starts gunicorn itself as the Procfile does (`gunicorn app:app`, gunicorn.conf.py, PORT set to
 a free port), bound to 127.0.0.1 only, waits for /healthz, runs one scenario for a bounded time
@@ -46,8 +46,7 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_upload import free_port, pick_image, rss_mib, worker_pids  # noqa: E402
+from bench.benchmark_upload import free_port, pick_image, rss_mib, worker_pids  # noqa: E402
 
 MAX_CLIENTS = 64
 MAX_SECONDS = 3600
