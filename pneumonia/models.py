@@ -12,8 +12,8 @@ import keras
 from keras import layers
 
 from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION
+from pneumonia.training_config import ARCHITECTURES
 
-ARCHITECTURES = ("densenet121", "custom")
 
 
 class InitError(RuntimeError):

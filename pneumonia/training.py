@@ -17,7 +17,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
+from keras import layers
+from sklearn.metrics import roc_auc_score
 
 from pneumonia import dataset
 from pneumonia.card import Calibration, ModelCard, Thresholds, write_card
@@ -31,43 +35,15 @@ from pneumonia.evaluation import (
     sigmoid,
     write_metrics,
 )
+from pneumonia.fit_ood import fit_ood, format_gate
+from pneumonia.models import build_model, features_and_logit_model, gradcam_layer_for, normalization_for, resolve_init
 from pneumonia.preprocessing import normalize, normalize_contrast, preprocessing_spec
-
-
-@dataclass
-class TrainConfig:
-    data_dir: str
-    arch: str = "densenet121"
-    out: str = "runs/densenet121"
-    init: str = "imagenet"
-    image_size: int = 128
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    val_fraction: float = 0.1
-    seed: int = 42
-    patience: int = 6
-    target_sensitivity: float = 0.98
-    resume: bool = False
-    cache_dir: str | None = "cache"
-    augment: str = "standard"  # one of AUGMENTATIONS
-    contrast: str = "none"  # one of preprocessing.CONTRASTS
-    label_smoothing: float = 0.0
-    ema: bool = False
-
-
-# "acquisition" adds what differs between X-ray machines and sites: sharpness, gamma, noise,
-# contrast. The shipped from-scratch model read blurrier or flatter NORMAL images as pneumonia
-# (../shared/notes/measurements.md); these make such differences uninformative in training.
-AUGMENTATIONS = ("standard", "acquisition")
+from pneumonia.training_config import AUGMENTATIONS, TrainConfig
 
 
 def augmentation(seed: int):
     """Small geometric and photometric changes an X-ray can plausibly have; no flips
     (the heart is on the left)."""
-    import keras
-    from keras import layers
-
     return keras.Sequential(
         [
             layers.RandomRotation(0.03, fill_mode="constant", seed=seed),  # about +-10 degrees
@@ -86,8 +62,6 @@ def acquisition_shift(seed: int, max_blur: float = 1.0, gamma_range: float = 0.3
     Per image: a blend towards a Gaussian blur (sigma ~1 px) or away from it (an unsharp
     mask), a gamma in [1/(1+g), 1+g], and Gaussian noise of up to `max_noise` grey levels.
     """
-    import tensorflow as tf
-
     generator = tf.random.Generator.from_seed(seed)
     taps = np.exp(-0.5 * (np.arange(-3, 4) / 1.0) ** 2)
     kernel_1d = (taps / taps.sum()).astype("float32")
@@ -110,8 +84,6 @@ def acquisition_shift(seed: int, max_blur: float = 1.0, gamma_range: float = 0.3
 
 def augmentation_for(name: str, seed: int):
     """The training augmentation called `name` (AUGMENTATIONS): a function of a (B, S, S, 1) batch."""
-    import keras
-
     standard = augmentation(seed)
     if name == "standard":
         return lambda x: standard(x, training=True)
@@ -124,8 +96,6 @@ def augmentation_for(name: str, seed: int):
 
 def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, shuffle=False):
     """uint8 (N, S, S) + labels -> tf.data of normalized float32 (B, S, S, 3) batches."""
-    import tensorflow as tf
-
     ds = tf.data.Dataset.from_tensor_slices((pixels, labels.astype("float32")))
     if shuffle:
         ds = ds.shuffle(len(pixels), seed=seed, reshuffle_each_iteration=True)
@@ -170,8 +140,6 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
 
 def logits_of(model, batches) -> np.ndarray:
     """The "logit" layer's output (N,) for the inputs of a tf.data of (x, y) batches, in order."""
-    from pneumonia.models import features_and_logit_model
-
     logit_model = features_and_logit_model(model)
     out = [np.asarray(logit_model(x, training=False)[1]).reshape(-1) for x, _ in batches]
     return np.concatenate(out) if out else np.zeros(0)
@@ -188,9 +156,6 @@ def exact_val_auc_callback(val_ds, val_y):
     `val_auc`, keep the first epoch. Ranks of the logits have neither the bucketing nor float32
     sigmoid saturation. Put it before the callbacks that read `val_auc`.
     """
-    import keras
-    from sklearn.metrics import roc_auc_score
-
     labels = np.asarray(val_y)
 
     class ExactValidationAUC(keras.callbacks.Callback):
@@ -207,8 +172,6 @@ def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, star
     `started` is the clock time training would have begun had it never stopped, so the
     recorded wall time adds up across resumes.
     """
-    import keras
-
     class SaveResumeState(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -250,8 +213,6 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
 
 
 def compile_for_training(model, learning_rate: float, label_smoothing: float = 0.0, ema: bool = False) -> None:
-    import keras
-
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, use_ema=ema),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
@@ -269,10 +230,6 @@ class Progress:
 
 
 def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) -> Progress:
-    import keras
-
-    from pneumonia.models import build_model
-
     state_file = checkpoints / "state.json"
     if config.resume and state_file.exists():
         state = json.loads(state_file.read_text())
@@ -287,8 +244,6 @@ def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) 
 
 
 def training_callbacks(config: TrainConfig, progress: Progress, val_ds, val_y, paths: dict, started: float) -> list:
-    import keras
-
     # With --ema the averaged weights are swapped in at each epoch's end, so validation, the
     # checkpoints and the saved model are the average.
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
@@ -350,19 +305,12 @@ def data_record(config: TrainConfig, data: TrainingData) -> dict:
 
 
 def versions() -> dict:
-    import keras
-    import tensorflow as tf
-
     return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": np.__version__}
 
 
 def train(config: TrainConfig, log=print) -> dict:
     """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
-    import keras
-
-    from pneumonia.models import gradcam_layer_for, normalization_for, resolve_init
-
     started = time.time()
     out = Path(config.out)
     paths = {"checkpoints": out / "checkpoints", "report": out / "report", "best": out / "checkpoints" / "best.keras",
@@ -408,8 +356,6 @@ def train(config: TrainConfig, log=print) -> dict:
     )
     card_path = write_card(out, card)
     log(f"wrote {out / model_file} and {card_path}")
-    from pneumonia.fit_ood import fit_ood, format_gate
-
     log("fitting the out-of-distribution gate")
     log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
     return json.loads(card_path.read_text())
