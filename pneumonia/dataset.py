@@ -79,6 +79,39 @@ def patient_id(path: str | Path) -> str:
     return name.upper()
 
 
+NORMAL_SERIES = ("IM", "NORMAL2-IM")  # the two acquisition series of the Kaggle NORMAL file names
+
+
+def normal_series(path: str | Path) -> str:
+    """The NORMAL acquisition series of a Kaggle file name: "NORMAL2-IM" or "IM" (else "other")."""
+    patient = patient_id(path)
+    if patient.startswith("NORMAL2-IM-"):
+        return "NORMAL2-IM"
+    if patient.startswith("IM-"):
+        return "IM"
+    return "other"
+
+
+def split_off_series(files: SplitFiles, series: str | None) -> tuple[SplitFiles, SplitFiles]:
+    """(the files without the NORMAL images of `series`, those images). A series held out of
+    training and validation alike is a test of transfer to an acquisition the model never saw."""
+    if series is None:
+        return files, SplitFiles()
+    held = [i for i, (path, label) in enumerate(zip(files.paths, files.labels))
+            if label == 0 and normal_series(path) == series]
+    held_set = set(held)
+    return files.subset([i for i in range(len(files.paths)) if i not in held_set]), files.subset(held)
+
+
+def training_parts(files: SplitFiles, val_fraction: float, seed: int,
+                   hold_out_series: str | None = None) -> tuple[SplitFiles, SplitFiles, SplitFiles]:
+    """train/ -> (training part, validation part, held-out series), as `train` makes them and as
+    `fit-ood` and `robustness` recreate them from a card's training config."""
+    kept, held_out = split_off_series(files, hold_out_series)
+    train_files, val_files = patient_grouped_split(kept, val_fraction, seed)
+    return train_files, val_files, held_out
+
+
 def patient_grouped_split(files: SplitFiles, val_fraction: float, seed: int) -> tuple[SplitFiles, SplitFiles]:
     """Stratified by class, grouped by patient: no patient has images on both sides.
 

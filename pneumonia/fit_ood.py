@@ -172,7 +172,7 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     all_train = dataset.scan_split(data_dir, "train")
     if all_train is None or not all_train.paths:
         raise SystemExit(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
-    train_files, val_files = dataset.patient_grouped_split(all_train, val_fraction, seed)
+    train_files, val_files, _ = dataset.training_parts(all_train, val_fraction, seed, config.get("hold_out_series"))
     expected = classifier.card.get("data", {}).get("validation_fingerprint")
     if expected and expected != dataset.fingerprint(val_files):
         log("warning: this validation part differs from the one in the model card (other data, or another split); "

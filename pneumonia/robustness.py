@@ -157,7 +157,8 @@ def validation_files(data_dir: str | Path, card: dict) -> tuple[dataset.SplitFil
     files = dataset.scan_split(data_dir, "train")
     if files is None or not files.paths:
         raise RobustnessError(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
-    _, val = dataset.patient_grouped_split(files, float(config["val_fraction"]), int(config["seed"]))
+    _, val, _ = dataset.training_parts(files, float(config["val_fraction"]), int(config["seed"]),
+                                       config.get("hold_out_series"))
     expected = (card.get("data") or {}).get("validation_fingerprint")
     found = dataset.fingerprint(val)
     info = {"val_fraction": float(config["val_fraction"]), "seed": int(config["seed"]), "fingerprint": found,
@@ -216,26 +217,16 @@ def score(labels, probs, thresholds: dict) -> dict:
     return row
 
 
-def normal_series(path: str | Path) -> str:
-    """The NORMAL acquisition series of a Kaggle file name: "NORMAL2-IM" or "IM" (else "other")."""
-    patient = dataset.patient_id(path)
-    if patient.startswith("NORMAL2-IM-"):
-        return "NORMAL2-IM"
-    if patient.startswith("IM-"):
-        return "IM"
-    return "other"
-
-
 def series_rows(files: dataset.SplitFiles, probs, thresholds: dict, train_files: dataset.SplitFiles | None) -> list[dict]:
     """Specificity per NORMAL series on validation, with how many training NORMAL images each has."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(files.labels, dtype=int)
-    series = np.asarray([normal_series(p) for p in files.paths])
+    series = np.asarray([dataset.normal_series(p) for p in files.paths])
     train_counts: dict[str, int] = {}
     if train_files is not None:
         for path, label in zip(train_files.paths, train_files.labels):
             if label == 0:
-                train_counts[normal_series(path)] = train_counts.get(normal_series(path), 0) + 1
+                train_counts[dataset.normal_series(path)] = train_counts.get(dataset.normal_series(path), 0) + 1
     rows = []
     for name in sorted(set(series[labels == 0].tolist())):
         mask = (labels == 0) & (series == name)

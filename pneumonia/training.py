@@ -195,6 +195,8 @@ class TrainingData:
     val_y: np.ndarray
     train_files: dataset.SplitFiles
     val_files: dataset.SplitFiles
+    held_out_x: np.ndarray  # the NORMAL images of a held-out series (empty without one)
+    held_out_files: dataset.SplitFiles
 
 
 def load_training_data(config: TrainConfig, log=print) -> TrainingData:
@@ -202,14 +204,19 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     if all_train is None or not all_train.paths:
         raise SystemExit(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
     log(dataset.describe("train/ (all)", all_train))
-    train_files, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
+    train_files, val_files, held_out = dataset.training_parts(all_train, config.val_fraction, config.seed,
+                                                              config.hold_out_series)
     train_x, train_y, train_files = dataset.load_pixels(train_files, config.image_size, config.cache_dir, log)
     val_x, val_y, val_files = dataset.load_pixels(val_files, config.image_size, config.cache_dir, log)
+    held_x, _, held_out = dataset.load_pixels(held_out, config.image_size, config.cache_dir, log)
     log(dataset.describe("training part", train_files))
     log(dataset.describe("validation part (patient-grouped, from train/)", val_files))
+    if config.hold_out_series:
+        log(dataset.describe(f"held out: NORMAL series {config.hold_out_series}", held_out))
     # The card's contrast normalisation before augmentation: what `model_input` does when serving.
     return TrainingData(normalize_contrast(train_x, config.contrast), train_y,
-                        normalize_contrast(val_x, config.contrast), val_y, train_files, val_files)
+                        normalize_contrast(val_x, config.contrast), val_y, train_files, val_files,
+                        normalize_contrast(held_x, config.contrast), held_out)
 
 
 def compile_for_training(model, learning_rate: float, label_smoothing: float = 0.0, ema: bool = False) -> None:
@@ -293,6 +300,23 @@ def training_record(config: TrainConfig, history: list[dict], started: float) ->
     }
 
 
+def held_out_record(config: TrainConfig, model, data: TrainingData, point: OperatingPoint, log=print) -> dict:
+    """How the NORMAL images of the held-out series fare: the specificity a new site's normal
+    X-rays would get at the thresholds chosen without them."""
+    if not config.hold_out_series:
+        return {}
+    normalization = normalization_for(config.arch)
+    batches = make_dataset(data.held_out_x, np.zeros(len(data.held_out_x), int), normalization, config.batch_size, 0)
+    probs = platt(logits_of(model, batches), point.calibration.slope, point.calibration.intercept)
+    record = {"series": config.hold_out_series, "n_normal": len(probs), "normal_mean_p": float(probs.mean()),
+              "specificity": {name: float((probs < getattr(point.thresholds, name)).mean())
+                              for name in ("default", "screening")}}
+    log(f"held-out series {config.hold_out_series}: {len(probs)} NORMAL images, mean p {record['normal_mean_p']:.3f}, "
+        f"specificity {record['specificity']['default']:.3f} @ default, {record['specificity']['screening']:.3f} "
+        "@ screening")
+    return {"held_out_series": record}
+
+
 def data_record(config: TrainConfig, data: TrainingData) -> dict:
     return {
         "source": str(Path(config.data_dir).name),
@@ -353,6 +377,7 @@ def train(config: TrainConfig, log=print) -> dict:
         training=training_record(config, list(csv.DictReader(paths["history"].open())), started),
         gradcam={"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
         versions=versions(),
+        extra=held_out_record(config, best, data, point, log),
     )
     card_path = write_card(out, card)
     log(f"wrote {out / model_file} and {card_path}")

@@ -37,3 +37,4 @@ class TrainConfig:
     contrast: str = "none"  # one of preprocessing.CONTRASTS
     label_smoothing: float = 0.0
     ema: bool = False
+    hold_out_series: str | None = None  # one of dataset.NORMAL_SERIES: kept out of training and validation

@@ -214,3 +214,22 @@ def test_a_damaged_cache_file_is_decoded_again(small_split, tmp_path):
     assert any("pixel cache" in line for line in log)
     assert [p.name for p in cache.iterdir()] == [entry.name]  # rewritten, no partial files left
     assert np.array_equal(load_pixels(small_split, 20, cache_dir=cache, log=lambda *_: None)[0], first[0])
+
+
+def _series_files() -> dataset.SplitFiles:
+    names = [("IM-0001-0001.jpeg", 0), ("IM-0001-0002.jpeg", 0), ("NORMAL2-IM-0005-0001.jpeg", 0),
+             ("NORMAL2-IM-0006-0001.jpeg", 0), ("person1_bacteria_1.jpeg", 1), ("person2_virus_2.jpeg", 1)]
+    return dataset.SplitFiles([Path("train") / n for n, _ in names], [label for _, label in names])
+
+
+def test_a_held_out_series_is_every_normal_image_of_it_and_nothing_else():
+    files = _series_files()
+    assert [dataset.normal_series(p) for p in files.paths[:4]] == ["IM", "IM", "NORMAL2-IM", "NORMAL2-IM"]
+    kept, held = dataset.split_off_series(files, "NORMAL2-IM")
+    assert [p.name for p in held.paths] == ["NORMAL2-IM-0005-0001.jpeg", "NORMAL2-IM-0006-0001.jpeg"]
+    assert held.labels == [0, 0] and len(kept.paths) == 4 and not set(kept.paths) & set(held.paths)
+    untouched, nothing = dataset.split_off_series(files, None)
+    assert untouched.paths == files.paths and nothing.paths == []
+    train, val, held_out = dataset.training_parts(files, 0.5, 0, "NORMAL2-IM")
+    assert held_out.paths == held.paths
+    assert sorted(train.paths + val.paths) == sorted(kept.paths)

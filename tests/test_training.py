@@ -224,6 +224,29 @@ def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_m
     assert np.abs(unnormalised - probs).max() > 1e-3  # the contrast step is not a no-op on these images
 
 
+def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(custom_run, tmp_path):
+    """--hold-out-series NORMAL2-IM: those NORMAL images are in no part, the card reports their
+    specificity at the chosen thresholds, and the robustness tool recreates the same validation part."""
+    from pneumonia.robustness import validation_files
+
+    data = tmp_path / "data"
+    shutil.copytree(custom_run[2].data_dir, data)  # the data set the custom CNN learns in two epochs
+    normal = sorted((data / "train" / "NORMAL").iterdir())
+    for path in normal[:60]:  # thirty patients of the second series
+        path.rename(path.with_name("NORMAL2-" + path.name))
+    config = TrainConfig(data_dir=str(data), out=str(tmp_path / "run"), **{**CUSTOM, "hold_out_series": "NORMAL2-IM"})
+    card = train(config, log=lambda *_: None)
+    held = card["held_out_series"]
+    assert held["series"] == "NORMAL2-IM" and held["n_normal"] == 60
+    assert card["data"]["train"]["NORMAL"] + card["data"]["validation"]["NORMAL"] == CUSTOM_IMAGES_PER_CLASS - 60
+    classifier = XrayClassifier(tmp_path / "run")
+    probs = np.array([classifier.predict_source(p) for p in sorted((data / "train" / "NORMAL").glob("NORMAL2-*"))])
+    assert held["normal_mean_p"] == pytest.approx(probs.mean(), abs=1e-5)
+    assert held["specificity"]["default"] == pytest.approx((probs < card["thresholds"]["default"]).mean())
+    _, info = validation_files(data, card)
+    assert info["fingerprint_matches"], info
+
+
 def test_training_without_images_stops_with_a_message(tmp_path):
     (tmp_path / "train" / "NORMAL").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no train/NORMAL or train/PNEUMONIA images"):
