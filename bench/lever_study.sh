@@ -15,8 +15,15 @@ declare -A levers=(
   [label-smoothing]="--label-smoothing 0.1"
   [ema]="--ema"
   [base-seed-43]="--seed 43"
+  # The same levers with the NORMAL2-IM series held out of training and validation: the card's
+  # held_out_series is the specificity on a NORMAL series the model never saw.
+  [base-holdout]="--hold-out-series NORMAL2-IM"
+  [clahe-holdout]="--contrast clahe --hold-out-series NORMAL2-IM"
+  [acquisition-holdout]="--augment acquisition --hold-out-series NORMAL2-IM"
+  [clahe-acquisition-holdout]="--contrast clahe --augment acquisition --hold-out-series NORMAL2-IM"
 )
-order=(${@:-base clahe acquisition clahe-acquisition equalize label-smoothing ema base-seed-43})
+order=(${@:-base clahe acquisition clahe-acquisition base-holdout clahe-holdout acquisition-holdout
+            clahe-acquisition-holdout equalize label-smoothing ema base-seed-43})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name
