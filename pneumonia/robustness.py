@@ -257,9 +257,9 @@ def summary_row(rows: list[dict]) -> dict:
 # --- The run -----------------------------------------------------------------------------
 
 NOTES = [
-    "Series-held-out check (c) only splits the existing validation specificity by NORMAL series; a model "
-    "retrained with one whole series held out of training (a training option not built yet) would be the "
-    "honest test of series transfer.",
+    "Check (c) splits the validation specificity by NORMAL series the model was trained on; the test of "
+    "transfer to an unseen series is a model trained with `train --hold-out-series NORMAL2-IM`, whose card "
+    "reports the specificity on the series it never saw (held_out_series).",
     "Shifts are applied to the decoded image at its own size, before the package's own resize and "
     "normalisation; rows are on the validation part of train/, which training chose thresholds on, so the "
     "'none' row is optimistic by construction: read the rows as movements away from it.",
