@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ def _train(args) -> int:
         seed=args.seed, patience=args.patience, target_sensitivity=args.target_sensitivity,
         resume=args.resume, cache_dir=None if args.no_cache else args.cache_dir, augment=args.augment,
         contrast=args.contrast, label_smoothing=args.label_smoothing, ema=args.ema,
+        hold_out_series=args.hold_out_series,
     )
     try:
         card = train(config)
@@ -141,9 +143,12 @@ def comparison_table(results: list[dict], names: list[str] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
+
+
 def _predict(args) -> int:
+    from pneumonia.batch_screening import BatchScreener, CsvRows, ProgressBar, find_images
     from pneumonia.classifier import ModelLoadError, XrayClassifier
-    from pneumonia.preprocessing import XrayReadError
 
     try:
         classifier = XrayClassifier(args.model)
@@ -152,26 +157,82 @@ def _predict(args) -> int:
         return 2
     if classifier.gate is None:
         print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
-    failed = 0
-    for image in args.images:
-        try:
-            probability, verdict = classifier.screen_source(image)
-        except XrayReadError as err:
-            failed += 1
-            print(json.dumps({"path": image, "error": str(err)}) if args.json else f"{image}\terror: {err}")
-            continue
-        print(_prediction_line(image, probability, verdict, classifier, args.json))
-    return 1 if failed else 0
+    found = find_images(args.paths)
+    if found.skipped:
+        print(f"note: skipped {len(found.skipped)} file(s) that are not images by content or name, e.g. "
+              f"{found.skipped[0]}", file=sys.stderr)
+    if not found.files:
+        print("error: no image files in " + ", ".join(args.paths), file=sys.stderr)
+        return 2
+    try:
+        csv_file = open(args.csv, "w", newline="", encoding="utf-8") if args.csv else None
+    except OSError as err:
+        print(f"error: cannot write {args.csv}: {err.strerror}", file=sys.stderr)
+        return 2
+    batch = BatchScreener(classifier, _gradcam_of(classifier) if args.gradcam else None)
+    progress = ProgressBar(len(found.files), sys.stderr)
+    with csv_file or contextlib.nullcontext():
+        table = CsvRows(csv_file, "path", classifier.thresholds, classifier.gate is not None,
+                        ("gradcam",) if args.gradcam else ()) if csv_file else None
+        counts = _predict_files(args, batch, found.files, table, progress)
+    progress.finish()
+    print(f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
+          f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""), file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
-def _prediction_line(image: str, probability, verdict, classifier, as_json: bool) -> str:
-    """One output line: the probability and labels, or the gate's reason for refusing the image."""
+def _predict_files(args, batch, files: list[str], table, progress) -> dict[str, int]:
+    """Screens `files` a chunk at a time: a line each on stdout, a CSV row, an overlay PNG."""
+    counts = {"files": len(files), "screened": 0, "refused": 0, "failed": 0}
+    rows = batch.screen(((path, path) for path in files), args.batch_size,
+                        display_side=GRADCAM_MAX_SIDE if args.gradcam else None, with_gradcam=bool(args.gradcam))
+    for index, row in enumerate(rows, start=1):
+        overlay_path = _write_overlay(args.gradcam, index, row) if args.gradcam else None
+        if table is not None:
+            table.write(row, *([overlay_path or ""] if args.gradcam else []))
+        progress.clear()
+        print(_prediction_line(row, batch.classifier, args.json), flush=True)
+        progress.advance()
+        kind = "screened" if row.probability is not None else "refused" if row.refused else "failed"
+        counts[kind] += 1
+    return counts
+
+
+def _gradcam_of(classifier):
+    from gradcam import GradCam
+    from pneumonia.models import gradcam_layer_for
+
+    layer = classifier.card.get("gradcam", {}).get("layer") or gradcam_layer_for(classifier.model)
+    return GradCam(classifier.model, layer, classifier.image_size)
+
+
+def _write_overlay(folder: str, index: int, row) -> str | None:
+    """DIR/NNNNN-<name>.png: Grad-CAM of the default label's class over the X-ray; None when not screened."""
+    import cv2
+
+    from gradcam import overlay
+    from pneumonia.batch_screening import overlay_file_name
+
+    if row.heat is None:
+        return None
+    path = Path(folder) / overlay_file_name(index, row.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), overlay(row.display, row.heat)):
+        raise OSError(f"could not write {path}")
+    return str(path)
+
+
+def _prediction_line(row, classifier, as_json: bool) -> str:
+    """One output line: the probability and labels, or why the file was not screened."""
+    image, verdict = row.name, row.verdict
     ood = None if verdict is None else {k: v for k, v in vars(verdict).items() if v is not None}
-    if probability is None:
+    if row.probability is None and not row.refused:
+        return json.dumps({"path": image, "error": row.error}) if as_json else f"{image}\terror: {row.error}"
+    if row.refused:
         if as_json:
             return json.dumps({"path": image, "probability": None, "ood": ood, "error": verdict.message})
         return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"
-    labels = classifier.labels(probability)
+    probability, labels = row.probability, row.labels
     if as_json:
         return json.dumps({"path": image, "probability": round(probability, 6), "label": labels["default"],
                            "screening_label": labels["screening"], "thresholds": classifier.thresholds, "ood": ood})
@@ -228,9 +289,18 @@ def _robustness(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pneumonia.batch_screening import DEFAULT_CHUNK_SIZE
     from pneumonia.classifier import SHIPPED_MODEL_DIR
     from pneumonia.training import AUGMENTATIONS
+    from pneumonia.dataset import NORMAL_SERIES
     from pneumonia.preprocessing import CONTRASTS
 
     parser = argparse.ArgumentParser(prog="python -m pneumonia",
@@ -261,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="binary cross-entropy label smoothing (0: none)")
     train.add_argument("--ema", action="store_true",
                        help="keep an exponential moving average of the weights and validate and save it")
+    train.add_argument("--hold-out-series", choices=NORMAL_SERIES,
+                       help="keep this NORMAL acquisition series out of training and validation and report the "
+                            "specificity on it in the card (a test of transfer to an unseen series)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
     train.add_argument("--cache-dir", default="cache", help="where decoded, resized pixels are kept between runs")
     train.add_argument("--no-cache", action="store_true")
@@ -274,10 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", default=None, help="keep decoded pixels here between runs")
     evaluate.set_defaults(run=_evaluate)
 
-    predict = commands.add_parser("predict", help="probability of pneumonia for image files")
-    predict.add_argument("images", nargs="+")
+    predict = commands.add_parser("predict", help="probability of pneumonia for image files and folders")
+    predict.add_argument("paths", nargs="+", metavar="PATH",
+                         help="image files (JPEG, PNG, BMP, TIFF, DICOM) and folders, searched recursively for "
+                              "files that are images by content or by name")
     predict.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="model folder or .keras file (default: the shipped model)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--csv", metavar="FILE", help="also write one CSV row per file: path, probability, label at "
+                                                       "each threshold, the gate's verdict, error")
+    predict.add_argument("--gradcam", metavar="DIR", help="write each screened file's Grad-CAM overlay to DIR as a PNG")
+    predict.add_argument("--batch-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
+                         help="images per model pass (default %(default)s); at most one full-size image is decoded at a time")
     predict.set_defaults(run=_predict)
 
     fit_ood = commands.add_parser("fit-ood", help="fit the gate that refuses images that are not chest X-rays, "

@@ -27,6 +27,19 @@ from pneumonia.ood import PixelStats, grey_spread, mean_chroma
 
 Source = Union[bytes, bytearray, str, Path]
 
+# Magic numbers of the accepted types: the web app refuses anything else before decoding, and
+# `predict` recognises images in a folder by them.
+IMAGE_SIGNATURES = (
+    ("JPEG", 0, b"\xff\xd8\xff"),
+    ("PNG", 0, b"\x89PNG\r\n\x1a\n"),
+    ("BMP", 0, b"BM"),
+    ("TIFF", 0, b"II*\x00"),
+    ("TIFF", 0, b"MM\x00*"),
+    ("DICOM", 128, b"DICM"),
+)
+SIGNATURE_BYTES = 132  # enough of a file's head for every signature
+ACCEPTED_TYPES = "JPEG, PNG, BMP, TIFF or DICOM"
+
 # A 2,900 px X-ray is ~8 Mpx; 60 Mpx leaves headroom for large scanners while refusing
 # decompression bombs (a tiny PNG that claims 100k x 100k pixels) before decoding.
 MAX_IMAGE_PIXELS = 60_000_000
@@ -40,6 +53,14 @@ UNIT_NORMALIZATION = {"scale": 1 / 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.
 # equalisation on the model's square (8x8 tiles, clip 2); "equalize": global equalisation.
 CONTRASTS = ("none", "equalize", "clahe")
 CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, (8, 8)
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The accepted type whose magic number the first bytes `head` carry, else None."""
+    for name, offset, magic in IMAGE_SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
 
 
 def preprocessing_spec(image_size: int, normalization: dict, contrast: str = "none") -> dict:

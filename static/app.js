@@ -8,8 +8,12 @@
   const form = document.getElementById("upload-form");
 
   if (input && zone) {
+    const maxFiles = Number(input.dataset.maxFiles) || Infinity;
     const showChosen = () => {
-      chosen.textContent = input.files.length ? input.files[0].name : "";
+      const names = Array.from(input.files, (file) => file.name);
+      chosen.textContent = names.length > 1 ? `${names.length} files: ${names.join(", ")}` : (names[0] || "");
+      // The server answers 413 above the limit; saying so before the upload saves sending it.
+      input.setCustomValidity(names.length > maxFiles ? `At most ${maxFiles} files can be screened at once.` : "");
     };
     input.addEventListener("change", showChosen);
     ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {

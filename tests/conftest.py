@@ -215,3 +215,28 @@ def densenet_cli_run(learnable_data_dir, tmp_path_factory):
                      "--epochs", 2, "--batch-size", 32, "--val-fraction", 0.25, "--seed", 0, "--no-cache",
                      "--out", out, cwd=work, timeout=600)
     return out, result
+
+
+# --- A folder of mixed files, for batch screening (CLI and package) ------------------------
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory):
+    """(folder, the files `predict` must report in walk order, the files it must skip): a JPEG,
+    a PNG named .txt (wrong extension), a truncated JPEG, a DICOM without an extension in a
+    subfolder, a PNG there; a text note and a hidden file are not images."""
+    from test_app_inputs import dicom_bytes  # the DICOM writer of the input tests
+
+    root = tmp_path_factory.mktemp("mixed") / "xrays"
+    (root / "ward-b").mkdir(parents=True)
+    jpeg = xray_jpeg(320, 256, seed=1, label=0)
+    (root / "a-normal.jpeg").write_bytes(jpeg)
+    (root / "b-corrupt.jpeg").write_bytes(jpeg[:300])
+    (root / "c-wrong-extension.txt").write_bytes(encode_image(Image.open(io.BytesIO(xray_jpeg(288, 240, seed=2))), "PNG"))
+    (root / "notes.txt").write_text("ward round notes\n")
+    (root / ".hidden.jpeg").write_bytes(jpeg)
+    pixels = np.asarray(synthetic_xray(1, np.random.default_rng(3), 128).resize((160, 128)), np.uint16) * 257
+    (root / "ward-b" / "IM0001").write_bytes(dicom_bytes(pixels))
+    (root / "ward-b" / "z-pneumonia.png").write_bytes(encode_image(synthetic_xray(1, np.random.default_rng(4), 200), "PNG"))
+    reported = [root / "a-normal.jpeg", root / "b-corrupt.jpeg", root / "c-wrong-extension.txt",
+                root / "ward-b" / "IM0001", root / "ward-b" / "z-pneumonia.png"]
+    return root, [str(p) for p in reported], [str(root / "notes.txt")]

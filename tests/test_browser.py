@@ -134,3 +134,67 @@ def test_a_photo_is_refused_with_the_reason_and_no_result(browser, shipped_live_
     assert "in colour" in browser.find_element(By.ID, "refusal-reason").text
     assert "frontal chest radiograph" in browser.page_source
     assert not browser.find_elements(By.ID, "probability") and not browser.find_elements(By.ID, "overlay")
+
+
+def _allow_downloads(browser, folder: Path) -> None:
+    """Headless Chromium drops downloads unless told where to put them (over the DevTools protocol)."""
+    try:
+        browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+    except Exception:  # an older Chromium has only the Page domain's command
+        browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+
+
+def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server, web_app, tmp_path, monkeypatch):
+    import csv
+    import time
+
+    from conftest import xray_jpeg
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"xray-{i}.jpeg")
+        paths[-1].write_bytes(xray_jpeg(640 + 40 * i, 520, seed=20 + i, label=i % 2))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    _allow_downloads(browser, downloads)
+    browser.get_log("browser")  # drains what earlier tests left (a refused upload logs its 422)
+    monkeypatch.setitem(web_app.config, "BATCH_MAX_FILES", 2)  # over the limit: the form says so before sending
+    browser.get(f"{live_server}/")
+    browser.find_element(By.ID, "file").send_keys("\n".join(map(str, paths)))
+    message = browser.execute_script("return document.getElementById('file').validationMessage;")
+    assert message == "At most 2 files can be screened at once."
+    monkeypatch.setitem(web_app.config, "BATCH_MAX_FILES", 3)
+    browser.get(f"{live_server}/")
+    browser.find_element(By.ID, "file").send_keys("\n".join(map(str, paths)))
+    assert browser.find_element(By.ID, "chosen").text == "3 files: xray-0.jpeg, xray-1.jpeg, xray-2.jpeg"
+    assert browser.execute_script("return document.getElementById('file').validity.valid;")
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 90).until(expected_conditions.presence_of_element_located((By.ID, "batch-results")))
+
+    rows = browser.find_elements(By.CSS_SELECTOR, "#batch-results tbody tr")
+    assert [row.find_element(By.CLASS_NAME, "filename").text for row in rows] == [p.name for p in paths]
+    thumbnails = browser.execute_script(
+        "return Array.from(document.querySelectorAll('img.thumb'), i => i.complete && i.naturalWidth);")
+    assert len(thumbnails) == 3 and all(thumbnails)
+    # Grad-CAM on demand: hidden until its row's <details> is opened.
+    details = rows[1].find_element(By.CSS_SELECTOR, "details.gradcam")
+    overlay = details.find_element(By.TAG_NAME, "img")
+    assert not overlay.is_displayed()
+    details.find_element(By.TAG_NAME, "summary").click()
+    assert overlay.is_displayed() and browser.execute_script("return arguments[0].naturalWidth;", overlay) == 512  # 680 px wide, shown at most 512
+
+    browser.find_element(By.ID, "csv-download").click()
+    saved = downloads / "pneumonia-screening.csv"
+    deadline = time.monotonic() + 30
+    while not saved.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with saved.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["file"] for row in table] == [p.name for p in paths]
+    shown = [row.find_element(By.CLASS_NAME, "probability").text for row in rows]
+    assert shown == [f"{100 * float(row['probability']):.1f} %" for row in table]
+    problems = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []

@@ -1,8 +1,10 @@
 """`python -m pneumonia train | evaluate | predict` end to end, in fresh interpreters."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -217,3 +219,59 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
     assert cli.main(["train", "d", "--init", "none"]) == 0
     assert [(c.arch, c.init, c.image_size) for c in configs] == [
         ("densenet121", "imagenet", 128), ("custom", "none", 320), ("densenet121", "none", 128)]
+
+
+# --- predict on folders: CSV, Grad-CAM overlays, progress ----------------------------------
+
+def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_model_dir, mixed_folder, tmp_path):
+    """A corrupt file, a DICOM without an extension and a PNG named .txt: a row for each."""
+    import csv
+
+    import cv2
+
+    root, reported, _ = mixed_folder
+    table, overlays = tmp_path / "results.csv", tmp_path / "gradcam"
+    result = run_cli("predict", root, "--model", gap_model_dir, "--csv", table, "--gradcam", overlays,
+                     "--batch-size", 2, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]  # one file was unreadable
+    assert "\r" not in result.stderr and "images/s" not in result.stderr  # piped: no progress bar
+    assert "skipped 1 file(s)" in result.stderr and "notes.txt" in result.stderr
+    assert "5 file(s): 4 screened, 0 refused by the gate, 1 unreadable" in result.stderr
+    assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == reported
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == reported
+    corrupt = rows[1]
+    assert corrupt["probability"] == corrupt["gradcam"] == "" and "truncated" in corrupt["error"].lower()
+    classifier = XrayClassifier(gap_model_dir)
+    for row in rows[:1] + rows[2:]:
+        probability = classifier.predict_source(row["path"])
+        assert float(row["probability"]) == pytest.approx(probability, abs=1e-5)
+        labels = classifier.labels(probability)
+        assert (row["label_default"], row["label_screening"]) == (labels["default"], labels["screening"])
+        assert row["ood_verdict"] == "unchecked" and row["error"] == ""  # this model has no gate
+        assert float(row["threshold_screening"]) == pytest.approx(classifier.thresholds["screening"])
+        overlay = cv2.imread(row["gradcam"])
+        height, width = cv2.imread(row["path"]).shape[:2] if not row["path"].endswith("IM0001") else (128, 160)
+        assert overlay.shape == (height, width, 3)  # under 1024 px: the X-ray's own size
+    assert sorted(p.name for p in overlays.iterdir()) == ["00001-a-normal.png", "00003-c-wrong-extension.png",
+                                                          "00004-IM0001.png", "00005-z-pneumonia.png"]
+
+
+def test_predict_draws_a_progress_bar_on_a_terminal(gap_model_dir, mixed_folder, tmp_path, monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    root, reported, _ = mixed_folder
+    assert cli.main(["predict", str(root / "ward-b"), "--model", str(gap_model_dir), "--json"]) == 0
+    assert "\r1/2 [" in terminal.getvalue() and "\r2/2 [" in terminal.getvalue() and "images/s" in terminal.getvalue()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == reported[3:] and all(0 <= line["probability"] <= 1 for line in lines)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["predict", str(tmp_path / "empty"), "--model", str(gap_model_dir)]) == 2
+    assert "no image files in" in terminal.getvalue()
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(root), "--batch-size", "0"])

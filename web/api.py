@@ -1,4 +1,4 @@
-"""JSON: POST /api/predict and GET /healthz."""
+"""JSON: POST /api/predict, POST /api/predict/batch and GET /healthz."""
 from __future__ import annotations
 
 import base64
@@ -6,9 +6,10 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
+from web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from web.capacity import model_slot
 from web.screening import current_screener, ood_json
-from web.uploads import read_upload
+from web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)
 
@@ -48,6 +49,20 @@ def predict():
         timing_ms=result.timing_ms,
         notice=NOTICE,
     )
+
+
+@bp.post("/api/predict/batch")
+def predict_batch():
+    """Several multipart fields `file` -> a JSON list, one entry per file in upload order, each with
+    its own status and error (web/batch.py has the limits); `?gradcam=1` adds each overlay as PNG."""
+    screener = current_screener()
+    uploads = read_uploads(request)
+    if not uploads:
+        raise UploadError(400, "No file was uploaded: send one or more chest X-ray images as form fields \"file\".")
+    with_gradcam = request.args.get("gradcam", "0").lower() in ("1", "true", "yes")
+    rendering = Rendering(".png", current_app.config["API_IMAGE_MAX_SIDE"]) if with_gradcam else None
+    entries = screen_uploads(screener, uploads, rendering)
+    return jsonify([dict(entry_json(entry, screener, with_gradcam), notice=NOTICE) for entry in entries])
 
 
 @bp.get("/healthz")

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from gradcam import GradCam, display_image, heatmap, overlay
+from pneumonia.batch_screening import BatchScreener, ScreenedImage
 from pneumonia.classifier import ModelLoadError, XrayClassifier
 from pneumonia.models import gradcam_layer_for
 from pneumonia.ood import OutOfDistribution, Verdict
@@ -62,6 +63,7 @@ class Screener:
         # Cards written by `train` name the layer; for others, the same rule `train` uses.
         layer = card.get("gradcam", {}).get("layer") or gradcam_layer_for(self.classifier.model)
         self.gradcam = GradCam(self.classifier.model, layer, self.classifier.image_size)
+        self.batch = BatchScreener(self.classifier, self.gradcam)  # several uploads: web/batch.py
         self.overlay_alpha = overlay_alpha
 
     @property
@@ -105,6 +107,22 @@ class Screener:
             watch.lap("overlay_encode")
         result.timing_ms = watch.laps
         return result
+
+    def batch_images(self, row: ScreenedImage, overlay_format: str | None,
+                     thumbnail_side: int | None = None) -> tuple[bytes | None, bytes | None]:
+        """(overlay, thumbnail) of a row of `self.batch`, encoded from its display copy: the overlay
+        when Grad-CAM gave a map, the thumbnail (JPEG, long side <= thumbnail_side) whenever the
+        file decoded."""
+        if row.display is None:
+            return None, None
+        encoded = None
+        if overlay_format and row.heat is not None:
+            encoded = _encode(overlay(row.display, row.heat, self.overlay_alpha), overlay_format)
+        if not thumbnail_side:
+            return encoded, None
+        scale = min(1.0, thumbnail_side / max(row.display.shape))
+        size = (max(1, round(row.display.shape[1] * scale)), max(1, round(row.display.shape[0] * scale)))
+        return encoded, _encode(cv2.resize(row.display, size, interpolation=cv2.INTER_AREA), ".jpg")
 
 
 def ood_json(verdict: Verdict | None, screener: "Screener") -> dict:

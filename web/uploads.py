@@ -23,16 +23,8 @@ import time
 from flask import Request
 from werkzeug.exceptions import RequestTimeout
 
-# Magic numbers of the accepted types; everything else is refused without being decoded.
-SIGNATURES = (
-    ("JPEG", 0, b"\xff\xd8\xff"),
-    ("PNG", 0, b"\x89PNG\r\n\x1a\n"),
-    ("BMP", 0, b"BM"),
-    ("TIFF", 0, b"II*\x00"),
-    ("TIFF", 0, b"MM\x00*"),
-    ("DICOM", 128, b"DICM"),
-)
-ACCEPTED = "JPEG, PNG, BMP, TIFF or DICOM"
+from pneumonia.preprocessing import ACCEPTED_TYPES
+from pneumonia.preprocessing import sniff_format  # everything else is refused without being decoded
 
 
 class UploadError(Exception):
@@ -52,13 +44,6 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-def sniff_format(data: bytes) -> str | None:
-    for name, offset, magic in SIGNATURES:
-        if data[offset : offset + len(magic)] == magic:
-            return name
-    return None
-
-
 def read_upload(request: Request) -> bytes:
     """The bytes of the multipart field `file`, or an UploadError saying what is wrong."""
     upload = request.files.get("file")
@@ -71,7 +56,7 @@ def read_upload(request: Request) -> bytes:
             raise UploadError(400, "No file was chosen: choose a chest X-ray image to upload.")
         raise UploadError(400, "The uploaded file is empty.")
     if sniff_format(data) is None:
-        raise UploadError(415, f"The upload is not a supported image type. Upload a {ACCEPTED} file.")
+        raise UploadError(415, f"The upload is not a supported image type. Upload a {ACCEPTED_TYPES} file.")
     return data
 
 
