@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 import re
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,44 +245,6 @@ def csv_text(rows: Iterable[ScreenedImage], name_column: str, thresholds: dict[s
     for row in rows:
         table.write(row)
     return buffer.getvalue()
-
-
-# --- Progress ---------------------------------------------------------------------------------
-
-class ProgressBar:
-    """`37/100 [#######.............] 12.3 images/s` on one terminal line, redrawn in place;
-    silent when the stream is not a terminal (piped or redirected)."""
-
-    WIDTH = 30
-
-    def __init__(self, total: int, stream: IO[str]):
-        self.total, self.stream, self.done = total, stream, 0
-        self.active = total > 0 and stream.isatty()
-        self.started = time.perf_counter()
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        self.draw()
-
-    def draw(self) -> None:
-        if not self.active:
-            return
-        filled = self.WIDTH * self.done // self.total
-        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-        self.stream.write(f"\r{self.done}/{self.total} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
-                          f"{rate:.1f} images/s")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        """Wipes the bar's line, so another line can be printed in its place."""
-        if self.active:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.active:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def overlay_file_name(index: int, name: str) -> str:

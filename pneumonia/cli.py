@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import os
@@ -16,18 +17,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 def _train(args) -> int:
     from pneumonia.models import InitError
-    from pneumonia.training import TrainConfig, train
+    from pneumonia.training import train
+    from pneumonia.training_config import DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
 
-    config = TrainConfig(
-        data_dir=args.data_dir, arch=args.arch, out=args.out or f"runs/{args.arch}",
-        init=args.init or ("imagenet" if args.arch == "densenet121" else "none"),
-        image_size=args.image_size or (128 if args.arch == "densenet121" else 320), epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, val_fraction=args.val_fraction,
-        seed=args.seed, patience=args.patience, target_sensitivity=args.target_sensitivity,
-        resume=args.resume, cache_dir=None if args.no_cache else args.cache_dir, augment=args.augment,
-        contrast=args.contrast, label_smoothing=args.label_smoothing, ema=args.ema,
-        hold_out_series=args.hold_out_series,
-    )
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**{
+        **given,
+        "out": args.out or f"runs/{args.arch}",
+        "init": args.init or DEFAULT_INIT[args.arch],
+        "image_size": args.image_size or DEFAULT_IMAGE_SIZE[args.arch],
+        "cache_dir": None if args.no_cache else args.cache_dir,
+    })
     try:
         card = train(config)
     except InitError as err:
@@ -102,27 +102,30 @@ def _gate_on_split(classifier, files, features, labels, probs, split: str) -> di
     return report
 
 
+def _report_name(model_path: str) -> str:
+    """The card's name made safe for a folder name, else the model folder's name."""
+    from pneumonia.classifier import ModelLoadError, find_card
+
+    try:
+        name = str(find_card(model_path)[1].get("name") or "")
+    except ModelLoadError:
+        name = ""  # reported when the model is loaded
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or _model_folder(model_path)
+
+
+def _model_folder(model_path: str) -> str:
+    path = Path(model_path).resolve()
+    return (path.parent if path.suffix == ".keras" else path).name
+
+
 def _model_folder_names(model_paths: list[str]) -> list[str]:
     """One report folder per --model, unique even when cards share a name (two runs of one
-    architecture are both called "custom"): the card's name, else the model folder's name,
-    else a numbered name."""
-    from pneumonia.classifier import find_card, ModelLoadError
-
-    def card_name(model_path: str) -> str:
-        try:
-            return str(find_card(model_path)[1].get("name") or "")
-        except ModelLoadError:
-            return ""  # reported when the model is loaded
-
-    def folder_of(model_path: str) -> str:
-        path = Path(model_path).resolve()
-        return (path.parent if path.suffix == ".keras" else path).name
-
-    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", card_name(m)) or folder_of(m) for m in model_paths]
+    architecture are both called "custom"): name, else name-folder, else a numbered name."""
+    names = [_report_name(m) for m in model_paths]
     chosen = []
     for model_path, name in zip(model_paths, names):
         if names.count(name) > 1:
-            name = f"{name}-{folder_of(model_path)}"
+            name = f"{name}-{_model_folder(model_path)}"
         base, number = name, 2
         while name in chosen:
             name, number = f"{base}-{number}", number + 1
@@ -147,7 +150,8 @@ GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the re
 
 
 def _predict(args) -> int:
-    from pneumonia.batch_screening import BatchScreener, CsvRows, ProgressBar, find_images
+    from pneumonia.batch_screening import BatchScreener, CsvRows, find_images
+    from pneumonia.progress import ProgressBar
     from pneumonia.classifier import ModelLoadError, XrayClassifier
 
     try:
@@ -296,38 +300,32 @@ def _positive_int(text: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pneumonia.batch_screening import DEFAULT_CHUNK_SIZE
-    from pneumonia.classifier import SHIPPED_MODEL_DIR
-    from pneumonia.training import AUGMENTATIONS
+def _add_train(commands) -> None:
     from pneumonia.dataset import NORMAL_SERIES
     from pneumonia.preprocessing import CONTRASTS
+    from pneumonia.training_config import ARCHITECTURES, AUGMENTATIONS, DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
 
-    parser = argparse.ArgumentParser(prog="python -m pneumonia",
-                                     description="Pneumonia screening from chest X-rays (research tool, not a medical device).")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+    default = TrainConfig(data_dir="")
+    per_arch = lambda values: ", ".join(f"{v} for {arch}" for arch, v in values.items())  # noqa: E731
     train = commands.add_parser("train", help="train a model on a Kaggle-layout folder")
     train.add_argument("data_dir")
-    train.add_argument("--arch", choices=("densenet121", "custom"), default="densenet121")
+    train.add_argument("--arch", choices=ARCHITECTURES, default=default.arch)
     train.add_argument("--out", help="output folder (default runs/<arch>)")
-    train.add_argument("--init", help="imagenet, none, or a local DenseNet121 weights file "
-                                      "(default: imagenet for densenet121, none for custom)")
-    train.add_argument("--image-size", type=int, help="input side in pixels (default 128 for densenet121, 320 for custom)")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--val-fraction", type=float, default=0.1)
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--patience", type=int, default=6, help="early stopping: epochs without a better validation AUC")
-    train.add_argument("--target-sensitivity", type=float, default=0.98)
-    train.add_argument("--augment", choices=AUGMENTATIONS, default="standard",
+    train.add_argument("--init", help="imagenet, none, or a local DenseNet121 weights file or trained .keras model "
+                                      f"(default: {per_arch(DEFAULT_INIT)})")
+    train.add_argument("--image-size", type=int, help=f"input side in pixels (default {per_arch(DEFAULT_IMAGE_SIZE)})")
+    for name in ("epochs", "batch_size", "learning_rate", "val_fraction", "seed", "target_sensitivity"):
+        value = getattr(default, name)
+        train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    train.add_argument("--patience", type=int, default=default.patience,
+                       help="early stopping: epochs without a better validation AUC")
+    train.add_argument("--augment", choices=AUGMENTATIONS, default=default.augment,
                        help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
                             "gamma, noise and stronger contrast (what differs between X-ray machines)")
-    train.add_argument("--contrast", choices=CONTRASTS, default="none",
+    train.add_argument("--contrast", choices=CONTRASTS, default=default.contrast,
                        help="contrast normalisation of the model's square, recorded in the card and applied "
                             "everywhere the model is used: clahe (adaptive histogram equalisation) or equalize")
-    train.add_argument("--label-smoothing", type=float, default=0.0,
+    train.add_argument("--label-smoothing", type=float, default=default.label_smoothing,
                        help="binary cross-entropy label smoothing (0: none)")
     train.add_argument("--ema", action="store_true",
                        help="keep an exponential moving average of the weights and validate and save it")
@@ -335,31 +333,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep this NORMAL acquisition series out of training and validation and report the "
                             "specificity on it in the card (a test of transfer to an unseen series)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
-    train.add_argument("--cache-dir", default="cache", help="where decoded, resized pixels are kept between runs")
+    train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
     train.add_argument("--no-cache", action="store_true")
     train.set_defaults(run=_train)
 
+
+def _add_evaluate(commands) -> None:
+    from pneumonia.dataset import SPLITS
+
     evaluate = commands.add_parser("evaluate", help="metrics, confusion matrices, ROC and PR curves on a split")
     evaluate.add_argument("data_dir")
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--split", default="test", choices=SPLITS)
     evaluate.add_argument("--model", action="append", help="model folder or .keras file (repeat to compare)")
     evaluate.add_argument("--out", default="reports/evaluation")
     evaluate.add_argument("--cache-dir", default=None, help="keep decoded pixels here between runs")
     evaluate.set_defaults(run=_evaluate)
 
+
+def _add_predict(commands, shipped: str) -> None:
+    from pneumonia.batch_screening import DEFAULT_CHUNK_SIZE
+
     predict = commands.add_parser("predict", help="probability of pneumonia for image files and folders")
     predict.add_argument("paths", nargs="+", metavar="PATH",
                          help="image files (JPEG, PNG, BMP, TIFF, DICOM) and folders, searched recursively for "
                               "files that are images by content or by name")
-    predict.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="model folder or .keras file (default: the shipped model)")
+    predict.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--csv", metavar="FILE", help="also write one CSV row per file: path, probability, label at "
                                                        "each threshold, the gate's verdict, error")
     predict.add_argument("--gradcam", metavar="DIR", help="write each screened file's Grad-CAM overlay to DIR as a PNG")
     predict.add_argument("--batch-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
-                         help="images per model pass (default %(default)s); at most one full-size image is decoded at a time")
+                         help="images per model pass (default %(default)s); at most one full-size image is decoded "
+                              "at a time")
     predict.set_defaults(run=_predict)
 
+
+def _add_model_tools(commands, shipped: str) -> None:
+    """fit-ood, calibrate and robustness: what is done to or measured on a trained model."""
     fit_ood = commands.add_parser("fit-ood", help="fit the gate that refuses images that are not chest X-rays, "
                                                   "for an existing model")
     fit_ood.add_argument("model", help="model folder or .keras file; ood.npz is written beside it")
@@ -371,16 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "from a new site; writes a new model folder")
     calibrate.add_argument("site_dir", help="SITE_DIR/NORMAL/* and SITE_DIR/PNEUMONIA/* (or see --split)")
     calibrate.add_argument("--split", help="read SITE_DIR/SPLIT/{NORMAL,PNEUMONIA} (a Kaggle-layout root)")
-    calibrate.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="model folder or .keras file (default: the shipped model)")
+    calibrate.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
     calibrate.add_argument("--out", required=True, help="new model folder to write (must not exist or be empty)")
     calibrate.set_defaults(run=_calibrate)
+
     robustness = commands.add_parser("robustness", help="proxies for distribution shift: originals, validation under "
                                                         "acquisition shifts, specificity per NORMAL series")
-    robustness.add_argument("data_dir", help="Kaggle-layout root; the validation part of train/ is recreated from the card")
-    robustness.add_argument("--model", action="append", help="model folder or .keras file (repeat to compare; default: the shipped model)")
-    robustness.add_argument("--originals", help="FOLDER/{NORMAL,PNEUMONIA} of full-resolution images (e.g. ../shared/samples/original-val)")
+    robustness.add_argument("data_dir", help="Kaggle-layout root; the validation part of train/ is recreated from "
+                                             "the card")
+    robustness.add_argument("--model", action="append",
+                            help="model folder or .keras file (repeat to compare; default: the shipped model)")
+    robustness.add_argument("--originals", help="FOLDER/{NORMAL,PNEUMONIA} of full-resolution images "
+                                                "(e.g. ../shared/samples/original-val)")
     robustness.add_argument("--out", default="reports/robustness")
     robustness.set_defaults(run=_robustness)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pneumonia.classifier import SHIPPED_MODEL_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m pneumonia", description="Pneumonia screening from chest X-rays "
+                                                                            "(research tool, not a medical device).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_predict(commands, str(SHIPPED_MODEL_DIR))
+    _add_model_tools(commands, str(SHIPPED_MODEL_DIR))
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 
 from pneumonia.errors import XrayReadError
 from pneumonia.preprocessing import xray_pixels
+from pneumonia.progress import ProgressBar
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label = index; 1 = PNEUMONIA
 SPLITS = ("train", "val", "test")
@@ -169,12 +171,16 @@ def load_pixels(files: SplitFiles, image_size: int, cache_dir: str | Path | None
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
                 log(f"ignoring unreadable pixel cache {cache_file} ({type(err).__name__}); decoding again")
     pixels, kept = [], []
+    progress = ProgressBar(len(files.paths), sys.stderr)
     for index, path in enumerate(files.paths):
         try:
             pixels.append(xray_pixels(path, image_size))
             kept.append(index)
         except XrayReadError as err:
+            progress.clear()
             log(f"skipped unreadable image {path}: {err}")
+        progress.advance()
+    progress.finish()
     kept_files = files.subset(kept)
     array = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size), np.uint8)
     labels = np.asarray(kept_files.labels, dtype=np.int64)
