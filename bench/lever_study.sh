@@ -22,8 +22,8 @@ declare -A levers=(
   [acquisition-holdout]="--augment acquisition --hold-out-series NORMAL2-IM"
   [clahe-acquisition-holdout]="--contrast clahe --augment acquisition --hold-out-series NORMAL2-IM"
 )
-order=(${@:-base clahe acquisition clahe-acquisition base-holdout clahe-holdout acquisition-holdout
-            clahe-acquisition-holdout equalize label-smoothing ema base-seed-43})
+order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
+            label-smoothing ema clahe-holdout equalize clahe-acquisition-holdout})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name
