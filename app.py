@@ -2,6 +2,7 @@
 
 Importing this module loads the model, once in each gunicorn worker.
 """
+
 from web import create_app
 
 app = create_app()

@@ -13,6 +13,7 @@ negative where they lower it. Grad-CAM of the negative logit (the evidence for N
 therefore ReLU(-cam), so one function serves both classes and the class is chosen in NumPy
 with the same float64 calibration as the label.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -38,8 +39,10 @@ class GradCam:
         self.layer = layer
         self.map_size = tuple(int(n) for n in features.shape[1:3])
         if min(self.map_size) < MIN_CELLS:
-            raise ValueError(f"Grad-CAM layer {layer} is {self.map_size[0]}x{self.map_size[1]}; "
-                             f"at least {MIN_CELLS}x{MIN_CELLS} cells are needed")
+            raise ValueError(
+                f"Grad-CAM layer {layer} is {self.map_size[0]}x{self.map_size[1]}; "
+                f"at least {MIN_CELLS}x{MIN_CELLS} cells are needed"
+            )
         logit_layer = model.get_layer("logit")
         grad_model = keras.Model(model.input, [features, logit_layer.input, logit_layer.output])  # one input
 

@@ -13,6 +13,7 @@ an upload is answered 503 with Retry-After); how long a client may take to send 
 PNEUMONIA_BODY_TIMEOUT (default 30 s in all) and PNEUMONIA_BODY_READ_TIMEOUT (default 10 s
 without a byte), beyond which it is answered 408. See web/capacity.py and web/uploads.py.
 """
+
 import ctypes
 import os
 

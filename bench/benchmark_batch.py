@@ -18,6 +18,7 @@ repeated to --files; without them, synthetic 2000x1600 JPEGs. Modes, all on the 
   there; they stay, whatever the number of files), with glibc's malloc set as gunicorn.conf.py
   sets it in a worker (large blocks mapped and unmapped), so freed images leave the RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,10 +126,14 @@ def eager_probability(classifier, path: Path) -> float:
 def throughput(model: str, files: list[Path], single: int) -> dict:
     sources = [(str(path), path) for path in files]
     batch = load_batch(model, sources[:32], 32)
-    results = {f"batched_{chunk}": timed(lambda: list(batch.screen(sources, chunk)), len(files)) for chunk in (8, 16, 32)}
+    results = {
+        f"batched_{chunk}": timed(lambda chunk=chunk: list(batch.screen(sources, chunk)), len(files))
+        for chunk in (8, 16, 32)
+    }
     results["one_at_a_time_compiled"] = timed(lambda: list(batch.screen(sources[:single], 1)), single)
-    results["one_at_a_time_eager"] = timed(lambda: [eager_probability(batch.classifier, p) for p in files[:single]],
-                                           single)
+    results["one_at_a_time_eager"] = timed(
+        lambda: [eager_probability(batch.classifier, p) for p in files[:single]], single
+    )
     return results
 
 
@@ -145,8 +150,10 @@ def memory_decode_all(model: str, files: list[Path]) -> dict:
 
     with PeakRss() as peak:
         decoded = [decode_xray(path)[0] for path in files]
-    return {"peak_rss_above_start_mib": peak.above_start_mib,
-            "decoded_pixels_mib": round(sum(x.width * x.height for x in decoded) / MIB, 1)}
+    return {
+        "peak_rss_above_start_mib": peak.above_start_mib,
+        "decoded_pixels_mib": round(sum(x.width * x.height for x in decoded) / MIB, 1),
+    }
 
 
 def memory_web(model: str, files: list[Path], url: str) -> dict:
@@ -189,8 +196,12 @@ def run_modes_apart(argv: list[str]) -> dict:
     """Each mode in a fresh interpreter: no mode's freed memory hides another's peak."""
     results = {}
     for mode in MODES:
-        done = subprocess.run([sys.executable, "-m", "bench.benchmark_batch", *argv, "--mode", mode], cwd=REPO,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.benchmark_batch", *argv, "--mode", mode],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             raise SystemExit(f"mode {mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -210,10 +221,14 @@ def main() -> int:
     if args.mode:
         print(json.dumps(MODES[args.mode](args, files)))
         return 0
-    report = {"files": args.files, "distinct_files": len(set(files)), "model": args.model,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "node": platform.node()},
-              "date": time.strftime("%Y-%m-%d %H:%M"),
-              **run_modes_apart(sys.argv[1:])}
+    report = {
+        "files": args.files,
+        "distinct_files": len(set(files)),
+        "model": args.model,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "node": platform.node()},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **run_modes_apart(sys.argv[1:]),
+    }
     print(json.dumps(report, indent=2))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "benchmark_batch.json").write_text(json.dumps(report, indent=2) + "\n")

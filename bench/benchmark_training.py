@@ -6,6 +6,7 @@
 Random pixels stand in for X-rays (the step costs the same); augmentation, class weights and
 the metrics are those of `train`. The first steps are traced and not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from pneumonia.training_config import ARCHITECTURES, TrainConfig  # noqa: E402
-
 from pneumonia.models import build_model, normalization_for  # noqa: E402
 from pneumonia.training import augmentation_for, class_weights, compile_for_training, make_dataset  # noqa: E402
+from pneumonia.training_config import ARCHITECTURES, TrainConfig  # noqa: E402
 
 TRAIN_IMAGES = 4692  # the training part of the Kaggle train/ split after the validation carve-out
 
@@ -30,7 +30,9 @@ def seconds_per_step(arch: str, image_size: int, batch_size: int, steps: int) ->
     labels = (rng.uniform(0, 1, len(pixels)) < 0.74).astype(np.int64)
     model = build_model(arch, image_size, {"kind": "none"})
     compile_for_training(model, TrainConfig.learning_rate)
-    batches = make_dataset(pixels, labels, normalization_for(arch), batch_size, 0, augment=augmentation_for("standard", 0), shuffle=True)
+    batches = make_dataset(
+        pixels, labels, normalization_for(arch), batch_size, 0, augment=augmentation_for("standard", 0), shuffle=True
+    )
     weights = class_weights(labels)
     model.fit(batches.take(2), epochs=1, verbose=0, class_weight=weights)  # traces the same signature
     started = time.perf_counter()
@@ -47,9 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     per_step = seconds_per_step(args.arch, args.image_size, args.batch_size, args.steps)
     steps_per_epoch = -(-TRAIN_IMAGES // args.batch_size)
-    print(f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs: "
-          f"{per_step:.3f} s/step, {per_step * steps_per_epoch:.0f} s per epoch of {TRAIN_IMAGES:,} images "
-          f"({steps_per_epoch} steps, validation not included)")
+    print(
+        f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs: "
+        f"{per_step:.3f} s/step, {per_step * steps_per_epoch:.0f} s per epoch of {TRAIN_IMAGES:,} images "
+        f"({steps_per_epoch} steps, validation not included)"
+    )
 
 
 if __name__ == "__main__":

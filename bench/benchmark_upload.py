@@ -9,6 +9,7 @@ The naive path (keras.io "Grad-CAM class activation visualization") runs in this
 the same image: `model.predict`, then a second Grad-CAM model built and run under a
 GradientTape, then a matplotlib jet overlay at full size saved as PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,12 +106,30 @@ def free_port() -> int:
 
 def start_gunicorn(model: str, workers: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PNEUMONIA_MODEL_PATH": str(Path(model).resolve()), "WEB_CONCURRENCY": str(workers),
-           "GUNICORN_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "PNEUMONIA_MODEL_PATH": str(Path(model).resolve()),
+        "WEB_CONCURRENCY": str(workers),
+        "GUNICORN_THREADS": str(threads),
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-         "--access-logfile", "/dev/null", "app:app"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--access-logfile",
+            "/dev/null",
+            "app:app",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     return server, f"http://127.0.0.1:{port}"
 
@@ -151,8 +170,11 @@ def post(session, url: str, data: bytes) -> tuple[float, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"), help="model directory (default model/)")
-    parser.add_argument("--out", default=str(REPO / "bench-results"),
-                        help="a .json file, or a folder to write benchmark_upload.json in (default bench-results/)")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "bench-results"),
+        help="a .json file, or a folder to write benchmark_upload.json in (default bench-results/)",
+    )
     parser.add_argument("--image", help="the upload (default: the ../shared/samples JPEG nearest 2 MP)")
     parser.add_argument("--repeats", type=int, default=60, help="sequential uploads over HTTP")
     parser.add_argument("--naive-repeats", type=int, default=15)
@@ -201,8 +223,10 @@ def main() -> int:
         sequential = [post(session, url, data) for _ in range(args.repeats)]
         client_ms = [elapsed for elapsed, _ in sequential]
         server_ms = [body["timing_ms"] for _, body in sequential]
-        fast = {stage: percentiles([t[stage] for t in server_ms]) for stage in ("decode", "preprocess", "model_gradcam",
-                                                                              "overlay_encode", "total")}
+        fast = {
+            stage: percentiles([t[stage] for t in server_ms])
+            for stage in ("decode", "preprocess", "model_gradcam", "overlay_encode", "total")
+        }
         fast["http"] = percentiles([c - t["total"] for c, t in zip(client_ms, server_ms)])
         fast["end_to_end"] = percentiles(client_ms)
 
@@ -221,18 +245,31 @@ def main() -> int:
         server.wait(60)
 
     results = {
-        "model": {"name": card.get("name"), "path": str(keras_path), "input_size": card["preprocessing"]["image_size"],
-                  "gradcam_layer": layer},
+        "model": {
+            "name": card.get("name"),
+            "path": str(keras_path),
+            "input_size": card["preprocessing"]["image_size"],
+            "gradcam_layer": layer,
+        },
         "image": {"name": image_name, "size": [width, height], "bytes": len(data)},
-        "machine": {"cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_before": os.getloadavg(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "fast_path_http_ms": fast,
         "naive_keras_io_in_process_ms": naive,
         "speedup_end_to_end_vs_naive_p50": round(naive["total"]["p50"] / fast["end_to_end"]["p50"], 2),
         "speedup_server_vs_naive_p50": round(naive["total"]["p50"] / fast["total"]["p50"], 2),
-        "throughput": {"clients": args.clients, "requests": len(loaded), "workers": args.workers,
-                       "threads": args.threads, "requests_per_s": round(len(loaded) / wall, 2),
-                       "latency_ms": percentiles(loaded)},
+        "throughput": {
+            "clients": args.clients,
+            "requests": len(loaded),
+            "workers": args.workers,
+            "threads": args.threads,
+            "requests_per_s": round(len(loaded) / wall, 2),
+            "latency_ms": percentiles(loaded),
+        },
         "rss_mib_per_worker": list(rss.values()),
         "gunicorn_startup_s": round(startup_s, 1),
         "load_average_after": os.getloadavg(),
@@ -248,20 +285,32 @@ def main() -> int:
 
 def print_table(results: dict) -> None:
     fast, naive = results["fast_path_http_ms"], results["naive_keras_io_in_process_ms"]
-    rows = [("decode", "decode"), ("preprocess", "preprocess"), ("model + Grad-CAM", "model_gradcam"),
-            ("overlay + encode", "overlay_encode"), ("server total", "total"), ("HTTP", "http"),
-            ("end to end", "end_to_end")]
+    rows = [
+        ("decode", "decode"),
+        ("preprocess", "preprocess"),
+        ("model + Grad-CAM", "model_gradcam"),
+        ("overlay + encode", "overlay_encode"),
+        ("server total", "total"),
+        ("HTTP", "http"),
+        ("end to end", "end_to_end"),
+    ]
     print(f"\n{'stage (ms)':<20}{'fast p50':>10}{'fast p95':>10}{'naive p50':>11}{'naive p95':>11}")
     for label, key in rows:
         n = naive.get(key, {})
-        print(f"{label:<20}{fast[key]['p50']:>10.1f}{fast[key]['p95']:>10.1f}"
-              f"{n.get('p50', float('nan')):>11.1f}{n.get('p95', float('nan')):>11.1f}")
+        print(
+            f"{label:<20}{fast[key]['p50']:>10.1f}{fast[key]['p95']:>10.1f}"
+            f"{n.get('p50', float('nan')):>11.1f}{n.get('p95', float('nan')):>11.1f}"
+        )
     t = results["throughput"]
     print(f"\nnaive (in process, no HTTP) / fast end to end, p50: {results['speedup_end_to_end_vs_naive_p50']}x")
-    print(f"{t['clients']} clients, {t['requests']} uploads, {t['workers']} worker(s) x {t['threads']} threads: "
-          f"{t['requests_per_s']} requests/s, latency p50 {t['latency_ms']['p50']} ms, p95 {t['latency_ms']['p95']} ms")
-    print(f"RSS per worker (MiB): {results['rss_mib_per_worker']}; load average before: "
-          f"{results['machine']['load_average_before'][0]:.2f} on {results['machine']['cpus']} CPUs")
+    print(
+        f"{t['clients']} clients, {t['requests']} uploads, {t['workers']} worker(s) x {t['threads']} threads: "
+        f"{t['requests_per_s']} requests/s, latency p50 {t['latency_ms']['p50']} ms, p95 {t['latency_ms']['p95']} ms"
+    )
+    print(
+        f"RSS per worker (MiB): {results['rss_mib_per_worker']}; load average before: "
+        f"{results['machine']['load_average_before'][0]:.2f} on {results['machine']['cpus']} CPUs"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ One row a model: validation AUC (the card), the originals (AUC, NORMAL mean prob
 specificity at the default and screening thresholds), the shifted validation part (mean and worst
 specificity at the default threshold, mean NORMAL probability over the shifts) and the cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="robustness.json files")
     args = parser.parse_args()
-    print("| model | validation AUC | originals: AUC / NORMAL mean p / specificity @ default / @ screening "
-          "| shifts: specificity @ default mean / worst / NORMAL mean p | cost (2 CPU cores) |")
+    print(
+        "| model | validation AUC | originals: AUC / NORMAL mean p / specificity @ default / @ screening "
+        "| shifts: specificity @ default mean / worst / NORMAL mean p | cost (2 CPU cores) |"
+    )
     print("|---|---|---|---|---|")
     for report in args.reports:
         for model in json.loads(Path(report).read_text())["models"]:

@@ -24,6 +24,7 @@ soak   the flood for M minutes, sampling the worker's RSS every 10 s: the curve,
 Settings of the server come from the environment as in production (GUNICORN_THREADS,
 PNEUMONIA_MODEL_SLOTS, PNEUMONIA_BODY_TIMEOUT, ...); --env NAME=VALUE adds some for one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ OVERSIZE_BYTES = 21 * 1024 * 1024  # over the default 20 MB limit
 
 
 # --- the server -------------------------------------------------------------------------
+
 
 class Server:
     """`gunicorn app:app` as the Procfile starts it, on a free loopback port; logs to a file."""
@@ -107,10 +109,13 @@ class Server:
 
 # --- bodies and clients -------------------------------------------------------------------
 
+
 def multipart(data: bytes, filename: str = "xray.jpeg") -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -119,8 +124,9 @@ def post_upload(session: requests.Session, url: str, data: bytes, timeout: float
     body, content_type = multipart(data)
     started = time.perf_counter()
     try:
-        response = session.post(f"{url}/api/predict?gradcam=1", data=body, headers={"Content-Type": content_type},
-                                timeout=timeout)
+        response = session.post(
+            f"{url}/api/predict?gradcam=1", data=body, headers={"Content-Type": content_type}, timeout=timeout
+        )
         status = response.status_code
         retry_after = response.headers.get("Retry-After")
     except requests.Timeout:
@@ -135,8 +141,12 @@ def percentile(values, q) -> float | None:
 
 
 def summary_ms(values) -> dict:
-    return {"n": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99),
-            "max": round(max(values), 1) if values else None}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": round(max(values), 1) if values else None,
+    }
 
 
 def slow_client(url_port: int, body_length: int, stop: threading.Event, outcomes: list) -> None:
@@ -148,15 +158,19 @@ def slow_client(url_port: int, body_length: int, stop: threading.Event, outcomes
         started = time.monotonic()
         outcome, sent = None, 0
         try:
-            sock.sendall((f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n").encode())
+            sock.sendall(
+                (
+                    f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+            )
             sock.settimeout(1.0)
             while not stop.is_set() and sent < len(body):
-                sock.sendall(body[sent:sent + 1])
+                sock.sendall(body[sent : sent + 1])
                 sent += 1
                 try:
                     answer = sock.recv(4096)  # waits the 1 s between bytes
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if not answer:
                     outcome = "closed"
@@ -174,11 +188,14 @@ def slow_client(url_port: int, body_length: int, stop: threading.Event, outcomes
 
 # --- scenarios -----------------------------------------------------------------------------
 
+
 def run_slow(server: Server, args, image: bytes) -> dict:
     stop = threading.Event()
     outcomes: list[dict] = []
-    clients = [threading.Thread(target=slow_client, args=(server.port, 100_000, stop, outcomes), daemon=True)
-               for _ in range(args.clients)]
+    clients = [
+        threading.Thread(target=slow_client, args=(server.port, 100_000, stop, outcomes), daemon=True)
+        for _ in range(args.clients)
+    ]
     for thread in clients:
         thread.start()
     time.sleep(2)  # let them all connect and start trickling
@@ -209,20 +226,28 @@ def run_slow(server: Server, args, image: bytes) -> dict:
         thread.join(5)
     held = [o["held_s"] for o in outcomes]
     return {
-        "healthz": {"statuses": dict(Counter(str(h["status"]) for h in health)),
-                    "ms": summary_ms([h["ms"] for h in health if h["status"] == 200])},
-        "pages": {"statuses": dict(Counter(f"{p['path']} {p['status']}" for p in pages)),
-                  "ms": summary_ms([p["ms"] for p in pages if p["status"] == 200])},
-        "real_upload": {"statuses": dict(Counter(str(u["status"]) for u in uploads)),
-                        "ms": summary_ms([u["ms"] for u in uploads if u["status"] == 200])},
-        "slow_clients": {"outcomes": dict(Counter(o["outcome"] for o in outcomes)),
-                         "held_s": {"min": min(held, default=None), "p50": percentile(held, 50),
-                                    "max": max(held, default=None)}},
+        "healthz": {
+            "statuses": dict(Counter(str(h["status"]) for h in health)),
+            "ms": summary_ms([h["ms"] for h in health if h["status"] == 200]),
+        },
+        "pages": {
+            "statuses": dict(Counter(f"{p['path']} {p['status']}" for p in pages)),
+            "ms": summary_ms([p["ms"] for p in pages if p["status"] == 200]),
+        },
+        "real_upload": {
+            "statuses": dict(Counter(str(u["status"]) for u in uploads)),
+            "ms": summary_ms([u["ms"] for u in uploads if u["status"] == 200]),
+        },
+        "slow_clients": {
+            "outcomes": dict(Counter(o["outcome"] for o in outcomes)),
+            "held_s": {"min": min(held, default=None), "p50": percentile(held, 50), "max": max(held, default=None)},
+        },
     }
 
 
-def flood(server: Server, clients: int, seconds: float, image: bytes, junk_share: float, oversize_share: float,
-          on_tick=None) -> dict:
+def flood(
+    server: Server, clients: int, seconds: float, image: bytes, junk_share: float, oversize_share: float, on_tick=None
+) -> dict:
     """`clients` threads posting back to back for `seconds`; `on_tick()` is called every 10 s."""
     rng = np.random.default_rng(0)
     junk = b"\xff\xd8\xff\xe0" + rng.bytes(JUNK_BYTES - 4)
@@ -264,10 +289,14 @@ def flood(server: Server, clients: int, seconds: float, image: bytes, junk_share
     real_ok = [r["ms"] for r in results if r["kind"] == "real" and r["status"] == 200]
     statuses = Counter(str(r["status"]) for r in results)
     return {
-        "clients": clients, "seconds": round(wall, 1), "requests": len(results),
-        "statuses": dict(statuses), "by_kind": {k: dict(v) for k, v in by_kind.items()},
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": len(results),
+        "statuses": dict(statuses),
+        "by_kind": {k: dict(v) for k, v in by_kind.items()},
         "server_errors_5xx_other_than_503": sum(n for s, n in statuses.items() if s.startswith("5") and s != "503"),
-        "client_timeouts": statuses.get("timeout", 0), "connection_errors": statuses.get("connection error", 0),
+        "client_timeouts": statuses.get("timeout", 0),
+        "connection_errors": statuses.get("connection error", 0),
         "good_uploads_per_s": round(len(real_ok) / wall, 2),
         "real_upload_ms": summary_ms(real_ok),
         "all_answers_ms": summary_ms([r["ms"] for r in results if isinstance(r["status"], int)]),
@@ -290,20 +319,23 @@ def run_soak(server: Server, args, image: bytes) -> dict:
         samples.append((round(elapsed), rss))
         print(f"  {elapsed:6.0f} s  RSS {rss:8.1f} MiB", flush=True)
 
-    result = flood(server, args.clients, args.minutes * 60, image, args.junk_share, args.oversize_share,
-                   on_tick=sample)
+    result = flood(server, args.clients, args.minutes * 60, image, args.junk_share, args.oversize_share, on_tick=sample)
     sample(result["seconds"])
     half = [s for s in samples if s[0] >= samples[-1][0] / 2]
     times, rss = np.array([s[0] for s in half]), np.array([s[1] for s in half])
     slope = float(np.polyfit(times, rss, 1)[0]) * 60 if len(half) >= 3 else float("nan")
     result["rss_curve"] = samples
-    result["rss_last_half"] = {"from_mib": half[0][1], "to_mib": half[-1][1],
-                               "change_mib": round(half[-1][1] - half[0][1], 1),
-                               "slope_mib_per_min": round(slope, 2)}
+    result["rss_last_half"] = {
+        "from_mib": half[0][1],
+        "to_mib": half[-1][1],
+        "change_mib": round(half[-1][1] - half[0][1], 1),
+        "slope_mib_per_min": round(slope, 2),
+    }
     return result
 
 
 # --- reporting -----------------------------------------------------------------------------
+
 
 def report(scenario: str, result: dict) -> None:
     if scenario == "slow":
@@ -311,30 +343,38 @@ def report(scenario: str, result: dict) -> None:
         print(f"/healthz: {h['statuses']}; ms p50 {h['ms']['p50']} p99 {h['ms']['p99']} max {h['ms']['max']}")
         print(f"/ and /model: {p['statuses']}; ms p50 {p['ms']['p50']} max {p['ms']['max']}")
         print(f"real upload: {u['statuses']}; ms p50 {u['ms']['p50']} max {u['ms']['max']}")
-        print(f"slow clients: {s['outcomes']}; held s min {s['held_s']['min']} p50 {s['held_s']['p50']} "
-              f"max {s['held_s']['max']}")
+        print(
+            f"slow clients: {s['outcomes']}; held s min {s['held_s']['min']} p50 {s['held_s']['p50']} "
+            f"max {s['held_s']['max']}"
+        )
         return
-    print(f"{result['requests']} requests in {result['seconds']} s from {result['clients']} clients: "
-          f"{result['statuses']}")
+    print(
+        f"{result['requests']} requests in {result['seconds']} s from {result['clients']} clients: {result['statuses']}"
+    )
     for kind, counts in sorted(result["by_kind"].items()):
         print(f"  {kind:<9}{counts}")
     r = result["real_upload_ms"]
-    print(f"good uploads/s {result['good_uploads_per_s']}; real upload ms p50 {r['p50']} p99 {r['p99']} "
-          f"max {r['max']}; 5xx other than 503: {result['server_errors_5xx_other_than_503']}; "
-          f"client timeouts {result['client_timeouts']}; connection errors {result['connection_errors']}")
+    print(
+        f"good uploads/s {result['good_uploads_per_s']}; real upload ms p50 {r['p50']} p99 {r['p99']} "
+        f"max {r['max']}; 5xx other than 503: {result['server_errors_5xx_other_than_503']}; "
+        f"client timeouts {result['client_timeouts']}; connection errors {result['connection_errors']}"
+    )
     if result["retry_after_s"]:
         print(f"Retry-After values (s: count): {result['retry_after_s']}")
     if "rss_mib" in result:
         print(f"worker RSS MiB: {result['rss_mib']['before']} -> {result['rss_mib']['after']}")
     if "rss_last_half" in result:
         h = result["rss_last_half"]
-        print(f"RSS over the last half: {h['from_mib']} -> {h['to_mib']} MiB ({h['change_mib']:+} MiB, "
-              f"{h['slope_mib_per_min']:+} MiB/min)")
+        print(
+            f"RSS over the last half: {h['from_mib']} -> {h['to_mib']} MiB ({h['change_mib']:+} MiB, "
+            f"{h['slope_mib_per_min']:+} MiB/min)"
+        )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("scenario", choices=("slow", "flood", "soak"))
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (at most {MAX_CLIENTS})")
     parser.add_argument("--seconds", type=float, default=60, help="length of slow and flood")
@@ -343,8 +383,13 @@ def main() -> int:
     parser.add_argument("--oversize-share", type=float, default=0.05, help="share of uploads over the size limit")
     parser.add_argument("--model", help="model directory (default: PNEUMONIA_MODEL_PATH, else model/)")
     parser.add_argument("--image", help="the real upload (default: the ../shared/samples JPEG nearest 2 MP)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="server setting for this run, e.g. GUNICORN_THREADS=4")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="server setting for this run, e.g. GUNICORN_THREADS=4",
+    )
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -357,24 +402,43 @@ def main() -> int:
     server = Server(args.model, extra_env)
     try:
         startup_s = server.wait_ready()
-        settings = {name: os.environ.get(name) for name in
-                    ("GUNICORN_THREADS", "WEB_CONCURRENCY", "PNEUMONIA_MODEL_SLOTS", "PNEUMONIA_MODEL_QUEUE_SECONDS",
-                     "PNEUMONIA_BODY_TIMEOUT", "PNEUMONIA_BODY_READ_TIMEOUT") if os.environ.get(name)}
+        settings = {
+            name: os.environ.get(name)
+            for name in (
+                "GUNICORN_THREADS",
+                "WEB_CONCURRENCY",
+                "PNEUMONIA_MODEL_SLOTS",
+                "PNEUMONIA_MODEL_QUEUE_SECONDS",
+                "PNEUMONIA_BODY_TIMEOUT",
+                "PNEUMONIA_BODY_READ_TIMEOUT",
+            )
+            if os.environ.get(name)
+        }
         settings.update(extra_env)
-        print(f"gunicorn ready in {startup_s:.0f} s on {server.url}; upload {image_name} ({len(image) / 1e6:.2f} MB);"
-              f" settings {settings or 'defaults'}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
-              flush=True)
+        print(
+            f"gunicorn ready in {startup_s:.0f} s on {server.url}; upload {image_name} ({len(image) / 1e6:.2f} MB);"
+            f" settings {settings or 'defaults'}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
+            flush=True,
+        )
         load_before = os.getloadavg()
         run = {"slow": run_slow, "flood": run_flood, "soak": run_soak}[args.scenario]
         result = run(server, args, image)
     finally:
         server.stop()
-    result = {"scenario": args.scenario, "settings": settings, "image": image_name,
-              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "cpus": os.cpu_count(), **result}
+    result = {
+        "scenario": args.scenario,
+        "settings": settings,
+        "image": image_name,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        **result,
+    }
     report(args.scenario, result)
-    print(f"load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ With Grad-CAM each accepted image of the chunk goes through `GradCam.explain` in
 gives the logit, the map and the features, so the probability comes from the same pass as the
 map (as on the web app's result page).
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,14 +25,15 @@ import logging
 import os
 import re
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 import numpy as np
 
-from pneumonia.ood import OutOfDistribution, Verdict
 from pneumonia.errors import XrayReadError
+from pneumonia.ood import OutOfDistribution, Verdict
 from pneumonia.preprocessing import SIGNATURE_BYTES, Source, decode_xray, model_input, resize_xray, sniff_format
 
 LOG = logging.getLogger(__name__)
@@ -41,8 +43,17 @@ DEFAULT_CHUNK_SIZE = 16  # images per model pass; ~35 ms an image on 2 CPU cores
 # is one: a corrupt X-ray is then reported as a row with its error instead of being skipped unseen.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
-CSV_COLUMNS = ("probability", "label_default", "label_screening", "threshold_default", "threshold_screening",
-               "ood_verdict", "ood_reason", "ood_score", "error")
+CSV_COLUMNS = (
+    "probability",
+    "label_default",
+    "label_screening",
+    "threshold_default",
+    "threshold_screening",
+    "ood_verdict",
+    "ood_reason",
+    "ood_score",
+    "error",
+)
 SPREADSHEET_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -113,14 +124,20 @@ class BatchScreener:
         self.gradcam = gradcam  # a gradcam.GradCam on the same model, for `with_gradcam`
         classifier.compiled_forward()
 
-    def screen(self, sources: Iterable[tuple[str, Source]], chunk_size: int = DEFAULT_CHUNK_SIZE,
-               display_side: int | None = None, with_gradcam: bool = False) -> Iterator[ScreenedImage]:
+    def screen(
+        self,
+        sources: Iterable[tuple[str, Source]],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        display_side: int | None = None,
+        with_gradcam: bool = False,
+    ) -> Iterator[ScreenedImage]:
         """(name, bytes or path) pairs -> one row each, in order, a chunk at a time."""
         for chunk in chunked(sources, chunk_size):
             yield from self.screen_chunk(chunk, display_side, with_gradcam)
 
-    def screen_chunk(self, chunk: list[tuple[str, Source]], display_side: int | None = None,
-                     with_gradcam: bool = False) -> list[ScreenedImage]:
+    def screen_chunk(
+        self, chunk: list[tuple[str, Source]], display_side: int | None = None, with_gradcam: bool = False
+    ) -> list[ScreenedImage]:
         """One chunk: decoded one file at a time, then one model pass (or Grad-CAM per image)."""
         if with_gradcam and self.gradcam is None:
             raise ValueError("this BatchScreener was built without Grad-CAM")
@@ -144,8 +161,11 @@ class BatchScreener:
             return row, None
         except Exception as err:  # a decoder bug must not end the run; its message could quote the file
             row.error, row.unexpected = f"It could not be read ({type(err).__name__}).", True
-            LOG.error("Unexpected %s while decoding a file (message withheld: it may quote the file)\n%s",
-                      type(err).__name__, "".join(traceback.format_tb(err.__traceback__)))
+            LOG.error(
+                "Unexpected %s while decoding a file (message withheld: it may quote the file)\n%s",
+                type(err).__name__,
+                "".join(traceback.format_tb(err.__traceback__)),
+            )
             return row, None
         if display_side:
             from gradcam import display_image
@@ -193,6 +213,7 @@ def _refuse(row: ScreenedImage, verdict: Verdict) -> None:
 
 # --- CSV --------------------------------------------------------------------------------------
 
+
 def _text_cell(text: str) -> str:
     """A spreadsheet runs a cell that starts with = + - @ as a formula: such text gets a leading quote."""
     return f"'{text}" if text.startswith(SPREADSHEET_FORMULA_STARTS) else text
@@ -227,8 +248,14 @@ class CsvRows:
     """CSV with a header and one row per screened file, written as rows come (flushed: an
     interrupted run keeps what it did)."""
 
-    def __init__(self, stream: IO[str], name_column: str, thresholds: dict[str, float], gated: bool,
-                 extra_columns: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        stream: IO[str],
+        name_column: str,
+        thresholds: dict[str, float],
+        gated: bool,
+        extra_columns: tuple[str, ...] = (),
+    ):
         self.stream = stream
         self.writer = csv.writer(stream)
         self.thresholds, self.gated = thresholds, gated

@@ -2,6 +2,7 @@
 was trained, on what, how to preprocess its input, how its logits are calibrated and where its
 thresholds are. `train` builds it as a `ModelCard`; `fit-ood` and `calibrate` add to a copy; all
 three write it with `write_card`."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,10 @@ from pathlib import Path
 CARD_NAME = "model.json"
 
 PLATT_METHOD = "Platt scaling, sigmoid(slope * logit + intercept), fitted on the validation logits"
-THRESHOLD_RULE = ("default maximises Youden's J (sensitivity + specificity - 1); screening is the highest "
-                  "threshold whose sensitivity reaches the target, and never above the default")
+THRESHOLD_RULE = (
+    "default maximises Youden's J (sensitivity + specificity - 1); screening is the highest "
+    "threshold whose sensitivity reaches the target, and never above the default"
+)
 
 
 @dataclass

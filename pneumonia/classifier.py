@@ -4,6 +4,7 @@ The card (`model.json` beside the `.keras` file) says how to preprocess, the Pla
 calibration and the thresholds; `XrayClassifier` applies all three, so every caller gets
 the same probability for the same image.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def find_card(model_path: str | Path) -> tuple[Path, dict]:
     elif isinstance(card.get("file"), str) and card["file"]:
         keras_path = card_path.with_name(card["file"])
     else:
-        raise ModelLoadError(f"The model card {card_path} does not name its model file (\"file\").")
+        raise ModelLoadError(f'The model card {card_path} does not name its model file ("file").')
     if not keras_path.is_file():
         raise ModelLoadError(f"The model file {keras_path} named by {card_path} is missing.")
     return keras_path, card
@@ -109,8 +110,10 @@ class XrayClassifier:
 
     def features_and_logits_of_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S) from `xray_pixels` -> (N, d), (N,); normalised a batch at a time."""
-        parts = [self.features_and_logits(model_input(pixels[i : i + batch_size], self.preprocessing))
-                 for i in range(0, len(pixels), batch_size)]
+        parts = [
+            self.features_and_logits(model_input(pixels[i : i + batch_size], self.preprocessing))
+            for i in range(0, len(pixels), batch_size)
+        ]
         if not parts:
             return self.features_and_logits(np.zeros((0, self.image_size, self.image_size, 3), np.float32))
         return np.concatenate([f for f, _ in parts]), np.concatenate([z for _, z in parts])

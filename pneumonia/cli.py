@@ -1,9 +1,10 @@
 """`python -m pneumonia {train,evaluate,predict,calibrate}`."""
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -21,21 +22,25 @@ def _train(args) -> int:
     from pneumonia.training_config import DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    config = TrainConfig(**{
-        **given,
-        "out": args.out or f"runs/{args.arch}",
-        "init": args.init or DEFAULT_INIT[args.arch],
-        "image_size": args.image_size or DEFAULT_IMAGE_SIZE[args.arch],
-        "cache_dir": None if args.no_cache else args.cache_dir,
-    })
+    config = TrainConfig(
+        **{
+            **given,
+            "out": args.out or f"runs/{args.arch}",
+            "init": args.init or DEFAULT_INIT[args.arch],
+            "image_size": args.image_size or DEFAULT_IMAGE_SIZE[args.arch],
+            "cache_dir": None if args.no_cache else args.cache_dir,
+        }
+    )
     try:
         card = train(config)
     except InitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     v = card["validation"]
-    print(f"validation AUC {v['auc']:.4f}; thresholds: default {card['thresholds']['default']:.3f}, "
-          f"screening {card['thresholds']['screening']:.3f}")
+    print(
+        f"validation AUC {v['auc']:.4f}; thresholds: default {card['thresholds']['default']:.3f}, "
+        f"screening {card['thresholds']['screening']:.3f}"
+    )
     return 0
 
 
@@ -58,8 +63,11 @@ def _evaluate(args) -> int:
             return 2
         pixels, labels, kept = dataset.load_pixels(files, classifier.image_size, args.cache_dir, log=print)
         if len(set(labels.tolist())) < 2:  # AUC, specificity and the rest need both classes
-            print(f"error: {args.data_dir} {args.split}/ needs readable NORMAL and PNEUMONIA images to evaluate on; "
-                  f"found {dataset.describe(args.split, kept)}", file=sys.stderr)
+            print(
+                f"error: {args.data_dir} {args.split}/ needs readable NORMAL and PNEUMONIA images to evaluate on; "
+                f"found {dataset.describe(args.split, kept)}",
+                file=sys.stderr,
+            )
             return 2
         features, logits = classifier.features_and_logits_of_pixels(pixels)
         probs = classifier.calibrated(logits)
@@ -91,13 +99,16 @@ def _gate_on_split(classifier, files, features, labels, probs, split: str) -> di
     scores = gate.density.distance(features)
     counts = verdict_counts(gate, stats, scores)
     accepted = np.array([(gate.check_pixels(s) or gate.check_score(float(d))).accepted for s, d in zip(stats, scores)])
-    print(f"out-of-distribution gate: refused {100 * counts['refused_fraction']:.1f} % "
-          f"({sum(counts['refused_by'].values())} of {counts['images']}: {counts['refused_by'] or 'none'}), "
-          f"flagged unusual {100 * counts['unusual_fraction']:.1f} %")
+    print(
+        f"out-of-distribution gate: refused {100 * counts['refused_fraction']:.1f} % "
+        f"({sum(counts['refused_by'].values())} of {counts['images']}: {counts['refused_by'] or 'none'}), "
+        f"flagged unusual {100 * counts['unusual_fraction']:.1f} %"
+    )
     report = {"gate": "on", **counts, "metrics_on_accepted": None}
     if accepted.any() and len(set(labels[accepted].tolist())) == 2:
-        report["metrics_on_accepted"] = evaluate_predictions(labels[accepted], probs[accepted], classifier.thresholds,
-                                                             classifier.name, f"{split} (accepted by the gate)")
+        report["metrics_on_accepted"] = evaluate_predictions(
+            labels[accepted], probs[accepted], classifier.thresholds, classifier.name, f"{split} (accepted by the gate)"
+        )
         print("on the images the gate accepted:\n" + format_table(report["metrics_on_accepted"]))
     return report
 
@@ -134,14 +145,20 @@ def _model_folder_names(model_paths: list[str]) -> list[str]:
 
 
 def comparison_table(results: list[dict], names: list[str] | None = None) -> str:
-    rows = [("AUC", lambda m: m["auc"]), ("average precision", lambda m: m["average_precision"]),
-            ("loss", lambda m: m["loss"])]
+    rows = [
+        ("AUC", lambda m: m["auc"]),
+        ("average precision", lambda m: m["average_precision"]),
+        ("loss", lambda m: m["loss"]),
+    ]
     for name in ("default", "screening"):
         for key in ("threshold", "accuracy", "precision", "recall", "specificity", "f1"):
             rows.append((f"{key} @ {name}", lambda m, n=name, k=key: m["thresholds"][n][k]))
-    lines = [f"# Comparison on {results[0]['split']}", "",
-             "| metric | " + " | ".join(names or [m["model"] for m in results]) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = [
+        f"# Comparison on {results[0]['split']}",
+        "",
+        "| metric | " + " | ".join(names or [m["model"] for m in results]) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     lines += [f"| {label} | " + " | ".join(f"{get(m):.4f}" for m in results) + " |" for label, get in rows]
     return "\n".join(lines) + "\n"
 
@@ -151,8 +168,8 @@ GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the re
 
 def _predict(args) -> int:
     from pneumonia.batch_screening import BatchScreener, CsvRows, find_images
-    from pneumonia.progress import ProgressBar
     from pneumonia.classifier import ModelLoadError, XrayClassifier
+    from pneumonia.progress import ProgressBar
 
     try:
         classifier = XrayClassifier(args.model)
@@ -163,8 +180,11 @@ def _predict(args) -> int:
         print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
     found = find_images(args.paths)
     if found.skipped:
-        print(f"note: skipped {len(found.skipped)} file(s) that are not images by content or name, e.g. "
-              f"{found.skipped[0]}", file=sys.stderr)
+        print(
+            f"note: skipped {len(found.skipped)} file(s) that are not images by content or name, e.g. "
+            f"{found.skipped[0]}",
+            file=sys.stderr,
+        )
     if not found.files:
         print("error: no image files in " + ", ".join(args.paths), file=sys.stderr)
         return 2
@@ -176,20 +196,36 @@ def _predict(args) -> int:
     batch = BatchScreener(classifier, _gradcam_of(classifier) if args.gradcam else None)
     progress = ProgressBar(len(found.files), sys.stderr)
     with csv_file or contextlib.nullcontext():
-        table = CsvRows(csv_file, "path", classifier.thresholds, classifier.gate is not None,
-                        ("gradcam",) if args.gradcam else ()) if csv_file else None
+        table = (
+            CsvRows(
+                csv_file,
+                "path",
+                classifier.thresholds,
+                classifier.gate is not None,
+                ("gradcam",) if args.gradcam else (),
+            )
+            if csv_file
+            else None
+        )
         counts = _predict_files(args, batch, found.files, table, progress)
     progress.finish()
-    print(f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
-          f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""), file=sys.stderr)
+    print(
+        f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
+        f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""),
+        file=sys.stderr,
+    )
     return 1 if counts["failed"] else 0
 
 
 def _predict_files(args, batch, files: list[str], table, progress) -> dict[str, int]:
     """Screens `files` a chunk at a time: a line each on stdout, a CSV row, an overlay PNG."""
     counts = {"files": len(files), "screened": 0, "refused": 0, "failed": 0}
-    rows = batch.screen(((path, path) for path in files), args.batch_size,
-                        display_side=GRADCAM_MAX_SIDE if args.gradcam else None, with_gradcam=bool(args.gradcam))
+    rows = batch.screen(
+        ((path, path) for path in files),
+        args.batch_size,
+        display_side=GRADCAM_MAX_SIDE if args.gradcam else None,
+        with_gradcam=bool(args.gradcam),
+    )
     for index, row in enumerate(rows, start=1):
         overlay_path = _write_overlay(args.gradcam, index, row) if args.gradcam else None
         if table is not None:
@@ -238,11 +274,21 @@ def _prediction_line(row, classifier, as_json: bool) -> str:
         return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"
     probability, labels = row.probability, row.labels
     if as_json:
-        return json.dumps({"path": image, "probability": round(probability, 6), "label": labels["default"],
-                           "screening_label": labels["screening"], "thresholds": classifier.thresholds, "ood": ood})
+        return json.dumps(
+            {
+                "path": image,
+                "probability": round(probability, 6),
+                "label": labels["default"],
+                "screening_label": labels["screening"],
+                "thresholds": classifier.thresholds,
+                "ood": ood,
+            }
+        )
     warning = "\tunusual for this model" if verdict is not None and verdict.verdict == "unusual" else ""
-    return (f"{image}\t{probability:.4f}\tdefault({classifier.thresholds['default']:.3f}): {labels['default']}"
-            f"\tscreening({classifier.thresholds['screening']:.3f}): {labels['screening']}{warning}")
+    return (
+        f"{image}\t{probability:.4f}\tdefault({classifier.thresholds['default']:.3f}): {labels['default']}"
+        f"\tscreening({classifier.thresholds['screening']:.3f}): {labels['screening']}{warning}"
+    )
 
 
 def _fit_ood(args) -> int:
@@ -263,16 +309,19 @@ def _calibrate(args) -> int:
     from pneumonia.recalibration import RecalibrationError, format_operating_figures, recalibrate
 
     try:
-        result = recalibrate(args.model, args.site_dir, args.out, args.split,
-                             warn=lambda text: print(text, file=sys.stderr))
+        result = recalibrate(
+            args.model, args.site_dir, args.out, args.split, warn=lambda text: print(text, file=sys.stderr)
+        )
     except (RecalibrationError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     recalibration = result.card["recalibration"]
     print(format_operating_figures(recalibration["metrics"], recalibration["previous_metrics"]))
     previous, new = recalibration["previous"]["thresholds"], result.card["thresholds"]
-    print(f"thresholds (each on its own calibrated scale): default {previous['default']:.3f} -> {new['default']:.3f}, "
-          f"screening {previous['screening']:.3f} -> {new['screening']:.3f}")
+    print(
+        f"thresholds (each on its own calibrated scale): default {previous['default']:.3f} -> {new['default']:.3f}, "
+        f"screening {previous['screening']:.3f} -> {new['screening']:.3f}"
+    )
     print(f"wrote {result.out} (serve it with PNEUMONIA_MODEL_PATH={result.out})")
     return 0
 
@@ -311,27 +360,47 @@ def _add_train(commands) -> None:
     train.add_argument("data_dir")
     train.add_argument("--arch", choices=ARCHITECTURES, default=default.arch)
     train.add_argument("--out", help="output folder (default runs/<arch>)")
-    train.add_argument("--init", help="imagenet, none, or a local DenseNet121 weights file or trained .keras model "
-                                      f"(default: {per_arch(DEFAULT_INIT)})")
+    train.add_argument(
+        "--init",
+        help="imagenet, none, or a local DenseNet121 weights file or trained .keras model "
+        f"(default: {per_arch(DEFAULT_INIT)})",
+    )
     train.add_argument("--image-size", type=int, help=f"input side in pixels (default {per_arch(DEFAULT_IMAGE_SIZE)})")
     for name in ("epochs", "batch_size", "learning_rate", "val_fraction", "seed", "target_sensitivity"):
         value = getattr(default, name)
         train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    train.add_argument("--patience", type=int, default=default.patience,
-                       help="early stopping: epochs without a better validation AUC")
-    train.add_argument("--augment", choices=AUGMENTATIONS, default=default.augment,
-                       help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
-                            "gamma, noise and stronger contrast (what differs between X-ray machines)")
-    train.add_argument("--contrast", choices=CONTRASTS, default=default.contrast,
-                       help="contrast normalisation of the model's square, recorded in the card and applied "
-                            "everywhere the model is used: clahe (adaptive histogram equalisation) or equalize")
-    train.add_argument("--label-smoothing", type=float, default=default.label_smoothing,
-                       help="binary cross-entropy label smoothing (0: none)")
-    train.add_argument("--ema", action="store_true",
-                       help="keep an exponential moving average of the weights and validate and save it")
-    train.add_argument("--hold-out-series", choices=NORMAL_SERIES,
-                       help="keep this NORMAL acquisition series out of training and validation and report the "
-                            "specificity on it in the card (a test of transfer to an unseen series)")
+    train.add_argument(
+        "--patience", type=int, default=default.patience, help="early stopping: epochs without a better validation AUC"
+    )
+    train.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=default.augment,
+        help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
+        "gamma, noise and stronger contrast (what differs between X-ray machines)",
+    )
+    train.add_argument(
+        "--contrast",
+        choices=CONTRASTS,
+        default=default.contrast,
+        help="contrast normalisation of the model's square, recorded in the card and applied "
+        "everywhere the model is used: clahe (adaptive histogram equalisation) or equalize",
+    )
+    train.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=default.label_smoothing,
+        help="binary cross-entropy label smoothing (0: none)",
+    )
+    train.add_argument(
+        "--ema", action="store_true", help="keep an exponential moving average of the weights and validate and save it"
+    )
+    train.add_argument(
+        "--hold-out-series",
+        choices=NORMAL_SERIES,
+        help="keep this NORMAL acquisition series out of training and validation and report the "
+        "specificity on it in the card (a test of transfer to an unseen series)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
     train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
     train.add_argument("--no-cache", action="store_true")
@@ -354,45 +423,64 @@ def _add_predict(commands, shipped: str) -> None:
     from pneumonia.batch_screening import DEFAULT_CHUNK_SIZE
 
     predict = commands.add_parser("predict", help="probability of pneumonia for image files and folders")
-    predict.add_argument("paths", nargs="+", metavar="PATH",
-                         help="image files (JPEG, PNG, BMP, TIFF, DICOM) and folders, searched recursively for "
-                              "files that are images by content or by name")
+    predict.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files (JPEG, PNG, BMP, TIFF, DICOM) and folders, searched recursively for "
+        "files that are images by content or by name",
+    )
     predict.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument("--csv", metavar="FILE", help="also write one CSV row per file: path, probability, label at "
-                                                       "each threshold, the gate's verdict, error")
+    predict.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write one CSV row per file: path, probability, label at each threshold, the gate's verdict, error",
+    )
     predict.add_argument("--gradcam", metavar="DIR", help="write each screened file's Grad-CAM overlay to DIR as a PNG")
-    predict.add_argument("--batch-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
-                         help="images per model pass (default %(default)s); at most one full-size image is decoded "
-                              "at a time")
+    predict.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="images per model pass (default %(default)s); at most one full-size image is decoded at a time",
+    )
     predict.set_defaults(run=_predict)
 
 
 def _add_model_tools(commands, shipped: str) -> None:
     """fit-ood, calibrate and robustness: what is done to or measured on a trained model."""
-    fit_ood = commands.add_parser("fit-ood", help="fit the gate that refuses images that are not chest X-rays, "
-                                                  "for an existing model")
+    fit_ood = commands.add_parser(
+        "fit-ood", help="fit the gate that refuses images that are not chest X-rays, for an existing model"
+    )
     fit_ood.add_argument("model", help="model folder or .keras file; ood.npz is written beside it")
     fit_ood.add_argument("data_dir", help="the Kaggle-layout folder the model was trained on (its train/ split)")
     fit_ood.add_argument("--cache-dir", default="cache", help="decoded, resized pixels, shared with train")
     fit_ood.set_defaults(run=_fit_ood)
 
-    calibrate = commands.add_parser("calibrate", help="refit calibration and thresholds on a labelled sample "
-                                                      "from a new site; writes a new model folder")
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="refit calibration and thresholds on a labelled sample from a new site; writes a new model folder",
+    )
     calibrate.add_argument("site_dir", help="SITE_DIR/NORMAL/* and SITE_DIR/PNEUMONIA/* (or see --split)")
     calibrate.add_argument("--split", help="read SITE_DIR/SPLIT/{NORMAL,PNEUMONIA} (a Kaggle-layout root)")
     calibrate.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
     calibrate.add_argument("--out", required=True, help="new model folder to write (must not exist or be empty)")
     calibrate.set_defaults(run=_calibrate)
 
-    robustness = commands.add_parser("robustness", help="proxies for distribution shift: originals, validation under "
-                                                        "acquisition shifts, specificity per NORMAL series")
-    robustness.add_argument("data_dir", help="Kaggle-layout root; the validation part of train/ is recreated from "
-                                             "the card")
-    robustness.add_argument("--model", action="append",
-                            help="model folder or .keras file (repeat to compare; default: the shipped model)")
-    robustness.add_argument("--originals", help="FOLDER/{NORMAL,PNEUMONIA} of full-resolution images "
-                                                "(e.g. ../shared/samples/original-val)")
+    robustness = commands.add_parser(
+        "robustness",
+        help="proxies for distribution shift: originals, validation under "
+        "acquisition shifts, specificity per NORMAL series",
+    )
+    robustness.add_argument(
+        "data_dir", help="Kaggle-layout root; the validation part of train/ is recreated from the card"
+    )
+    robustness.add_argument(
+        "--model", action="append", help="model folder or .keras file (repeat to compare; default: the shipped model)"
+    )
+    robustness.add_argument(
+        "--originals", help="FOLDER/{NORMAL,PNEUMONIA} of full-resolution images (e.g. ../shared/samples/original-val)"
+    )
     robustness.add_argument("--out", default="reports/robustness")
     robustness.set_defaults(run=_robustness)
 
@@ -400,8 +488,10 @@ def _add_model_tools(commands, shipped: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from pneumonia.classifier import SHIPPED_MODEL_DIR
 
-    parser = argparse.ArgumentParser(prog="python -m pneumonia", description="Pneumonia screening from chest X-rays "
-                                                                            "(research tool, not a medical device).")
+    parser = argparse.ArgumentParser(
+        prog="python -m pneumonia",
+        description="Pneumonia screening from chest X-rays (research tool, not a medical device).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
     _add_evaluate(commands)

@@ -1,5 +1,6 @@
 """The Kaggle "Chest X-Ray Images (Pneumonia)" folder layout, the patient-grouped
 validation split, and the cache of decoded, resized pixels."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,7 @@ class SplitFiles:
         labels = np.asarray(self.labels, dtype=int)
         return {name: int((labels == index).sum()) for index, name in enumerate(CLASS_NAMES)}
 
-    def subset(self, indices) -> "SplitFiles":
+    def subset(self, indices) -> SplitFiles:
         return SplitFiles([self.paths[i] for i in indices], [self.labels[i] for i in indices])
 
 
@@ -99,14 +100,18 @@ def split_off_series(files: SplitFiles, series: str | None) -> tuple[SplitFiles,
     training and validation alike is a test of transfer to an acquisition the model never saw."""
     if series is None:
         return files, SplitFiles()
-    held = [i for i, (path, label) in enumerate(zip(files.paths, files.labels))
-            if label == 0 and normal_series(path) == series]
+    held = [
+        i
+        for i, (path, label) in enumerate(zip(files.paths, files.labels))
+        if label == 0 and normal_series(path) == series
+    ]
     held_set = set(held)
     return files.subset([i for i in range(len(files.paths)) if i not in held_set]), files.subset(held)
 
 
-def training_parts(files: SplitFiles, val_fraction: float, seed: int,
-                   hold_out_series: str | None = None) -> tuple[SplitFiles, SplitFiles, SplitFiles]:
+def training_parts(
+    files: SplitFiles, val_fraction: float, seed: int, hold_out_series: str | None = None
+) -> tuple[SplitFiles, SplitFiles, SplitFiles]:
     """train/ -> (training part, validation part, held-out series), as `train` makes them and as
     `fit-ood` and `robustness` recreate them from a card's training config."""
     kept, held_out = split_off_series(files, hold_out_series)
@@ -148,7 +153,9 @@ def fingerprint(files: SplitFiles) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def load_pixels(files: SplitFiles, image_size: int, cache_dir: str | Path | None = None, log=print) -> tuple[np.ndarray, np.ndarray, SplitFiles]:
+def load_pixels(
+    files: SplitFiles, image_size: int, cache_dir: str | Path | None = None, log=print
+) -> tuple[np.ndarray, np.ndarray, SplitFiles]:
     """Decodes and resizes every image once: uint8 (N, S, S) pixels and int labels (N,).
 
     Unreadable images are reported by path and dropped (the returned SplitFiles lists what
@@ -158,8 +165,10 @@ def load_pixels(files: SplitFiles, image_size: int, cache_dir: str | Path | None
     cache_file = None
     if cache_dir is not None:
         key = hashlib.sha256(
-            ("\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files.paths)
-             + f"\n{image_size}").encode()
+            (
+                "\n".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files.paths)
+                + f"\n{image_size}"
+            ).encode()
         ).hexdigest()[:20]
         cache_file = Path(cache_dir) / f"pixels-{image_size}-{key}.npz"
         if cache_file.exists():

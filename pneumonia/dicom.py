@@ -4,6 +4,7 @@ Modality LUT (rescale slope/intercept), then the VOI LUT or window the file carr
 MONOCHROME1 inverted so bone is bright as in the JPEG training images. Patient tags are
 never read into messages or logs.
 """
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Metrics (from scikit-learn), bootstrap intervals, thresholds, calibration and plots."""
+
 from __future__ import annotations
 
 import json
@@ -174,8 +175,10 @@ def save_plots(labels, probs, metrics: dict, out_dir: str | Path) -> list[Path]:
         skm.ConfusionMatrixDisplay(grid, display_labels=CLASS_NAMES).plot(ax=ax, cmap="Blues", colorbar=False)
         ax.set_title(f"{name} threshold {entry['threshold']:.3f}")
         save(fig, f"confusion_matrix_{name}.png")
-    curves = {"roc_curve.png": (skm.RocCurveDisplay, f"ROC, AUC {metrics['auc']:.3f}"),
-              "pr_curve.png": (skm.PrecisionRecallDisplay, f"PR, AP {metrics['average_precision']:.3f}")}
+    curves = {
+        "roc_curve.png": (skm.RocCurveDisplay, f"ROC, AUC {metrics['auc']:.3f}"),
+        "pr_curve.png": (skm.PrecisionRecallDisplay, f"PR, AP {metrics['average_precision']:.3f}"),
+    }
     for filename, (display, title) in curves.items():
         fig, ax = plt.subplots(figsize=(4, 4))
         display.from_predictions(labels, probs, ax=ax, name=metrics["model"])
@@ -188,7 +191,8 @@ def save_plots(labels, probs, metrics: dict, out_dir: str | Path) -> list[Path]:
 def format_table(metrics: dict) -> str:
     lines = [
         f"{metrics['model']} on {metrics['split']} (n = {sum(metrics['n'].values())}: "
-        + ", ".join(f"{k} {v}" for k, v in metrics["n"].items()) + ")",
+        + ", ".join(f"{k} {v}" for k, v in metrics["n"].items())
+        + ")",
         f"AUC {metrics['auc']:.4f} [{metrics['ci95']['auc'][0]:.4f}, {metrics['ci95']['auc'][1]:.4f}]   "
         f"AP {metrics['average_precision']:.4f}   loss {metrics['loss']:.4f}",
         f"{'threshold':<22}{'accuracy':>9}{'precision':>10}{'recall':>8}{'specif.':>9}{'f1':>7}   tn/fp/fn/tp",

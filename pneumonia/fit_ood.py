@@ -5,6 +5,7 @@ part (the same patient-grouped split the model was trained with, from its card) 
 thresholds and the false-refusal rate. Then the gate is measured on images that are not chest
 X-rays, built here, which never set a threshold. `train` runs this for every new model.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,9 @@ def pixel_stats_of(files: dataset.SplitFiles, log=print) -> list:
     return stats
 
 
-def fit_gate(classifier: XrayClassifier, train_pixels, train_labels, train_stats, val_pixels,
-             val_stats) -> tuple[OodGate, np.ndarray]:
+def fit_gate(
+    classifier: XrayClassifier, train_pixels, train_labels, train_stats, val_pixels, val_stats
+) -> tuple[OodGate, np.ndarray]:
     """Pixel bounds and feature density from the training part, thresholds from validation.
     Returns the gate and the validation distances."""
     bounds = pixel_bounds(train_stats)
@@ -52,8 +54,8 @@ def fit_gate(classifier: XrayClassifier, train_pixels, train_labels, train_stats
     logit_layer = classifier.model.get_layer("logit")
     info = {
         "method": "pixel checks (bounds from training percentiles), then the Mahalanobis distance of the pooled "
-                  "features to the nearer class mean (shared Ledoit-Wolf covariance from the training part); "
-                  "thresholds are quantiles of the validation part's distances",
+        "features to the nearer class mean (shared Ledoit-Wolf covariance from the training part); "
+        "thresholds are quantiles of the validation part's distances",
         "layer": next(layer.name for layer in classifier.model.layers if layer.output is logit_layer.input),
         "feature_dim": int(train_features.shape[1]),
         "model_sha256": file_sha256(classifier.keras_path),
@@ -72,11 +74,16 @@ def verdict_counts(gate: OodGate, stats: list, scores: np.ndarray) -> dict:
         if not v.accepted:
             refused_by[v.reason] = refused_by.get(v.reason, 0) + 1
     n = max(1, len(verdicts))
-    return {"images": len(verdicts), "refused_fraction": sum(refused_by.values()) / n,
-            "unusual_fraction": sum(v.verdict == "unusual" for v in verdicts) / n, "refused_by": refused_by}
+    return {
+        "images": len(verdicts),
+        "refused_fraction": sum(refused_by.values()) / n,
+        "unusual_fraction": sum(v.verdict == "unusual" for v in verdicts) / n,
+        "refused_by": refused_by,
+    }
 
 
 # --- Images that are not chest X-rays, to measure the gate on ---------------------------
+
 
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -144,8 +151,9 @@ def _colour_shapes(rng) -> Image.Image:
     return picture
 
 
-def detection_figures(classifier: XrayClassifier, gate: OodGate, sets: dict[str, list[bytes]],
-                      val_scores: np.ndarray) -> dict:
+def detection_figures(
+    classifier: XrayClassifier, gate: OodGate, sets: dict[str, list[bytes]], val_scores: np.ndarray
+) -> dict:
     """Per set: refused and unusual fractions through the serving path, and the AUROC of the
     feature distance against the validation distances (pixel checks aside)."""
     from sklearn.metrics import roc_auc_score
@@ -155,12 +163,16 @@ def detection_figures(classifier: XrayClassifier, gate: OodGate, sets: dict[str,
         decoded = [decode_xray(data) for data in images]
         pixels = np.stack([resize_xray(xray, classifier.image_size) for xray, _ in decoded])  # (n, S, S)
         scores = gate.density.distance(classifier.features_and_logits_of_pixels(pixels)[0])  # one batch
-        verdicts = [gate.check_pixels(stats) or gate.check_score(float(score))
-                    for (_, stats), score in zip(decoded, scores)]
+        verdicts = [
+            gate.check_pixels(stats) or gate.check_score(float(score)) for (_, stats), score in zip(decoded, scores)
+        ]
         labels = np.r_[np.zeros(len(val_scores)), np.ones(len(scores))]
-        figures[name] = {"n": len(images), "refused_fraction": float(np.mean([not v.accepted for v in verdicts])),
-                         "unusual_fraction": float(np.mean([v.verdict == "unusual" for v in verdicts])),
-                         "auroc": float(roc_auc_score(labels, np.r_[val_scores, scores]))}
+        figures[name] = {
+            "n": len(images),
+            "refused_fraction": float(np.mean([not v.accepted for v in verdicts])),
+            "unusual_fraction": float(np.mean([v.verdict == "unusual" for v in verdicts])),
+            "auroc": float(roc_auc_score(labels, np.r_[val_scores, scores])),
+        }
     return figures
 
 
@@ -175,8 +187,10 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     train_files, val_files, _ = dataset.training_parts(all_train, val_fraction, seed, config.get("hold_out_series"))
     expected = classifier.card.get("data", {}).get("validation_fingerprint")
     if expected and expected != dataset.fingerprint(val_files):
-        log("warning: this validation part differs from the one in the model card (other data, or another split); "
-            "the gate's thresholds will come from this one")
+        log(
+            "warning: this validation part differs from the one in the model card (other data, or another split); "
+            "the gate's thresholds will come from this one"
+        )
     train_x, train_y, train_files = dataset.load_pixels(train_files, classifier.image_size, cache_dir, log)
     val_x, _, val_files = dataset.load_pixels(val_files, classifier.image_size, cache_dir, log)
     log(f"pixel statistics of {len(train_files.paths)} training and {len(val_files.paths)} validation images")
@@ -196,11 +210,17 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
 
 def format_gate(gate: OodGate) -> str:
     v = gate.info["validation"]
-    lines = [f"thresholds: unusual {gate.thresholds['unusual']:.2f}, rejected {gate.thresholds['rejected']:.2f}",
-             f"validation: {v['images']} images, refused {100 * v['refused_fraction']:.2f} %, "
-             f"unusual {100 * v['unusual_fraction']:.1f} %", "", "| set | n | refused | unusual | AUROC |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"thresholds: unusual {gate.thresholds['unusual']:.2f}, rejected {gate.thresholds['rejected']:.2f}",
+        f"validation: {v['images']} images, refused {100 * v['refused_fraction']:.2f} %, "
+        f"unusual {100 * v['unusual_fraction']:.1f} %",
+        "",
+        "| set | n | refused | unusual | AUROC |",
+        "|---|---|---|---|---|",
+    ]
     for name, d in gate.info.get("detection", {}).items():
-        lines.append(f"| {name} | {d['n']} | {100 * d['refused_fraction']:.0f} % | {100 * d['unusual_fraction']:.0f} % "
-                     f"| {d['auroc']:.3f} |")
+        lines.append(
+            f"| {name} | {d['n']} | {100 * d['refused_fraction']:.0f} % | {100 * d['unusual_fraction']:.0f} % "
+            f"| {d['auroc']:.3f} |"
+        )
     return "\n".join(lines)

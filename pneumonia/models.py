@@ -3,6 +3,7 @@
 Both end in Dense(1) named "logit" and a sigmoid named "probability": one sigmoid unit,
 with the logit reachable for Grad-CAM and calibration.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,6 @@ from keras import layers
 
 from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION
 from pneumonia.training_config import ARCHITECTURES
-
 
 
 class InitError(RuntimeError):

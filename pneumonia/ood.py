@@ -15,6 +15,7 @@ its output cannot tell it was never trained on such a thing. Two measured checks
 Everything is stored beside the model in `ood.npz`, with the model file's sha256: a gate fitted
 for another model is not used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,10 @@ MESSAGES = {
     "features": "The image does not look like the chest X-rays this model was trained on.",
 }
 EXPECTED = "a frontal chest radiograph (X-ray), as a greyscale image"
-UNUSUAL_WARNING = ("This image is unusual for this model (unlike most of its training X-rays): "
-                   "treat the probability with extra caution.")
+UNUSUAL_WARNING = (
+    "This image is unusual for this model (unlike most of its training X-rays): "
+    "treat the probability with extra caution."
+)
 
 
 @dataclass
@@ -157,10 +160,14 @@ def pixel_bounds(train_stats: list[PixelStats]) -> PixelBounds:
         min_spread=float(MIN_SPREAD_FRACTION * p_spread),
         derivation={
             "images": len(train_stats),
-            "pixels_p0.1": float(p_pixels), "min_pixels_fraction": MIN_PIXELS_FRACTION,
-            "aspect_p99.9": float(p_aspect), "aspect_limit_at_least": MIN_ASPECT_LIMIT,
-            "chroma_p99.9": float(p_chroma), "tint_allowance": TINT_ALLOWANCE,
-            "spread_p0.1": float(p_spread), "min_spread_fraction": MIN_SPREAD_FRACTION,
+            "pixels_p0.1": float(p_pixels),
+            "min_pixels_fraction": MIN_PIXELS_FRACTION,
+            "aspect_p99.9": float(p_aspect),
+            "aspect_limit_at_least": MIN_ASPECT_LIMIT,
+            "chroma_p99.9": float(p_chroma),
+            "tint_allowance": TINT_ALLOWANCE,
+            "spread_p0.1": float(p_spread),
+            "min_spread_fraction": MIN_SPREAD_FRACTION,
         },
     )
 
@@ -235,11 +242,15 @@ class OodGate:
 
     def save(self, path: str | Path) -> None:
         meta = {"bounds": asdict(self.bounds), "thresholds": self.thresholds, "info": self.info}
-        np.savez_compressed(path, means=self.density.means.astype(np.float32),
-                            precision=self.density.precision.astype(np.float32), meta=np.array(json.dumps(meta)))
+        np.savez_compressed(
+            path,
+            means=self.density.means.astype(np.float32),
+            precision=self.density.precision.astype(np.float32),
+            meta=np.array(json.dumps(meta)),
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "OodGate":
+    def load(cls, path: str | Path) -> OodGate:
         with np.load(path, allow_pickle=False) as stored:
             meta = json.loads(str(stored["meta"]))
             # float32: half the memory traffic of the (d, d) product on every upload; ample precision for a distance
@@ -263,5 +274,7 @@ def load_gate_for(keras_path: Path) -> tuple[OodGate | None, str]:
 
 def feature_thresholds(val_scores: np.ndarray) -> dict:
     """Quantiles of the validation distances: at least ACCEPT_QUANTILE of them pass."""
-    return {"unusual": float(np.quantile(val_scores, UNUSUAL_QUANTILE)),
-            "rejected": float(np.quantile(val_scores, ACCEPT_QUANTILE, method="higher"))}
+    return {
+        "unusual": float(np.quantile(val_scores, UNUSUAL_QUANTILE)),
+        "rejected": float(np.quantile(val_scores, ACCEPT_QUANTILE, method="higher")),
+    }

@@ -10,12 +10,12 @@ time is what it saw in training.
 The training cache stores the uint8 (H, W) arrays of `xray_pixels`; training applies the
 card's contrast normalisation to them, augments, then `normalize`s.
 """
+
 from __future__ import annotations
 
 import io
 import warnings
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
@@ -25,7 +25,7 @@ from pneumonia.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom, range_
 from pneumonia.errors import XrayReadError
 from pneumonia.ood import PixelStats, grey_spread, mean_chroma
 
-Source = Union[bytes, bytearray, str, Path]
+Source = bytes | bytearray | str | Path
 
 # Magic numbers of the accepted types: the web app refuses anything else before decoding, and
 # `predict` recognises images in a folder by them.

@@ -1,4 +1,5 @@
 """A progress bar for long loops over images, on a terminal only."""
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ class ProgressBar:
             return
         filled = self.WIDTH * self.done // self.total
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-        self.stream.write(f"\r{self.done}/{self.total} [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
-                          f"{rate:.1f} images/s")
+        self.stream.write(
+            f"\r{self.done}/{self.total} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {rate:.1f} images/s"
+        )
         self.stream.flush()
 
     def clear(self) -> None:

@@ -23,6 +23,7 @@ corrects, so the refit is as likely to make things worse as better. At 100 per c
 is one percentage point, the screening threshold is set by the 3rd-lowest positive, and a
 perfect score shows >= 0.96.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -38,8 +39,8 @@ from pneumonia import dataset
 from pneumonia.card import CARD_NAME, write_card
 from pneumonia.classifier import XrayClassifier, find_card
 from pneumonia.evaluation import (
-    choose_thresholds,
     bootstrap_ci,
+    choose_thresholds,
     evaluate_predictions,
     expected_calibration_error,
     fit_platt,
@@ -71,8 +72,10 @@ def site_files(site_dir: str | Path, split: str | None = None) -> dataset.SplitF
     files = dataset.scan_split(root, split) if split else dataset.scan_split(root.parent, root.name)
     where = root / split if split else root
     if files is None or not files.paths:
-        raise RecalibrationError(f"{where} has no NORMAL/ or PNEUMONIA/ images "
-                                 "(expected SITE_DIR/NORMAL/* and SITE_DIR/PNEUMONIA/*, or --split NAME)")
+        raise RecalibrationError(
+            f"{where} has no NORMAL/ or PNEUMONIA/ images "
+            "(expected SITE_DIR/NORMAL/* and SITE_DIR/PNEUMONIA/*, or --split NAME)"
+        )
     return files
 
 
@@ -81,15 +84,19 @@ def sample_size_warning(counts: dict[str, int]) -> str | None:
     small = {name: n for name, n in counts.items() if n < MIN_PER_CLASS}
     if small:
         raise RecalibrationError(
-            "too few images to recalibrate on: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            "too few images to recalibrate on: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
             + f"; at least {MIN_PER_CLASS} of each class are needed (below that each threshold is set by one or two "
             f"images: with {min(small.values())} a single image moves sensitivity or specificity by "
-            f"{100 / max(1, min(small.values())):.1f} points)")
+            f"{100 / max(1, min(small.values())):.1f} points)"
+        )
     few = {name: n for name, n in counts.items() if n < WARN_PER_CLASS}
     if few:
-        return (f"small site sample ({', '.join(f'{k} {v}' for k, v in few.items())}; fewer than {WARN_PER_CLASS} "
-                f"per class): one image moves sensitivity or specificity by more than one point, so the thresholds "
-                f"are uncertain; see the 95 % intervals and collect more images when you can")
+        return (
+            f"small site sample ({', '.join(f'{k} {v}' for k, v in few.items())}; fewer than {WARN_PER_CLASS} "
+            f"per class): one image moves sensitivity or specificity by more than one point, so the thresholds "
+            f"are uncertain; see the 95 % intervals and collect more images when you can"
+        )
     return None
 
 
@@ -104,7 +111,8 @@ def refit_calibration(labels: np.ndarray, logits: np.ndarray) -> dict:
     if slope <= 0:
         raise RecalibrationError(
             f"the model ranks this site's images backwards (Platt slope {slope:.3f} <= 0): "
-            "recalibration cannot fix that; the model needs retraining for this site")
+            "recalibration cannot fix that; the model needs retraining for this site"
+        )
     return {"slope": slope, "intercept": intercept}
 
 
@@ -122,6 +130,7 @@ def site_metrics(labels, probs, thresholds: dict, model_name: str, split: str) -
 
 def command_line(site_dir, model, out, split: str | None) -> str:
     """The command as typed, with absolute paths cut to their last part (cards travel)."""
+
     def short(path) -> str:
         return Path(path).name if Path(path).is_absolute() else str(path)
 
@@ -129,8 +138,19 @@ def command_line(site_dir, model, out, split: str | None) -> str:
     return shlex.join(args + (["--split", split] if split else []))
 
 
-def recalibrated_card(card: dict, calibration: dict, thresholds: dict, *, site_name: str, files: dataset.SplitFiles,
-                      metrics: dict, previous_metrics: dict, ece: dict, warning: str | None, command: str) -> dict:
+def recalibrated_card(
+    card: dict,
+    calibration: dict,
+    thresholds: dict,
+    *,
+    site_name: str,
+    files: dataset.SplitFiles,
+    metrics: dict,
+    previous_metrics: dict,
+    ece: dict,
+    warning: str | None,
+    command: str,
+) -> dict:
     """The old card with the new calibration and thresholds, the old ones under `recalibration`."""
     counts = files.counts()
     n = sum(counts.values())
@@ -140,7 +160,7 @@ def recalibrated_card(card: dict, calibration: dict, thresholds: dict, *, site_n
     new = dict(card)
     new["calibration"] = {
         "method": f"Platt scaling, sigmoid(slope * logit + intercept), refitted on the logits of the site sample "
-                  f"{site_name} ({n} images); ECE before = with the previous calibration, on that sample",
+        f"{site_name} ({n} images); ECE before = with the previous calibration, on that sample",
         **calibration,
         "ece_before": ece["before"],
         "ece_after": ece["after"],
@@ -150,18 +170,22 @@ def recalibrated_card(card: dict, calibration: dict, thresholds: dict, *, site_n
         "target_sensitivity": (card.get("thresholds") or {}).get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY),
         "chosen_on": f"site sample {site_name} ({n} images); calibrated probabilities",
         "rule": "default maximises Youden's J (sensitivity + specificity - 1); screening is the highest "
-                "threshold whose sensitivity reaches the target, and never above the default",
+        "threshold whose sensitivity reaches the target, and never above the default",
     }
     new["recalibration"] = {
         "previous": previous,
-        "site_sample": {"path_name": site_name, "counts": counts, "fingerprint": dataset.fingerprint(files),
-                        "date": _dt.date.today().isoformat()},
+        "site_sample": {
+            "path_name": site_name,
+            "counts": counts,
+            "fingerprint": dataset.fingerprint(files),
+            "date": _dt.date.today().isoformat(),
+        },
         "metrics": metrics,
         "previous_metrics": previous_metrics,
         "warning": warning,
         "command": command,
         "note": "metrics are on the same sample the calibration and thresholds were fitted on: optimistic; "
-                "the model weights are unchanged",
+        "the model weights are unchanged",
     }
     return new
 
@@ -201,8 +225,9 @@ def check_output_folder(out: Path, keras_path: Path) -> None:
         raise RecalibrationError(f"--out {out} already exists and is not empty: choose a new folder")
 
 
-def recalibrate(model_path: str | Path, site_dir: str | Path, out: str | Path, split: str | None = None,
-                log=print, warn=print) -> Recalibration:
+def recalibrate(
+    model_path: str | Path, site_dir: str | Path, out: str | Path, split: str | None = None, log=print, warn=print
+) -> Recalibration:
     """The whole command: refuses (RecalibrationError, nothing written) or writes OUT/."""
     out = Path(out)
     keras_path, old_card = find_card(model_path)
@@ -222,39 +247,66 @@ def recalibrate(model_path: str | Path, site_dir: str | Path, out: str | Path, s
     thresholds = refit_thresholds(labels, probs, target)
     split_name = f"site sample {site_name}"
     metrics = site_metrics(labels, probs, thresholds, classifier.name, split_name)
-    previous_metrics = site_metrics(labels, previous_probs, classifier.thresholds, classifier.name,
-                                    f"{split_name}, previous calibration and thresholds")
+    previous_metrics = site_metrics(
+        labels,
+        previous_probs,
+        classifier.thresholds,
+        classifier.name,
+        f"{split_name}, previous calibration and thresholds",
+    )
     if metrics["auc"] < WEAK_AUC:
-        warnings.append(f"the model separates this site's classes poorly (AUC {metrics['auc']:.3f}): "
-                        "recalibration moves the thresholds but cannot restore the ranking")
+        warnings.append(
+            f"the model separates this site's classes poorly (AUC {metrics['auc']:.3f}): "
+            "recalibration moves the thresholds but cannot restore the ranking"
+        )
     warning = " ".join(w for w in warnings if w) or None
     if warning:
         warn(f"warning: {warning}")
-    ece = {"before": expected_calibration_error(labels, previous_probs), "after": expected_calibration_error(labels, probs)}
-    card = recalibrated_card(old_card, calibration, thresholds, site_name=site_name, files=kept, metrics=metrics,
-                             previous_metrics=previous_metrics, ece=ece, warning=warning,
-                             command=command_line(site_dir, model_path, out, split))
+    ece = {
+        "before": expected_calibration_error(labels, previous_probs),
+        "after": expected_calibration_error(labels, probs),
+    }
+    card = recalibrated_card(
+        old_card,
+        calibration,
+        thresholds,
+        site_name=site_name,
+        files=kept,
+        metrics=metrics,
+        previous_metrics=previous_metrics,
+        ece=ece,
+        warning=warning,
+        command=command_line(site_dir, model_path, out, split),
+    )
     write_model_folder(keras_path, card, out, metrics)
     return Recalibration(card, out, warning)
 
 
 def format_operating_figures(metrics: dict, previous: dict | None = None) -> str:
     """AUC and, at each threshold, accuracy / sensitivity / specificity with 95 % bootstrap intervals."""
+
     def cell(value, interval) -> str:
         return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
     ci = metrics["ci95_by_threshold"]
-    lines = [f"{metrics['split']}: n = {sum(metrics['n'].values())} ("
-             + ", ".join(f"{k} {v}" for k, v in metrics["n"].items()) + ")",
-             f"AUC {cell(metrics['auc'], metrics['ci95']['auc'])}",
-             f"{'threshold':<18}{'accuracy':<22}{'sensitivity':<22}{'specificity':<22}"]
+    lines = [
+        f"{metrics['split']}: n = {sum(metrics['n'].values())} ("
+        + ", ".join(f"{k} {v}" for k, v in metrics["n"].items())
+        + ")",
+        f"AUC {cell(metrics['auc'], metrics['ci95']['auc'])}",
+        f"{'threshold':<18}{'accuracy':<22}{'sensitivity':<22}{'specificity':<22}",
+    ]
     for name, m in metrics["thresholds"].items():
-        lines.append(f"{name + ' ' + format(m['threshold'], '.3f'):<18}{cell(m['accuracy'], ci[name]['accuracy']):<22}"
-                     f"{cell(m['recall'], ci[name]['recall']):<22}{cell(m['specificity'], ci[name]['specificity']):<22}")
+        lines.append(
+            f"{name + ' ' + format(m['threshold'], '.3f'):<18}{cell(m['accuracy'], ci[name]['accuracy']):<22}"
+            f"{cell(m['recall'], ci[name]['recall']):<22}{cell(m['specificity'], ci[name]['specificity']):<22}"
+        )
     if previous:
         lines.append("before (previous calibration and thresholds, same sample):")
         for name, m in previous["thresholds"].items():
-            lines.append(f"{name + ' ' + format(m['threshold'], '.3f'):<18}{m['accuracy']:<22.3f}"
-                         f"{m['recall']:<22.3f}{m['specificity']:<22.3f}")
+            lines.append(
+                f"{name + ' ' + format(m['threshold'], '.3f'):<18}{m['accuracy']:<22.3f}"
+                f"{m['recall']:<22.3f}{m['specificity']:<22.3f}"
+            )
     lines.append("(95 % bootstrap intervals; measured on the sample the thresholds were chosen on, so optimistic)")
     return "\n".join(lines)

@@ -17,29 +17,31 @@ upload, so there is no second preprocessing path:
 
     file ──load_xray──> PIL "L" ──SHIFT──> PIL "L" ──resize_xray──> uint8 ──normalize──> model
 """
+
 from __future__ import annotations
 
 import io
 import json
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from sklearn import metrics as skm
 
 from pneumonia import dataset
-from pneumonia.evaluation import metrics_at_threshold
 from pneumonia.errors import XrayReadError
+from pneumonia.evaluation import metrics_at_threshold
 from pneumonia.preprocessing import load_xray, resize_xray
 
 THRESHOLD_NAMES = ("default", "screening")
 
 
 # --- Shifts ------------------------------------------------------------------------------
+
 
 def _gamma(value: float) -> Callable:
     table = [int(round(255 * (i / 255) ** value)) for i in range(256)]
@@ -59,6 +61,7 @@ def _noise(sigma: float) -> Callable:
     def apply(image, rng):
         pixels = np.asarray(image, dtype=np.float64) + rng.normal(0.0, sigma, (image.height, image.width))
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+
     return apply
 
 
@@ -67,6 +70,7 @@ def _jpeg(quality: int) -> Callable:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
         return load_xray(buffer.getvalue())  # decoded by the package, as an upload would be
+
     return apply
 
 
@@ -80,6 +84,7 @@ def _centre_crop(fraction: float) -> Callable:
         width, height = max(1, round(image.width * fraction)), max(1, round(image.height * fraction))
         left, top = (image.width - width) // 2, (image.height - height) // 2
         return image.crop((left, top, left + width, top + height))
+
     return apply
 
 
@@ -87,6 +92,7 @@ def _down_up(factor: int, resample: Image.Resampling) -> Callable:
     def apply(image, rng):
         small = image.resize((max(1, image.width // factor), max(1, image.height // factor)), resample)
         return small.resize(image.size, resample)
+
     return apply
 
 
@@ -104,8 +110,11 @@ SHIFTS: tuple[Shift, ...] = (
     Shift("contrast_1.2", "contrast × 1.2 about the mean grey", _contrast(1.2)),
     Shift("blur_r1", "Gaussian blur, radius 1", _filter(lambda: ImageFilter.GaussianBlur(1))),
     Shift("blur_r2", "Gaussian blur, radius 2", _filter(lambda: ImageFilter.GaussianBlur(2))),
-    Shift("unsharp", "unsharp mask (radius 2, 100 %, threshold 2)",
-          _filter(lambda: ImageFilter.UnsharpMask(radius=2, percent=100, threshold=2))),
+    Shift(
+        "unsharp",
+        "unsharp mask (radius 2, 100 %, threshold 2)",
+        _filter(lambda: ImageFilter.UnsharpMask(radius=2, percent=100, threshold=2)),
+    ),
     Shift("noise_s5", "Gaussian noise, σ 5 grey levels", _noise(5.0)),
     Shift("jpeg_q30", "JPEG re-encoded at quality 30", _jpeg(30)),
     Shift("rotate_+5", "rotated 5° anticlockwise (black corners)", _rotate(5.0)),
@@ -140,6 +149,7 @@ def model_pixels(image: Image.Image, image_size: int) -> np.ndarray:
 
 # --- Data --------------------------------------------------------------------------------
 
+
 class RobustnessError(ValueError):
     """Something the report cannot be made without; the message is meant for a person."""
 
@@ -152,22 +162,33 @@ def validation_files(data_dir: str | Path, card: dict) -> tuple[dataset.SplitFil
     """
     config = (card.get("training") or {}).get("config") or {}
     if "val_fraction" not in config or "seed" not in config:
-        raise RobustnessError("the model card has no training.config with val_fraction and seed: "
-                              "cannot recreate its validation split")
+        raise RobustnessError(
+            "the model card has no training.config with val_fraction and seed: cannot recreate its validation split"
+        )
     files = dataset.scan_split(data_dir, "train")
     if files is None or not files.paths:
         raise RobustnessError(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
-    _, val, _ = dataset.training_parts(files, float(config["val_fraction"]), int(config["seed"]),
-                                       config.get("hold_out_series"))
+    _, val, _ = dataset.training_parts(
+        files, float(config["val_fraction"]), int(config["seed"]), config.get("hold_out_series")
+    )
     expected = (card.get("data") or {}).get("validation_fingerprint")
     found = dataset.fingerprint(val)
-    info = {"val_fraction": float(config["val_fraction"]), "seed": int(config["seed"]), "fingerprint": found,
-            "card_fingerprint": expected, "fingerprint_matches": found == expected, "n": val.counts()}
+    info = {
+        "val_fraction": float(config["val_fraction"]),
+        "seed": int(config["seed"]),
+        "hold_out_series": config.get("hold_out_series"),
+        "fingerprint": found,
+        "card_fingerprint": expected,
+        "fingerprint_matches": found == expected,
+        "n": val.counts(),
+    }
     if expected is None:
         info["warning"] = "the card has no validation fingerprint; cannot check the split is the one used in training"
     elif found != expected:
-        info["warning"] = ("validation fingerprint differs from the card's: this is not the validation split the "
-                           "model was selected on (different data copy, val_fraction or seed)")
+        info["warning"] = (
+            "validation fingerprint differs from the card's: this is not the validation split the "
+            "model was selected on (different data copy, val_fraction or seed)"
+        )
     return val, info
 
 
@@ -193,6 +214,7 @@ def originals_files(folder: str | Path) -> dataset.SplitFiles | None:
 
 # --- Scoring -----------------------------------------------------------------------------
 
+
 def _finite(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
@@ -210,14 +232,18 @@ def score(labels, probs, thresholds: dict) -> dict:
     }
     for name in THRESHOLD_NAMES:
         m = metrics_at_threshold(labels, probs, thresholds[name])
-        row[name] = {"threshold": m["threshold"],
-                     "specificity": m["specificity"] if (labels == 0).any() else None,
-                     "recall": m["recall"] if (labels == 1).any() else None,
-                     "confusion_matrix": m["confusion_matrix"]}
+        row[name] = {
+            "threshold": m["threshold"],
+            "specificity": m["specificity"] if (labels == 0).any() else None,
+            "recall": m["recall"] if (labels == 1).any() else None,
+            "confusion_matrix": m["confusion_matrix"],
+        }
     return row
 
 
-def series_rows(files: dataset.SplitFiles, probs, thresholds: dict, train_files: dataset.SplitFiles | None) -> list[dict]:
+def series_rows(
+    files: dataset.SplitFiles, probs, thresholds: dict, train_files: dataset.SplitFiles | None
+) -> list[dict]:
     """Specificity per NORMAL series on validation, with how many training NORMAL images each has."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(files.labels, dtype=int)
@@ -231,11 +257,15 @@ def series_rows(files: dataset.SplitFiles, probs, thresholds: dict, train_files:
     for name in sorted(set(series[labels == 0].tolist())):
         mask = (labels == 0) & (series == name)
         p = probs[mask]
-        rows.append({
-            "series": name, "n_validation": int(mask.sum()), "n_train": train_counts.get(name, 0),
-            "normal_mean_p": float(p.mean()),
-            **{f"specificity_{t}": float((p < thresholds[t]).mean()) for t in THRESHOLD_NAMES},
-        })
+        rows.append(
+            {
+                "series": name,
+                "n_validation": int(mask.sum()),
+                "n_train": train_counts.get(name, 0),
+                "normal_mean_p": float(p.mean()),
+                **{f"specificity_{t}": float((p < thresholds[t]).mean()) for t in THRESHOLD_NAMES},
+            }
+        )
     return rows
 
 
@@ -247,11 +277,14 @@ def summary_row(rows: list[dict]) -> dict:
     spec = [r["default"]["specificity"] for r in shifted]
     rec = [r["default"]["recall"] for r in shifted if r["default"]["recall"] is not None]
     worst = min(shifted, key=lambda r: r["default"]["specificity"])
-    return {"worst_specificity_default": worst["default"]["specificity"], "worst_shift": worst["shift"],
-            "worst_shift_recall_default": worst["default"]["recall"],
-            "mean_specificity_default": float(np.mean(spec)),
-            "mean_recall_default": float(np.mean(rec)) if rec else None,
-            "min_auc": min((r["auc"] for r in shifted if r["auc"] is not None), default=None)}
+    return {
+        "worst_specificity_default": worst["default"]["specificity"],
+        "worst_shift": worst["shift"],
+        "worst_shift_recall_default": worst["default"]["recall"],
+        "mean_specificity_default": float(np.mean(spec)),
+        "mean_recall_default": float(np.mean(rec)) if rec else None,
+        "min_auc": min((r["auc"] for r in shifted if r["auc"] is not None), default=None),
+    }
 
 
 # --- The run -----------------------------------------------------------------------------
@@ -266,81 +299,122 @@ NOTES = [
 ]
 
 
-def run(data_dir: str | Path, model_paths: list[str], originals: str | Path | None = None,
-        names: list[str] | None = None, log=print) -> dict:
-    """Scores every model on (a) the originals, (b) validation under each shift, (c) per series."""
-    from pneumonia.classifier import XrayClassifier, find_card
+def _validation_splits(data_dir: str | Path, model_paths: list[str], log=print) -> list[tuple]:
+    """Each model's own validation part (the same one when their cards agree), checked before any
+    model is loaded so a wrong DATA_DIR fails at once."""
+    from pneumonia.classifier import find_card
 
-    # Each model's own validation split (the same one when their cards agree), checked before any
-    # model is loaded so a wrong DATA_DIR fails at once.
     splits = []
     for path in model_paths:
         val, info = validation_files(data_dir, find_card(path)[1])
         if "warning" in info:
             log(f"warning: {path}: {info['warning']}")
         splits.append((val, info))
-    classifiers = [XrayClassifier(path) for path in model_paths]
-    names = names or [c.name for c in classifiers]
-    report: dict = {"data_dir": str(data_dir), "originals": str(originals) if originals else None,
-                    "shifts": {BASELINE: "no change", **{s.name: s.description for s in SHIFTS}},
-                    "notes": list(NOTES), "models": []}
+    return splits
 
-    # Every validation file is decoded once and kept in memory; each shift is applied to it once.
-    all_train = dataset.scan_split(data_dir, "train")
-    unique_paths = sorted({p for val, _ in splits for p in val.paths})
-    log(f"decoding {len(unique_paths)} validation images of {data_dir}/train/ once")
-    decoded = decode_all(unique_paths, log=log)
 
-    kept = []
-    for val, info in splits:
-        indices = [i for i, p in enumerate(val.paths) if p in decoded]
-        kept.append(val.subset(indices))
-        info["n_scored"] = kept[-1].counts()
-
+def _probabilities_under_shifts(decoded: dict, classifiers: list, parts: list, log=print) -> dict[str, list]:
+    """{shift: [each model's probabilities on its validation part]}; each shift applied to each image once."""
     probs: dict[str, list[np.ndarray]] = {}
     for shift_name in [BASELINE] + [s.name for s in SHIFTS]:
         shifted = {p: apply_shift(shift_name, image, shift_seed(p)) for p, image in decoded.items()}
         probs[shift_name] = []
-        for classifier, files in zip(classifiers, kept):
+        for classifier, files in zip(classifiers, parts):
             pixels = np.stack([model_pixels(shifted[p], classifier.image_size) for p in files.paths])
             probs[shift_name].append(classifier.probabilities_from_pixels(pixels))
         log(f"scored shift {shift_name}")
+    return probs
 
+
+def _decoded_originals(originals: str | Path | None, log=print) -> tuple[dataset.SplitFiles | None, dict]:
     originals_set = originals_files(originals) if originals else None
     if originals is None:
         log("originals: not given (--originals FOLDER with NORMAL/ and PNEUMONIA/); skipped")
     elif originals_set is None:
         log(f"originals: {originals} has no NORMAL/ or PNEUMONIA/ images; skipped")
-    originals_decoded = decode_all(originals_set.paths, log=log) if originals_set else {}
+    return originals_set, decode_all(originals_set.paths, log=log) if originals_set else {}
 
-    for m, (classifier, name) in enumerate(zip(classifiers, names)):
-        files, info = kept[m], splits[m][1]
+
+def _originals_entry(classifier, originals_set: dataset.SplitFiles, decoded: dict) -> dict | None:
+    if not decoded:
+        return None
+    paths = [p for p in originals_set.paths if p in decoded]
+    labels = [originals_set.labels[originals_set.paths.index(p)] for p in paths]
+    probs = classifier.probabilities_from_pixels(
+        np.stack([model_pixels(decoded[p], classifier.image_size) for p in paths])
+    )
+    images = [
+        {"file": f"{dataset.CLASS_NAMES[y]}/{p.name}", "probability": float(q)} for p, y, q in zip(paths, labels, probs)
+    ]
+    return {**score(labels, probs, classifier.thresholds), "images": images}
+
+
+def _training_part(all_train: dataset.SplitFiles | None, val: dataset.SplitFiles, info: dict):
+    """What the model was trained on: train/ less its validation part and any held-out series."""
+    if all_train is None:
+        return None
+    val_set = set(val.paths)
+    rest = all_train.subset([i for i, p in enumerate(all_train.paths) if p not in val_set])
+    return dataset.split_off_series(rest, info.get("hold_out_series"))[0]
+
+
+def run(
+    data_dir: str | Path,
+    model_paths: list[str],
+    originals: str | Path | None = None,
+    names: list[str] | None = None,
+    log=print,
+) -> dict:
+    """Scores every model on (a) the originals, (b) validation under each shift, (c) per series."""
+    from pneumonia.classifier import XrayClassifier
+
+    splits = _validation_splits(data_dir, model_paths, log)
+    classifiers = [XrayClassifier(path) for path in model_paths]
+    names = names or [c.name for c in classifiers]
+    shifts = {BASELINE: "no change", **{s.name: s.description for s in SHIFTS}}
+    report: dict = {
+        "data_dir": str(data_dir),
+        "originals": str(originals) if originals else None,
+        "shifts": shifts,
+        "notes": list(NOTES),
+        "models": [],
+    }
+
+    # Every validation file is decoded once and kept in memory.
+    all_train = dataset.scan_split(data_dir, "train")
+    unique_paths = sorted({p for val, _ in splits for p in val.paths})
+    log(f"decoding {len(unique_paths)} validation images of {data_dir}/train/ once")
+    decoded = decode_all(unique_paths, log=log)
+    parts = [val.subset([i for i, p in enumerate(val.paths) if p in decoded]) for val, _ in splits]
+    probs = _probabilities_under_shifts(decoded, classifiers, parts, log)
+    originals_set, originals_decoded = _decoded_originals(originals, log)
+
+    for m, (classifier, name, files, (val, info)) in enumerate(zip(classifiers, names, parts, splits)):
+        info["n_scored"] = files.counts()
         labels = np.asarray(files.labels, dtype=int)
-        entry = {"name": name, "path": str(model_paths[m]), "card_name": classifier.name,
-                 "thresholds": {t: classifier.thresholds[t] for t in THRESHOLD_NAMES}, "validation": info}
-        if originals_decoded:
-            paths = [p for p in originals_set.paths if p in originals_decoded]
-            o_labels = [originals_set.labels[originals_set.paths.index(p)] for p in paths]
-            pixels = np.stack([model_pixels(originals_decoded[p], classifier.image_size) for p in paths])
-            o_probs = classifier.probabilities_from_pixels(pixels)
-            entry["originals"] = {**score(o_labels, o_probs, classifier.thresholds),
-                                  "images": [{"file": f"{dataset.CLASS_NAMES[y]}/{p.name}", "probability": float(q)}
-                                             for p, y, q in zip(paths, o_labels, o_probs)]}
-        else:
-            entry["originals"] = None
-        entry["shifts"] = [{"shift": s, "description": report["shifts"][s],
-                            **score(labels, probs[s][m], classifier.thresholds)} for s in report["shifts"]]
-        entry["summary"] = summary_row(entry["shifts"])
-        train_part = None
-        if all_train is not None:
-            val_set = set(files.paths)
-            train_part = all_train.subset([i for i, p in enumerate(all_train.paths) if p not in val_set])
-        entry["series"] = series_rows(files, probs[BASELINE][m], classifier.thresholds, train_part)
-        report["models"].append(entry)
+        scored = [
+            {"shift": s, "description": shifts[s], **score(labels, probs[s][m], classifier.thresholds)} for s in shifts
+        ]
+        report["models"].append(
+            {
+                "name": name,
+                "path": str(model_paths[m]),
+                "card_name": classifier.name,
+                "thresholds": {t: classifier.thresholds[t] for t in THRESHOLD_NAMES},
+                "validation": info,
+                "originals": _originals_entry(classifier, originals_set, originals_decoded),
+                "shifts": scored,
+                "summary": summary_row(scored),
+                "series": series_rows(
+                    files, probs[BASELINE][m], classifier.thresholds, _training_part(all_train, val, info)
+                ),
+            }
+        )
     return report
 
 
 # --- Output ------------------------------------------------------------------------------
+
 
 def _f(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -352,68 +426,111 @@ def _table(header: str, names: list[str], rows: list[tuple[str, list[str]]]) -> 
     return lines + [""]
 
 
+def _originals_section(report: dict, models: list[dict], names: list[str]) -> list[str]:
+    lines = ["## (a) Full-resolution originals", ""]
+    if not any(m["originals"] for m in models):
+        return lines + ["Not given or not found: skipped.", ""]
+    n = models[0]["originals"]["n"]
+    lines += [f"`{report['originals']}`: {n['NORMAL']} NORMAL, {n['PNEUMONIA']} PNEUMONIA.", ""]
+
+    def cells(cell) -> list[str]:
+        return [cell(m["originals"]) if m["originals"] else "–" for m in models]
+
+    rows = [
+        ("AUC", cells(lambda r: _f(r["auc"]))),
+        ("NORMAL mean p", cells(lambda r: _f(r["normal_mean_p"]))),
+        ("PNEUMONIA mean p", cells(lambda r: _f(r["pneumonia_mean_p"]))),
+    ]
+    rows += [
+        (f"specificity / recall @ {t}", cells(lambda r, t=t: f"{_f(r[t]['specificity'])} / {_f(r[t]['recall'])}"))
+        for t in THRESHOLD_NAMES
+    ]
+    return lines + _table("metric", names, rows)
+
+
+def _over_shifts_rows(models: list[dict]) -> list[tuple[str, list[str]]]:
+    """The worst and the mean specificity (with recall) at the default threshold across the shifts."""
+    worst, mean = [], []
+    for m in models:
+        summary = m["summary"]
+        worst.append(
+            f"**{_f(summary.get('worst_specificity_default'))}** / "
+            f"{_f(summary.get('worst_shift_recall_default'))} ({summary.get('worst_shift', '–')})"
+        )
+        mean.append(f"**{_f(summary.get('mean_specificity_default'))}** / {_f(summary.get('mean_recall_default'))}")
+    return [
+        ("**worst case over shifts** (specificity / recall)", worst),
+        ("**mean over shifts** (specificity / recall)", mean),
+    ]
+
+
+def _shifts_section(models: list[dict], names: list[str]) -> list[str]:
+    v = models[0]["validation"]
+    matches = "; ".join(
+        f"{m['name']} {'matches' if m['validation']['fingerprint_matches'] else 'DOES NOT match'} the card"
+        for m in models
+    )
+    lines = [
+        "## (b) Validation part of train/ under acquisition shifts",
+        "",
+        f"Recreated with val_fraction {v['val_fraction']}, seed {v['seed']}: "
+        + ", ".join(f"{k} {n}" for k, n in v["n_scored"].items())
+        + f"; fingerprint {matches}.",
+        "",
+    ]
+    shifts = models[0]["shifts"]
+    label = lambda r: f"{r['shift']}: {r['description']}" if r["shift"] != BASELINE else "none"  # noqa: E731
+    tables = (
+        (
+            "specificity / recall @ default",
+            lambda r: f"{_f(r['default']['specificity'])} / {_f(r['default']['recall'])}",
+        ),
+        (
+            "specificity / recall @ screening",
+            lambda r: f"{_f(r['screening']['specificity'])} / {_f(r['screening']['recall'])}",
+        ),
+        ("AUC / NORMAL mean p", lambda r: f"{_f(r['auc'])} / {_f(r['normal_mean_p'])}"),
+    )
+    for title, cell in tables:
+        rows = [(label(r), [cell(m["shifts"][i]) for m in models]) for i, r in enumerate(shifts)]
+        if title.endswith("@ default"):
+            rows += _over_shifts_rows(models)
+        lines += [f"### {title}", ""] + _table("shift", names, rows)
+    return lines
+
+
+def _series_section(models: list[dict], names: list[str]) -> list[str]:
+    by_model = [{s["series"]: s for s in m["series"]} for m in models]
+    rows = []
+    for name in sorted({s["series"] for m in models for s in m["series"]}):
+        counts = next(b[name] for b in by_model if name in b)
+        cells = [
+            f"{_f(b[name]['specificity_default'])} @ default, {_f(b[name]['specificity_screening'])} @ "
+            f"screening, mean p {_f(b[name]['normal_mean_p'])}"
+            if name in b
+            else "–"
+            for b in by_model
+        ]
+        rows.append((f"{name} ({counts['n_validation']} / {counts['n_train']})", cells))
+    return ["## (c) Specificity per NORMAL series (validation, no shift)", ""] + _table(
+        "series (validation / training NORMAL images)", names, rows
+    )
+
+
 def to_markdown(report: dict) -> str:
     models = report["models"]
     names = [m["name"] for m in models]
-    lines = ["# Robustness proxies", "",
-             f"Data: `{report['data_dir']}`. Models: " + "; ".join(
-                 f"{m['name']} (`{m['path']}`, thresholds default {m['thresholds']['default']:.3f}, "
-                 f"screening {m['thresholds']['screening']:.3f})" for m in models) + ".", ""]
-
-    lines += ["## (a) Full-resolution originals", ""]
-    if any(m["originals"] for m in models):
-        o = models[0]["originals"]["n"]
-        lines.append(f"`{report['originals']}`: {o['NORMAL']} NORMAL, {o['PNEUMONIA']} PNEUMONIA.")
-        lines.append("")
-        get = lambda m, f: f(m["originals"]) if m["originals"] else "–"  # noqa: E731
-        lines += _table("metric", names, [
-            ("AUC", [get(m, lambda r: _f(r["auc"])) for m in models]),
-            ("NORMAL mean p", [get(m, lambda r: _f(r["normal_mean_p"])) for m in models]),
-            ("PNEUMONIA mean p", [get(m, lambda r: _f(r["pneumonia_mean_p"])) for m in models]),
-            *[(f"specificity / recall @ {t}", [get(m, lambda r, t=t: f"{_f(r[t]['specificity'])} / {_f(r[t]['recall'])}")
-                                                for m in models]) for t in THRESHOLD_NAMES],
-        ])
-    else:
-        lines += ["Not given or not found: skipped.", ""]
-
-    v = models[0]["validation"]
-    lines += ["## (b) Validation part of train/ under acquisition shifts", "",
-              f"Recreated with val_fraction {v['val_fraction']}, seed {v['seed']}: "
-              + ", ".join(f"{k} {n}" for k, n in v["n_scored"].items()) + "; fingerprint "
-              + "; ".join(f"{m['name']} {'matches the card' if m['validation']['fingerprint_matches'] else 'DOES NOT match the card'}"
-                          for m in models) + ".", ""]
-    rows = models[0]["shifts"]
-    label = lambda r: f"{r['shift']}: {r['description']}" if r["shift"] != BASELINE else "none"  # noqa: E731
-    for title, cell in (
-        ("specificity / recall @ default", lambda r: f"{_f(r['default']['specificity'])} / {_f(r['default']['recall'])}"),
-        ("specificity / recall @ screening", lambda r: f"{_f(r['screening']['specificity'])} / {_f(r['screening']['recall'])}"),
-        ("AUC / NORMAL mean p", lambda r: f"{_f(r['auc'])} / {_f(r['normal_mean_p'])}"),
-    ):
-        table_rows = [(label(r), [cell(m["shifts"][i]) for m in models]) for i, r in enumerate(rows)]
-        if title.endswith("@ default"):
-            table_rows += [
-                ("**worst case over shifts** (specificity / recall)",
-                 [f"**{_f(m['summary'].get('worst_specificity_default'))}** / {_f(m['summary'].get('worst_shift_recall_default'))}"
-                  f" ({m['summary'].get('worst_shift', '–')})" for m in models]),
-                ("**mean over shifts** (specificity / recall)",
-                 [f"**{_f(m['summary'].get('mean_specificity_default'))}** / {_f(m['summary'].get('mean_recall_default'))}"
-                  for m in models]),
-            ]
-        lines += [f"### {title}", ""] + _table("shift", names, table_rows)
-
-    lines += ["## (c) Specificity per NORMAL series (validation, no shift)", ""]
-    series = sorted({s["series"] for m in models for s in m["series"]})
-    by = [{s["series"]: s for s in m["series"]} for m in models]
-    lines += _table("series (validation / training NORMAL images)", names, [
-        (f"{name} ({next(b[name]['n_validation'] for b in by if name in b)} / {next(b[name]['n_train'] for b in by if name in b)})",
-         [f"{_f(b[name]['specificity_default'])} @ default, {_f(b[name]['specificity_screening'])} @ screening, "
-          f"mean p {_f(b[name]['normal_mean_p'])}" if name in b else "–" for b in by])
-        for name in series
-    ])
+    described = "; ".join(
+        f"{m['name']} (`{m['path']}`, thresholds default {m['thresholds']['default']:.3f}, "
+        f"screening {m['thresholds']['screening']:.3f})"
+        for m in models
+    )
+    lines = ["# Robustness proxies", "", f"Data: `{report['data_dir']}`. Models: {described}.", ""]
+    lines += _originals_section(report, models, names)
+    lines += _shifts_section(models, names)
+    lines += _series_section(models, names)
     lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]]
-    for m in models:
-        if "warning" in m["validation"]:
-            lines.append(f"- **{m['name']}: {m['validation']['warning']}.**")
+    lines += [f"- **{m['name']}: {m['validation']['warning']}.**" for m in models if "warning" in m["validation"]]
     return "\n".join(lines) + "\n"
 
 

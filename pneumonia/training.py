@@ -6,6 +6,7 @@ DIR/
   report/               validation metrics.json, plots, history.csv, training_curves.png
   checkpoints/          last.keras + state.json (for --resume), best.keras
 """
+
 from __future__ import annotations
 
 import csv
@@ -102,8 +103,9 @@ def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, 
     ds = ds.batch(batch_size)
     if augment is not None:
         # Augment in 0..255 greyscale (B, S, S, 1), then the shared normalisation.
-        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32)[..., None])[..., 0], y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            lambda x, y: (augment(tf.cast(x, tf.float32)[..., None])[..., 0], y), num_parallel_calls=tf.data.AUTOTUNE
+        )
         ds = ds.map(lambda x, y: (tf.clip_by_value(x, 0.0, 255.0), y))
     ds = ds.map(lambda x, y: (normalize(x, normalization), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -172,6 +174,7 @@ def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, star
     `started` is the clock time training would have begun had it never stopped, so the
     recorded wall time adds up across resumes.
     """
+
     class SaveResumeState(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -189,6 +192,7 @@ def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, star
 @dataclass
 class TrainingData:
     """The patient-grouped training and validation parts, decoded, resized and contrast-normalised."""
+
     train_x: np.ndarray  # uint8 (N, S, S)
     train_y: np.ndarray  # int (N,)
     val_x: np.ndarray
@@ -204,8 +208,9 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     if all_train is None or not all_train.paths:
         raise SystemExit(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
     log(dataset.describe("train/ (all)", all_train))
-    train_files, val_files, held_out = dataset.training_parts(all_train, config.val_fraction, config.seed,
-                                                              config.hold_out_series)
+    train_files, val_files, held_out = dataset.training_parts(
+        all_train, config.val_fraction, config.seed, config.hold_out_series
+    )
     train_x, train_y, train_files = dataset.load_pixels(train_files, config.image_size, config.cache_dir, log)
     val_x, val_y, val_files = dataset.load_pixels(val_files, config.image_size, config.cache_dir, log)
     held_x, _, held_out = dataset.load_pixels(held_out, config.image_size, config.cache_dir, log)
@@ -214,9 +219,16 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     if config.hold_out_series:
         log(dataset.describe(f"held out: NORMAL series {config.hold_out_series}", held_out))
     # The card's contrast normalisation before augmentation: what `model_input` does when serving.
-    return TrainingData(normalize_contrast(train_x, config.contrast), train_y,
-                        normalize_contrast(val_x, config.contrast), val_y, train_files, val_files,
-                        normalize_contrast(held_x, config.contrast), held_out)
+    return TrainingData(
+        normalize_contrast(train_x, config.contrast),
+        train_y,
+        normalize_contrast(val_x, config.contrast),
+        val_y,
+        train_files,
+        val_files,
+        normalize_contrast(held_x, config.contrast),
+        held_out,
+    )
 
 
 def compile_for_training(model, learning_rate: float, label_smoothing: float = 0.0, ema: bool = False) -> None:
@@ -230,6 +242,7 @@ def compile_for_training(model, learning_rate: float, label_smoothing: float = 0
 @dataclass
 class Progress:
     """Where training starts: a fresh model at epoch 0, or the checkpoint of an earlier run."""
+
     model: object
     initial_epoch: int = 0
     best_val_auc: float | None = None
@@ -241,8 +254,12 @@ def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) 
     if config.resume and state_file.exists():
         state = json.loads(state_file.read_text())
         log(f"resuming after epoch {state['epochs_done']} (best validation AUC so far {state['best_val_auc']:.4f})")
-        return Progress(keras.saving.load_model(checkpoints / "last.keras"), state["epochs_done"],
-                        state["best_val_auc"], state.get("wall_time_s", 0.0))
+        return Progress(
+            keras.saving.load_model(checkpoints / "last.keras"),
+            state["epochs_done"],
+            state["best_val_auc"],
+            state.get("wall_time_s", 0.0),
+        )
     if config.resume:
         log("--resume: no checkpoint found, starting from scratch")
     model = build_model(config.arch, config.image_size, init)
@@ -256,8 +273,13 @@ def training_callbacks(config: TrainConfig, progress: Progress, val_ds, val_y, p
     callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
     return callbacks + [
         exact_val_auc_callback(val_ds, val_y),  # the callbacks below read its val_auc
-        keras.callbacks.ModelCheckpoint(paths["best"], monitor="val_auc", mode="max", save_best_only=True,
-                                        initial_value_threshold=progress.best_val_auc),
+        keras.callbacks.ModelCheckpoint(
+            paths["best"],
+            monitor="val_auc",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=progress.best_val_auc,
+        ),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
         keras.callbacks.CSVLogger(paths["history"], append=progress.initial_epoch > 0),
@@ -268,6 +290,7 @@ def training_callbacks(config: TrainConfig, progress: Progress, val_ds, val_y, p
 @dataclass
 class OperatingPoint:
     """What the validation logits of the best epoch give: calibration, thresholds and metrics."""
+
     calibration: Calibration
     thresholds: Thresholds
     metrics: dict
@@ -278,8 +301,12 @@ def operating_point(val_y: np.ndarray, val_logits: np.ndarray, arch: str, target
     """Platt calibration and both thresholds, from the validation part only."""
     slope, intercept = fit_platt(val_y, val_logits)
     probs = platt(val_logits, slope, intercept)
-    calibration = Calibration(slope, intercept, expected_calibration_error(val_y, sigmoid(val_logits)),
-                              expected_calibration_error(val_y, probs))
+    calibration = Calibration(
+        slope,
+        intercept,
+        expected_calibration_error(val_y, sigmoid(val_logits)),
+        expected_calibration_error(val_y, probs),
+    )
     chosen = choose_thresholds(val_y, probs, target_sensitivity)
     metrics = evaluate_predictions(val_y, probs, chosen, arch, "validation (patient-grouped from train/)")
     return OperatingPoint(calibration, Thresholds(**chosen, target_sensitivity=target_sensitivity), metrics, probs)
@@ -295,7 +322,7 @@ def training_record(config: TrainConfig, history: list[dict], started: float) ->
         "wall_time_s": round(time.time() - started, 1),
         "optimizer": "Adam",
         "loss": "binary cross-entropy, balanced class weights"
-                + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
+        + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
         "weights": "exponential moving average (Adam use_ema)" if config.ema else "the best epoch's",
     }
 
@@ -308,12 +335,19 @@ def held_out_record(config: TrainConfig, model, data: TrainingData, point: Opera
     normalization = normalization_for(config.arch)
     batches = make_dataset(data.held_out_x, np.zeros(len(data.held_out_x), int), normalization, config.batch_size, 0)
     probs = platt(logits_of(model, batches), point.calibration.slope, point.calibration.intercept)
-    record = {"series": config.hold_out_series, "n_normal": len(probs), "normal_mean_p": float(probs.mean()),
-              "specificity": {name: float((probs < getattr(point.thresholds, name)).mean())
-                              for name in ("default", "screening")}}
-    log(f"held-out series {config.hold_out_series}: {len(probs)} NORMAL images, mean p {record['normal_mean_p']:.3f}, "
+    record = {
+        "series": config.hold_out_series,
+        "n_normal": len(probs),
+        "normal_mean_p": float(probs.mean()),
+        "specificity": {
+            name: float((probs < getattr(point.thresholds, name)).mean()) for name in ("default", "screening")
+        },
+    }
+    log(
+        f"held-out series {config.hold_out_series}: {len(probs)} NORMAL images, mean p {record['normal_mean_p']:.3f}, "
         f"specificity {record['specificity']['default']:.3f} @ default, {record['specificity']['screening']:.3f} "
-        "@ screening")
+        "@ screening"
+    )
     return {"held_out_series": record}
 
 
@@ -329,16 +363,24 @@ def data_record(config: TrainConfig, data: TrainingData) -> dict:
 
 
 def versions() -> dict:
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def train(config: TrainConfig, log=print) -> dict:
     """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
     started = time.time()
     out = Path(config.out)
-    paths = {"checkpoints": out / "checkpoints", "report": out / "report", "best": out / "checkpoints" / "best.keras",
-             "history": out / "report" / "history.csv"}
+    paths = {
+        "checkpoints": out / "checkpoints",
+        "report": out / "report",
+        "best": out / "checkpoints" / "best.keras",
+        "history": out / "report" / "history.csv",
+    }
     paths["checkpoints"].mkdir(parents=True, exist_ok=True)
     paths["report"].mkdir(parents=True, exist_ok=True)
 
@@ -347,17 +389,30 @@ def train(config: TrainConfig, log=print) -> dict:
     keras.utils.set_random_seed(config.seed)
     data = load_training_data(config, log)
     normalization = normalization_for(config.arch)
-    train_ds = make_dataset(data.train_x, data.train_y, normalization, config.batch_size, config.seed,
-                            augment=augmentation_for(config.augment, config.seed), shuffle=True)
+    train_ds = make_dataset(
+        data.train_x,
+        data.train_y,
+        normalization,
+        config.batch_size,
+        config.seed,
+        augment=augmentation_for(config.augment, config.seed),
+        shuffle=True,
+    )
     val_ds = make_dataset(data.val_x, data.val_y, normalization, config.batch_size, config.seed)
 
     progress = model_to_fit(config, init, paths["checkpoints"], log)
     started -= progress.earlier_wall_time_s  # the recorded wall time adds up across resumes
     if progress.initial_epoch < config.epochs:
-        progress.model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                           initial_epoch=progress.initial_epoch, class_weight=class_weights(data.train_y),
-                           callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
-                           verbose=1, shuffle=False)  # train_ds shuffles itself; Keras warns about shuffle=True
+        progress.model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=config.epochs,
+            initial_epoch=progress.initial_epoch,
+            class_weight=class_weights(data.train_y),
+            callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
+            verbose=1,
+            shuffle=False,
+        )  # train_ds shuffles itself; Keras warns about shuffle=True
     plot_history(paths["history"], paths["report"] / "training_curves.png")
 
     best = keras.saving.load_model(paths["best"], compile=False)
@@ -368,11 +423,16 @@ def train(config: TrainConfig, log=print) -> dict:
     best.save(out / model_file)
     gradcam_layer = gradcam_layer_for(best)
     card = ModelCard(
-        name=config.arch, architecture=config.arch, file=model_file, input_size=config.image_size,
+        name=config.arch,
+        architecture=config.arch,
+        file=model_file,
+        input_size=config.image_size,
         class_names=list(dataset.CLASS_NAMES),
         preprocessing=preprocessing_spec(config.image_size, normalization, config.contrast),
         init={**init, "file": Path(init["file"]).name} if "file" in init else init,
-        calibration=point.calibration, thresholds=point.thresholds, validation=point.metrics,
+        calibration=point.calibration,
+        thresholds=point.thresholds,
+        validation=point.metrics,
         data=data_record(config, data),
         training=training_record(config, list(csv.DictReader(paths["history"].open())), started),
         gradcam={"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},

@@ -1,5 +1,6 @@
 """What a training run can be asked for, without importing Keras: the command line builds its
 parser from these names and defaults, and `training.train` takes a `TrainConfig`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -233,3 +233,9 @@ def test_a_held_out_series_is_every_normal_image_of_it_and_nothing_else():
     train, val, held_out = dataset.training_parts(files, 0.5, 0, "NORMAL2-IM")
     assert held_out.paths == held.paths
     assert sorted(train.paths + val.paths) == sorted(kept.paths)
+
+
+def test_normal_series_follows_the_kaggle_names():
+    assert dataset.normal_series("NORMAL/IM-0115-0001.jpeg") == "IM"
+    assert dataset.normal_series("NORMAL/NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM"
+    assert dataset.normal_series("NORMAL/scan.png") == "other"

@@ -4,6 +4,7 @@
 a model that cannot be loaded is logged at start-up and reported by /healthz and every
 page, and the app still starts so the reason can be read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,4 +68,3 @@ def _keep_dicom_tags_out_of_logs() -> None:
     logging.getLogger("pydicom").propagate = False
     for module in ("pydicom", "pneumonia.dicom"):
         warnings.filterwarnings("ignore", module=module)
-

@@ -1,4 +1,5 @@
 """JSON: POST /api/predict, POST /api/predict/batch and GET /healthz."""
+
 from __future__ import annotations
 
 import base64
@@ -58,7 +59,7 @@ def predict_batch():
     screener = current_screener()
     uploads = read_uploads(request)
     if not uploads:
-        raise UploadError(400, "No file was uploaded: send one or more chest X-ray images as form fields \"file\".")
+        raise UploadError(400, 'No file was uploaded: send one or more chest X-ray images as form fields "file".')
     with_gradcam = request.args.get("gradcam", "0").lower() in ("1", "true", "yes")
     rendering = Rendering(".png", current_app.config["API_IMAGE_MAX_SIDE"]) if with_gradcam else None
     entries = screen_uploads(screener, uploads, rendering)
@@ -70,6 +71,11 @@ def healthz():
     screener = current_app.extensions["screener"]
     if screener is None:
         return jsonify(status="not ready", ready=False, reason=current_app.extensions["model_error"]), 503
-    return jsonify(status="ready", ready=True, model=screener.classifier.name,
-                   gradcam_layer=screener.gradcam.layer, gradcam_map_size=list(screener.gradcam.map_size),
-                   ood_gate="on" if screener.classifier.gate else f"off: {screener.classifier.gate_status}")
+    return jsonify(
+        status="ready",
+        ready=True,
+        model=screener.classifier.name,
+        gradcam_layer=screener.gradcam.layer,
+        gradcam_map_size=list(screener.gradcam.map_size),
+        ood_gate="on" if screener.classifier.gate else f"off: {screener.classifier.gate_status}",
+    )

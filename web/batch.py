@@ -18,6 +18,7 @@ estimate stays that of one screening. When the first chunk finds the model too b
 answered 503 with Retry-After, as a single upload is; when a later chunk does, the files already
 screened keep their results and the rest are each answered with status 503.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,9 +32,9 @@ from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from pneumonia.batch_screening import ScreenedImage, chunked, csv_text
+from pneumonia.preprocessing import ACCEPTED_TYPES, sniff_format
 from web.capacity import ModelBusy
 from web.screening import ood_json
-from pneumonia.preprocessing import ACCEPTED_TYPES, sniff_format
 from web.uploads import UploadError
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table
@@ -96,8 +97,13 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     """The entry, and the bytes when they are an accepted image type (else the entry holds the error)."""
     filename = (upload.filename or f"file {index + 1}")[:MAX_FILENAME_CHARS]
     data = _bytes_of(upload)
-    problem = ((400, "The uploaded file is empty.") if not data else
-               (415, f"Not a supported image type. Upload a {ACCEPTED_TYPES} file.") if sniff_format(data) is None else None)
+    problem = (
+        (400, "The uploaded file is empty.")
+        if not data
+        else (415, f"Not a supported image type. Upload a {ACCEPTED_TYPES} file.")
+        if sniff_format(data) is None
+        else None
+    )
     if problem is None:
         return BatchEntry(index, filename, ScreenedImage(filename)), data
     return BatchEntry(index, filename, ScreenedImage(filename, error=problem[1]), status=problem[0]), None
@@ -127,14 +133,17 @@ def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) 
 
 
 def _screen_chunk(screener, chunk: list[tuple[BatchEntry, bytes]], rendering: Rendering | None) -> None:
-    rows = screener.batch.screen_chunk([(entry.filename, data) for entry, data in chunk],
-                                       display_side=rendering.max_side if rendering else None,
-                                       with_gradcam=bool(rendering and rendering.overlay_format))
+    rows = screener.batch.screen_chunk(
+        [(entry.filename, data) for entry, data in chunk],
+        display_side=rendering.max_side if rendering else None,
+        with_gradcam=bool(rendering and rendering.overlay_format),
+    )
     for (entry, _), row in zip(chunk, rows):
         entry.row, entry.status = row, _status(row)
         if rendering:
-            entry.overlay, entry.thumbnail = screener.batch_images(row, rendering.overlay_format,
-                                                                   rendering.thumbnail_side)
+            entry.overlay, entry.thumbnail = screener.batch_images(
+                row, rendering.overlay_format, rendering.thumbnail_side
+            )
         row.display = row.heat = None  # encoded: the arrays need not outlive the chunk
 
 
@@ -164,8 +173,11 @@ def entry_json(entry: BatchEntry, screener, with_gradcam: bool = False) -> dict:
     row = entry.row
     answer = {"index": entry.index, "filename": entry.filename, "status": entry.status, "probability": row.probability}
     if row.probability is not None:
-        answer.update(label=row.labels["default"], screening_label=row.labels["screening"],
-                      thresholds=screener.classifier.thresholds)
+        answer.update(
+            label=row.labels["default"],
+            screening_label=row.labels["screening"],
+            thresholds=screener.classifier.thresholds,
+        )
     if row.probability is not None or row.refused:
         answer["ood"] = ood_json(row.verdict, screener)
     if row.error:

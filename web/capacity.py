@@ -15,6 +15,7 @@ The time of one screening is a moving average over the screenings this worker ra
 model, Grad-CAM and encoding: everything done holding the slot), so the bound follows the
 machine: when screenings slow down, fewer uploads are let in line.
 """
+
 from __future__ import annotations
 
 import math
@@ -108,15 +109,21 @@ class ModelCapacity:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"slots": self.slots, "running": self.running, "waiting": len(self._line),
-                    "service_ms": round(self.service_s * 1000, 1), "max_wait_s": self.max_wait_s,
-                    "refused": self.refused}
+            return {
+                "slots": self.slots,
+                "running": self.running,
+                "waiting": len(self._line),
+                "service_ms": round(self.service_s * 1000, 1),
+                "max_wait_s": self.max_wait_s,
+                "refused": self.refused,
+            }
 
 
 def register(app) -> None:
     """app.extensions["model_capacity"], from MODEL_SLOTS and MODEL_QUEUE_SECONDS."""
-    app.extensions["model_capacity"] = ModelCapacity(int(app.config["MODEL_SLOTS"]),
-                                                     float(app.config["MODEL_QUEUE_SECONDS"]))
+    app.extensions["model_capacity"] = ModelCapacity(
+        int(app.config["MODEL_SLOTS"]), float(app.config["MODEL_QUEUE_SECONDS"])
+    )
 
 
 @contextmanager

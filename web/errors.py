@@ -1,6 +1,7 @@
 """Every failure answers with its status and a sentence for a person: a page, or JSON under
 /api/ and /healthz. Unexpected errors are logged with their stack but not their message,
 which could quote the upload."""
+
 from __future__ import annotations
 
 import traceback
@@ -8,8 +9,8 @@ import traceback
 from flask import current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from pneumonia.ood import EXPECTED, OutOfDistribution
 from pneumonia.errors import XrayReadError
+from pneumonia.ood import EXPECTED, OutOfDistribution
 from web.capacity import ModelBusy
 from web.screening import ModelNotReady, current_screener, ood_json
 from web.uploads import UploadError
@@ -47,14 +48,18 @@ def _refused(err: OutOfDistribution):
 def _busy(err: ModelBusy):
     """503 at once, with Retry-After, when more uploads wait for the model than it can serve soon."""
     body, status = error_response(
-        503, f"The screening service is busy: too many X-rays are waiting. Please try again in {err.retry_after} s.")
+        503, f"The screening service is busy: too many X-rays are waiting. Please try again in {err.retry_after} s."
+    )
     return body, status, {"Retry-After": str(err.retry_after)}
 
 
 def _unexpected(err: Exception):
     current_app.logger.error(
         "Unexpected %s in %s %s (message withheld: it may quote the upload)\n%s",
-        type(err).__name__, request.method, request.path, "".join(traceback.format_tb(err.__traceback__)),
+        type(err).__name__,
+        request.method,
+        request.path,
+        "".join(traceback.format_tb(err.__traceback__)),
     )
     return error_response(500, "Something went wrong on our side. Nothing was stored; please try again.")
 

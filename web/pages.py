@@ -1,4 +1,5 @@
 """The HTML pages: upload form, result, model card (and its evaluation plots)."""
+
 from __future__ import annotations
 
 import base64
@@ -6,10 +7,10 @@ import time
 
 from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
 
+from pneumonia.preprocessing import ACCEPTED_TYPES
 from web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
 from web.capacity import model_slot
 from web.screening import current_screener
-from pneumonia.preprocessing import ACCEPTED_TYPES
 from web.uploads import read_upload
 
 bp = Blueprint("pages", __name__)
@@ -30,8 +31,13 @@ def data_uri(encoded: bytes, mime: str) -> str:
 
 @bp.get("/")
 def index():
-    return render_template("index.html", model_error=current_app.extensions["model_error"], accepted=ACCEPTED_TYPES,
-                           max_mb=current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024), max_files=max_files())
+    return render_template(
+        "index.html",
+        model_error=current_app.extensions["model_error"],
+        accepted=ACCEPTED_TYPES,
+        max_mb=current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024),
+        max_files=max_files(),
+    )
 
 
 @bp.post("/predict")
@@ -45,8 +51,12 @@ def predict():
         result = screener.screen(data, ".jpg", current_app.config["PAGE_IMAGE_MAX_SIDE"], with_original=True)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     return render_template(
-        "result.html", result=result, card=screener.card, gradcam=screener.gradcam,
-        original_uri=data_uri(result.original, "image/jpeg"), overlay_uri=data_uri(result.overlay, "image/jpeg"),
+        "result.html",
+        result=result,
+        card=screener.card,
+        gradcam=screener.gradcam,
+        original_uri=data_uri(result.original, "image/jpeg"),
+        overlay_uri=data_uri(result.overlay, "image/jpeg"),
     )
 
 
@@ -54,14 +64,25 @@ def _batch_result(screener, uploads: list, started: float):
     """The results table: a row per file, its Grad-CAM in a <details> (shown on demand, no script
     needed), and the table as a CSV data: URI built into this response (nothing is stored)."""
     entries = screen_uploads(screener, uploads, Rendering(".jpg", thumbnail_side=THUMBNAIL_SIDE))
-    rows = [{"entry": entry, "row": entry.row,
-             "thumbnail_uri": data_uri(entry.thumbnail, "image/jpeg") if entry.thumbnail else None,
-             "overlay_uri": data_uri(entry.overlay, "image/jpeg") if entry.overlay else None} for entry in entries]
+    rows = [
+        {
+            "entry": entry,
+            "row": entry.row,
+            "thumbnail_uri": data_uri(entry.thumbnail, "image/jpeg") if entry.thumbnail else None,
+            "overlay_uri": data_uri(entry.overlay, "image/jpeg") if entry.overlay else None,
+        }
+        for entry in entries
+    ]
     csv_uri = data_uri(entries_csv(entries, screener).encode("utf-8"), "text/csv;charset=utf-8")
-    return render_template("batch_result.html", rows=rows, card=screener.card, csv_uri=csv_uri,
-                           gated=screener.classifier.gate is not None,
-                           screened=sum(entry.row.probability is not None for entry in entries),
-                           elapsed_ms=(time.perf_counter() - started) * 1000)
+    return render_template(
+        "batch_result.html",
+        rows=rows,
+        card=screener.card,
+        csv_uri=csv_uri,
+        gated=screener.classifier.gate is not None,
+        screened=sum(entry.row.probability is not None for entry in entries),
+        elapsed_ms=(time.perf_counter() - started) * 1000,
+    )
 
 
 @bp.get("/model")
@@ -71,8 +92,14 @@ def model_card():
         return render_template("model.html", card=None, model_error=current_app.extensions["model_error"]), 503
     plots = {name: title for name, title in REPORT_PLOTS.items() if (screener.report_dir / name).is_file()}
     gate = screener.classifier.gate
-    return render_template("model.html", card=screener.card, gradcam=screener.gradcam, plots=plots,
-                           ood=gate.summary() if gate else None, gate_status=screener.classifier.gate_status)
+    return render_template(
+        "model.html",
+        card=screener.card,
+        gradcam=screener.gradcam,
+        plots=plots,
+        ood=gate.summary() if gate else None,
+        gate_status=screener.classifier.gate_status,
+    )
 
 
 @bp.get("/model/report/<name>")

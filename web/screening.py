@@ -5,6 +5,7 @@ Decoding and preprocessing are the package's `decode_xray`, `resize_xray` and `m
 (`pneumonia.ood`) refuses what is not a chest X-ray: pixel checks before the model pass, the
 feature distance from the same pass that gives the logit and Grad-CAM.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,14 @@ ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
     # The overlay is noisy, so stronger compression buys little: the SUB filter with Huffman-only
     # coding was the fastest setting measured (~5 ms at 512x384), within ~20 % of the smallest.
-    ".png": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
-             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
+    ".png": [
+        cv2.IMWRITE_PNG_COMPRESSION,
+        1,
+        cv2.IMWRITE_PNG_STRATEGY,
+        cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+        cv2.IMWRITE_PNG_FILTER,
+        cv2.IMWRITE_PNG_FILTER_SUB,
+    ],
 }
 
 
@@ -74,8 +81,9 @@ class Screener:
     def report_dir(self) -> Path:
         return self.classifier.keras_path.parent / "report"
 
-    def screen(self, data: bytes, overlay_format: str | None = None, max_side: int = 1024,
-               with_original: bool = False) -> Screening:
+    def screen(
+        self, data: bytes, overlay_format: str | None = None, max_side: int = 1024, with_original: bool = False
+    ) -> Screening:
         """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
         (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
         OutOfDistribution for what the gate refuses."""
@@ -108,8 +116,9 @@ class Screener:
         result.timing_ms = watch.laps
         return result
 
-    def batch_images(self, row: ScreenedImage, overlay_format: str | None,
-                     thumbnail_side: int | None = None) -> tuple[bytes | None, bytes | None]:
+    def batch_images(
+        self, row: ScreenedImage, overlay_format: str | None, thumbnail_side: int | None = None
+    ) -> tuple[bytes | None, bytes | None]:
         """(overlay, thumbnail) of a row of `self.batch`, encoded from its display copy: the overlay
         when Grad-CAM gave a map, the thumbnail (JPEG, long side <= thumbnail_side) whenever the
         file decoded."""
@@ -125,7 +134,7 @@ class Screener:
         return encoded, _encode(cv2.resize(row.display, size, interpolation=cv2.INTER_AREA), ".jpg")
 
 
-def ood_json(verdict: Verdict | None, screener: "Screener") -> dict:
+def ood_json(verdict: Verdict | None, screener: Screener) -> dict:
     """The `ood` object of the API: the verdict with the gate's thresholds, or why the gate is off."""
     gate = screener.classifier.gate
     if gate is None:
@@ -169,8 +178,13 @@ def load_screener(app) -> None:
     if error:
         app.logger.error("MODEL NOT LOADED, predictions will answer 503: %s", error)
     else:
-        app.logger.info("Model %s loaded from %s; Grad-CAM layer %s (%dx%d)", screener.classifier.name, path,
-                        screener.gradcam.layer, *screener.gradcam.map_size)
+        app.logger.info(
+            "Model %s loaded from %s; Grad-CAM layer %s (%dx%d)",
+            screener.classifier.name,
+            path,
+            screener.gradcam.layer,
+            *screener.gradcam.map_size,
+        )
 
 
 def current_screener() -> Screener:

@@ -11,6 +11,7 @@ single watchdog thread per process holds the deadlines and, when one passes, shu
 side of that socket: the blocked read returns at once, and the 408 goes out on the writing side.
 Without a socket (the development server, the test client) the deadline is checked between reads.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -23,8 +24,10 @@ import time
 from flask import Request
 from werkzeug.exceptions import RequestTimeout
 
-from pneumonia.preprocessing import ACCEPTED_TYPES
-from pneumonia.preprocessing import sniff_format  # everything else is refused without being decoded
+from pneumonia.preprocessing import (
+    ACCEPTED_TYPES,
+    sniff_format,  # everything else is refused without being decoded
+)
 
 
 class UploadError(Exception):
@@ -48,7 +51,7 @@ def read_upload(request: Request) -> bytes:
     """The bytes of the multipart field `file`, or an UploadError saying what is wrong."""
     upload = request.files.get("file")
     if upload is None:
-        raise UploadError(400, "No file was uploaded: choose a chest X-ray image (form field \"file\").")
+        raise UploadError(400, 'No file was uploaded: choose a chest X-ray image (form field "file").')
     # The in-memory part itself, not a copy: an upload may be 20 MB.
     data = upload.stream.getvalue() if isinstance(upload.stream, io.BytesIO) else upload.read()
     if not data:
@@ -64,8 +67,11 @@ class BodyTimeout(RequestTimeout):
     """408: the request body did not arrive within the deadline."""
 
     def __init__(self, total_s: float, read_timeout_s: float, stalled: bool):
-        what = (f"nothing more of the upload arrived for {read_timeout_s:g} s" if stalled
-                else f"the upload did not arrive within {total_s:g} s")
+        what = (
+            f"nothing more of the upload arrived for {read_timeout_s:g} s"
+            if stalled
+            else f"the upload did not arrive within {total_s:g} s"
+        )
         super().__init__(f"The upload took too long: {what}. Check the connection and try again.")
 
 
@@ -197,8 +203,13 @@ class BodyDeadline:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not chunked and (not length.isdigit() or int(length) == 0):
             return self.wsgi_app(environ, start_response)
-        body = DeadlineInput(environ["wsgi.input"], environ.get("gunicorn.socket"), self.total_s,
-                             self.read_timeout_s, None if chunked else int(length))
+        body = DeadlineInput(
+            environ["wsgi.input"],
+            environ.get("gunicorn.socket"),
+            self.total_s,
+            self.read_timeout_s,
+            None if chunked else int(length),
+        )
         environ["wsgi.input"] = body
         try:
             return self.wsgi_app(environ, start_response)
