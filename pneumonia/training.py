@@ -371,10 +371,8 @@ def versions() -> dict:
     }
 
 
-def train(config: TrainConfig, log=print) -> dict:
-    """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
-    started = time.time()
-    out = Path(config.out)
+def run_paths(out: Path) -> dict[str, Path]:
+    """The run folder's parts (module docstring), created."""
     paths = {
         "checkpoints": out / "checkpoints",
         "report": out / "report",
@@ -383,7 +381,60 @@ def train(config: TrainConfig, log=print) -> dict:
     }
     paths["checkpoints"].mkdir(parents=True, exist_ok=True)
     paths["report"].mkdir(parents=True, exist_ok=True)
+    return paths
 
+
+def fit(config: TrainConfig, progress: Progress, data: TrainingData, train_ds, val_ds, paths: dict, started: float):
+    """Fits from where `progress` stands to `config.epochs`; the best epoch is left in paths["best"]."""
+    if progress.initial_epoch >= config.epochs:
+        return
+    progress.model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        initial_epoch=progress.initial_epoch,
+        class_weight=class_weights(data.train_y),
+        callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
+        verbose=1,
+        shuffle=False,
+    )  # train_ds shuffles itself; Keras warns about shuffle=True
+
+
+def model_card(
+    config: TrainConfig,
+    init: dict,
+    data: TrainingData,
+    best,
+    point: OperatingPoint,
+    paths: dict,
+    started: float,
+    log=print,
+) -> ModelCard:
+    gradcam_layer = gradcam_layer_for(best)
+    return ModelCard(
+        name=config.arch,
+        architecture=config.arch,
+        file=f"{config.arch}.keras",
+        input_size=config.image_size,
+        class_names=list(dataset.CLASS_NAMES),
+        preprocessing=preprocessing_spec(config.image_size, normalization_for(config.arch), config.contrast),
+        init={**init, "file": Path(init["file"]).name} if "file" in init else init,
+        calibration=point.calibration,
+        thresholds=point.thresholds,
+        validation=point.metrics,
+        data=data_record(config, data),
+        training=training_record(config, list(csv.DictReader(paths["history"].open())), started),
+        gradcam={"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
+        versions=versions(),
+        extra=held_out_record(config, best, data, point, log),
+    )
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
+    started = time.time()
+    out = Path(config.out)
+    paths = run_paths(out)
     init = resolve_init(config.init, config.arch)  # stops at once when ImageNet weights cannot be had
     log(f"initial weights: {init['description']}")
     keras.utils.set_random_seed(config.seed)
@@ -402,45 +453,17 @@ def train(config: TrainConfig, log=print) -> dict:
 
     progress = model_to_fit(config, init, paths["checkpoints"], log)
     started -= progress.earlier_wall_time_s  # the recorded wall time adds up across resumes
-    if progress.initial_epoch < config.epochs:
-        progress.model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=config.epochs,
-            initial_epoch=progress.initial_epoch,
-            class_weight=class_weights(data.train_y),
-            callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
-            verbose=1,
-            shuffle=False,
-        )  # train_ds shuffles itself; Keras warns about shuffle=True
+    fit(config, progress, data, train_ds, val_ds, paths, started)
     plot_history(paths["history"], paths["report"] / "training_curves.png")
 
     best = keras.saving.load_model(paths["best"], compile=False)
     point = operating_point(data.val_y, logits_of(best, val_ds), config.arch, config.target_sensitivity)
     write_metrics(point.metrics, paths["report"])
     save_plots(data.val_y, point.probabilities, point.metrics, paths["report"])
-    model_file = f"{config.arch}.keras"
-    best.save(out / model_file)
-    gradcam_layer = gradcam_layer_for(best)
-    card = ModelCard(
-        name=config.arch,
-        architecture=config.arch,
-        file=model_file,
-        input_size=config.image_size,
-        class_names=list(dataset.CLASS_NAMES),
-        preprocessing=preprocessing_spec(config.image_size, normalization, config.contrast),
-        init={**init, "file": Path(init["file"]).name} if "file" in init else init,
-        calibration=point.calibration,
-        thresholds=point.thresholds,
-        validation=point.metrics,
-        data=data_record(config, data),
-        training=training_record(config, list(csv.DictReader(paths["history"].open())), started),
-        gradcam={"layer": gradcam_layer, "map_size": list(best.get_layer(gradcam_layer).output.shape[1:3])},
-        versions=versions(),
-        extra=held_out_record(config, best, data, point, log),
-    )
+    card = model_card(config, init, data, best, point, paths, started, log)
+    best.save(out / card.file)
     card_path = write_card(out, card)
-    log(f"wrote {out / model_file} and {card_path}")
+    log(f"wrote {out / card.file} and {card_path}")
     log("fitting the out-of-distribution gate")
     log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
     return json.loads(card_path.read_text())
