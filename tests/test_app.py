@@ -1,20 +1,16 @@
 """The Flask app: every route, headers, model loading, errors, memory-only uploads, threads,
 and the gunicorn entry point."""
+
 from __future__ import annotations
 
 import base64
 import importlib
 import io
 import json
-import os
 import re
 import runpy
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,20 +19,15 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from conftest import encode_image, synthetic_xray, xray_jpeg
+from builders import REPO, encode_image, gunicorn_serving, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
 from pneumonia.classifier import XrayClassifier
 from web import create_app
 from web.uploads import InMemoryRequest
 
-REPO = Path(__file__).resolve().parent.parent
 DISCLAIMER = "research tool, not a medical device"
 CITATION = ("Kermany", "Zhang", "Goldbaum", "2018", "Mendeley Data", "V2", "10.17632/rscbjbr9sj.2", "CC BY 4.0")
-
-
-def upload(data: bytes, name: str = "xray.jpg") -> dict:
-    return {"file": (io.BytesIO(data), name)}
 
 
 def decode(encoded: bytes) -> np.ndarray:
@@ -117,8 +108,17 @@ def test_every_page_is_offline_safe_and_carries_the_disclaimer(client, result_pa
         assert audit(html) == [], name
 
 
-@pytest.mark.parametrize("method, path", [("get", "/"), ("get", "/model"), ("get", "/healthz"),
-                                          ("post", "/api/predict"), ("get", "/nowhere"), ("get", "/static/app.js")])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("get", "/"),
+        ("get", "/model"),
+        ("get", "/healthz"),
+        ("post", "/api/predict"),
+        ("get", "/nowhere"),
+        ("get", "/static/app.js"),
+    ],
+)
 def test_security_headers_on_every_response(client, method, path):
     response = getattr(client, method)(path)
     csp = response.headers["Content-Security-Policy"]
@@ -241,12 +241,15 @@ def _broken_model(tmp_path, ungated_model_dir, how: str) -> Path:
     return broken
 
 
-@pytest.mark.parametrize("how, reason", [
-    ("missing", "No model card"),
-    ("corrupt model file", "could not be loaded"),
-    ("corrupt card", "unreadable"),
-    ("card without preprocessing", "could not be prepared"),
-])
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("missing", "No model card"),
+        ("corrupt model file", "could not be loaded"),
+        ("corrupt card", "unreadable"),
+        ("card without preprocessing", "could not be prepared"),
+    ],
+)
 def test_a_broken_model_is_reported_at_start_up_and_by_healthz(tmp_path, ungated_model_dir, caplog, how, reason):
     (tmp_path / "empty").mkdir()
     with caplog.at_level("ERROR"):
@@ -339,34 +342,10 @@ def test_procfile_and_gunicorn_settings(monkeypatch):
     assert settings["preload_app"] is False and settings["timeout"] >= 60
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_gunicorn_serves_the_app(ungated_model_dir):
     """The Procfile command with gunicorn.conf.py (on loopback): the worker loads the model, then serves."""
-    port = _free_port()
-    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "2",
-           "PNEUMONIA_MODEL_PATH": str(ungated_model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "app:app"], cwd=REPO,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-                    assert json.load(response)["status"] == "ready"
-                    break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.time() < deadline, "gunicorn did not become ready"
-                time.sleep(0.5)
-        answer = requests.post(f"http://127.0.0.1:{port}/api/predict", files={"file": ("x.jpg", xray_jpeg())},
-                               timeout=60)
+    with gunicorn_serving(ungated_model_dir, GUNICORN_THREADS="2") as (server, url):
+        assert requests.get(f"{url}/healthz", timeout=5).json()["status"] == "ready"
+        answer = requests.post(f"{url}/api/predict", files={"file": ("x.jpg", xray_jpeg())}, timeout=60)
         assert answer.status_code == 200 and 0 <= answer.json()["probability"] <= 1
-    finally:
-        server.terminate()
-        server.wait(30)
     assert "Model custom loaded" in server.stderr.read().decode()

@@ -1,5 +1,6 @@
 """Several X-rays in one request: POST /api/predict/batch and the upload page's results table
 (web/batch.py): upload order, an answer per file, limits, model slots per chunk, bounded memory."""
+
 from __future__ import annotations
 
 import base64
@@ -10,9 +11,8 @@ import weakref
 
 import numpy as np
 import pytest
-from conftest import REAL_XRAYS, encode_image, xray_jpeg
+from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sample_photo, upload, xray_jpeg
 from PIL import Image
-from test_app_inputs import PATIENT_ID, PATIENT_NAME, dicom_bytes
 
 from pneumonia import batch_screening
 from web.capacity import ModelBusy
@@ -60,10 +60,7 @@ def test_a_batch_with_bad_files_answers_every_file_in_upload_order(client, caplo
 
 
 def test_the_shipped_gate_refuses_a_photo_in_a_batch_and_screens_the_x_rays(shipped_app):
-    from sklearn.datasets import load_sample_image
-
-    photo = encode_image(Image.fromarray(load_sample_image("flower.jpg")), "JPEG")
-    uploads = [(path.read_bytes(), path.name) for path in REAL_XRAYS] + [(photo, "flower.jpg")]
+    uploads = [(path.read_bytes(), path.name) for path in REAL_XRAYS] + [(sample_photo("flower.jpg"), "flower.jpg")]
     client = shipped_app.test_client()
     entries = client.post("/api/predict/batch", data=files(*uploads)).get_json()
     assert [e["status"] for e in entries] == [200] * len(REAL_XRAYS) + [422]
@@ -97,7 +94,7 @@ def test_limits_are_answered_with_what_they_are(client, web_app, monkeypatch):
     assert many.status_code == 413 and "at most 3" in many.get_json()["error"]  # over the form's part limit too
     three = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(3)]))
     assert [e["status"] for e in three.get_json()] == [200, 200, 200]
-    nothing = client.post("/api/predict/batch", data={"file": (io.BytesIO(b""), "")})
+    nothing = client.post("/api/predict/batch", data=upload(b"", ""))
     assert nothing.status_code == 400 and "No file was uploaded" in nothing.get_json()["error"]
     monkeypatch.setitem(web_app.config, "MAX_CONTENT_LENGTH", 4096)
     large = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(3)]))
@@ -135,13 +132,19 @@ def test_each_chunk_takes_a_model_slot_and_records_its_time_per_image(client, we
 
 def test_a_busy_model_mid_batch_answers_the_rest_503(client, web_app, monkeypatch):
     monkeypatch.setitem(web_app.config, "BATCH_CHUNK_SIZE", 2)
-    monkeypatch.setitem(web_app.extensions, "model_capacity",
-                        RecordingCapacity(web_app.extensions["model_capacity"], refuse_at=2))
-    entries = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)])).get_json()
+    monkeypatch.setitem(
+        web_app.extensions, "model_capacity", RecordingCapacity(web_app.extensions["model_capacity"], refuse_at=2)
+    )
+    entries = client.post(
+        "/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)])
+    ).get_json()
     assert [e["status"] for e in entries] == [200, 200, 503, 503, 503]
     assert all("busy" in e["error"] and e["probability"] is None for e in entries[2:])
-    monkeypatch.setitem(web_app.extensions, "model_capacity",
-                        RecordingCapacity(web_app.extensions["model_capacity"].capacity, refuse_at=1))
+    monkeypatch.setitem(
+        web_app.extensions,
+        "model_capacity",
+        RecordingCapacity(web_app.extensions["model_capacity"].capacity, refuse_at=1),
+    )
     refused = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)]))
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
 

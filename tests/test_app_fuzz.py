@@ -1,14 +1,14 @@
 """1,200 random and mutated uploads: only 200 (for images that really decode) or 4xx, never
 5xx, and the app still answers the same afterwards."""
+
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import pytest
-from conftest import encode_image, synthetic_xray
+from builders import dicom_bytes, encode_image, synthetic_xray, upload
 from PIL import Image
-from test_app_inputs import dicom_bytes
 
 CASES = 1200
 NAMES = ["xray.jpg", "xray.jpeg", "scan.png", "IM0001", "image.dcm", "x.bmp", "x.tif", "notes.txt", "x.gif", ""]
@@ -57,7 +57,7 @@ def decodes(data: bytes) -> bool:
         import pydicom
 
         try:
-            pydicom.dcmread(io.BytesIO(data)).pixel_array
+            _ = pydicom.dcmread(io.BytesIO(data)).pixel_array  # decodes the pixels
             return True
         except Exception:
             return False
@@ -72,13 +72,13 @@ def decodes(data: bytes) -> bool:
 def test_random_and_mutated_uploads_never_give_a_server_error(client):
     rng = np.random.default_rng(2024)
     originals = seeds()
-    reference = client.post("/api/predict?gradcam=0", data={"file": (io.BytesIO(originals["png"]), "x.png")})
+    reference = client.post("/api/predict?gradcam=0", data=upload(originals["png"], "x.png"))
     statuses: dict[int, int] = {}
     for case in range(CASES):
         name = list(originals)[case % len(originals)]
         data = originals[name] if case < len(originals) else mutate(originals[name], rng)
         query = "" if case % 10 == 0 else "?gradcam=0"  # every tenth also renders the overlay
-        form = {"file": (io.BytesIO(data), NAMES[rng.integers(len(NAMES))], TYPES[rng.integers(len(TYPES))])}
+        form = upload(data, NAMES[rng.integers(len(NAMES))], TYPES[rng.integers(len(TYPES))])
         response = client.post(f"/api/predict{query}", data=form)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         body = response.get_json()
@@ -90,5 +90,5 @@ def test_random_and_mutated_uploads_never_give_a_server_error(client):
             assert body["error"], context
     assert statuses.get(200, 0) >= len(originals) and statuses.get(400, 0) > 100 and statuses.get(415, 0) > 50, statuses
     assert client.get("/healthz").status_code == 200
-    again = client.post("/api/predict?gradcam=0", data={"file": (io.BytesIO(originals["png"]), "x.png")})
+    again = client.post("/api/predict?gradcam=0", data=upload(originals["png"], "x.png"))
     assert again.get_json()["probability"] == pytest.approx(reference.get_json()["probability"], abs=1e-9)

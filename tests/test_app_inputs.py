@@ -1,25 +1,17 @@
 """Every accepted input type, DICOM included, and every kind of bad input, through both the
 result page and the JSON API."""
+
 from __future__ import annotations
 
 import base64
-import io
-import struct
-import zlib
 
 import cv2
 import numpy as np
 import pytest
-from conftest import encode_image, synthetic_xray, xray_jpeg
+from builders import PATIENT_ID, dicom_bytes, encode_image, png_bomb, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
 from pneumonia.classifier import XrayClassifier
-
-PATIENT_NAME, PATIENT_ID = "Testpatient^Secretname", "PID-731-SECRET"
-
-
-def upload(data: bytes, name: str = "xray", content_type: str | None = None) -> dict:
-    return {"file": (io.BytesIO(data), name, content_type)}
 
 
 def reference_xray() -> np.ndarray:
@@ -29,47 +21,6 @@ def reference_xray() -> np.ndarray:
     pixels = np.round((image - image.min()) * 255 / (image.max() - image.min())).astype(np.uint8)
     pixels[:8, :8], pixels[:8, -8:] = 0, 255
     return pixels
-
-
-def dicom_bytes(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", bits_stored: int = 16,
-                window: tuple[float, float] | None = None, transfer_syntax=None, rows_cols=None,
-                encapsulated: bytes | None = None) -> bytes:
-    """A DX image in DICOM Part 10 format, built in memory, with patient tags that must never be logged."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    sop_class = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = PATIENT_NAME, PATIENT_ID, "DX"
-    if pixels is not None:
-        ds.Rows, ds.Columns = rows_cols or pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = pixels.dtype.itemsize * 8, bits_stored, bits_stored - 1
-        ds.PixelRepresentation = 0
-        if window:
-            ds.WindowCenter, ds.WindowWidth = window
-        ds.PixelData = pixels.tobytes() if encapsulated is None else encapsulated
-        if encapsulated is not None:
-            ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A 100-byte PNG whose header claims width x height pixels: a decompression bomb."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + png_chunk(b"IEND", b"")
 
 
 def gradcam_image(body: dict) -> np.ndarray:
@@ -169,7 +120,8 @@ UNSUPPORTED_DICOMS = {
     "declares 50000 x 50000 pixels": lambda: dicom_bytes(np.zeros((8, 8), np.uint16), rows_cols=(50000, 50000)),
     "file meta element of the wrong length": lambda: _odd_group_length(),
     "window centre that is not a number": lambda: dicom_bytes(
-        np.full((16, 16), 5, np.uint16), window=(30000, 40000)).replace(b"30000", b"3a0b0", 1),
+        np.full((16, 16), 5, np.uint16), window=(30000, 40000)
+    ).replace(b"30000", b"3a0b0", 1),
 }
 
 
@@ -209,6 +161,7 @@ def _assert_no_patient_tags(responses: str, caplog, capfd) -> None:
 
 # Bad input ------------------------------------------------------------------------------
 
+
 def _truncated(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
@@ -237,8 +190,8 @@ BAD_INPUTS = {
     "corrupt PNG data": (lambda: upload(_corrupt_png()), 400, ""),
     "JPEG header then noise": (lambda: upload(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(3000)), 400, ""),
     "4x4 pixels": (lambda: upload(encode_image(Image.new("L", (4, 4)), "PNG")), 400, "too small"),
-    "PNG bomb 100000 x 100000": (lambda: upload(png_declaring(100_000, 100_000)), 400, "refused before decoding"),
-    "PNG bomb 8000 x 8000": (lambda: upload(png_declaring(8000, 8000)), 400, "refused before decoding"),
+    "PNG bomb 100000 x 100000": (lambda: upload(png_bomb(100_000, 100_000)), 400, "refused before decoding"),
+    "PNG bomb 8000 x 8000": (lambda: upload(png_bomb(8000, 8000)), 400, "refused before decoding"),
 }
 
 

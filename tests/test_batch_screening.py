@@ -1,5 +1,6 @@
 """pneumonia/batch_screening.py: files found by content, chunks through one model pass giving what
 one image at a time gives, bounded memory, a row for every file, CSV and the progress bar."""
+
 from __future__ import annotations
 
 import csv
@@ -8,22 +9,23 @@ import weakref
 
 import numpy as np
 import pytest
-from conftest import REAL_XRAYS, SHIPPED_MODEL, encode_image, xray_jpeg
-from PIL import Image
+from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, xray_jpeg
 
 from gradcam import GradCam
 from pneumonia import batch_screening
-from pneumonia.batch_screening import (BatchScreener, ProgressBar, ScreenedImage, csv_text, find_images,
-                                       overlay_file_name)
+from pneumonia.batch_screening import BatchScreener, ScreenedImage, csv_text, find_images, overlay_file_name
 from pneumonia.classifier import XrayClassifier
 from pneumonia.ood import Verdict
+from pneumonia.progress import ProgressBar
 
 
 @pytest.fixture(scope="module")
 def screener(gap_model_dir):
     """The GAP CNN (its logits vary from image to image; the tiny CNN's can be constant), with Grad-CAM."""
     classifier = XrayClassifier(gap_model_dir)
-    return BatchScreener(classifier, GradCam(classifier.model, classifier.card["gradcam"]["layer"], classifier.image_size))
+    return BatchScreener(
+        classifier, GradCam(classifier.model, classifier.card["gradcam"]["layer"], classifier.image_size)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +68,10 @@ def test_batched_rows_equal_one_image_at_a_time(screener, mixed_folder, chunk_si
 
 def test_batched_gate_verdicts_equal_one_image_at_a_time(shipped_screener, tmp_path):
     """Real X-rays pass, a colour photo is refused by the pixel checks, noise by the feature distance."""
-    from sklearn.datasets import load_sample_image
-
-    photo = encode_image(Image.fromarray(load_sample_image("flower.jpg")), "JPEG")
-    noise = encode_image(Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300), np.uint8)), "PNG")
-    sources = [(str(path), path) for path in REAL_XRAYS] + [("photo", photo), ("noise", noise)]
+    sources = [(str(path), path) for path in REAL_XRAYS] + [
+        ("photo", sample_photo("flower.jpg")),
+        ("noise", noise_png()),
+    ]
     rows = list(shipped_screener.screen(sources, chunk_size=4))
     for row, (_, source) in zip(rows, sources):
         probability, verdict = shipped_screener.classifier.screen_source(source)
@@ -137,19 +138,44 @@ def test_a_decoder_failure_is_a_row_not_the_end_of_the_run(screener, monkeypatch
 def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
     thresholds = {"default": 0.5, "screening": 0.3}
     rows = [
-        ScreenedImage("=HYPERLINK(x).png", probability=0.7, labels={"default": "PNEUMONIA", "screening": "PNEUMONIA"},
-                      verdict=Verdict("unusual", None, 40.0)),
+        ScreenedImage(
+            "=HYPERLINK(x).png",
+            probability=0.7,
+            labels={"default": "PNEUMONIA", "screening": "PNEUMONIA"},
+            verdict=Verdict("unusual", None, 40.0),
+        ),
         ScreenedImage("b.png", error="b.png is empty."),
         ScreenedImage("c.png", verdict=Verdict("rejected", "colour", 71.5, 16.0), error="Not screened: colour"),
     ]
     table = list(csv.reader(io.StringIO(csv_text(rows, "file", thresholds, gated=True))))
     assert table[0] == ["file", *batch_screening.CSV_COLUMNS]
-    assert table[1] == ["'=HYPERLINK(x).png", "0.700000", "PNEUMONIA", "PNEUMONIA", "0.500000", "0.300000",
-                        "unusual", "", "40.000", ""]
+    assert table[1] == [
+        "'=HYPERLINK(x).png",
+        "0.700000",
+        "PNEUMONIA",
+        "PNEUMONIA",
+        "0.500000",
+        "0.300000",
+        "unusual",
+        "",
+        "40.000",
+        "",
+    ]
     assert table[2][1:3] == ["", ""] and table[2][6] == "" and table[2][-1] == "b.png is empty."
     assert table[3][6:] == ["rejected", "colour", "71.500", "Not screened: colour"]
-    ungated = list(csv.reader(io.StringIO(csv_text(rows[:1] + [ScreenedImage("d", probability=0.1, labels={
-        "default": "NORMAL", "screening": "NORMAL"})], "path", thresholds, gated=False))))
+    ungated = list(
+        csv.reader(
+            io.StringIO(
+                csv_text(
+                    rows[:1]
+                    + [ScreenedImage("d", probability=0.1, labels={"default": "NORMAL", "screening": "NORMAL"})],
+                    "path",
+                    thresholds,
+                    gated=False,
+                )
+            )
+        )
+    )
     assert ungated[2][6] == "unchecked"
 
 

@@ -1,5 +1,6 @@
 """A real browser: headless Chromium uploads a full-size X-ray through the page and sees the
 probability and the overlay; the page's script runs under the Content-Security-Policy."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,15 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_xray
+from builders import SHARED_SAMPLES, sample_photo, synthetic_xray, xray_jpeg
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "samples" / "original-train" / "PNEUMONIA" / "person279_bacteria_1315.jpeg"
+SAMPLE = SHARED_SAMPLES / "original-train" / "PNEUMONIA" / "person279_bacteria_1315.jpeg"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
@@ -123,10 +131,9 @@ def test_a_photo_is_refused_with_the_reason_and_no_result(browser, shipped_live_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
-    from sklearn.datasets import load_sample_image
 
     photo = tmp_path / "flower.jpg"
-    Image.fromarray(load_sample_image("flower.jpg")).save(photo, quality=90)
+    photo.write_bytes(sample_photo("flower.jpg"))
     browser.get(f"{shipped_live_server}/")
     browser.find_element(By.ID, "file").send_keys(str(photo))
     browser.find_element(By.ID, "submit").click()
@@ -148,7 +155,6 @@ def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server,
     import csv
     import time
 
-    from conftest import xray_jpeg
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -177,14 +183,17 @@ def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server,
     rows = browser.find_elements(By.CSS_SELECTOR, "#batch-results tbody tr")
     assert [row.find_element(By.CLASS_NAME, "filename").text for row in rows] == [p.name for p in paths]
     thumbnails = browser.execute_script(
-        "return Array.from(document.querySelectorAll('img.thumb'), i => i.complete && i.naturalWidth);")
+        "return Array.from(document.querySelectorAll('img.thumb'), i => i.complete && i.naturalWidth);"
+    )
     assert len(thumbnails) == 3 and all(thumbnails)
     # Grad-CAM on demand: hidden until its row's <details> is opened.
     details = rows[1].find_element(By.CSS_SELECTOR, "details.gradcam")
     overlay = details.find_element(By.TAG_NAME, "img")
     assert not overlay.is_displayed()
     details.find_element(By.TAG_NAME, "summary").click()
-    assert overlay.is_displayed() and browser.execute_script("return arguments[0].naturalWidth;", overlay) == 512  # 680 px wide, shown at most 512
+    assert (
+        overlay.is_displayed() and browser.execute_script("return arguments[0].naturalWidth;", overlay) == 512
+    )  # 680 px wide, shown at most 512
 
     browser.find_element(By.ID, "csv-download").click()
     saved = downloads / "pneumonia-screening.csv"

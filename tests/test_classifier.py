@@ -1,4 +1,5 @@
 """Loading a model with its card, and one probability per image whichever way it comes in."""
+
 from __future__ import annotations
 
 import json
@@ -62,11 +63,14 @@ def test_corrupt_model_file(tiny_model_dir, tmp_path):
     assert str(keras_file) in str(caught.value)
 
 
-@pytest.mark.parametrize("card_text, words", [
-    ("{ not json", "unreadable"),
-    ("[1, 2]", "not a JSON object"),
-    (json.dumps({"preprocessing": {}, "thresholds": {}}), "does not name its model file"),
-])
+@pytest.mark.parametrize(
+    "card_text, words",
+    [
+        ("{ not json", "unreadable"),
+        ("[1, 2]", "not a JSON object"),
+        (json.dumps({"preprocessing": {}, "thresholds": {}}), "does not name its model file"),
+    ],
+)
 def test_bad_card(tiny_model_dir, tmp_path, card_text, words):
     model_dir = _copy(tiny_model_dir, tmp_path)
     (model_dir / "model.json").write_text(card_text)
@@ -86,8 +90,10 @@ def test_card_settings_are_used(classifier, tiny_model_dir):
     card = json.loads((tiny_model_dir / "model.json").read_text())
     assert classifier.image_size == card["input_size"] == card["preprocessing"]["image_size"] == 32
     assert classifier.platt == pytest.approx((card["calibration"]["slope"], card["calibration"]["intercept"]))
-    assert classifier.thresholds == {"default": pytest.approx(card["thresholds"]["default"]),
-                                     "screening": pytest.approx(card["thresholds"]["screening"])}
+    assert classifier.thresholds == {
+        "default": pytest.approx(card["thresholds"]["default"]),
+        "screening": pytest.approx(card["thresholds"]["screening"]),
+    }
     assert classifier.name == card["name"]
 
 
@@ -128,7 +134,10 @@ def test_probability_is_the_platt_calibrated_logit_from_the_card(tiny_model_dir,
 
 def test_labels_follow_each_threshold(classifier):
     default, screening = classifier.thresholds["default"], classifier.thresholds["screening"]
-    assert classifier.labels(default) == {"default": "PNEUMONIA", "screening": "PNEUMONIA" if default >= screening else "NORMAL"}
+    assert classifier.labels(default) == {
+        "default": "PNEUMONIA",
+        "screening": "PNEUMONIA" if default >= screening else "NORMAL",
+    }
     assert classifier.labels(np.nextafter(default, 0))["default"] == "NORMAL"
     assert classifier.labels(screening)["screening"] == "PNEUMONIA"
     assert classifier.labels(np.nextafter(screening, 0))["screening"] == "NORMAL"

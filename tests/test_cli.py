@@ -1,4 +1,5 @@
 """`python -m pneumonia train | evaluate | predict` end to end, in fresh interpreters."""
+
 from __future__ import annotations
 
 import io
@@ -8,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from builders import run_cli
 from sklearn.metrics import roc_auc_score
 
-from conftest import run_cli
 from pneumonia import cli, dataset
 from pneumonia.classifier import XrayClassifier
 
@@ -84,7 +85,8 @@ def test_evaluate_writes_metrics_and_plots(evaluated, densenet_cli_run, learnabl
     screening = classifier.thresholds["screening"]
     assert metrics["thresholds"]["screening"]["threshold"] == pytest.approx(screening)
     assert metrics["thresholds"]["screening"]["confusion_matrix"]["tp"] == int(
-        ((probs >= screening) & (np.array(files.labels) == 1)).sum())
+        ((probs >= screening) & (np.array(files.labels) == 1)).sum()
+    )
 
 
 def test_evaluate_several_models_keeps_each_report(densenet_cli_run, tiny_model_dir, learnable_data_dir, tmp_path):
@@ -92,8 +94,19 @@ def test_evaluate_several_models_keeps_each_report(densenet_cli_run, tiny_model_
     its own folder, and the comparison has a column for each."""
     twin = shutil.copytree(tiny_model_dir, tmp_path / "twin_run")
     report = tmp_path / "comparison"
-    result = run_cli("evaluate", learnable_data_dir, "--model", tiny_model_dir, "--model", twin,
-                     "--model", densenet_cli_run[0], "--out", report, cwd=tmp_path)
+    result = run_cli(
+        "evaluate",
+        learnable_data_dir,
+        "--model",
+        tiny_model_dir,
+        "--model",
+        twin,
+        "--model",
+        densenet_cli_run[0],
+        "--out",
+        report,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     folders = [f"custom-{tiny_model_dir.name}", "custom-twin_run", "densenet121"]
     assert sorted(p.name for p in report.iterdir() if p.is_dir()) == sorted(folders)
@@ -108,7 +121,8 @@ def test_evaluate_several_models_keeps_each_report(densenet_cli_run, tiny_model_
     assert "| metric | " + " | ".join(folders) + " |" in table
     auc_row = next(line for line in table.splitlines() if line.startswith("| AUC |"))
     assert [float(cell) for cell in auc_row.strip("|").split("|")[1:]] == pytest.approx(
-        [reports[f]["auc"] for f in folders], abs=1e-4)
+        [reports[f]["auc"] for f in folders], abs=1e-4
+    )
     for row in ("recall @ screening", "specificity @ default", "threshold @ screening"):
         assert f"| {row} |" in table
 
@@ -157,7 +171,9 @@ def test_predict_prints_one_line_per_image(ungated_model_dir, images, tmp_path):
 def test_predict_json_reports_a_bad_file_and_still_scores_the_others(ungated_model_dir, images, tmp_path):
     good, corrupt = images
     missing = tmp_path / "absent.png"
-    result = run_cli("predict", good[0], corrupt, good[1], missing, "--model", ungated_model_dir, "--json", cwd=tmp_path)
+    result = run_cli(
+        "predict", good[0], corrupt, good[1], missing, "--model", ungated_model_dir, "--json", cwd=tmp_path
+    )
     assert result.returncode == 1
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [row["path"] for row in rows] == [str(good[0]), str(corrupt), str(good[1]), str(missing)]
@@ -180,8 +196,10 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, synthetic_data_dir, ca
     missing_model = tmp_path / "no_model"
     assert cli.main(["predict", str(tmp_path / "x.png"), "--model", str(missing_model)]) == 2
     assert str(missing_model) in capsys.readouterr().err
-    assert cli.main(["evaluate", str(synthetic_data_dir), "--model", str(missing_model),
-                     "--out", str(tmp_path / "r")]) == 2
+    assert (
+        cli.main(["evaluate", str(synthetic_data_dir), "--model", str(missing_model), "--out", str(tmp_path / "r")])
+        == 2
+    )
     assert str(missing_model) in capsys.readouterr().err
     assert cli.main(["evaluate", str(synthetic_data_dir), "--split", "val", "--out", str(tmp_path / "r")]) == 2
     assert "no val/NORMAL or val/PNEUMONIA images" in capsys.readouterr().err
@@ -191,8 +209,10 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, synthetic_data_dir, ca
 def test_evaluate_on_one_class_says_so(tmp_path, tiny_model_dir, synthetic_data_dir, capsys):
     one_class = tmp_path / "data" / "test"
     shutil.copytree(synthetic_data_dir / "test" / "PNEUMONIA", one_class / "PNEUMONIA")
-    assert cli.main(["evaluate", str(tmp_path / "data"), "--model", str(tiny_model_dir),
-                     "--out", str(tmp_path / "r")]) == 2
+    assert (
+        cli.main(["evaluate", str(tmp_path / "data"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "needs readable NORMAL and PNEUMONIA images" in err and "NORMAL 0, PNEUMONIA 12" in err
 
@@ -218,10 +238,14 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
     assert cli.main(["train", "d"]) == 0 and cli.main(["train", "d", "--arch", "custom"]) == 0
     assert cli.main(["train", "d", "--init", "none"]) == 0
     assert [(c.arch, c.init, c.image_size) for c in configs] == [
-        ("densenet121", "imagenet", 128), ("custom", "none", 320), ("densenet121", "none", 128)]
+        ("densenet121", "imagenet", 128),
+        ("custom", "none", 320),
+        ("densenet121", "none", 128),
+    ]
 
 
 # --- predict on folders: CSV, Grad-CAM overlays, progress ----------------------------------
+
 
 def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_model_dir, mixed_folder, tmp_path):
     """A corrupt file, a DICOM without an extension and a PNG named .txt: a row for each."""
@@ -231,8 +255,19 @@ def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_mod
 
     root, reported, _ = mixed_folder
     table, overlays = tmp_path / "results.csv", tmp_path / "gradcam"
-    result = run_cli("predict", root, "--model", gap_model_dir, "--csv", table, "--gradcam", overlays,
-                     "--batch-size", 2, cwd=tmp_path)
+    result = run_cli(
+        "predict",
+        root,
+        "--model",
+        gap_model_dir,
+        "--csv",
+        table,
+        "--gradcam",
+        overlays,
+        "--batch-size",
+        2,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr[-3000:]  # one file was unreadable
     assert "\r" not in result.stderr and "images/s" not in result.stderr  # piped: no progress bar
     assert "skipped 1 file(s)" in result.stderr and "notes.txt" in result.stderr
@@ -254,8 +289,12 @@ def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_mod
         overlay = cv2.imread(row["gradcam"])
         height, width = cv2.imread(row["path"]).shape[:2] if not row["path"].endswith("IM0001") else (128, 160)
         assert overlay.shape == (height, width, 3)  # under 1024 px: the X-ray's own size
-    assert sorted(p.name for p in overlays.iterdir()) == ["00001-a-normal.png", "00003-c-wrong-extension.png",
-                                                          "00004-IM0001.png", "00005-z-pneumonia.png"]
+    assert sorted(p.name for p in overlays.iterdir()) == [
+        "00001-a-normal.png",
+        "00003-c-wrong-extension.png",
+        "00004-IM0001.png",
+        "00005-z-pneumonia.png",
+    ]
 
 
 def test_predict_draws_a_progress_bar_on_a_terminal(gap_model_dir, mixed_folder, tmp_path, monkeypatch, capsys):

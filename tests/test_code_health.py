@@ -1,5 +1,6 @@
 """What a maintainer checks by hand, made checkable: ruff's lint and format rules hold, and no
 function of the product code is longer than a screen."""
+
 from __future__ import annotations
 
 import ast
@@ -9,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PRODUCT_CODE = sorted((REPO / "pneumonia").glob("*.py")) + sorted((REPO / "web").glob("*.py")) + [REPO / "gradcam.py"]
 MAX_FUNCTION_LINES = 60
 

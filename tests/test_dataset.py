@@ -1,4 +1,5 @@
 """The Kaggle folder layout, patient ids, the patient-grouped split and the pixel cache."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,15 @@ import pytest
 from PIL import Image
 
 from pneumonia import dataset
-from pneumonia.dataset import SplitFiles, describe, fingerprint, load_pixels, patient_grouped_split, patient_id, scan_split
+from pneumonia.dataset import (
+    SplitFiles,
+    describe,
+    fingerprint,
+    load_pixels,
+    patient_grouped_split,
+    patient_id,
+    scan_split,
+)
 
 
 def _jpeg(path: Path, value: int = 100, size: int = 24) -> Path:
@@ -78,14 +87,17 @@ def test_no_readable_images_gives_empty_arrays(tmp_path):
     assert pixels.shape == (0, 16, 16) and labels.shape == (0,) and kept.paths == []
 
 
-@pytest.mark.parametrize("name, patient", [
-    ("person123_bacteria_45.jpeg", "PERSON123"),
-    ("person12_virus_3.jpeg", "PERSON12"),
-    ("PERSON12_VIRUS_4.JPEG", "PERSON12"),
-    ("IM-0115-0001.jpeg", "IM-0115"),
-    ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427"),
-    ("scan.png", "SCAN.PNG"),  # unknown names are their own patient
-])
+@pytest.mark.parametrize(
+    "name, patient",
+    [
+        ("person123_bacteria_45.jpeg", "PERSON123"),
+        ("person12_virus_3.jpeg", "PERSON12"),
+        ("PERSON12_VIRUS_4.JPEG", "PERSON12"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427"),
+        ("scan.png", "SCAN.PNG"),  # unknown names are their own patient
+    ],
+)
 def test_patient_id(name, patient):
     assert patient_id(Path("chest_xray/train/X") / name) == patient
 
@@ -217,8 +229,14 @@ def test_a_damaged_cache_file_is_decoded_again(small_split, tmp_path):
 
 
 def _series_files() -> dataset.SplitFiles:
-    names = [("IM-0001-0001.jpeg", 0), ("IM-0001-0002.jpeg", 0), ("NORMAL2-IM-0005-0001.jpeg", 0),
-             ("NORMAL2-IM-0006-0001.jpeg", 0), ("person1_bacteria_1.jpeg", 1), ("person2_virus_2.jpeg", 1)]
+    names = [
+        ("IM-0001-0001.jpeg", 0),
+        ("IM-0001-0002.jpeg", 0),
+        ("NORMAL2-IM-0005-0001.jpeg", 0),
+        ("NORMAL2-IM-0006-0001.jpeg", 0),
+        ("person1_bacteria_1.jpeg", 1),
+        ("person2_virus_2.jpeg", 1),
+    ]
     return dataset.SplitFiles([Path("train") / n for n, _ in names], [label for _, label in names])
 
 

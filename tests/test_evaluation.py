@@ -1,4 +1,5 @@
 """Metrics against scikit-learn computed here, thresholds, calibration, intervals, plots."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,16 @@ from sklearn import metrics as skm
 
 from pneumonia.evaluation import (
     bootstrap_ci,
+    choose_thresholds,
     evaluate_predictions,
     expected_calibration_error,
     fit_platt,
-    platt,
     format_table,
     metrics_at_threshold,
+    platt,
     save_plots,
-    thresholds_from_roc,
-    choose_thresholds,
     sigmoid,
+    thresholds_from_roc,
     write_metrics,
 )
 
@@ -130,20 +131,30 @@ def test_fit_platt_recovers_a_known_slope_and_intercept(true_slope, true_interce
     slope, intercept = fit_platt(labels, logits)
     assert slope == pytest.approx(true_slope, rel=0.06)
     assert intercept == pytest.approx(true_intercept, abs=0.08)
+
     # and it is the log-loss minimum: nearby parameters do worse
     def nll(a, b):
         return skm.log_loss(labels, np.clip(platt(logits, a, b), 1e-12, 1 - 1e-12))
+
     best = nll(slope, intercept)
-    assert best <= min(nll(slope * 1.1, intercept), nll(slope / 1.1, intercept),
-                       nll(slope, intercept + 0.1), nll(slope, intercept - 0.1))
+    assert best <= min(
+        nll(slope * 1.1, intercept),
+        nll(slope / 1.1, intercept),
+        nll(slope, intercept + 0.1),
+        nll(slope, intercept - 0.1),
+    )
 
 
 def test_bootstrap_ci_contains_the_point_estimate_and_matches_a_plain_loop(predictions):
     labels, probs = predictions
     ci = bootstrap_ci(labels, probs, 0.5, rounds=300, seed=5)
     point = metrics_at_threshold(labels, probs, 0.5)
-    estimates = {"auc": skm.roc_auc_score(labels, probs), "accuracy": point["accuracy"],
-                 "recall": point["recall"], "specificity": point["specificity"]}
+    estimates = {
+        "auc": skm.roc_auc_score(labels, probs),
+        "accuracy": point["accuracy"],
+        "recall": point["recall"],
+        "specificity": point["specificity"],
+    }
     for key, value in estimates.items():
         low, high = ci[key]
         assert low <= value <= high and high - low < 0.3, key

@@ -1,4 +1,5 @@
 """Grad-CAM: map shape and range, the class it explains, flat maps, localisation, overlay."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from conftest import build_gap_cnn, encode_image, synthetic_xray
+from builders import build_gap_cnn, encode_image, synthetic_xray
 from PIL import Image
 
 import gradcam

@@ -1,13 +1,14 @@
 """The package's module graph: no module imports one that imports it back (at module level or
 inside a function), so each can be read, tested and loaded on its own."""
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 import pytest
+from builders import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted((REPO / "pneumonia").glob("*.py")) + sorted((REPO / "web").glob("*.py")) + [REPO / "gradcam.py"]
 
 
@@ -44,7 +45,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return trail[trail.index(target):] + [target]
+                return trail[trail.index(target) :] + [target]
             if target not in state and (cycle := visit(target, trail + [target])):
                 return cycle
         state[node] = "done"

@@ -1,72 +1,37 @@
 """Slow clients and overload: the body deadline (408), model capacity (503 with Retry-After),
 and gunicorn as the Procfile starts it staying responsive while slow clients hold connections.
 The full scenarios are `python -m bench.load_test`."""
+
 from __future__ import annotations
 
-import io
 import json
-import os
 import runpy
-import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import xray_jpeg
+from builders import REPO, gunicorn_serving, upload, xray_jpeg
 
 from web import create_app
 from web.capacity import ModelBusy, ModelCapacity
 from web.screening import Screener
 
-REPO = Path(__file__).resolve().parent.parent
 BODY_TIMEOUT = 3  # seconds, the server's total body deadline in these tests
 BODY_READ_TIMEOUT = 1.5  # seconds without a byte
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model without its out-of-distribution gate: what is measured here is serving, and
-    a 4-epoch model's gate refuses some of its own kind of images (test_ood.py tests the gate)."""
-    return shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("load") / "model",
-                           ignore=shutil.ignore_patterns("ood.npz", "checkpoints"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """`gunicorn app:app` with gunicorn.conf.py (threads as shipped) on loopback, a 3 s body deadline."""
-    port = _free_port()
-    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "PNEUMONIA_MODEL_PATH": str(model_dir),
-           "PNEUMONIA_BODY_TIMEOUT": str(BODY_TIMEOUT), "PNEUMONIA_BODY_READ_TIMEOUT": str(BODY_READ_TIMEOUT),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("GUNICORN_THREADS", None)
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "app:app"],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                assert process.poll() is None, process.stderr.read().decode()
-            assert time.time() < deadline, "gunicorn did not become ready"
-            time.sleep(0.3)
-        yield port, url
-    finally:
-        process.terminate()
-        process.wait(30)
+def gunicorn_server(ungated_model_dir):
+    """`gunicorn app:app` with gunicorn.conf.py (threads as shipped) on loopback, a 3 s body deadline:
+    (port, url). The tiny model without its gate: what is measured here is serving, and a 4-epoch
+    model's gate refuses some of its own kind of images (test_ood.py tests the gate)."""
+    with gunicorn_serving(
+        ungated_model_dir, PNEUMONIA_BODY_TIMEOUT=str(BODY_TIMEOUT), PNEUMONIA_BODY_READ_TIMEOUT=str(BODY_READ_TIMEOUT)
+    ) as (_, url):
+        yield urlsplit(url).port, url
 
 
 class SlowClient(threading.Thread):
@@ -81,22 +46,29 @@ class SlowClient(threading.Thread):
 
     def run(self):
         boundary = "slowclientboundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n\r\n"
-                .encode() + b"\xff\xd8\xff" + b"\0" * 100_000)
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n\r\n'.encode()
+            + b"\xff\xd8\xff"
+            + b"\0" * 100_000
+        )
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         started = time.monotonic()
         try:
-            sock.sendall((f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body) + 100}\r\n"
-                          f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode())
+            sock.sendall(
+                (
+                    f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body) + 100}\r\n"
+                    f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+                ).encode()
+            )
             sock.settimeout(self.interval)
             sent = 0
             while time.monotonic() - started < 30:
                 if self.stall_after is None or sent < self.stall_after:
-                    sock.sendall(body[sent:sent + 1])
+                    sock.sendall(body[sent : sent + 1])
                     sent += 1
                 try:
                     self.answer = sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 break
             self.held_s = time.monotonic() - started
@@ -114,8 +86,8 @@ class SlowClient(threading.Thread):
             sock.close()
 
 
-def test_slow_clients_do_not_hold_the_app_and_get_408_after_the_deadline(server):
-    port, url = server
+def test_slow_clients_do_not_hold_the_app_and_get_408_after_the_deadline(gunicorn_server):
+    port, url = gunicorn_server
     slow = [SlowClient(port) for _ in range(8)]
     for client in slow:
         client.start()
@@ -139,8 +111,8 @@ def test_slow_clients_do_not_hold_the_app_and_get_408_after_the_deadline(server)
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
 
 
-def test_a_stalled_body_gets_408_after_the_read_timeout(server):
-    port, _ = server
+def test_a_stalled_body_gets_408_after_the_read_timeout(gunicorn_server):
+    port, _ = gunicorn_server
     client = SlowClient(port, interval=0.1, stall_after=5)
     client.start()
     client.join(10)
@@ -152,8 +124,9 @@ def test_a_stalled_body_gets_408_after_the_read_timeout(server):
 
 # --- model capacity ---------------------------------------------------------------------------
 
+
 @pytest.fixture
-def blocked_app(model_dir, monkeypatch):
+def blocked_app(ungated_model_dir, monkeypatch):
     """The app with one model slot and a 1 s line, whose screenings wait for `release`."""
     release = threading.Event()
     screen = Screener.screen
@@ -163,15 +136,12 @@ def blocked_app(model_dir, monkeypatch):
         return screen(self, *args, **kwargs)
 
     monkeypatch.setattr("web.screening.Screener.screen", blocked)
-    app = create_app({"MODEL_PATH": str(model_dir), "TESTING": True, "MODEL_SLOTS": 1,
-                      "MODEL_QUEUE_SECONDS": 1.0})
+    app = create_app(
+        {"MODEL_PATH": str(ungated_model_dir), "TESTING": True, "MODEL_SLOTS": 1, "MODEL_QUEUE_SECONDS": 1.0}
+    )
     app.extensions["model_capacity"].service_s = 0.4  # one waits 0.4 s, two 0.8 s, a third 1.2 s > 1 s
     yield app, release
     release.set()
-
-
-def _upload() -> dict:
-    return {"file": (io.BytesIO(xray_jpeg()), "x.jpg")}
 
 
 def test_when_the_line_for_the_model_is_full_an_upload_gets_503_with_retry_after(blocked_app):
@@ -180,7 +150,7 @@ def test_when_the_line_for_the_model_is_full_an_upload_gets_503_with_retry_after
     answers = []
 
     def post():
-        answers.append(app.test_client().post("/api/predict", data=_upload()).status_code)
+        answers.append(app.test_client().post("/api/predict", data=upload(xray_jpeg(), "x.jpg")).status_code)
 
     threads = [threading.Thread(target=post) for _ in range(3)]  # one screening, two in line
     for thread in threads:
@@ -193,11 +163,11 @@ def test_when_the_line_for_the_model_is_full_an_upload_gets_503_with_retry_after
 
     client = app.test_client()
     started = time.perf_counter()
-    busy = client.post("/api/predict", data=_upload())
+    busy = client.post("/api/predict", data=upload(xray_jpeg(), "x.jpg"))
     assert time.perf_counter() - started < 0.5  # at once, not after waiting
     assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
     assert busy.get_json()["status"] == 503 and "busy" in busy.get_json()["error"]
-    page = client.post("/predict", data=_upload())
+    page = client.post("/predict", data=upload(xray_jpeg(), "x.jpg"))
     assert page.status_code == 503 and page.headers["Retry-After"] == busy.headers["Retry-After"]
     assert page.mimetype == "text/html" and "busy" in page.get_data(as_text=True)
     for path in ("/healthz", "/", "/model"):  # everything else still answers while the model is busy
@@ -207,7 +177,7 @@ def test_when_the_line_for_the_model_is_full_an_upload_gets_503_with_retry_after
     for thread in threads:
         thread.join(10)
     assert answers == [200, 200, 200]
-    assert client.post("/api/predict", data=_upload()).status_code == 200
+    assert client.post("/api/predict", data=upload(xray_jpeg(), "x.jpg")).status_code == 200
     assert capacity.snapshot()["refused"] == 2
 
 
@@ -261,10 +231,10 @@ def test_model_capacity_bounds_the_line_and_the_wait():
         assert capacity.running == 1
 
 
-def test_threads_outnumber_model_slots_by_default(model_dir, monkeypatch):
+def test_threads_outnumber_model_slots_by_default(ungated_model_dir, monkeypatch):
     monkeypatch.delenv("GUNICORN_THREADS", raising=False)
     settings = runpy.run_path(str(REPO / "gunicorn.conf.py"))
-    app = create_app({"MODEL_PATH": str(model_dir)})
+    app = create_app({"MODEL_PATH": str(ungated_model_dir)})
     assert settings["threads"] >= 4 * app.config["MODEL_SLOTS"] and settings["worker_class"] == "gthread"
     assert app.config["BODY_TIMEOUT"] <= 30 and app.config["BODY_READ_TIMEOUT"] <= app.config["BODY_TIMEOUT"]
     assert 0 < app.config["MODEL_QUEUE_SECONDS"] <= 10

@@ -1,4 +1,5 @@
 """The two architectures, the Grad-CAM layer choice and initial weights (--init)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,14 +9,13 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from builders import REPO
 from keras import layers
 
-from pneumonia import models
 from pneumonia.models import (
     InitError,
     build_custom_cnn,
@@ -26,8 +26,6 @@ from pneumonia.models import (
     resolve_init,
 )
 from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +54,21 @@ def test_both_architectures_end_in_one_sigmoid_unit_after_a_logit_layer(which, r
 def test_custom_cnn_is_the_seed_architecture(custom_32):
     kinds = [type(layer).__name__ for layer in custom_32.layers]
     assert kinds.count("Conv2D") == 2 and kinds.count("SeparableConv2D") == 8
-    assert [layer.filters for layer in custom_32.layers if isinstance(layer, layers.SeparableConv2D)] == \
-        [32, 32, 64, 64, 128, 128, 256, 256]
+    assert [layer.filters for layer in custom_32.layers if isinstance(layer, layers.SeparableConv2D)] == [
+        32,
+        32,
+        64,
+        64,
+        128,
+        128,
+        256,
+        256,
+    ]
     assert kinds.count("MaxPooling2D") == 5 and kinds.count("BatchNormalization") == 7
     # moving statistics that catch up within ~100 steps (see models.BN_MOMENTUM and test_training)
     assert {layer.momentum for layer in custom_32.layers if isinstance(layer, layers.BatchNormalization)} == {0.9}
     assert [layer.units for layer in custom_32.layers if isinstance(layer, layers.Dense)] == [512, 128, 64, 1]
-    after_flatten = custom_32.layers[kinds.index("Flatten"):]
+    after_flatten = custom_32.layers[kinds.index("Flatten") :]
     assert [layer.rate for layer in after_flatten if isinstance(layer, layers.Dropout)] == [0.7, 0.5, 0.3]
     assert [layer.rate for layer in custom_32.layers if isinstance(layer, layers.Dropout)][:2] == [0.2, 0.2]
 
@@ -91,7 +97,7 @@ def test_densenet_gradcam_layer_has_at_least_7x7_cells(size, layer, cells):
 def test_custom_gradcam_layer_is_the_last_map_of_at_least_7x7(custom_32):
     name = gradcam_layer_for(custom_32)
     assert name == "block64_conv2" and tuple(custom_32.get_layer(name).output.shape[1:3]) == (8, 8)
-    later = custom_32.layers[[layer.name for layer in custom_32.layers].index(name) + 1:]
+    later = custom_32.layers[[layer.name for layer in custom_32.layers].index(name) + 1 :]
     later_convs = [layer for layer in later if isinstance(layer, layers.SeparableConv2D)]
     assert later_convs and all(layer.output.shape[1] < 7 for layer in later_convs)
 
@@ -144,9 +150,11 @@ def test_init_imagenet_asks_keras_for_the_file_keras_itself_verifies(monkeypatch
     assert init["sha256"] == hashlib.sha256(b"pretend weights").hexdigest()
     from keras.src.applications import densenet
 
-    keras_call = re.search(r'"densenet121_weights_tf_dim_ordering_tf_kernels_notop\.h5",\s*'
-                           r'DENSENET121_WEIGHT_PATH_NO_TOP,\s*cache_subdir="models",\s*file_hash="([0-9a-f]+)"',
-                           inspect.getsource(densenet))
+    keras_call = re.search(
+        r'"densenet121_weights_tf_dim_ordering_tf_kernels_notop\.h5",\s*'
+        r'DENSENET121_WEIGHT_PATH_NO_TOP,\s*cache_subdir="models",\s*file_hash="([0-9a-f]+)"',
+        inspect.getsource(densenet),
+    )
     assert keras_call is not None
     assert requested["file_hash"] == keras_call.group(1)
     assert requested["fname"] == "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -176,8 +184,11 @@ def test_init_path_loads_a_densenet121_weights_file(densenet_32, tmp_path, file_
     init = resolve_init(str(path))
     model = build_model("densenet121", 32, init)
     for layer_name in ("conv1_conv", "conv5_block16_2_conv", "bn"):
-        for loaded, saved, fresh in zip(model.get_layer(layer_name).get_weights(), body.get_layer(layer_name).get_weights(),
-                                        densenet_32.get_layer(layer_name).get_weights()):
+        for loaded, saved, fresh in zip(
+            model.get_layer(layer_name).get_weights(),
+            body.get_layer(layer_name).get_weights(),
+            densenet_32.get_layer(layer_name).get_weights(),
+        ):
             np.testing.assert_array_equal(loaded, saved)
             assert not np.array_equal(loaded, fresh)
 
@@ -196,17 +207,41 @@ def test_training_the_custom_cnn_with_pretrained_weights_stops_before_any_downlo
 def test_cli_train_with_imagenet_offline_exits_promptly_with_the_alternatives(tmp_path, synthetic_data_dir):
     """No network: every proxy points at a closed local port, and KERAS_HOME is empty, so
     Keras must try to download (and fails at once)."""
-    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"), "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(tmp_path / "keras_home"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": str(REPO),
+    }
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
         env[name] = "http://127.0.0.1:9"
     env.pop("no_proxy", None)
     env.pop("NO_PROXY", None)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pneumonia", "train", str(synthetic_data_dir), "--arch", "densenet121",
-         "--init", "imagenet", "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "run"), "--no-cache"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "pneumonia",
+            "train",
+            str(synthetic_data_dir),
+            "--arch",
+            "densenet121",
+            "--init",
+            "imagenet",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-cache",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     elapsed = time.monotonic() - started
     if result.returncode == 0:

@@ -1,17 +1,27 @@
 """The out-of-distribution gate: pixel checks, feature density, thresholds, storage, and the
 contract in the API, the pages and the CLI."""
+
 from __future__ import annotations
 
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import (
+    REAL_XRAYS,
+    SHARED_SAMPLES,
+    SHIPPED_MODEL,
+    encode_image,
+    noise_png,
+    run_cli,
+    sample_photo,
+    upload,
+    xray_jpeg,
+)
 from PIL import Image
 
-from conftest import REAL_XRAYS, SHIPPED_MODEL, encode_image, run_cli, xray_jpeg
 from pneumonia.classifier import XrayClassifier
 from pneumonia.ood import (
     ACCEPT_QUANTILE,
@@ -29,24 +39,15 @@ from pneumonia.ood import (
 from pneumonia.preprocessing import decode_xray
 
 
-def sample_photo(name: str) -> bytes:
-    from sklearn.datasets import load_sample_image
-
-    return encode_image(Image.fromarray(load_sample_image(name)), "JPEG", quality=90)
-
-
 def uniform(level: int, size=(300, 300)) -> bytes:
     return encode_image(Image.new("L", size, level), "PNG")
 
 
-def noise(seed: int = 0) -> bytes:
-    values = np.random.default_rng(seed).uniform(0, 255, (300, 300))
-    return encode_image(Image.fromarray(values.astype(np.uint8)), "PNG")
-
-
 # --- Pixel checks ------------------------------------------------------------------------
 
-TRAIN_STATS = [PixelStats(224, 224, chroma=c, spread=s) for c, s in zip(np.linspace(0, 2, 100), np.linspace(150, 230, 100))]
+TRAIN_STATS = [
+    PixelStats(224, 224, chroma=c, spread=s) for c, s in zip(np.linspace(0, 2, 100), np.linspace(150, 230, 100))
+]
 
 
 def test_bounds_come_from_training_percentiles_with_the_stated_slack():
@@ -61,12 +62,15 @@ def test_bounds_come_from_training_percentiles_with_the_stated_slack():
     assert wide.max_aspect == pytest.approx(6.0)  # wider training images widen the bound
 
 
-@pytest.mark.parametrize("stats, reason", [
-    (PixelStats(60, 60, 0, 200), "size"),
-    (PixelStats(8, 60_000, 0, 200), "shape"),
-    (PixelStats(640, 427, 71.5, 190), "colour"),
-    (PixelStats(500, 500, 0, 0), "blank"),
-])
+@pytest.mark.parametrize(
+    "stats, reason",
+    [
+        (PixelStats(60, 60, 0, 200), "size"),
+        (PixelStats(8, 60_000, 0, 200), "shape"),
+        (PixelStats(640, 427, 71.5, 190), "colour"),
+        (PixelStats(500, 500, 0, 0), "blank"),
+    ],
+)
 def test_each_pixel_check_refuses_what_it_is_for(stats, reason):
     verdict = pixel_verdict(stats, pixel_bounds(TRAIN_STATS))
     assert verdict.verdict == "rejected" and verdict.reason == reason
@@ -94,10 +98,12 @@ def test_measurements_on_decoded_images():
 
 # --- Feature density and thresholds --------------------------------------------------------
 
+
 def test_mahalanobis_distance_to_the_nearer_class_mean():
     density = FeatureDensity(np.array([[0.0, 0.0], [10.0, 0.0]]), np.diag([1.0, 4.0]))
-    np.testing.assert_allclose(density.distance(np.array([[1.0, 1.0], [9.0, 0.0], [5.0, 0.0]])),
-                               [np.sqrt(1 + 4), 1.0, 5.0])
+    np.testing.assert_allclose(
+        density.distance(np.array([[1.0, 1.0], [9.0, 0.0], [5.0, 0.0]])), [np.sqrt(1 + 4), 1.0, 5.0]
+    )
 
 
 def test_density_fit_separates_far_points_and_thresholds_pass_the_validation_quantile():
@@ -129,22 +135,31 @@ def test_gate_round_trips_through_its_file(tmp_path):
 
 # --- A trained model's gate ----------------------------------------------------------------
 
+
 def test_train_fits_the_gate_and_records_it(tiny_model_dir):
     card = json.loads((tiny_model_dir / "model.json").read_text())
     assert (tiny_model_dir / GATE_FILE).is_file()
     ood = card["ood"]
     assert ood["validation"]["refused_fraction"] <= 1 - ACCEPT_QUANTILE + 1e-9 or ood["validation"]["images"] < 200
-    assert set(ood["detection"]) >= {"photos (scikit-learn samples and crops)", "blank (black, white, grey, faint noise)",
-                                     "noise (uniform, Gaussian)", "rendered text"}
+    assert set(ood["detection"]) >= {
+        "photos (scikit-learn samples and crops)",
+        "blank (black, white, grey, faint noise)",
+        "noise (uniform, Gaussian)",
+        "rendered text",
+    }
     classifier = XrayClassifier(tiny_model_dir)
     assert classifier.gate is not None and classifier.gate_status == "on"
 
 
 def test_pixel_checks_refuse_before_the_model_whatever_the_model(tiny_model_dir):
     classifier = XrayClassifier(tiny_model_dir)
-    for data, reason in ((sample_photo("flower.jpg"), "colour"), (sample_photo("china.jpg"), "colour"),
-                         (uniform(0), "blank"), (uniform(255), "blank"),
-                         (encode_image(Image.new("L", (8, 6000), 90), "PNG"), "shape")):
+    for data, reason in (
+        (sample_photo("flower.jpg"), "colour"),
+        (sample_photo("china.jpg"), "colour"),
+        (uniform(0), "blank"),
+        (uniform(255), "blank"),
+        (encode_image(Image.new("L", (8, 6000), 90), "PNG"), "shape"),
+    ):
         probability, verdict = classifier.screen_source(data)
         assert probability is None and verdict.reason == reason
 
@@ -159,8 +174,6 @@ def test_a_gate_fitted_for_another_model_file_is_not_used(tiny_model_dir, tmp_pa
 
 
 # --- The shipped model's gate ---------------------------------------------------------------
-
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "samples"
 
 
 def test_shipped_model_card_records_its_gate_and_the_validation_false_refusals():
@@ -181,16 +194,16 @@ def test_shipped_model_accepts_real_xrays_and_refuses_photos_blank_and_noise(shi
     for path in REAL_XRAYS:
         probability, verdict = shipped.screen_source(path)
         assert probability is not None and verdict.accepted
-    for data in (sample_photo("flower.jpg"), sample_photo("china.jpg"), uniform(0), uniform(255), noise()):
+    for data in (sample_photo("flower.jpg"), sample_photo("china.jpg"), uniform(0), uniform(255), noise_png()):
         probability, verdict = shipped.screen_source(data)
         assert probability is None and not verdict.accepted
     grey_flower = encode_image(Image.open(io.BytesIO(sample_photo("flower.jpg"))).convert("L"), "PNG")
     assert shipped.screen_source(grey_flower)[1].reason == "features"
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="needs the full-size sample X-rays in ../shared/samples")
+@pytest.mark.skipif(not SHARED_SAMPLES.is_dir(), reason="needs the full-size sample X-rays in ../shared/samples")
 def test_shipped_model_accepts_every_sample_xray(shipped):
-    files = sorted(p for p in SAMPLES.glob("*/*/*") if p.is_file())
+    files = sorted(p for p in SHARED_SAMPLES.glob("*/*/*") if p.is_file())
     assert files
     for path in files:
         probability, verdict = shipped.screen_source(path)
@@ -199,6 +212,7 @@ def test_shipped_model_accepts_every_sample_xray(shipped):
 
 # --- The web contract (the shipped model, real X-rays from tests/data) ---------------------
 
+
 @pytest.fixture(scope="module")
 def gated_client(shipped_app):
     return shipped_app.test_client()
@@ -206,7 +220,7 @@ def gated_client(shipped_app):
 
 @pytest.mark.parametrize("name", ["flower.jpg", "china.jpg"])
 def test_api_refuses_a_photo_with_422_and_no_probability(gated_client, name):
-    response = gated_client.post("/api/predict", data={"file": (io.BytesIO(sample_photo(name)), name)})
+    response = gated_client.post("/api/predict", data=upload(sample_photo(name), name))
     assert response.status_code == 422
     body = response.get_json()
     assert body["status"] == 422 and "chest radiograph" in body["error"]
@@ -216,15 +230,15 @@ def test_api_refuses_a_photo_with_422_and_no_probability(gated_client, name):
     assert "probability" not in body and "gradcam_png" not in body
 
 
-@pytest.mark.parametrize("data, reason", [(uniform(0), "blank"), (uniform(255), "blank"), (noise(1), "features")])
+@pytest.mark.parametrize("data, reason", [(uniform(0), "blank"), (uniform(255), "blank"), (noise_png(1), "features")])
 def test_api_refuses_blank_and_noise(gated_client, data, reason):
-    body = gated_client.post("/api/predict", data={"file": (io.BytesIO(data), "x.png")}).get_json()
+    body = gated_client.post("/api/predict", data=upload(data, "x.png")).get_json()
     assert body["status"] == 422 and body["ood"]["reason"] == reason
 
 
 @pytest.mark.parametrize("path", REAL_XRAYS, ids=lambda p: p.name)
 def test_api_answers_a_real_xray_with_the_verdict_and_thresholds(gated_client, path):
-    response = gated_client.post("/api/predict", data={"file": (io.BytesIO(path.read_bytes()), path.name)})
+    response = gated_client.post("/api/predict", data=upload(path.read_bytes(), path.name))
     assert response.status_code == 200
     ood = response.get_json()["ood"]
     assert ood["verdict"] in ("ok", "unusual") and set(ood["thresholds"]) == {"unusual", "rejected"}
@@ -233,7 +247,7 @@ def test_api_answers_a_real_xray_with_the_verdict_and_thresholds(gated_client, p
 
 
 def test_form_refusal_page_says_what_was_expected_and_shows_no_result(gated_client):
-    response = gated_client.post("/predict", data={"file": (io.BytesIO(sample_photo("flower.jpg")), "flower.jpg")})
+    response = gated_client.post("/predict", data=upload(sample_photo("flower.jpg"), "flower.jpg"))
     page = response.get_data(as_text=True)
     assert response.status_code == 422
     assert "frontal chest radiograph" in page and "in colour" in page
@@ -247,27 +261,40 @@ def test_model_page_and_healthz_show_the_gate(gated_client):
 
 
 def test_a_model_without_a_gate_serves_and_says_the_gate_is_off(client):
-    body = client.post("/api/predict", data={"file": (io.BytesIO(sample_photo("flower.jpg")), "f.jpg")}).get_json()
+    body = client.post("/api/predict", data=upload(sample_photo("flower.jpg"), "f.jpg")).get_json()
     assert 0 <= body["probability"] <= 1
     assert body["ood"]["verdict"] == "unchecked" and body["ood"]["gate"] == "off"
     assert client.get("/healthz").get_json()["ood_gate"].startswith("off: no ood.npz")
     assert 'id="ood-off"' in client.get("/model").get_data(as_text=True)
-    page = client.post("/predict", data={"file": (io.BytesIO(xray_jpeg()), "x.jpeg")}).get_data(as_text=True)
+    page = client.post("/predict", data=upload(xray_jpeg(), "x.jpeg")).get_data(as_text=True)
     assert 'id="ood-off"' in page
 
 
 # --- The command line -----------------------------------------------------------------------
 
+
+@pytest.mark.slow  # two fresh interpreters each load the shipped DenseNet121
 def test_predict_prints_the_reason_for_a_refused_file(tmp_path):
     (tmp_path / "flower.jpg").write_bytes(sample_photo("flower.jpg"))
-    (tmp_path / "noise.png").write_bytes(noise(2))
+    (tmp_path / "noise.png").write_bytes(noise_png(2))
     xray = REAL_XRAYS[0]
-    text = run_cli("predict", tmp_path / "flower.jpg", xray, tmp_path / "noise.png", "--json", "--model", SHIPPED_MODEL,
-                   cwd=tmp_path)
+    text = run_cli(
+        "predict",
+        tmp_path / "flower.jpg",
+        xray,
+        tmp_path / "noise.png",
+        "--json",
+        "--model",
+        SHIPPED_MODEL,
+        cwd=tmp_path,
+    )
     flower, accepted, noisy = (json.loads(line) for line in text.stdout.strip().splitlines())
-    assert flower["probability"] is None and flower["ood"] == {"verdict": "rejected", "reason": "colour",
-                                                               "score": pytest.approx(flower["ood"]["score"]),
-                                                               "threshold": pytest.approx(flower["ood"]["threshold"])}
+    assert flower["probability"] is None and flower["ood"] == {
+        "verdict": "rejected",
+        "reason": "colour",
+        "score": pytest.approx(flower["ood"]["score"]),
+        "threshold": pytest.approx(flower["ood"]["threshold"]),
+    }
     assert noisy["probability"] is None and noisy["ood"]["reason"] == "features"
     assert 0 <= accepted["probability"] <= 1 and accepted["ood"]["verdict"] in ("ok", "unusual")
     plain = run_cli("predict", tmp_path / "flower.jpg", "--model", SHIPPED_MODEL, cwd=tmp_path).stdout
@@ -289,11 +316,22 @@ def test_fit_ood_refits_a_model_that_has_none(tiny_model_dir, synthetic_data_dir
 
 
 def test_evaluate_reports_what_the_gate_refuses_and_metrics_on_accepted(tiny_model_dir, synthetic_data_dir, tmp_path):
-    result = run_cli("evaluate", synthetic_data_dir, "--split", "test", "--model", tiny_model_dir, "--out", tmp_path / "r",
-                     cwd=tmp_path)
+    result = run_cli(
+        "evaluate",
+        synthetic_data_dir,
+        "--split",
+        "test",
+        "--model",
+        tiny_model_dir,
+        "--out",
+        tmp_path / "r",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     gate = json.loads((tmp_path / "r" / "metrics.json").read_text())["ood_gate"]
     assert gate["gate"] == "on" and gate["images"] == 24
     assert 0 <= gate["refused_fraction"] <= 1 and "out-of-distribution gate: refused" in result.stdout
     if gate["refused_fraction"] < 1:
-        assert gate["metrics_on_accepted"] is None or gate["metrics_on_accepted"]["split"].endswith("(accepted by the gate)")
+        assert gate["metrics_on_accepted"] is None or gate["metrics_on_accepted"]["split"].endswith(
+            "(accepted by the gate)"
+        )

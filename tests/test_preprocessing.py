@@ -1,13 +1,13 @@
 """The one path from bytes or a file to model input: colour modes, bit depths, EXIF,
 formats, bad inputs, decompression bombs, and train/serve agreement."""
+
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from builders import encode_image, png_bomb
 from PIL import Image
 
 from pneumonia import dataset, preprocessing
@@ -23,12 +23,6 @@ from pneumonia.preprocessing import (
 )
 
 SIZE = 48
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ LOSSLESS_MODES = {
 def test_colour_modes_become_the_same_greyscale(grey, mode):
     make, fmt, tolerance = LOSSLESS_MODES[mode]
     image = make(Image.fromarray(grey, "L"))
-    data = encode(image, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    data = encode_image(image, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     assert Image.open(io.BytesIO(data)).mode == mode.split("-")[0]
 
     pixels = xray_pixels(data, SIZE)
@@ -85,12 +79,16 @@ def _every_mode(grey: np.ndarray) -> dict[str, bytes]:
     base = Image.fromarray(grey, "L")
     palette = base.convert("P")
     return {
-        "L": encode(base, "PNG"), "RGB": encode(base.convert("RGB"), "JPEG"),
-        "RGBA": encode(_half_transparent(base, "RGBA"), "PNG"), "LA": encode(_half_transparent(base, "LA"), "PNG"),
-        "P": encode(palette, "PNG"), "P+transparency": encode(palette, "PNG", transparency=0),
-        "CMYK": encode(base.convert("RGB").convert("CMYK"), "JPEG"), "1": encode(base.convert("1"), "BMP"),
-        "I;16 PNG": encode(Image.fromarray(_twelve_bit_ramp()), "PNG"),
-        "I;16 TIFF": encode(Image.fromarray(_twelve_bit_ramp()), "TIFF"),
+        "L": encode_image(base, "PNG"),
+        "RGB": encode_image(base.convert("RGB"), "JPEG"),
+        "RGBA": encode_image(_half_transparent(base, "RGBA"), "PNG"),
+        "LA": encode_image(_half_transparent(base, "LA"), "PNG"),
+        "P": encode_image(palette, "PNG"),
+        "P+transparency": encode_image(palette, "PNG", transparency=0),
+        "CMYK": encode_image(base.convert("RGB").convert("CMYK"), "JPEG"),
+        "1": encode_image(base.convert("1"), "BMP"),
+        "I;16 PNG": encode_image(Image.fromarray(_twelve_bit_ramp()), "PNG"),
+        "I;16 TIFF": encode_image(Image.fromarray(_twelve_bit_ramp()), "TIFF"),
     }
 
 
@@ -107,7 +105,7 @@ def test_every_mode_gives_the_shapes_and_types_the_model_takes(grey):
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_transparent_pixels_become_black_and_opaque_keep_their_value(grey, mode):
-    data = encode(_half_transparent(Image.fromarray(grey, "L"), mode), "PNG")
+    data = encode_image(_half_transparent(Image.fromarray(grey, "L"), mode), "PNG")
     assert Image.open(io.BytesIO(data)).mode == mode
     pixels = xray_pixels(data, SIZE)
     assert pixels.dtype == np.uint8 and pixels.shape == (SIZE, SIZE)
@@ -118,7 +116,7 @@ def test_transparent_pixels_become_black_and_opaque_keep_their_value(grey, mode)
 def test_palette_with_a_transparent_index(grey):
     image = Image.fromarray(grey, "L").convert("P")
     transparent_index = int(np.asarray(image)[0, 0])  # the ramp's darkest column
-    data = encode(image, "PNG", transparency=transparent_index)
+    data = encode_image(image, "PNG", transparency=transparent_index)
     reopened = Image.open(io.BytesIO(data))
     assert reopened.mode == "P" and "transparency" in reopened.info
     pixels = xray_pixels(data, SIZE)
@@ -131,7 +129,7 @@ def test_palette_with_a_transparent_index(grey):
 def test_one_bit_image(grey):
     binary = Image.fromarray(np.where(grey > 128, 255, 0).astype(np.uint8), "L").convert("1")
     for fmt in ("PNG", "BMP", "TIFF"):
-        data = encode(binary, fmt)
+        data = encode_image(binary, fmt)
         assert Image.open(io.BytesIO(data)).mode == "1"
         pixels = xray_pixels(data, SIZE)
         assert pixels.dtype == np.uint8 and pixels.shape == (SIZE, SIZE)
@@ -146,7 +144,7 @@ def _twelve_bit_ramp() -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_sixteen_bit_images_are_scaled_by_their_range_not_clipped(fmt):
     values = _twelve_bit_ramp()
-    data = encode(Image.fromarray(values), fmt)
+    data = encode_image(Image.fromarray(values), fmt)
     assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
 
     pixels = xray_pixels(data, 64)
@@ -161,24 +159,27 @@ def test_sixteen_bit_images_are_scaled_by_their_range_not_clipped(fmt):
 
 def test_float_tiff_is_scaled_by_its_range():
     values = _twelve_bit_ramp().astype(np.float32) / 10.0
-    data = encode(Image.fromarray(values), "TIFF")
+    data = encode_image(Image.fromarray(values), "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "F"
     pixels = xray_pixels(data, 64)
     assert pixels.min() == 0 and pixels.max() == 255 and (np.diff(pixels[0].astype(int)) >= 0).all()
 
 
-@pytest.mark.parametrize("orientation, transpose", [
-    (6, Image.Transpose.ROTATE_270),  # stored lying on its side: rotate 90 degrees clockwise to view
-    (8, Image.Transpose.ROTATE_90),
-    (3, Image.Transpose.ROTATE_180),
-])
+@pytest.mark.parametrize(
+    "orientation, transpose",
+    [
+        (6, Image.Transpose.ROTATE_270),  # stored lying on its side: rotate 90 degrees clockwise to view
+        (8, Image.Transpose.ROTATE_90),
+        (3, Image.Transpose.ROTATE_180),
+    ],
+)
 def test_exif_orientation_is_applied(orientation, transpose):
     stored = np.zeros((40, 64), np.uint8)  # wide, with a bright block in the top-left corner
     stored[:10, :16] = 255
     stored[20:, 40:] = 120
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = encode(Image.fromarray(stored, "L"), "JPEG", quality=95, exif=exif)
+    data = encode_image(Image.fromarray(stored, "L"), "JPEG", quality=95, exif=exif)
 
     upright = np.asarray(load_xray(data))
     expected = np.asarray(Image.fromarray(stored, "L").transpose(transpose))
@@ -190,7 +191,7 @@ def test_exif_orientation_is_applied(orientation, transpose):
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "TIFF"])
 def test_every_supported_format_reads_the_same_picture(grey, fmt, tmp_path):
-    data = encode(Image.fromarray(grey, "L"), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    data = encode_image(Image.fromarray(grey, "L"), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     path = tmp_path / f"xray.{fmt.lower()}"
     path.write_bytes(data)
     from_bytes, from_path = xray_pixels(data, SIZE), xray_pixels(path, SIZE)
@@ -201,18 +202,20 @@ def test_every_supported_format_reads_the_same_picture(grey, fmt, tmp_path):
 
 
 def _truncated_jpeg(grey) -> bytes:
-    data = encode(Image.fromarray(grey, "L").resize((256, 256)), "JPEG", quality=95)
+    data = encode_image(Image.fromarray(grey, "L").resize((256, 256)), "JPEG", quality=95)
     return data[: len(data) // 2]
 
 
 BAD_INPUTS = {
     "empty": (lambda g: b"", "empty"),
-    "random bytes": (lambda g: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
-                     "not a supported image"),
+    "random bytes": (
+        lambda g: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "not a supported image",
+    ),
     "text": (lambda g: b"patient: anonymous\nfindings: none\n" * 20, "not a supported image"),
     "png header then garbage": (lambda g: b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50, "image"),
     "truncated jpeg": (_truncated_jpeg, "truncated"),
-    "jpeg with corrupt body": (lambda g: encode(Image.fromarray(g, "L"), "JPEG")[:300] + b"\xff\xd9", "image"),
+    "jpeg with corrupt body": (lambda g: encode_image(Image.fromarray(g, "L"), "JPEG")[:300] + b"\xff\xd9", "image"),
 }
 
 
@@ -241,35 +244,27 @@ def test_text_file_and_missing_file_name_the_path(tmp_path):
 
 def test_tiny_image_is_refused():
     with pytest.raises(XrayReadError, match="too small"):
-        xray_pixels(encode(Image.new("L", (4, 100)), "PNG"), 32)
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height 8-bit grey pixels and holds no pixel data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+        xray_pixels(encode_image(Image.new("L", (4, 100)), "PNG"), 32)
 
 
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (9_000, 9_000), (60_000, 1_001)])
 def test_decompression_bomb_is_refused_before_decoding(width, height, monkeypatch):
     """100k x 100k trips Pillow's own bomb check; 9k x 9k and 60k x 1k (81 and 60 Mpx) are
     under Pillow's limit but over the module's 60 Mpx."""
+
     def no_decoding(self, *args, **kwargs):
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(Image.Image, "load", no_decoding)
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
-    data = _png_header_only(width, height)
+    data = png_bomb(width, height)
     assert len(data) < 200
     with pytest.raises(XrayReadError, match="pixels"):
         xray_pixels(data, 32)
 
 
 def test_image_over_the_pixel_limit_is_refused(grey, monkeypatch, tmp_path):
-    data = encode(Image.fromarray(grey, "L"), "PNG")
+    data = encode_image(Image.fromarray(grey, "L"), "PNG")
     assert xray_pixels(data, 32).shape == (32, 32)
     monkeypatch.setattr(preprocessing, "MAX_IMAGE_PIXELS", SIZE * SIZE - 1)
     path = tmp_path / "big.png"
@@ -303,12 +298,12 @@ def test_training_pipeline_feeds_the_model_exactly_what_serving_does(grey, tmp_p
     exif = Image.Exif()
     exif[0x0112] = 6
     files = {
-        ("NORMAL", "IM-0001-0001.jpeg"): encode(base.convert("RGB").resize((70, 50)), "JPEG", quality=90),
-        ("NORMAL", "IM-0002-0001.png"): encode(Image.fromarray(_twelve_bit_ramp()), "PNG"),
-        ("NORMAL", "IM-0003-0001.bmp"): encode(base.rotate(30), "BMP"),
-        ("PNEUMONIA", "person1_bacteria_1.jpeg"): encode(base.resize((90, 60)), "JPEG", exif=exif),
-        ("PNEUMONIA", "person2_virus_2.png"): encode(_half_transparent(base, "RGBA"), "PNG"),
-        ("PNEUMONIA", "person3_bacteria_3.tif"): encode(base.convert("RGB").convert("CMYK"), "TIFF"),
+        ("NORMAL", "IM-0001-0001.jpeg"): encode_image(base.convert("RGB").resize((70, 50)), "JPEG", quality=90),
+        ("NORMAL", "IM-0002-0001.png"): encode_image(Image.fromarray(_twelve_bit_ramp()), "PNG"),
+        ("NORMAL", "IM-0003-0001.bmp"): encode_image(base.rotate(30), "BMP"),
+        ("PNEUMONIA", "person1_bacteria_1.jpeg"): encode_image(base.resize((90, 60)), "JPEG", exif=exif),
+        ("PNEUMONIA", "person2_virus_2.png"): encode_image(_half_transparent(base, "RGBA"), "PNG"),
+        ("PNEUMONIA", "person3_bacteria_3.tif"): encode_image(base.convert("RGB").convert("CMYK"), "TIFF"),
     }
     for (class_name, name), data in files.items():
         (tmp_path / "train" / class_name).mkdir(parents=True, exist_ok=True)
@@ -336,7 +331,7 @@ def test_files_are_closed_after_reading(grey, tmp_path):
     paths = []
     for fmt in ("JPEG", "PNG", "TIFF", "BMP"):
         paths.append(tmp_path / f"x.{fmt.lower()}")
-        paths[-1].write_bytes(encode(Image.fromarray(grey, "L"), fmt))
+        paths[-1].write_bytes(encode_image(Image.fromarray(grey, "L"), fmt))
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "cut.jpeg").write_bytes(_truncated_jpeg(grey))
     with warnings.catch_warnings(record=True) as caught:
@@ -375,7 +370,7 @@ def test_the_cards_contrast_is_part_of_the_one_path(grey):
     apply the card's contrast normalisation the same way; "none" leaves the pixels alone."""
     from pneumonia.preprocessing import model_input, normalize_contrast
 
-    data = encode(Image.fromarray(grey), "PNG")
+    data = encode_image(Image.fromarray(grey), "PNG")
     spec = preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="clahe")
     pixels = xray_pixels(data, SIZE)
     served = preprocess(data, spec)

@@ -7,22 +7,26 @@ cost most of this file's time budget. A "site" whose X-rays are 12 grey levels b
 the NORMAL images' probabilities up, as a different scanner does to the shipped model: the ranking
 is kept (same AUC) and the specificity at the original threshold collapses.
 """
+
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
+from builders import CENTRED_NORMALIZATION, encode_image, run_cli, save_model_dir, synthetic_xray, upload
 from PIL import Image
 
-from conftest import CENTRED_NORMALIZATION, run_cli, save_model_dir, synthetic_xray
 from pneumonia import cli, dataset, recalibration
 from pneumonia.classifier import XrayClassifier
 from pneumonia.evaluation import (
-    choose_thresholds, evaluate_predictions, expected_calibration_error, fit_platt, platt,
+    choose_thresholds,
+    evaluate_predictions,
+    expected_calibration_error,
+    fit_platt,
+    platt,
 )
 from pneumonia.preprocessing import normalize, xray_pixels
 
@@ -76,11 +80,7 @@ def model_dir(tmp_path_factory):
     out = save_model_dir(blob_detector(), tmp_path_factory.mktemp("blob") / "model", SIZE, "features")
     rng = np.random.default_rng(0)
     labels = np.arange(120) % 2
-    pixels = []
-    for y in labels:
-        buffer = io.BytesIO()
-        shifted_xray(int(y), rng, 0).save(buffer, "JPEG", quality=92)
-        pixels.append(xray_pixels(buffer.getvalue(), SIZE))
+    pixels = [xray_pixels(encode_image(shifted_xray(int(y), rng, 0), "JPEG", quality=92), SIZE) for y in labels]
     classifier = XrayClassifier(out)
     logits = classifier.logits(normalize(np.stack(pixels), CENTRED_NORMALIZATION))
     slope, intercept = fit_platt(labels, logits)
@@ -88,8 +88,13 @@ def model_dir(tmp_path_factory):
     thresholds = choose_thresholds(labels, probs, 0.98)
     card = json.loads((out / "model.json").read_text())
     card.update(
-        calibration={"method": "Platt scaling on the validation logits", "slope": slope, "intercept": intercept,
-                     "ece_before": 0.1, "ece_after": expected_calibration_error(labels, probs)},
+        calibration={
+            "method": "Platt scaling on the validation logits",
+            "slope": slope,
+            "intercept": intercept,
+            "ece_before": 0.1,
+            "ece_after": expected_calibration_error(labels, probs),
+        },
         thresholds={**thresholds, "target_sensitivity": 0.98, "chosen_on": "unshifted validation images"},
         validation=evaluate_predictions(labels, probs, thresholds, "blob_detector", "validation"),
         data={"train": {"NORMAL": 0, "PNEUMONIA": 0}, "validation": {"NORMAL": 60, "PNEUMONIA": 60}},
@@ -115,7 +120,8 @@ def site(tmp_path_factory):
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target / path.name)
     assert not {dataset.patient_id(p) + str(y) for p, y in zip(calibration.paths, calibration.labels)} & {
-        dataset.patient_id(p) + str(y) for p, y in zip(held_out.paths, held_out.labels)}
+        dataset.patient_id(p) + str(y) for p, y in zip(held_out.paths, held_out.labels)
+    }
     return root
 
 
@@ -232,8 +238,9 @@ def test_refuses_an_occupied_output_folder_and_the_model_folder(model_dir, site,
 
 
 def test_split_reads_a_kaggle_layout_root(model_dir, site, tmp_path):
-    result = recalibration.recalibrate(model_dir, site, tmp_path / "out", split="site-a", log=lambda *_: None,
-                                       warn=lambda *_: None)
+    result = recalibration.recalibrate(
+        model_dir, site, tmp_path / "out", split="site-a", log=lambda *_: None, warn=lambda *_: None
+    )
     sample = result.card["recalibration"]["site_sample"]
     assert sample["path_name"] == "site-a" and sample["fingerprint"] == dataset.fingerprint(site_files(site / "site-a"))
     assert "--split site-a" in result.card["recalibration"]["command"]
@@ -245,13 +252,15 @@ def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):
     out, _ = recalibrated
     card = json.loads((out / "model.json").read_text())
     client = create_app({"MODEL_PATH": str(out), "TESTING": True}).test_client()
-    buffer = io.BytesIO()
-    shifted_xray(0, np.random.default_rng(7), SITE_OFFSET).save(buffer, "JPEG", quality=92)
-    response = client.post("/api/predict?gradcam=0", data={"file": (io.BytesIO(buffer.getvalue()), "x.jpeg")})
+    data = encode_image(shifted_xray(0, np.random.default_rng(7), SITE_OFFSET), "JPEG", quality=92)
+    response = client.post("/api/predict?gradcam=0", data=upload(data, "x.jpeg"))
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
-    assert body["thresholds"] == {"default": card["thresholds"]["default"], "screening": card["thresholds"]["screening"]}
-    assert body["probability"] == pytest.approx(XrayClassifier(out).predict_source(buffer.getvalue()), abs=1e-6)
+    assert body["thresholds"] == {
+        "default": card["thresholds"]["default"],
+        "screening": card["thresholds"]["screening"],
+    }
+    assert body["probability"] == pytest.approx(XrayClassifier(out).predict_source(data), abs=1e-6)
 
     page = client.get("/model").get_data(as_text=True)
     sample = card["recalibration"]["site_sample"]

@@ -1,5 +1,6 @@
 """Robustness proxies: the shifts, the one preprocessing path, the validation reconstruction and
 the `robustness` command. Synthetic data only (nothing from ../shared/)."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import math
 import numpy as np
 import pytest
 from builders import synthetic_xray, write_synthetic_dataset
-from PIL import Image
 
 from pneumonia import cli, dataset, robustness
 from pneumonia.classifier import XrayClassifier, find_card
@@ -24,8 +24,22 @@ def xray():
 
 
 def test_the_shift_list_covers_the_brief():
-    assert {"gamma_0.8", "gamma_1.25", "contrast_0.8", "contrast_1.2", "blur_r1", "blur_r2", "unsharp", "noise_s5",
-            "jpeg_q30", "rotate_+5", "rotate_-5", "crop_90", "resample_nearest", "resample_bicubic"} <= set(SHIFT_NAMES)
+    assert {
+        "gamma_0.8",
+        "gamma_1.25",
+        "contrast_0.8",
+        "contrast_1.2",
+        "blur_r1",
+        "blur_r2",
+        "unsharp",
+        "noise_s5",
+        "jpeg_q30",
+        "rotate_+5",
+        "rotate_-5",
+        "crop_90",
+        "resample_nearest",
+        "resample_bicubic",
+    } <= set(SHIFT_NAMES)
     assert len(set(SHIFT_NAMES)) == len(SHIFT_NAMES)
 
 
@@ -114,8 +128,20 @@ def originals_dir(tmp_path_factory):
 
 def test_cli_writes_one_row_per_shift(tiny_model_dir, synthetic_data_dir, originals_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    code = cli.main(["robustness", str(synthetic_data_dir), "--model", str(tiny_model_dir), "--model",
-                     str(tiny_model_dir), "--originals", str(originals_dir), "--out", str(out)])
+    code = cli.main(
+        [
+            "robustness",
+            str(synthetic_data_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--originals",
+            str(originals_dir),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     report = json.loads((out / "robustness.json").read_text())
@@ -147,8 +173,18 @@ def test_cli_writes_one_row_per_shift(tiny_model_dir, synthetic_data_dir, origin
 
 def test_cli_skips_missing_originals_with_a_message(tiny_model_dir, synthetic_data_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    code = cli.main(["robustness", str(synthetic_data_dir), "--model", str(tiny_model_dir),
-                     "--originals", str(tmp_path / "absent"), "--out", str(out)])
+    code = cli.main(
+        [
+            "robustness",
+            str(synthetic_data_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--originals",
+            str(tmp_path / "absent"),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "has no NORMAL/ or PNEUMONIA/ images; skipped" in printed

@@ -1,5 +1,6 @@
 """`train` end to end at tiny sizes: both architectures learn, the card says what was done,
 the saved model reproduces it, and --resume continues where a run stopped."""
+
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,9 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from builders import LEARNABLE, write_synthetic_dataset
 from sklearn.metrics import log_loss, roc_auc_score
 
-from conftest import LEARNABLE, write_synthetic_dataset
 from pneumonia import dataset, models
 from pneumonia.classifier import XrayClassifier
 from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
@@ -23,8 +24,18 @@ from pneumonia.training import TrainConfig, class_weights, make_dataset, train
 # on a tie the first epoch is kept; AUC cannot tell a model whose inference outputs are still
 # offset or squeezed together (useless at any fixed threshold) from one that works. With 75 steps
 # an epoch that happened in about one run in three; with Keras' default momentum of 0.99, always.
-CUSTOM = dict(arch="custom", init="none", image_size=32, epochs=2, batch_size=4, learning_rate=1e-3,
-              val_fraction=0.25, seed=0, patience=10, cache_dir=None)
+CUSTOM = dict(
+    arch="custom",
+    init="none",
+    image_size=32,
+    epochs=2,
+    batch_size=4,
+    learning_rate=1e-3,
+    val_fraction=0.25,
+    seed=0,
+    patience=10,
+    cache_dir=None,
+)
 CUSTOM_IMAGES_PER_CLASS = 400
 
 
@@ -34,8 +45,9 @@ def history(out) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def custom_run(tmp_path_factory):
-    data = write_synthetic_dataset(tmp_path_factory.mktemp("custom_data"), per_class=CUSTOM_IMAGES_PER_CLASS,
-                                   seed=20, **LEARNABLE)
+    data = write_synthetic_dataset(
+        tmp_path_factory.mktemp("custom_data"), per_class=CUSTOM_IMAGES_PER_CLASS, seed=20, **LEARNABLE
+    )
     out = tmp_path_factory.mktemp("custom_run")
     config = TrainConfig(data_dir=str(data), out=str(out), **CUSTOM)
     card = train(config, log=lambda *_: None)
@@ -127,8 +139,14 @@ def test_card_records_what_was_done(custom_run):
     assert calibration["slope"] > 0 and np.isfinite(calibration["intercept"])  # higher logit, higher probability
     assert 0 <= calibration["ece_after"] <= 1 and 0 <= calibration["ece_before"] <= 1
     assert card["gradcam"] == {"layer": "block64_conv2", "map_size": [8, 8]}
-    for name in ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png",
-                 "training_curves.png", "history.csv"):
+    for name in (
+        "confusion_matrix_default.png",
+        "confusion_matrix_screening.png",
+        "roc_curve.png",
+        "pr_curve.png",
+        "training_curves.png",
+        "history.csv",
+    ):
         assert (out / "report" / name).stat().st_size > 100, name
     for name in ("best.keras", "last.keras", "state.json"):
         assert (out / "checkpoints" / name).is_file()
@@ -178,8 +196,10 @@ def test_resume_continues_from_the_checkpoint(custom_run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(models, "build_model", no_fresh_model)
     log = []
-    resumed = train(TrainConfig(**{**vars(config), "out": str(resumed_out), "epochs": config.epochs + 1,
-                                   "resume": True}), log=log.append)
+    resumed = train(
+        TrainConfig(**{**vars(config), "out": str(resumed_out), "epochs": config.epochs + 1, "resume": True}),
+        log=log.append,
+    )
     assert any(f"resuming after epoch {config.epochs}" in line for line in log)
     state = json.loads((resumed_out / "checkpoints" / "state.json").read_text())
     assert state["epochs_done"] == config.epochs + 1
@@ -193,10 +213,14 @@ def test_resume_continues_from_the_checkpoint(custom_run, tmp_path, monkeypatch)
     assert state["best_val_auc"] == pytest.approx(max(float(r["val_auc"]) for r in rows))
 
 
+@pytest.mark.slow  # trains for an epoch
 def test_resume_without_a_checkpoint_starts_afresh(synthetic_data_dir, tmp_path):
     log = []
-    config = TrainConfig(data_dir=str(synthetic_data_dir), out=str(tmp_path / "run"),
-                         **{**CUSTOM, "epochs": 1, "batch_size": 32, "resume": True})
+    config = TrainConfig(
+        data_dir=str(synthetic_data_dir),
+        out=str(tmp_path / "run"),
+        **{**CUSTOM, "epochs": 1, "batch_size": 32, "resume": True},
+    )
     card = train(config, log=log.append)
     assert any("no checkpoint found" in line for line in log)
     assert card["training"]["epochs_run"] == 1
@@ -206,21 +230,30 @@ def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_m
     """--contrast clahe --label-smoothing 0.1 --ema: the card says so, and the saved model
     served through `preprocess` (which applies the card's contrast) gives the validation
     loss that training computed on its own contrast-normalised pixels."""
-    config = TrainConfig(data_dir=custom_run[2].data_dir, out=str(tmp_path / "run"),
-                         **{**CUSTOM, "contrast": "clahe", "label_smoothing": 0.1,
-                            "ema": True})
+    config = TrainConfig(
+        data_dir=custom_run[2].data_dir,
+        out=str(tmp_path / "run"),
+        **{**CUSTOM, "contrast": "clahe", "label_smoothing": 0.1, "ema": True},
+    )
     card = train(config, log=lambda *_: None)
     assert card["preprocessing"]["contrast"] == "clahe"
     assert "label smoothing 0.1" in card["training"]["loss"] and "moving average" in card["training"]["weights"]
     classifier = XrayClassifier(tmp_path / "run")
-    _, val_files = dataset.patient_grouped_split(dataset.scan_split(config.data_dir, "train"),
-                                                 config.val_fraction, config.seed)
+    _, val_files = dataset.patient_grouped_split(
+        dataset.scan_split(config.data_dir, "train"), config.val_fraction, config.seed
+    )
     probs = np.array([classifier.predict_source(p) for p in val_files.paths])
     assert probs.std() > 0.01  # the loss below can tell one preprocessing from another
     served_loss = log_loss(val_files.labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
     assert served_loss == pytest.approx(card["validation"]["loss"], rel=1e-4)
-    unnormalised = np.array([classifier.calibrated(classifier.logits(
-        preprocess(p, {**card["preprocessing"], "contrast": "none"})[None]))[0] for p in val_files.paths])
+    unnormalised = np.array(
+        [
+            classifier.calibrated(
+                classifier.logits(preprocess(p, {**card["preprocessing"], "contrast": "none"})[None])
+            )[0]
+            for p in val_files.paths
+        ]
+    )
     assert np.abs(unnormalised - probs).max() > 1e-3  # the contrast step is not a no-op on these images
 
 
