@@ -32,6 +32,7 @@ from typing import IO
 
 import numpy as np
 
+from pneumonia.dataset import PNEUMONIA
 from pneumonia.errors import XrayReadError
 from pneumonia.ood import OutOfDistribution, Verdict
 from pneumonia.preprocessing import SIGNATURE_BYTES, Source, decode_xray, model_input, resize_xray, sniff_format
@@ -193,7 +194,7 @@ class BatchScreener:
         for row, pixels in squares:
             logit, cam, features = self.gradcam.explain(model_input(pixels, self.classifier.preprocessing)[None])
             if self._score(row, logit, gate.check_features(features) if gate is not None else None):
-                row.heat = heatmap(cam, for_pneumonia=row.labels["default"] == "PNEUMONIA")
+                row.heat = heatmap(cam, for_pneumonia=row.labels["default"] == PNEUMONIA)
 
     def _score(self, row: ScreenedImage, logit: float, verdict: Verdict | None) -> bool:
         """Fills the probability and labels, or the refusal; True when the image was accepted."""

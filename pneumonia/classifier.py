@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia.card import CARD_NAME
+from pneumonia.dataset import NORMAL, PNEUMONIA
 from pneumonia.evaluation import platt
 from pneumonia.ood import Verdict, load_gate_for
 from pneumonia.preprocessing import Source, decode_xray, model_input, preprocess, resize_xray
@@ -146,7 +147,7 @@ class XrayClassifier:
 
     def labels(self, probability: float) -> dict[str, str]:
         """The class at each threshold."""
-        return {name: ("PNEUMONIA" if probability >= t else "NORMAL") for name, t in self.thresholds.items()}
+        return {name: PNEUMONIA if probability >= t else NORMAL for name, t in self.thresholds.items()}
 
 
 def _trace_forward(feature_model, image_size: int):

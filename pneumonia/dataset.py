@@ -18,6 +18,7 @@ from pneumonia.preprocessing import xray_pixels
 from pneumonia.progress import ProgressBar
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label = index; 1 = PNEUMONIA
+NORMAL, PNEUMONIA = CLASS_NAMES
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
 

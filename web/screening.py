@@ -18,6 +18,7 @@ import numpy as np
 from gradcam import GradCam, display_image, heatmap, overlay
 from pneumonia.batch_screening import BatchScreener, ScreenedImage
 from pneumonia.classifier import ModelLoadError, XrayClassifier
+from pneumonia.dataset import PNEUMONIA
 from pneumonia.models import gradcam_layer_for
 from pneumonia.ood import OutOfDistribution, Verdict
 from pneumonia.preprocessing import decode_xray, model_input, resize_xray
@@ -104,7 +105,7 @@ class Screener:
         probability = float(self.classifier.calibrated(logit))
         labels = self.classifier.labels(probability)
         target = labels["default"]
-        heat = heatmap(cam, for_pneumonia=target == "PNEUMONIA")  # (h, w) in [0, 1]
+        heat = heatmap(cam, for_pneumonia=target == PNEUMONIA)  # (h, w) in [0, 1]
         watch.lap("model_gradcam")
         result = Screening(probability, labels, target, localised=bool(heat.max() > 0), ood=verdict)
         if overlay_format:
