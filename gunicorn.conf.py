@@ -8,7 +8,7 @@ GUNICORN_TIMEOUT   seconds a worker may stay silent (default 120)
 Threads are for connections, not for the model: a thread is held while its client sends the
 request body, so a worker needs many more of them than screenings it can run at once. How many
 uploads are screened at once, and how long one may wait for that, are the app's settings
-(PNEUMONIA_MODEL_SLOTS, default 2, and PNEUMONIA_MODEL_QUEUE_SECONDS, default 5: beyond that
+(PNEUMONIA_MODEL_SLOTS, default 4, and PNEUMONIA_MODEL_QUEUE_SECONDS, default 5: beyond that
 an upload is answered 503 with Retry-After); how long a client may take to send its body is
 PNEUMONIA_BODY_TIMEOUT (default 30 s in all) and PNEUMONIA_BODY_READ_TIMEOUT (default 10 s
 without a byte), beyond which it is answered 408. See web/capacity.py and web/uploads.py.
