@@ -231,9 +231,21 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     )
 
 
-def compile_for_training(model, learning_rate: float, label_smoothing: float = 0.0, ema: bool = False) -> None:
+def ema_momentum(steps_per_epoch: int) -> float:
+    """Average over about the last epoch's steps. Keras' fixed 0.99 (a 100-step horizon) would
+    keep a short run's average close to its first, near-random weights."""
+    return 1.0 - 1.0 / max(steps_per_epoch, 2)
+
+
+def compile_for_training(
+    model, learning_rate: float, label_smoothing: float = 0.0, ema_steps_per_epoch: int | None = None
+) -> None:
+    """`ema_steps_per_epoch` None trains plain weights; a step count adds a moving average of the weights."""
+    ema = ema_steps_per_epoch is not None
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate, use_ema=ema),
+        optimizer=keras.optimizers.Adam(
+            learning_rate, use_ema=ema, ema_momentum=ema_momentum(ema_steps_per_epoch) if ema else 0.99
+        ),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
@@ -249,7 +261,7 @@ class Progress:
     earlier_wall_time_s: float = 0.0
 
 
-def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) -> Progress:
+def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, steps_per_epoch: int, log=print) -> Progress:
     state_file = checkpoints / "state.json"
     if config.resume and state_file.exists():
         state = json.loads(state_file.read_text())
@@ -263,7 +275,7 @@ def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) 
     if config.resume:
         log("--resume: no checkpoint found, starting from scratch")
     model = build_model(config.arch, config.image_size, init)
-    compile_for_training(model, config.learning_rate, config.label_smoothing, config.ema)
+    compile_for_training(model, config.learning_rate, config.label_smoothing, steps_per_epoch if config.ema else None)
     return Progress(model)
 
 
@@ -323,7 +335,9 @@ def training_record(config: TrainConfig, history: list[dict], started: float) ->
         "optimizer": "Adam",
         "loss": "binary cross-entropy, balanced class weights"
         + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
-        "weights": "exponential moving average (Adam use_ema)" if config.ema else "the best epoch's",
+        "weights": "exponential moving average over about the last epoch (Adam use_ema)"
+        if config.ema
+        else "the best epoch's",
     }
 
 
@@ -451,7 +465,7 @@ def train(config: TrainConfig, log=print) -> dict:
     )
     val_ds = make_dataset(data.val_x, data.val_y, normalization, config.batch_size, config.seed)
 
-    progress = model_to_fit(config, init, paths["checkpoints"], log)
+    progress = model_to_fit(config, init, paths["checkpoints"], len(train_ds), log)
     started -= progress.earlier_wall_time_s  # the recorded wall time adds up across resumes
     fit(config, progress, data, train_ds, val_ds, paths, started)
     plot_history(paths["history"], paths["report"] / "training_curves.png")
