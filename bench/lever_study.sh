@@ -18,9 +18,13 @@ declare -A levers=(
   # held_out_series is the specificity on a NORMAL series the model never saw.
   [base-holdout]="--hold-out-series NORMAL2-IM"
   [acquisition-holdout]="--augment acquisition --hold-out-series NORMAL2-IM"
+  # Half of each class given the other class's sharpness (PNEUMONIA images in train/ are blurrier).
+  [sharpness]="--match-sharpness"
+  [sharpness-holdout]="--match-sharpness --hold-out-series NORMAL2-IM"
+  [sharpness-seed-43]="--match-sharpness --seed 43"
 )
 order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
-            label-smoothing ema})
+            label-smoothing ema sharpness sharpness-holdout sharpness-seed-43})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name

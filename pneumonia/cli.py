@@ -380,6 +380,12 @@ def _add_train(commands) -> None:
         "gamma, noise and stronger contrast (what differs between X-ray machines)",
     )
     train.add_argument(
+        "--match-sharpness",
+        action="store_true",
+        help="blur or sharpen about half of each class's training images to the other class's "
+        "sharpness, so that blur cannot stand in for pneumonia",
+    )
+    train.add_argument(
         "--contrast",
         choices=CONTRASTS,
         default=default.contrast,

@@ -333,3 +333,33 @@ def test_acquisition_shift_blurs_or_sharpens_changes_gamma_and_stays_in_range():
     np.testing.assert_allclose(unblurred, batch.numpy(), atol=1e-3)  # no change with every strength at 0
     with pytest.raises(ValueError, match="choose from standard, acquisition"):
         augmentation_for("strong", 0)
+
+
+def test_sharpness_matching_takes_the_sharpness_cue_away_from_the_labels():
+    """NORMAL images sharper than PNEUMONIA ones (as in train/): after matching, the two classes'
+    edge strengths overlap; with share 0 nothing changes; pixels stay in range."""
+    import tensorflow as tf
+
+    from pneumonia.training import edge_strength, gaussian_blur, sharpness_matching
+
+    rng = np.random.default_rng(2)
+    texture = tf.constant(rng.integers(40, 220, (256, 32, 32, 1)).astype("float32"))
+    labels = tf.constant((np.arange(256) % 4 == 0).astype("float32"))  # 1 in 4 PNEUMONIA
+    # PNEUMONIA blurrier: a blend towards the blur of 0.2..0.6
+    blend = tf.constant(rng.uniform(0.2, 0.6, (256, 1, 1, 1)).astype("float32")) * labels[:, None, None, None]
+    images = texture + blend * (gaussian_blur(1.0)(texture) - texture)
+    matched = tf.concat(
+        [sharpness_matching(0)(images[i : i + 32], labels[i : i + 32]) for i in range(0, 256, 32)], axis=0
+    )
+    before, after, y = edge_strength(images).numpy(), edge_strength(matched).numpy(), labels.numpy()
+    gap_before = before[y == 0].mean() - before[y == 1].mean()
+    gap_after = after[y == 0].mean() - after[y == 1].mean()
+    assert gap_before > 5 and abs(gap_after) < 0.25 * gap_before
+    changed = np.abs(matched.numpy() - images.numpy()).mean(axis=(1, 2, 3)) > 1e-3
+    assert 0.3 < changed.mean() < 0.7  # about half of the images, of both classes
+    assert changed[y == 0].any() and changed[y == 1].any()
+    assert matched.numpy().min() >= 0 and matched.numpy().max() <= 255
+    unchanged = sharpness_matching(0, share=0.0)(images[:32], labels[:32]).numpy()
+    np.testing.assert_allclose(unchanged, images[:32].numpy(), atol=1e-3)
+    one_class = sharpness_matching(0, share=1.0)(images[1:4], labels[1:4]).numpy()  # no partner to match
+    np.testing.assert_allclose(one_class, images[1:4].numpy(), atol=1e-3)
