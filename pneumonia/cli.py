@@ -351,8 +351,7 @@ def _positive_int(text: str) -> int:
 
 def _add_train(commands) -> None:
     from pneumonia.dataset import NORMAL_SERIES
-    from pneumonia.preprocessing import CONTRASTS
-    from pneumonia.training_config import ARCHITECTURES, AUGMENTATIONS, DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
+    from pneumonia.training_config import ARCHITECTURES, DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
 
     default = TrainConfig(data_dir="")
     per_arch = lambda values: ", ".join(f"{v} for {arch}" for arch, v in values.items())  # noqa: E731
@@ -372,6 +371,24 @@ def _add_train(commands) -> None:
     train.add_argument(
         "--patience", type=int, default=default.patience, help="early stopping: epochs without a better validation AUC"
     )
+    _add_generalisation_options(train, default)
+    train.add_argument(
+        "--hold-out-series",
+        choices=NORMAL_SERIES,
+        help="keep this NORMAL acquisition series out of training and validation and report the "
+        "specificity on it in the card (a test of transfer to an unseen series)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
+    train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
+    train.add_argument("--no-cache", action="store_true")
+    train.set_defaults(run=_train)
+
+
+def _add_generalisation_options(train, default) -> None:
+    """The levers of the generalisation study (model/report/levers.md)."""
+    from pneumonia.preprocessing import CONTRASTS
+    from pneumonia.training_config import AUGMENTATIONS
+
     train.add_argument(
         "--augment",
         choices=AUGMENTATIONS,
@@ -401,16 +418,6 @@ def _add_train(commands) -> None:
     train.add_argument(
         "--ema", action="store_true", help="keep an exponential moving average of the weights and validate and save it"
     )
-    train.add_argument(
-        "--hold-out-series",
-        choices=NORMAL_SERIES,
-        help="keep this NORMAL acquisition series out of training and validation and report the "
-        "specificity on it in the card (a test of transfer to an unseen series)",
-    )
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
-    train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
-    train.add_argument("--no-cache", action="store_true")
-    train.set_defaults(run=_train)
 
 
 def _add_evaluate(commands) -> None:

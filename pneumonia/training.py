@@ -275,9 +275,11 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
 
 
 def ema_momentum(steps_per_epoch: int) -> float:
-    """Average over about the last epoch's steps. Keras' fixed 0.99 (a 100-step horizon) would
-    keep a short run's average close to its first, near-random weights."""
-    return 1.0 - 1.0 / max(steps_per_epoch, 2)
+    """The momentum at which the weights the average starts from weigh 1 % by the end of the
+    first epoch (a horizon of about a fifth of an epoch). Keras' fixed 0.99 has no bias
+    correction: after one epoch of 150 steps it is still 22 % the random initial weights, and
+    that first epoch's average can win the best-epoch choice with squeezed, useless outputs."""
+    return 0.01 ** (1.0 / max(steps_per_epoch, 1))
 
 
 def compile_for_training(
@@ -378,7 +380,7 @@ def training_record(config: TrainConfig, history: list[dict], started: float) ->
         "optimizer": "Adam",
         "loss": "binary cross-entropy, balanced class weights"
         + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
-        "weights": "exponential moving average over about the last epoch (Adam use_ema)"
+        "weights": "exponential moving average over about the last fifth of an epoch (Adam use_ema)"
         if config.ema
         else "the best epoch's",
     }

@@ -36,10 +36,19 @@ SLOW_FIXTURES = {"custom_run", "densenet_cli_run", "gunicorn_server"}
 SLOW_MODULES = {"test_browser"}
 
 
+# The tests run on two pytest-xdist workers (pyproject.toml); the tests of one of these expensive
+# fixtures share a worker, so each fixture is built once.
+SHARED_WORKER_FIXTURES = ("densenet_cli_run", "custom_run", "gunicorn_server")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.path.stem in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        shared = [name for name in SHARED_WORKER_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 @pytest.fixture(scope="session")

@@ -274,21 +274,15 @@ def test_a_model_without_a_gate_serves_and_says_the_gate_is_off(client):
 
 
 @pytest.mark.slow  # two fresh interpreters each load the shipped DenseNet121
-def test_predict_prints_the_reason_for_a_refused_file(tmp_path):
+def test_predict_prints_the_reason_for_a_refused_file(tmp_path, capsys):
+    from pneumonia.cli import main  # in-process: two more TensorFlow start-ups would add a minute
+
     (tmp_path / "flower.jpg").write_bytes(sample_photo("flower.jpg"))
     (tmp_path / "noise.png").write_bytes(noise_png(2))
     xray = REAL_XRAYS[0]
-    text = run_cli(
-        "predict",
-        tmp_path / "flower.jpg",
-        xray,
-        tmp_path / "noise.png",
-        "--json",
-        "--model",
-        SHIPPED_MODEL,
-        cwd=tmp_path,
-    )
-    flower, accepted, noisy = (json.loads(line) for line in text.stdout.strip().splitlines())
+    paths = [str(tmp_path / "flower.jpg"), str(xray), str(tmp_path / "noise.png")]
+    main(["predict", *paths, "--json", "--model", str(SHIPPED_MODEL)])
+    flower, accepted, noisy = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert flower["probability"] is None and flower["ood"] == {
         "verdict": "rejected",
         "reason": "colour",
@@ -297,7 +291,8 @@ def test_predict_prints_the_reason_for_a_refused_file(tmp_path):
     }
     assert noisy["probability"] is None and noisy["ood"]["reason"] == "features"
     assert 0 <= accepted["probability"] <= 1 and accepted["ood"]["verdict"] in ("ok", "unusual")
-    plain = run_cli("predict", tmp_path / "flower.jpg", "--model", SHIPPED_MODEL, cwd=tmp_path).stdout
+    main(["predict", paths[0], "--model", str(SHIPPED_MODEL)])
+    plain = capsys.readouterr().out
     assert "not screened (colour)" in plain and "chest radiograph" in plain
 
 
