@@ -22,9 +22,13 @@ declare -A levers=(
   [sharpness]="--match-sharpness"
   [sharpness-holdout]="--match-sharpness --hold-out-series NORMAL2-IM"
   [sharpness-seed-43]="--match-sharpness --seed 43"
+  # Zooming in to a 65 % field of view (NORMAL images in train/ are framed more loosely).
+  [framing]="--augment framing"
+  [framing-holdout]="--augment framing --hold-out-series NORMAL2-IM"
 )
 order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
-            label-smoothing ema sharpness sharpness-holdout sharpness-seed-43})
+            label-smoothing ema sharpness sharpness-holdout sharpness-seed-43
+            framing framing-holdout})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name

@@ -394,7 +394,8 @@ def _add_generalisation_options(train, default) -> None:
         choices=AUGMENTATIONS,
         default=default.augment,
         help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
-        "gamma, noise and stronger contrast (what differs between X-ray machines)",
+        "gamma, noise and stronger contrast (what differs between X-ray machines); framing: also "
+        "zooming in to a 65 %% field of view (how tightly a chest is framed differs between sites)",
     )
     train.add_argument(
         "--match-sharpness",

@@ -37,6 +37,8 @@ def test_the_shift_list_covers_the_brief():
         "rotate_+5",
         "rotate_-5",
         "crop_90",
+        "crop_80",
+        "crop_70",
         "resample_nearest",
         "resample_bicubic",
     } <= set(SHIFT_NAMES)
@@ -51,8 +53,9 @@ def test_each_shift_changes_the_pixels_and_keeps_shape_dtype_range(xray, name):
     assert shifted.mode == "L"
     pixels = np.asarray(shifted)
     assert pixels.dtype == np.uint8 and pixels.min() >= 0 and pixels.max() <= 255
-    if name == "crop_90":  # the tighter field of view; the package's resize then stretches it
-        assert shifted.size == (round(0.9 * 96), round(0.9 * 96))
+    if name.startswith("crop_"):  # the tighter field of view; the package's resize then stretches it
+        fraction = int(name.removeprefix("crop_")) / 100
+        assert shifted.size == (round(fraction * 96), round(fraction * 96))
         assert not np.array_equal(robustness.model_pixels(shifted, 96), before)
     else:
         assert shifted.size == xray.size
