@@ -25,10 +25,11 @@ declare -A levers=(
   # Zooming in to a 65 % field of view (NORMAL images in train/ are framed more loosely).
   [framing]="--augment framing"
   [framing-holdout]="--augment framing --hold-out-series NORMAL2-IM"
+  [normal-framing]="--augment normal-framing"
 )
 order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
             label-smoothing ema sharpness sharpness-holdout sharpness-seed-43
-            framing framing-holdout})
+            framing framing-holdout normal-framing})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name

@@ -395,7 +395,8 @@ def _add_generalisation_options(train, default) -> None:
         default=default.augment,
         help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
         "gamma, noise and stronger contrast (what differs between X-ray machines); framing: also "
-        "zooming in to a 65 %% field of view (how tightly a chest is framed differs between sites)",
+        "zooming in to a 65 %% field of view (how tightly a chest is framed differs between sites); "
+        "normal-framing: zooming in on half of the NORMAL images only (to 70-95 %%)",
     )
     train.add_argument(
         "--match-sharpness",

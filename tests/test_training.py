@@ -363,3 +363,23 @@ def test_sharpness_matching_takes_the_sharpness_cue_away_from_the_labels():
     np.testing.assert_allclose(unchanged, images[:32].numpy(), atol=1e-3)
     one_class = sharpness_matching(0, share=1.0)(images[1:4], labels[1:4]).numpy()  # no partner to match
     np.testing.assert_allclose(one_class, images[1:4].numpy(), atol=1e-3)
+
+
+def test_normal_zoom_crops_only_normal_images_and_about_half_of_them():
+    import tensorflow as tf
+
+    from pneumonia.training import augmentation_for, normal_zoom
+
+    rng = np.random.default_rng(3)
+    images = tf.constant(rng.integers(40, 220, (64, 32, 32, 1)).astype("float32"))
+    labels = tf.constant((np.arange(64) % 2).astype("float32"))  # alternate NORMAL, PNEUMONIA
+    zoomed = normal_zoom(0)(images, labels).numpy()
+    changed = np.abs(zoomed - images.numpy()).mean(axis=(1, 2, 3)) > 1e-3
+    y = labels.numpy()
+    assert not changed[y == 1].any()  # a pneumonia image keeps everything it shows
+    assert 0.25 < changed[y == 0].mean() < 0.75
+    # zooming in: the central pixel's neighbourhood grows, so a zoomed image is smoother
+    steps = lambda x: np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))  # noqa: E731
+    assert (steps(zoomed)[changed] < steps(images.numpy())[changed]).all()
+    batch = augmentation_for("normal-framing", 0)(images, labels).numpy()
+    assert batch.shape == (64, 32, 32, 1)
