@@ -32,23 +32,20 @@ from pneumonia.training import TrainConfig, train
 # `slow`, left out by `-m "not slow"`: every test that uses a fixture that trains a model for a minute or
 # more or keeps gunicorn serving slow clients, and every test of a module that drives a real browser.
 # A test that is slow by itself says so with @pytest.mark.slow.
-SLOW_FIXTURES = {"custom_run", "densenet_cli_run", "gunicorn_server"}
+# The tests run on two pytest-xdist workers (pyproject.toml): the tests of one slow fixture also
+# share a worker, so each is built once.
+SLOW_FIXTURES = ("custom_run", "densenet_cli_run", "gunicorn_server")
 SLOW_MODULES = {"test_browser"}
-
-
-# The tests run on two pytest-xdist workers (pyproject.toml); the tests of one of these expensive
-# fixtures share a worker, so each fixture is built once.
-SHARED_WORKER_FIXTURES = ("densenet_cli_run", "custom_run", "gunicorn_server")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames) or item.path.stem in SLOW_MODULES:
+        slow_fixtures = [name for name in SLOW_FIXTURES if name in item.fixturenames]
+        if slow_fixtures or item.path.stem in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-        shared = [name for name in SHARED_WORKER_FIXTURES if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        if slow_fixtures:
+            item.add_marker(pytest.mark.xdist_group(slow_fixtures[0]))
 
 
 @pytest.fixture(scope="session")
