@@ -26,10 +26,16 @@ declare -A levers=(
   [framing]="--augment framing"
   [framing-holdout]="--augment framing --hold-out-series NORMAL2-IM"
   [normal-framing]="--augment normal-framing"
+  # Input size: at 120 px the global shape of the image may dominate finer lung texture.
+  [size-160]="--image-size 160"
+  [size-224]="--image-size 224"
+  # Soft labels between the classes (Zhang et al. 2018).
+  [mixup]="--mixup 0.4"
+  [mixup-holdout]="--mixup 0.4 --hold-out-series NORMAL2-IM"
 )
 order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
             label-smoothing ema sharpness sharpness-holdout sharpness-seed-43
-            framing framing-holdout normal-framing})
+            framing framing-holdout normal-framing size-160 size-224 mixup mixup-holdout})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name

@@ -418,6 +418,14 @@ def _add_generalisation_options(train, default) -> None:
         help="binary cross-entropy label smoothing (0: none)",
     )
     train.add_argument(
+        "--mixup",
+        type=float,
+        default=default.mixup,
+        metavar="ALPHA",
+        help="blend each training image and its label with a random other one of its batch, by a "
+        "share drawn from Beta(ALPHA, ALPHA) (0: no mixup; 0.2-0.4 is usual)",
+    )
+    train.add_argument(
         "--ema", action="store_true", help="keep an exponential moving average of the weights and validate and save it"
     )
 

@@ -133,6 +133,31 @@ def normal_zoom(seed: int, share: float = 0.5):
     return zoom
 
 
+def mixup(seed: int, alpha: float, weights: dict[int, float]):
+    """(B, S, S, 1) batch and labels (B,) -> (mixed batch, mixed labels, mixed class weights):
+    each image blended with a random partner of the batch by lambda ~ Beta(alpha, alpha), its label
+    and its class weight blended alike (Zhang et al. 2018). Soft labels between the classes keep the
+    model from staking everything on one cue such as framing."""
+    generator = tf.random.Generator.from_seed(seed)
+    weight_of = tf.constant([weights[0], weights[1]], tf.float32)
+
+    def beta(shape):
+        # Beta(a, a) as the ratio of two Gamma(a) draws.
+        a, b = (tf.random.stateless_gamma(shape, seed=generator.make_seeds(1)[:, 0], alpha=alpha) for _ in range(2))
+        return a / tf.maximum(a + b, 1e-12)
+
+    def mix(x, y):
+        partner = tf.argsort(generator.uniform(tf.shape(y)))
+        share = beta(tf.shape(y))  # (B,)
+        mixed = share[:, None, None, None] * x + (1.0 - share[:, None, None, None]) * tf.gather(x, partner)
+        labels = share * y + (1.0 - share) * tf.gather(y, partner)
+        class_weight = tf.gather(weight_of, tf.cast(y, tf.int32))
+        sample_weight = share * class_weight + (1.0 - share) * tf.gather(class_weight, partner)
+        return mixed, labels, sample_weight
+
+    return mix
+
+
 def augmentation_for(name: str, seed: int, match_sharpness: bool = False):
     """The training augmentation called `name` (AUGMENTATIONS): a function of a (B, S, S, 1)
     batch and its labels (B,), with `match_sharpness` first on the stored pixels."""
@@ -161,8 +186,9 @@ def augmentation_for(name: str, seed: int, match_sharpness: bool = False):
     return lambda x, y: augment(match(x, y), y)
 
 
-def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, shuffle=False):
-    """uint8 (N, S, S) + labels -> tf.data of normalized float32 (B, S, S, 3) batches."""
+def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, shuffle=False, mix=None):
+    """uint8 (N, S, S) + labels -> tf.data of normalized float32 (B, S, S, 3) batches, with
+    `mix` (see `mixup`) also per-image weights."""
     ds = tf.data.Dataset.from_tensor_slices((pixels, labels.astype("float32")))
     if shuffle:
         ds = ds.shuffle(len(pixels), seed=seed, reshuffle_each_iteration=True)
@@ -173,7 +199,10 @@ def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, 
             lambda x, y: (augment(tf.cast(x, tf.float32)[..., None], y)[..., 0], y), num_parallel_calls=tf.data.AUTOTUNE
         )
         ds = ds.map(lambda x, y: (tf.clip_by_value(x, 0.0, 255.0), y))
-    ds = ds.map(lambda x, y: (normalize(x, normalization), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if mix is not None:
+        ds = ds.map(lambda x, y: mix(x[..., None], y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y, w: (x[..., 0], y, w))
+    ds = ds.map(lambda x, *rest: (normalize(x, normalization), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -402,7 +431,8 @@ def training_record(config: TrainConfig, history: list[dict], started: float) ->
         "wall_time_s": round(time.time() - started, 1),
         "optimizer": "Adam",
         "loss": "binary cross-entropy, balanced class weights"
-        + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else ""),
+        + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else "")
+        + (f", mixup Beta({config.mixup}, {config.mixup})" if config.mixup else ""),
         "weights": "exponential moving average over about the last fifth of an epoch (Adam use_ema)"
         if config.ema
         else "the best epoch's",
@@ -475,7 +505,7 @@ def fit(config: TrainConfig, progress: Progress, data: TrainingData, train_ds, v
         validation_data=val_ds,
         epochs=config.epochs,
         initial_epoch=progress.initial_epoch,
-        class_weight=class_weights(data.train_y),
+        class_weight=None if config.mixup else class_weights(data.train_y),  # mixup weighs each image itself
         callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
         verbose=1,
         shuffle=False,
@@ -530,6 +560,7 @@ def train(config: TrainConfig, log=print) -> dict:
         config.seed,
         augment=augmentation_for(config.augment, config.seed, config.match_sharpness),
         shuffle=True,
+        mix=mixup(config.seed + 10, config.mixup, class_weights(data.train_y)) if config.mixup else None,
     )
     val_ds = make_dataset(data.val_x, data.val_y, normalization, config.batch_size, config.seed)
 

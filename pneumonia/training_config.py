@@ -40,5 +40,6 @@ class TrainConfig:
     contrast: str = "none"  # one of preprocessing.CONTRASTS
     label_smoothing: float = 0.0
     ema: bool = False
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup's blend; 0: no mixup
     match_sharpness: bool = False  # give about half of each class the other class's sharpness
     hold_out_series: str | None = None  # one of dataset.NORMAL_SERIES: kept out of training and validation

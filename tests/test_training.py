@@ -227,17 +227,18 @@ def test_resume_without_a_checkpoint_starts_afresh(synthetic_data_dir, tmp_path)
 
 
 def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_model(custom_run, tmp_path):
-    """--contrast clahe --label-smoothing 0.1 --ema: the card says so, and the saved model
+    """--contrast clahe --label-smoothing 0.1 --ema --mixup 0.2: the card says so, and the saved model
     served through `preprocess` (which applies the card's contrast) gives the validation
     loss that training computed on its own contrast-normalised pixels."""
     config = TrainConfig(
         data_dir=custom_run[2].data_dir,
         out=str(tmp_path / "run"),
-        **{**CUSTOM, "contrast": "clahe", "label_smoothing": 0.1, "ema": True},
+        **{**CUSTOM, "contrast": "clahe", "label_smoothing": 0.1, "ema": True, "mixup": 0.2},
     )
     card = train(config, log=lambda *_: None)
     assert card["preprocessing"]["contrast"] == "clahe"
     assert "label smoothing 0.1" in card["training"]["loss"] and "moving average" in card["training"]["weights"]
+    assert "mixup Beta(0.2, 0.2)" in card["training"]["loss"]
     classifier = XrayClassifier(tmp_path / "run")
     _, val_files = dataset.patient_grouped_split(
         dataset.scan_split(config.data_dir, "train"), config.val_fraction, config.seed
@@ -363,6 +364,39 @@ def test_sharpness_matching_takes_the_sharpness_cue_away_from_the_labels():
     np.testing.assert_allclose(unchanged, images[:32].numpy(), atol=1e-3)
     one_class = sharpness_matching(0, share=1.0)(images[1:4], labels[1:4]).numpy()  # no partner to match
     np.testing.assert_allclose(one_class, images[1:4].numpy(), atol=1e-3)
+
+
+def test_mixup_blends_each_image_with_one_partner_and_blends_its_label_and_weight_alike():
+    import tensorflow as tf
+
+    from pneumonia.preprocessing import UNIT_NORMALIZATION
+    from pneumonia.training import make_dataset, mixup
+
+    values = np.arange(1, 33, dtype="float32") * 7  # image i is flat at values[i]
+    images = tf.constant(np.broadcast_to(values[:, None, None, None], (32, 8, 8, 1)).copy())
+    labels = tf.constant((np.arange(32) % 3 == 0).astype("float32"))
+    weights = {0: 0.75, 1: 1.5}
+    mixed, soft, weight = (t.numpy() for t in mixup(0, 0.4, weights)(images, labels))
+    assert np.ptp(mixed, axis=(1, 2, 3)).max() < 1e-3  # a blend of two flat images is flat
+    y, w = labels.numpy(), np.where(labels.numpy() == 1, 1.5, 0.75)
+    partners = []
+    for i, level in enumerate(mixed[:, 0, 0, 0]):
+        # level = s * v_i + (1 - s) * v_j for one partner j; the label and weight use the same s
+        share = np.divide(level - values, values[i] - values, out=np.ones(32), where=values != values[i])
+        fits = (
+            (share > -1e-4)
+            & (share < 1 + 1e-4)
+            & np.isclose(soft[i], share * y[i] + (1 - share) * y, atol=1e-4)
+            & np.isclose(weight[i], share * w[i] + (1 - share) * w, atol=1e-4)
+        )
+        assert fits.any(), i
+        partners.append(np.flatnonzero(fits))
+    assert ((soft > 0.05) & (soft < 0.95)).sum() >= 4  # labels between the classes occur
+    assert len({int(p[0]) for p in partners if len(p) == 1}) == sum(len(p) == 1 for p in partners)  # a permutation
+    pixels = np.broadcast_to(values[:, None, None].astype("uint8"), (32, 8, 8))
+    batch = next(iter(make_dataset(pixels, y, UNIT_NORMALIZATION, 16, 0, augment=lambda x, _: x, mix=mixup(0, 0.4, weights))))
+    assert [tuple(t.shape) for t in batch] == [(16, 8, 8, 3), (16,), (16,)]
+    assert 0 <= batch[1].numpy().min() and batch[1].numpy().max() <= 1
 
 
 def test_normal_zoom_crops_only_normal_images_and_about_half_of_them():
