@@ -394,7 +394,8 @@ def test_mixup_blends_each_image_with_one_partner_and_blends_its_label_and_weigh
     assert ((soft > 0.05) & (soft < 0.95)).sum() >= 4  # labels between the classes occur
     assert len({int(p[0]) for p in partners if len(p) == 1}) == sum(len(p) == 1 for p in partners)  # a permutation
     pixels = np.broadcast_to(values[:, None, None].astype("uint8"), (32, 8, 8))
-    batch = next(iter(make_dataset(pixels, y, UNIT_NORMALIZATION, 16, 0, augment=lambda x, _: x, mix=mixup(0, 0.4, weights))))
+    mixed_ds = make_dataset(pixels, y, UNIT_NORMALIZATION, 16, 0, augment=lambda x, _: x, mix=mixup(0, 0.4, weights))
+    batch = next(iter(mixed_ds))
     assert [tuple(t.shape) for t in batch] == [(16, 8, 8, 3), (16,), (16,)]
     assert 0 <= batch[1].numpy().min() and batch[1].numpy().max() <= 1
 
