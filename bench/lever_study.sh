@@ -9,6 +9,7 @@ common=(--arch custom --image-size 120 --epochs 6 --patience 2 --seed 42)
 declare -A levers=(
   [base]=""
   [clahe]="--contrast clahe"
+  [equalize]="--contrast equalize"
   [acquisition]="--augment acquisition"
   [clahe-acquisition]="--contrast clahe --augment acquisition"
   [label-smoothing]="--label-smoothing 0.1"
@@ -35,7 +36,7 @@ declare -A levers=(
 )
 order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
             label-smoothing ema sharpness sharpness-holdout sharpness-seed-43
-            framing framing-holdout normal-framing size-160 size-224 mixup mixup-holdout})
+            framing framing-holdout normal-framing size-160 size-224 mixup mixup-holdout equalize})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name
