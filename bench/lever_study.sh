@@ -10,6 +10,8 @@ declare -A levers=(
   [base]=""
   [clahe]="--contrast clahe"
   [equalize]="--contrast equalize"
+  [equalize-holdout]="--contrast equalize --hold-out-series NORMAL2-IM"
+  [equalize-seed-43]="--contrast equalize --seed 43"
   [acquisition]="--augment acquisition"
   [clahe-acquisition]="--contrast clahe --augment acquisition"
   [label-smoothing]="--label-smoothing 0.1"
@@ -36,7 +38,7 @@ declare -A levers=(
 )
 order=(${@:-base clahe acquisition clahe-acquisition base-holdout acquisition-holdout base-seed-43
             label-smoothing ema sharpness sharpness-holdout sharpness-seed-43
-            framing framing-holdout normal-framing size-160 size-224 mixup mixup-holdout equalize})
+            framing framing-holdout normal-framing size-160 size-224 mixup mixup-holdout equalize equalize-holdout equalize-seed-43})
 models=()
 for name in "${order[@]}"; do
   out=runs/levers/$name
