@@ -136,8 +136,8 @@ def normal_zoom(seed: int, share: float = 0.5):
 def mixup(seed: int, alpha: float, weights: dict[int, float]):
     """(B, S, S, 1) batch and labels (B,) -> (mixed batch, mixed labels, mixed class weights):
     each image blended with a random partner of the batch by lambda ~ Beta(alpha, alpha), its label
-    and its class weight blended alike (Zhang et al. 2018). Soft labels between the classes keep the
-    model from staking everything on one cue such as framing."""
+    and its class weight blended alike (Zhang et al. 2018). Soft labels between the classes are meant
+    to keep the model from staking everything on one cue such as framing (model/report/levers.md: they did not)."""
     generator = tf.random.Generator.from_seed(seed)
     weight_of = tf.constant([weights[0], weights[1]], tf.float32)
 
@@ -200,7 +200,7 @@ def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, 
         )
         ds = ds.map(lambda x, y: (tf.clip_by_value(x, 0.0, 255.0), y))
     if mix is not None:
-        ds = ds.map(lambda x, y: mix(x[..., None], y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: mix(tf.cast(x, tf.float32)[..., None], y), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(lambda x, y, w: (x[..., 0], y, w))
     ds = ds.map(lambda x, *rest: (normalize(x, normalization), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
