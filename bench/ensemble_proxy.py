@@ -17,13 +17,13 @@ from pneumonia.classifier import XrayClassifier
 from pneumonia.evaluation import choose_thresholds, fit_platt, platt
 from pneumonia.robustness import (
     BASELINE,
-    _decoded_originals,
-    _probabilities_under_shifts,
-    _validation_splits,
     decode_all,
-    model_pixels,
+    decoded_originals,
+    probabilities_of,
+    probabilities_under_shifts,
     score,
     summary_row,
+    validation_splits,
 )
 
 
@@ -46,13 +46,6 @@ def ensemble_rows(labels, probs_by_shift: dict[str, list], target_sensitivity: f
     return {"slope": slope, "intercept": intercept, **thresholds}, rows
 
 
-def originals_probs(classifiers, files, decoded) -> list[np.ndarray]:
-    return [
-        c.probabilities_from_pixels(np.stack([model_pixels(decoded[p], c.image_size) for p in files.paths]))
-        for c in classifiers
-    ]
-
-
 def print_row(name: str, row: dict) -> None:
     print(
         f"| {name} | {row['auc']:.3f} | {row['normal_mean_p']:.3f} | {row['default']['specificity']:.3f} "
@@ -67,14 +60,14 @@ def main() -> None:
     parser.add_argument("--originals")
     args = parser.parse_args()
 
-    splits = _validation_splits(args.data_dir, args.model)
+    splits = validation_splits(args.data_dir, args.model)
     if any(val.paths != splits[0][0].paths for val, _ in splits):
         raise SystemExit("the models were validated on different parts of train/: no shared validation set")
     val = splits[0][0]
     classifiers = [XrayClassifier(path) for path in args.model]
     decoded = decode_all(val.paths)
     labels = np.asarray(val.labels, dtype=int)
-    probs = _probabilities_under_shifts(decoded, classifiers, [val] * len(classifiers))
+    probs = probabilities_under_shifts(decoded, classifiers, [val] * len(classifiers))
     fitted, rows = ensemble_rows(labels, probs, classifiers[0].card["thresholds"]["target_sensitivity"])
     print(f"ensemble of {', '.join(args.model)}: {fitted}")
     print("| shift | AUC | NORMAL mean p | specificity @ default | @ screening |\n|---|---|---|---|---|")
@@ -84,9 +77,9 @@ def main() -> None:
     shifted = [r["normal_mean_p"] for r in rows if r["shift"] != BASELINE]
     print(f"summary: {summary}; NORMAL mean p over shifts {np.mean(shifted):.3f}")
 
-    originals, decoded_originals = _decoded_originals(args.originals)
+    originals, originals_images = decoded_originals(args.originals)
     if originals:
-        member = originals_probs(classifiers, originals, decoded_originals)
+        member = [probabilities_of(c, originals_images, originals.paths) for c in classifiers]
         calibrated = platt(averaged(member), fitted["slope"], fitted["intercept"])
         thresholds = {t: fitted[t] for t in ("default", "screening")}
         print_row("originals", score(np.asarray(originals.labels, dtype=int), calibrated, thresholds))

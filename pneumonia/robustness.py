@@ -302,7 +302,7 @@ NOTES = [
 ]
 
 
-def _validation_splits(data_dir: str | Path, model_paths: list[str], log=print) -> list[tuple]:
+def validation_splits(data_dir: str | Path, model_paths: list[str], log=print) -> list[tuple]:
     """Each model's own validation part (the same one when their cards agree), checked before any
     model is loaded so a wrong DATA_DIR fails at once."""
     from pneumonia.classifier import find_card
@@ -316,20 +316,26 @@ def _validation_splits(data_dir: str | Path, model_paths: list[str], log=print) 
     return splits
 
 
-def _probabilities_under_shifts(decoded: dict, classifiers: list, parts: list, log=print) -> dict[str, list]:
+def probabilities_of(classifier, images: dict, paths) -> np.ndarray:
+    """The classifier's calibrated probabilities for `images[path]` (decoded PIL images), in `paths` order."""
+    return classifier.probabilities_from_pixels(
+        np.stack([model_pixels(images[p], classifier.image_size) for p in paths])
+    )
+
+
+def probabilities_under_shifts(decoded: dict, classifiers: list, parts: list, log=print) -> dict[str, list]:
     """{shift: [each model's probabilities on its validation part]}; each shift applied to each image once."""
     probs: dict[str, list[np.ndarray]] = {}
     for shift_name in [BASELINE] + [s.name for s in SHIFTS]:
         shifted = {p: apply_shift(shift_name, image, shift_seed(p)) for p, image in decoded.items()}
         probs[shift_name] = []
         for classifier, files in zip(classifiers, parts):
-            pixels = np.stack([model_pixels(shifted[p], classifier.image_size) for p in files.paths])
-            probs[shift_name].append(classifier.probabilities_from_pixels(pixels))
+            probs[shift_name].append(probabilities_of(classifier, shifted, files.paths))
         log(f"scored shift {shift_name}")
     return probs
 
 
-def _decoded_originals(originals: str | Path | None, log=print) -> tuple[dataset.SplitFiles | None, dict]:
+def decoded_originals(originals: str | Path | None, log=print) -> tuple[dataset.SplitFiles | None, dict]:
     originals_set = originals_files(originals) if originals else None
     if originals is None:
         log("originals: not given (--originals FOLDER with NORMAL/ and PNEUMONIA/); skipped")
@@ -343,9 +349,7 @@ def _originals_entry(classifier, originals_set: dataset.SplitFiles, decoded: dic
         return None
     paths = [p for p in originals_set.paths if p in decoded]
     labels = [originals_set.labels[originals_set.paths.index(p)] for p in paths]
-    probs = classifier.probabilities_from_pixels(
-        np.stack([model_pixels(decoded[p], classifier.image_size) for p in paths])
-    )
+    probs = probabilities_of(classifier, decoded, paths)
     images = [
         {"file": f"{dataset.CLASS_NAMES[y]}/{p.name}", "probability": float(q)} for p, y, q in zip(paths, labels, probs)
     ]
@@ -371,7 +375,7 @@ def run(
     """Scores every model on (a) the originals, (b) validation under each shift, (c) per series."""
     from pneumonia.classifier import XrayClassifier
 
-    splits = _validation_splits(data_dir, model_paths, log)
+    splits = validation_splits(data_dir, model_paths, log)
     classifiers = [XrayClassifier(path) for path in model_paths]
     names = names or [c.name for c in classifiers]
     shifts = {BASELINE: "no change", **{s.name: s.description for s in SHIFTS}}
@@ -389,8 +393,8 @@ def run(
     log(f"decoding {len(unique_paths)} validation images of {data_dir}/train/ once")
     decoded = decode_all(unique_paths, log=log)
     parts = [val.subset([i for i, p in enumerate(val.paths) if p in decoded]) for val, _ in splits]
-    probs = _probabilities_under_shifts(decoded, classifiers, parts, log)
-    originals_set, originals_decoded = _decoded_originals(originals, log)
+    probs = probabilities_under_shifts(decoded, classifiers, parts, log)
+    originals_set, originals_decoded = decoded_originals(originals, log)
 
     for m, (classifier, name, files, (val, info)) in enumerate(zip(classifiers, names, parts, splits)):
         info["n_scored"] = files.counts()

@@ -134,7 +134,7 @@ def normal_zoom(seed: int, share: float = 0.5):
 
 
 def mixup(seed: int, alpha: float, weights: dict[int, float]):
-    """(B, S, S, 1) batch and labels (B,) -> (mixed batch, mixed labels, mixed class weights):
+    """(B, S, S[, 1]) batch and labels (B,) -> (mixed batch, mixed labels, mixed class weights):
     each image blended with a random partner of the batch by lambda ~ Beta(alpha, alpha), its label
     and its class weight blended alike (Zhang et al. 2018). Soft labels between the classes are meant
     to keep the model from staking everything on one cue such as framing (model/report/levers.md: they did not)."""
@@ -149,7 +149,8 @@ def mixup(seed: int, alpha: float, weights: dict[int, float]):
     def mix(x, y):
         partner = tf.argsort(generator.uniform(tf.shape(y)))
         share = beta(tf.shape(y))  # (B,)
-        mixed = share[:, None, None, None] * x + (1.0 - share[:, None, None, None]) * tf.gather(x, partner)
+        per_image = tf.reshape(share, [-1] + [1] * (len(x.shape) - 1))  # broadcasts over (B, S, S[, 1])
+        mixed = per_image * x + (1.0 - per_image) * tf.gather(x, partner)
         labels = share * y + (1.0 - share) * tf.gather(y, partner)
         class_weight = tf.gather(weight_of, tf.cast(y, tf.int32))
         sample_weight = share * class_weight + (1.0 - share) * tf.gather(class_weight, partner)
@@ -200,8 +201,7 @@ def make_dataset(pixels, labels, normalization, batch_size, seed, augment=None, 
         )
         ds = ds.map(lambda x, y: (tf.clip_by_value(x, 0.0, 255.0), y))
     if mix is not None:
-        ds = ds.map(lambda x, y: mix(tf.cast(x, tf.float32)[..., None], y), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(lambda x, y, w: (x[..., 0], y, w))
+        ds = ds.map(lambda x, y: mix(tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, *rest: (normalize(x, normalization), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
