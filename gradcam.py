@@ -2,16 +2,17 @@
 
 The models end in Dense(1) "logit" -> sigmoid "probability". Gradients are taken of the
 logit, not of the probability, which saturates (a confident 0.999 has almost no gradient).
-One compiled function returns the logit, the class-activation map and the pooled features
-(what the out-of-distribution gate scores) from one forward pass:
+The model's explain graph (`pneumonia.keras_graphs`, run by either runtime of
+`pneumonia.runtime`) returns the logit, the class-activation map and the pooled features (what
+the out-of-distribution gate scores) from one forward pass:
 
     float32 (1, S, S, 3) ──model──> feature map (1, h, w, c) ──...──> pooled (1, d) ──> logit (1, 1)
                                     cam = sum_c mean_hw(d logit / d feature map)_c * feature map_c
 
 `cam` is signed: positive where the features raise the logit (evidence for PNEUMONIA),
 negative where they lower it. Grad-CAM of the negative logit (the evidence for NORMAL) is
-therefore ReLU(-cam), so one function serves both classes and the class is chosen in NumPy
-with the same float64 calibration as the label.
+therefore ReLU(-cam), so one graph serves both classes and the class is chosen in NumPy
+with the same float64 calibration as the label. This module turns the map into pictures.
 """
 
 from __future__ import annotations
@@ -23,45 +24,12 @@ MIN_CELLS = 7  # a coarser map cannot point at a lung zone
 EPSILON = 1e-12  # keeps a flat (all-zero) map finite
 
 
-class GradCam:
-    """Built once per process; `explain` is a concrete TensorFlow function, safe to call
-    from several threads at once (no tracing happens after construction).
-
-    Not XLA-compiled: on 2 CPU cores `jit_compile=True` was no faster at the median for
-    DenseNet121, served fewer requests per second from 4 threads, and added ~400 MB RSS.
-    """
-
-    def __init__(self, model, layer: str, image_size: int):
-        import keras
-        import tensorflow as tf
-
-        features = model.get_layer(layer).output
-        self.layer = layer
-        self.map_size = tuple(int(n) for n in features.shape[1:3])
-        if min(self.map_size) < MIN_CELLS:
-            raise ValueError(
-                f"Grad-CAM layer {layer} is {self.map_size[0]}x{self.map_size[1]}; "
-                f"at least {MIN_CELLS}x{MIN_CELLS} cells are needed"
-            )
-        logit_layer = model.get_layer("logit")
-        grad_model = keras.Model(model.input, [features, logit_layer.input, logit_layer.output])  # one input
-
-        @tf.function(input_signature=[tf.TensorSpec((1, image_size, image_size, 3), tf.float32)])
-        def explain(x):
-            with tf.GradientTape() as tape:
-                feature_map, pooled, logit = grad_model(x, training=False)  # (1, h, w, c), (1, d), (1, 1)
-            grads = tape.gradient(logit, feature_map)  # (1, h, w, c)
-            weights = tf.reduce_mean(grads, axis=(1, 2))  # (1, c)
-            cam = tf.einsum("bhwc,bc->bhw", feature_map, weights)  # (1, h, w), signed
-            return logit[0, 0], cam[0], pooled[0]
-
-        self._explain = explain.get_concrete_function()
-        self.explain(np.zeros((1, image_size, image_size, 3), np.float32))  # allocates now, not on a request
-
-    def explain(self, inputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        """float32 (1, S, S, 3) -> (raw logit, signed cam float32 (h, w), pooled features (d,))."""
-        logit, cam, pooled = self._explain(inputs)
-        return float(logit), cam.numpy(), pooled.numpy()
+def check_map_size(layer: str, map_size: tuple[int, int]) -> None:
+    """Raises ValueError for a Grad-CAM layer too coarse to point at a lung zone."""
+    if min(map_size) < MIN_CELLS:
+        raise ValueError(
+            f"Grad-CAM layer {layer} is {map_size[0]}x{map_size[1]}; at least {MIN_CELLS}x{MIN_CELLS} cells are needed"
+        )
 
 
 def heatmap(cam: np.ndarray, for_pneumonia: bool) -> np.ndarray:

@@ -11,9 +11,10 @@ Memory: at most one full-size decoded image at a time, whatever the number of fi
 holds N model squares (and N display copies when Grad-CAM is wanted). A file that cannot be
 read, or that the gate refuses, is a row with its error; it never ends the run.
 
-With Grad-CAM each accepted image of the chunk goes through `GradCam.explain` instead: one pass
+With Grad-CAM each accepted image of the chunk goes through the explain graph instead: one pass
 gives the logit, the map and the features, so the probability comes from the same pass as the
-map (as on the web app's result page).
+map. This is the one screening pipeline: `predict`, the web app's result page (one file), its
+results table and batch API (many) all call `BatchScreener.screen_chunk`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import itertools
 import logging
 import os
 import re
+import time
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from pneumonia.ood import OutOfDistribution, Verdict
 from pneumonia.preprocessing import SIGNATURE_BYTES, Source, decode_xray, model_input, resize_xray, sniff_format
 
 LOG = logging.getLogger(__name__)
-DEFAULT_CHUNK_SIZE = 16  # images per model pass; ~35 ms an image on 2 CPU cores for DenseNet121 at 128 px
+DEFAULT_CHUNK_SIZE = 16  # images per model pass
 
 # In a folder, a file is screened when its content is an accepted image, or when its name says it
 # is one: a corrupt X-ray is then reported as a row with its error instead of being skipped unseen.
@@ -110,6 +112,7 @@ class ScreenedImage:
     unexpected: bool = False  # the error is a failure of ours, not of the file
     heat: np.ndarray | None = None  # Grad-CAM of the default label's class, (h, w) in [0, 1]
     display: np.ndarray | None = None  # uint8 (H, W), long side <= display_side, for thumbnails and overlays
+    timing_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, model (its share of a chunk)
 
     @property
     def refused(self) -> bool:
@@ -117,13 +120,10 @@ class ScreenedImage:
 
 
 class BatchScreener:
-    """A classifier (and optionally its Grad-CAM) for many images. Built once: the classifier's
-    compiled model pass is traced here, not on the first chunk. Safe to call from several threads."""
+    """A classifier for many images (or one). Safe to call from several threads."""
 
-    def __init__(self, classifier, gradcam=None):
+    def __init__(self, classifier):
         self.classifier = classifier
-        self.gradcam = gradcam  # a gradcam.GradCam on the same model, for `with_gradcam`
-        classifier.compiled_forward()
 
     def screen(
         self,
@@ -140,8 +140,6 @@ class BatchScreener:
         self, chunk: list[tuple[str, Source]], display_side: int | None = None, with_gradcam: bool = False
     ) -> list[ScreenedImage]:
         """One chunk: decoded one file at a time, then one model pass (or Grad-CAM per image)."""
-        if with_gradcam and self.gradcam is None:
-            raise ValueError("this BatchScreener was built without Grad-CAM")
         rows, squares = [], []  # squares: (row, uint8 (S, S)) waiting for the model
         for name, source in chunk:
             row, pixels = self._decode(name, source, display_side)
@@ -155,6 +153,7 @@ class BatchScreener:
     def _decode(self, name: str, source: Source, display_side: int | None) -> tuple[ScreenedImage, np.ndarray | None]:
         """The row and the model's square; the full-size image does not outlive this call."""
         row = ScreenedImage(name)
+        started = time.perf_counter()
         try:
             xray, stats = decode_xray(source)
         except XrayReadError as err:
@@ -168,6 +167,8 @@ class BatchScreener:
                 "".join(traceback.format_tb(err.__traceback__)),
             )
             return row, None
+        decoded = time.perf_counter()
+        row.timing_ms["decode"] = _ms(decoded - started)
         if display_side:
             from gradcam import display_image
 
@@ -177,24 +178,31 @@ class BatchScreener:
         if refused is not None:
             _refuse(row, refused)
             return row, None
-        return row, resize_xray(xray, self.classifier.image_size)
+        square = resize_xray(xray, self.classifier.image_size)
+        row.timing_ms["preprocess"] = _ms(time.perf_counter() - decoded)
+        return row, square
 
     def _forward_all(self, squares: list[tuple[ScreenedImage, np.ndarray]]) -> None:
+        started = time.perf_counter()
         inputs = model_input(np.stack([pixels for _, pixels in squares]), self.classifier.preprocessing)
         features, logits = self.classifier.features_and_logits(inputs, batch_size=len(inputs))
         gate = self.classifier.gate
         scores = gate.density.distance(features) if gate is not None else [None] * len(squares)
+        share = _ms((time.perf_counter() - started) / len(squares))
         for (row, _), logit, score in zip(squares, logits, scores):
             self._score(row, float(logit), None if score is None else gate.check_score(float(score)))
+            row.timing_ms["model"] = share
 
     def _explain_each(self, squares: list[tuple[ScreenedImage, np.ndarray]]) -> None:
         from gradcam import heatmap
 
         gate = self.classifier.gate
         for row, pixels in squares:
-            logit, cam, features = self.gradcam.explain(model_input(pixels, self.classifier.preprocessing)[None])
+            started = time.perf_counter()
+            logit, cam, features = self.classifier.explain(model_input(pixels, self.classifier.preprocessing)[None])
             if self._score(row, logit, gate.check_features(features) if gate is not None else None):
                 row.heat = heatmap(cam, for_pneumonia=row.labels["default"] == PNEUMONIA)
+            row.timing_ms["model_gradcam"] = _ms(time.perf_counter() - started)
 
     def _score(self, row: ScreenedImage, logit: float, verdict: Verdict | None) -> bool:
         """Fills the probability and labels, or the refusal; True when the image was accepted."""
@@ -205,6 +213,10 @@ class BatchScreener:
         row.probability = float(self.classifier.calibrated(logit))
         row.labels = self.classifier.labels(row.probability)
         return True
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
 
 
 def _refuse(row: ScreenedImage, verdict: Verdict) -> None:

@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 CARD_NAME = "model.json"
 
 PLATT_METHOD = "Platt scaling, sigmoid(slope * logit + intercept), fitted on the validation logits"
@@ -17,6 +19,15 @@ THRESHOLD_RULE = (
     "default maximises Youden's J (sensitivity + specificity - 1); screening is the highest "
     "threshold whose sensitivity reaches the target, and never above the default"
 )
+
+
+def sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def platt(logits, slope: float, intercept: float) -> np.ndarray:
+    """Raw logits -> calibrated probabilities, as the card's `calibration` says."""
+    return sigmoid(slope * np.asarray(logits, dtype=np.float64) + intercept)
 
 
 @dataclass

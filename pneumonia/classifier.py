@@ -2,28 +2,25 @@
 
 The card (`model.json` beside the `.keras` file) says how to preprocess, the Platt
 calibration and the thresholds; `XrayClassifier` applies all three, so every caller gets
-the same probability for the same image.
+the same probability for the same image. The model itself runs on the runtime chosen at load
+(`pneumonia.runtime`: ONNX Runtime on the export, or Keras).
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from pneumonia.card import CARD_NAME
+from pneumonia.card import CARD_NAME, platt
 from pneumonia.dataset import NORMAL, PNEUMONIA
-from pneumonia.evaluation import platt
-from pneumonia.ood import Verdict, load_gate_for
-from pneumonia.preprocessing import Source, decode_xray, model_input, preprocess, resize_xray
+from pneumonia.errors import ModelLoadError
+from pneumonia.ood import file_sha256, load_gate_for
+from pneumonia.preprocessing import Source, model_input, preprocess
+from pneumonia.runtime import load_runtime
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
-
-
-class ModelLoadError(RuntimeError):
-    """The model or its card is missing or unreadable; the message says which and where."""
 
 
 def find_card(model_path: str | Path) -> tuple[Path, dict]:
@@ -53,26 +50,29 @@ def find_card(model_path: str | Path) -> tuple[Path, dict]:
 
 
 class XrayClassifier:
-    """Loads once; `probabilities` takes preprocessed batches, `predict_source` raw images."""
+    """Loads once; `features_and_logits` and `explain` take model inputs, `predict_source` raw images.
+    `runtime` ("onnx" or "keras") overrides PNEUMONIA_RUNTIME. Safe to call from several threads."""
 
-    def __init__(self, model_path: str | Path = SHIPPED_MODEL_DIR):
-        import keras
-
-        from pneumonia.models import features_and_logit_model
-
+    def __init__(self, model_path: str | Path = SHIPPED_MODEL_DIR, runtime: str | None = None, threads=None):
         self.keras_path, self.card = find_card(model_path)
-        try:
-            self.model = keras.saving.load_model(self.keras_path, compile=False)
-        except Exception as err:  # Keras raises several types for a bad file
-            raise ModelLoadError(f"The model file {self.keras_path} could not be loaded: {err}") from None
-        self.feature_model = features_and_logit_model(self.model)  # [features (the gate's input), logit]
-        self.gate, self.gate_status = load_gate_for(self.keras_path)
+        self.keras_sha256 = file_sha256(self.keras_path)
+        self.runtime = load_runtime(self.keras_path, self.card, self.keras_sha256, runtime, threads)
+        self.gate, self.gate_status = load_gate_for(self.keras_path, self.keras_sha256)
         self.preprocessing = self.card["preprocessing"]
         calibration = self.card.get("calibration", {})
         self.platt = (float(calibration.get("slope", 1.0)), float(calibration.get("intercept", 0.0)))
         self.thresholds = {k: float(v) for k, v in self.card["thresholds"].items() if k in ("default", "screening")}
         self.name = self.card.get("name", self.keras_path.stem)
-        self._forward, self._trace_lock = None, threading.Lock()
+
+    def serving(self) -> dict:
+        """Which runtime serves and the fingerprints it checked: what /healthz and /model show."""
+        export = self.card.get("export") if self.runtime.name == "onnx" else None
+        return {
+            "runtime": self.runtime.name,
+            "keras_sha256": self.keras_sha256,
+            "export_sha256": {k: v["sha256"] for k, v in export["files"].items()} if export else None,
+            "note": self.runtime.note,
+        }
 
     @property
     def image_size(self) -> int:
@@ -84,26 +84,14 @@ class XrayClassifier:
 
     def features_and_logits(self, inputs: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """float32 (N, S, S, 3) -> pooled features (N, d) and raw logits (N,): one pass per batch."""
-        forward = self.compiled_forward()
-        features, logits = [], []
-        for i in range(0, len(inputs), batch_size):
-            f, z = forward(inputs[i : i + batch_size])
-            features.append(f)
-            logits.append(z)
-        if not logits:
-            return np.zeros((0, int(self.feature_model.outputs[0].shape[-1]))), np.zeros(0)
-        return np.concatenate(features), np.concatenate(logits)
+        parts = [self.runtime.forward(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        if not parts:
+            return self.runtime.forward(inputs[:0])
+        return np.concatenate([f for f, _ in parts]), np.concatenate([z for _, z in parts])
 
-    def compiled_forward(self):
-        """float32 (N, S, S, 3) -> (features (N, d), logits (N,)) as NumPy, through one TensorFlow
-        concrete function for any N, traced on first use (a few seconds; call it at start-up to
-        pay them then). Keras' eager call of DenseNet121 spends ~0.5 s a call dispatching its
-        400-odd layers from Python; the concrete function took ~55 ms for one image and ~36 ms an
-        image in a batch of 16 on 2 CPU cores. Safe to call from several threads at once."""
-        with self._trace_lock:
-            if self._forward is None:
-                self._forward = _trace_forward(self.feature_model, self.image_size)
-        return self._forward
+    def explain(self, inputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """float32 (1, S, S, 3) -> (raw logit, signed Grad-CAM (h, w), pooled features (d,)): one pass."""
+        return self.runtime.explain(inputs)
 
     def logits(self, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """float32 (N, S, S, 3) -> raw logits (N,)."""
@@ -123,23 +111,6 @@ class XrayClassifier:
         """uint8 (N, S, S) from `xray_pixels` -> calibrated probabilities (N,)."""
         return self.calibrated(self.features_and_logits_of_pixels(pixels, batch_size)[1])
 
-    def screen_source(self, source: Source) -> tuple[float | None, Verdict | None]:
-        """One image (bytes or path) -> (calibrated probability, gate verdict).
-
-        With a gate, a refused image gives (None, the rejection); without one the verdict is None.
-        """
-        xray, stats = decode_xray(source)
-        if self.gate is not None:
-            refused = self.gate.check_pixels(stats)
-            if refused is not None:
-                return None, refused
-        inputs = model_input(resize_xray(xray, self.image_size), self.preprocessing)[None]
-        features, logits = self.features_and_logits(inputs)
-        verdict = self.gate.check_features(features[0]) if self.gate is not None else None
-        if verdict is not None and not verdict.accepted:
-            return None, verdict
-        return float(self.calibrated(logits)[0]), verdict
-
     def predict_source(self, source: Source) -> float:
         """One image (bytes or path) -> calibrated probability, whatever the gate would say."""
         inputs = preprocess(source, self.preprocessing)[None]
@@ -148,21 +119,3 @@ class XrayClassifier:
     def labels(self, probability: float) -> dict[str, str]:
         """The class at each threshold."""
         return {name: PNEUMONIA if probability >= t else NORMAL for name, t in self.thresholds.items()}
-
-
-def _trace_forward(feature_model, image_size: int):
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
-    def forward(inputs):
-        features, logits = feature_model(inputs, training=False)
-        return features, tf.reshape(logits, [-1])
-
-    concrete = forward.get_concrete_function()
-
-    def run(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        features, logits = concrete(tf.constant(inputs, tf.float32))
-        return features.numpy(), logits.numpy()
-
-    run(np.zeros((1, image_size, image_size, 3), np.float32))  # allocates now, not on the first real call
-    return run

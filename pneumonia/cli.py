@@ -1,4 +1,4 @@
-"""`python -m pneumonia {train,evaluate,predict,calibrate}`."""
+"""`python -m pneumonia {train,evaluate,predict,export,fit-ood,calibrate,robustness}`."""
 
 from __future__ import annotations
 
@@ -164,6 +164,7 @@ def comparison_table(results: list[dict], names: list[str] | None = None) -> str
 
 
 GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
+PREDICT_THREADS = 2  # one model call at a time: ONNX Runtime may use both cores for it
 
 
 def _predict(args) -> int:
@@ -172,7 +173,7 @@ def _predict(args) -> int:
     from pneumonia.progress import ProgressBar
 
     try:
-        classifier = XrayClassifier(args.model)
+        classifier = XrayClassifier(args.model, args.runtime, threads=PREDICT_THREADS)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -193,7 +194,7 @@ def _predict(args) -> int:
     except OSError as err:
         print(f"error: cannot write {args.csv}: {err.strerror}", file=sys.stderr)
         return 2
-    batch = BatchScreener(classifier, _gradcam_of(classifier) if args.gradcam else None)
+    batch = BatchScreener(classifier)
     progress = ProgressBar(len(found.files), sys.stderr)
     with csv_file or contextlib.nullcontext():
         table = (
@@ -236,14 +237,6 @@ def _predict_files(args, batch, files: list[str], table, progress) -> dict[str, 
         kind = "screened" if row.probability is not None else "refused" if row.refused else "failed"
         counts[kind] += 1
     return counts
-
-
-def _gradcam_of(classifier):
-    from gradcam import GradCam
-    from pneumonia.models import gradcam_layer_for
-
-    layer = classifier.card.get("gradcam", {}).get("layer") or gradcam_layer_for(classifier.model)
-    return GradCam(classifier.model, layer, classifier.image_size)
 
 
 def _write_overlay(folder: str, index: int, row) -> str | None:
@@ -301,6 +294,18 @@ def _fit_ood(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_gate(gate))
+    return 0
+
+
+def _export(args) -> int:
+    from pneumonia.classifier import ModelLoadError
+    from pneumonia.export import ExportError, export
+
+    try:
+        export(args.model)
+    except (ModelLoadError, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -456,6 +461,11 @@ def _add_predict(commands, shipped: str) -> None:
     predict.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument(
+        "--runtime",
+        choices=("onnx", "keras"),
+        help="what runs the model (default: PNEUMONIA_RUNTIME, else onnx when the model's export is current)",
+    )
+    predict.add_argument(
         "--csv",
         metavar="FILE",
         help="also write one CSV row per file: path, probability, label at each threshold, the gate's verdict, error",
@@ -479,6 +489,12 @@ def _add_model_tools(commands, shipped: str) -> None:
     fit_ood.add_argument("data_dir", help="the Kaggle-layout folder the model was trained on (its train/ split)")
     fit_ood.add_argument("--cache-dir", default="cache", help="decoded, resized pixels, shared with train")
     fit_ood.set_defaults(run=_fit_ood)
+
+    export = commands.add_parser(
+        "export", help="write the model's explain and forward graphs as ONNX (what the app serves) into its folder"
+    )
+    export.add_argument("model", help="model folder or .keras file")
+    export.set_defaults(run=_export)
 
     calibrate = commands.add_parser(
         "calibrate",

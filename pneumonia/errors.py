@@ -3,3 +3,7 @@
 
 class XrayReadError(ValueError):
     """An input that cannot be turned into an X-ray."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model, its card or its export is missing or unreadable; the message says which and where."""

@@ -9,6 +9,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn import metrics as skm
 
+from pneumonia.card import platt, sigmoid  # noqa: F401  (sigmoid: for the modules that fit)
 from pneumonia.dataset import CLASS_NAMES
 
 
@@ -122,10 +123,6 @@ def expected_calibration_error(labels, probs, bins: int = 15) -> float:
     return float(ece)
 
 
-def sigmoid(logits):
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-
-
 def fit_platt(labels, logits) -> tuple[float, float]:
     """Platt scaling: (slope, intercept) of the logistic regression of the labels on the logits.
 
@@ -136,11 +133,6 @@ def fit_platt(labels, logits) -> tuple[float, float]:
 
     fit = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(logits, dtype=float).reshape(-1, 1), labels)
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
-
-
-def platt(logits, slope: float, intercept: float) -> np.ndarray:
-    """Raw logits -> calibrated probabilities."""
-    return sigmoid(slope * np.asarray(logits, dtype=np.float64) + intercept)
 
 
 def write_metrics(metrics: dict, out_dir: str | Path) -> Path:

@@ -51,12 +51,13 @@ def fit_gate(
     val_features, _ = classifier.features_and_logits_of_pixels(val_pixels)
     val_scores = density.distance(val_features)
     thresholds = feature_thresholds(val_scores)
-    logit_layer = classifier.model.get_layer("logit")
+    model = classifier.runtime.model
+    logit_layer = model.get_layer("logit")
     info = {
         "method": "pixel checks (bounds from training percentiles), then the Mahalanobis distance of the pooled "
         "features to the nearer class mean (shared Ledoit-Wolf covariance from the training part); "
         "thresholds are quantiles of the validation part's distances",
-        "layer": next(layer.name for layer in classifier.model.layers if layer.output is logit_layer.input),
+        "layer": next(layer.name for layer in model.layers if layer.output is logit_layer.input),
         "feature_dim": int(train_features.shape[1]),
         "model_sha256": file_sha256(classifier.keras_path),
         "fitted_on": {"train_images": int(len(train_pixels)), "validation_images": int(len(val_pixels))},
@@ -178,7 +179,7 @@ def detection_figures(
 
 def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None = None, log=print) -> OodGate:
     """Fits, measures and stores the gate beside the model (`ood.npz`, and the card's `ood`)."""
-    classifier = XrayClassifier(model_path)
+    classifier = XrayClassifier(model_path, runtime="keras")  # fitting needs the Keras model's layer names
     config = classifier.card.get("training", {}).get("config", {})
     val_fraction, seed = float(config.get("val_fraction", 0.1)), int(config.get("seed", 42))
     all_train = dataset.scan_split(data_dir, "train")

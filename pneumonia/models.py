@@ -129,15 +129,6 @@ def build_model(arch: str, image_size: int, init: dict) -> keras.Model:
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
-def features_and_logit_model(model: keras.Model) -> keras.Model:
-    """The model's input -> [pooled features that feed the logit (N, d), logit (N, 1)].
-
-    `input`, not `inputs`: called with a plain array, a one-element input list warns on every call.
-    """
-    logit = model.get_layer("logit")
-    return keras.Model(model.input, [logit.input, logit.output])
-
-
 def gradcam_layer_for(model: keras.Model) -> str:
     """The last activated feature map with at least 7x7 cells.
 

@@ -258,8 +258,8 @@ class OodGate:
         return cls(PixelBounds(**meta["bounds"]), density, meta["thresholds"], meta["info"])
 
 
-def load_gate_for(keras_path: Path) -> tuple[OodGate | None, str]:
-    """The gate stored beside a model file, or None with the reason it is off."""
+def load_gate_for(keras_path: Path, keras_sha256: str | None = None) -> tuple[OodGate | None, str]:
+    """The gate stored beside a model file (whose sha256 the caller may know), or None with the reason it is off."""
     path = keras_path.with_name(GATE_FILE)
     if not path.is_file():
         return None, f"no {GATE_FILE} beside the model: fit one with `python -m pneumonia fit-ood`"
@@ -267,7 +267,7 @@ def load_gate_for(keras_path: Path) -> tuple[OodGate | None, str]:
         gate = OodGate.load(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         return None, f"{path} is unreadable ({type(err).__name__})"
-    if gate.info.get("model_sha256") != file_sha256(keras_path):
+    if gate.info.get("model_sha256") != (keras_sha256 or file_sha256(keras_path)):
         return None, f"{path} was fitted for another model file: fit it again with `python -m pneumonia fit-ood`"
     return gate, "on"
 

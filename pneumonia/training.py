@@ -36,8 +36,10 @@ from pneumonia.evaluation import (
     sigmoid,
     write_metrics,
 )
+from pneumonia.export import export
 from pneumonia.fit_ood import fit_ood, format_gate
-from pneumonia.models import build_model, features_and_logit_model, gradcam_layer_for, normalization_for, resolve_init
+from pneumonia.keras_graphs import features_and_logit_model
+from pneumonia.models import build_model, gradcam_layer_for, normalization_for, resolve_init
 from pneumonia.preprocessing import normalize, normalize_contrast, preprocessing_spec
 from pneumonia.training_config import AUGMENTATIONS, TrainConfig
 
@@ -579,4 +581,5 @@ def train(config: TrainConfig, log=print) -> dict:
     log(f"wrote {out / card.file} and {card_path}")
     log("fitting the out-of-distribution gate")
     log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
+    export(out, log)
     return json.loads(card_path.read_text())

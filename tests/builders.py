@@ -39,6 +39,27 @@ LEARNABLE = {"opacity": 160, "spread": 0.2}
 PATIENT_NAME, PATIENT_ID = "Testpatient^Secretname", "PID-731-SECRET"
 
 
+# --- A reference for the screening pipeline ------------------------------------------------------
+
+
+def screen_one(classifier, source) -> tuple[float | None, object | None]:
+    """One image through the package's primitives, step by step, written apart from
+    `pneumonia.batch_screening` so that tests can compare the pipeline with it:
+    (calibrated probability or None when refused, the gate's verdict or None without a gate)."""
+    from pneumonia.preprocessing import decode_xray, model_input, resize_xray
+
+    xray, stats = decode_xray(source)
+    gate = classifier.gate
+    if gate is not None and (refused := gate.check_pixels(stats)) is not None:
+        return None, refused
+    inputs = model_input(resize_xray(xray, classifier.image_size), classifier.preprocessing)[None]
+    features, logits = classifier.features_and_logits(inputs)
+    verdict = gate.check_features(features[0]) if gate is not None else None
+    if verdict is not None and not verdict.accepted:
+        return None, verdict
+    return float(classifier.calibrated(logits)[0]), verdict
+
+
 # --- Synthetic X-rays and data sets -----------------------------------------------------------
 
 

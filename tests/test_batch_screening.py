@@ -9,9 +9,8 @@ import weakref
 
 import numpy as np
 import pytest
-from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, xray_jpeg
+from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, screen_one, xray_jpeg
 
-from gradcam import GradCam
 from pneumonia import batch_screening
 from pneumonia.batch_screening import BatchScreener, ScreenedImage, csv_text, find_images, overlay_file_name
 from pneumonia.classifier import XrayClassifier
@@ -22,10 +21,7 @@ from pneumonia.progress import ProgressBar
 @pytest.fixture(scope="module")
 def screener(gap_model_dir):
     """The GAP CNN (its logits vary from image to image; the tiny CNN's can be constant), with Grad-CAM."""
-    classifier = XrayClassifier(gap_model_dir)
-    return BatchScreener(
-        classifier, GradCam(classifier.model, classifier.card["gradcam"]["layer"], classifier.image_size)
-    )
+    return BatchScreener(XrayClassifier(gap_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def test_batched_rows_equal_one_image_at_a_time(screener, mixed_folder, chunk_si
     for row, (name, source) in zip(rows, sources):
         if name != files[1]:
             assert row.error is None and row.verdict is None  # no gate: no verdict
-            assert row.probability == pytest.approx(classifier.screen_source(source)[0], abs=1e-5)
+            assert row.probability == pytest.approx(screen_one(classifier, source)[0], abs=1e-5)
             assert row.labels == classifier.labels(row.probability)
             probabilities.append(row.probability)
     assert np.ptp(probabilities) > 0.1  # the model tells these images apart: the comparison means something
@@ -74,7 +70,7 @@ def test_batched_gate_verdicts_equal_one_image_at_a_time(shipped_screener, tmp_p
     ]
     rows = list(shipped_screener.screen(sources, chunk_size=4))
     for row, (_, source) in zip(rows, sources):
-        probability, verdict = shipped_screener.classifier.screen_source(source)
+        probability, verdict = screen_one(shipped_screener.classifier, source)
         assert (row.verdict.verdict, row.verdict.reason) == (verdict.verdict, verdict.reason)
         assert row.verdict.score == pytest.approx(verdict.score, rel=1e-4)
         assert row.probability == pytest.approx(probability, abs=1e-5) if probability is not None else row.refused
@@ -94,9 +90,11 @@ def test_each_chunk_is_one_model_pass_and_one_full_size_image_is_decoded_at_a_ti
         most[0] = max(most[0], len(live))
         return xray, stats
 
-    forward = screener.classifier.compiled_forward()
+    forward = screener.classifier.runtime.forward
     monkeypatch.setattr(batch_screening, "decode_xray", tracked_decode)
-    monkeypatch.setattr(screener.classifier, "_forward", lambda inputs: passes.append(len(inputs)) or forward(inputs))
+    monkeypatch.setattr(
+        screener.classifier.runtime, "forward", lambda inputs: passes.append(len(inputs)) or forward(inputs)
+    )
     rows = list(screener.screen(drawn_xrays(30), chunk_size=8, display_side=64))
     assert passes == [8, 8, 8, 6]
     assert most[0] == 1 and not live
@@ -107,7 +105,7 @@ def test_grad_cam_rows_carry_the_map_and_the_same_probability(screener):
     sources = drawn_xrays(6)
     plain = list(screener.screen(sources, 4))
     explained = list(screener.screen(sources, 4, display_side=100, with_gradcam=True))
-    map_size = screener.gradcam.map_size
+    map_size = screener.classifier.runtime.map_size
     assert any(row.probability is not None for row in explained)
     for row, reference in zip(explained, plain):
         assert row.refused == reference.refused

@@ -13,6 +13,7 @@ from PIL import Image
 
 import gradcam
 from pneumonia.classifier import XrayClassifier
+from pneumonia.keras_graphs import explain_function
 from pneumonia.preprocessing import normalize
 from web.screening import Screener
 
@@ -31,6 +32,12 @@ def _inputs(screener, image: Image.Image) -> np.ndarray:
     size = screener.classifier.image_size
     pixels = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR))
     return normalize(pixels, screener.classifier.preprocessing["normalization"])[None]  # (1, S, S, 3)
+
+
+def _explain(model, layer: str, inputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The explain graph traced from an in-memory Keras model: (logit, cam (h, w), features (d,))."""
+    out = explain_function(model, layer, inputs.shape[1])(inputs)
+    return float(out["logit"][0]), out["cam"].numpy()[0], out["features"].numpy()[0]
 
 
 def _pneumonia_image(seed: int) -> Image.Image:
@@ -82,8 +89,7 @@ def test_a_zero_gradient_model_gives_a_finite_map_and_a_visible_overlay():
     model = build_gap_cnn(32, name="flat")
     logit_layer = model.get_layer("logit")
     logit_layer.set_weights([np.zeros_like(w) for w in logit_layer.get_weights()])  # d logit / d features = 0
-    explainer = gradcam.GradCam(model, "features", 32)
-    logit, cam, _ = explainer.explain(np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32))
+    logit, cam, _ = _explain(model, "features", np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32))
     heat = gradcam.heatmap(cam, for_pneumonia=logit >= 0)
     assert logit == 0 and np.isfinite(heat).all() and not heat.any()
     grey = np.full((40, 60), 128, np.uint8)
@@ -97,19 +103,18 @@ def test_gradients_come_from_the_logit_so_a_saturated_probability_still_explains
 
     model = keras.saving.load_model(gap_model_dir / "model.keras", compile=False)
     inputs = _inputs(Screener(gap_model_dir), _pneumonia_image(3))
-    _, cam, _ = gradcam.GradCam(model, "features", 64).explain(inputs)
+    _, cam, _ = _explain(model, "features", inputs)
     kernel, bias = model.get_layer("logit").get_weights()
     model.get_layer("logit").set_weights([kernel * 1000, bias * 1000])  # sigmoid is exactly 1.0 in float32
     assert float(model(inputs)[0, 0]) == 1.0
-    logit, saturated_cam, _ = gradcam.GradCam(model, "features", 64).explain(inputs)
+    logit, saturated_cam, _ = _explain(model, "features", inputs)
     assert logit > 100
     np.testing.assert_allclose(gradcam.heatmap(saturated_cam, True), gradcam.heatmap(cam, True), atol=1e-4)
 
 
 def test_too_coarse_a_layer_is_refused():
-    model = build_gap_cnn(16)  # "features" is 4x4
     with pytest.raises(ValueError, match="at least 7x7"):
-        gradcam.GradCam(model, "features", 16)
+        gradcam.check_map_size("features", (4, 4))
 
 
 def test_hot_area_lands_on_the_pneumonia_blob(gap_screener):

@@ -17,6 +17,7 @@ from builders import (
     noise_png,
     run_cli,
     sample_photo,
+    screen_one,
     upload,
     xray_jpeg,
 )
@@ -160,7 +161,7 @@ def test_pixel_checks_refuse_before_the_model_whatever_the_model(tiny_model_dir)
         (uniform(255), "blank"),
         (encode_image(Image.new("L", (8, 6000), 90), "PNG"), "shape"),
     ):
-        probability, verdict = classifier.screen_source(data)
+        probability, verdict = screen_one(classifier, data)
         assert probability is None and verdict.reason == reason
 
 
@@ -192,13 +193,13 @@ def shipped(shipped_app):
 def test_shipped_model_accepts_real_xrays_and_refuses_photos_blank_and_noise(shipped):
     assert shipped.gate is not None, shipped.gate_status
     for path in REAL_XRAYS:
-        probability, verdict = shipped.screen_source(path)
+        probability, verdict = screen_one(shipped, path)
         assert probability is not None and verdict.accepted
     for data in (sample_photo("flower.jpg"), sample_photo("china.jpg"), uniform(0), uniform(255), noise_png()):
-        probability, verdict = shipped.screen_source(data)
+        probability, verdict = screen_one(shipped, data)
         assert probability is None and not verdict.accepted
     grey_flower = encode_image(Image.open(io.BytesIO(sample_photo("flower.jpg"))).convert("L"), "PNG")
-    assert shipped.screen_source(grey_flower)[1].reason == "features"
+    assert screen_one(shipped, grey_flower)[1].reason == "features"
 
 
 @pytest.mark.skipif(not SHARED_SAMPLES.is_dir(), reason="needs the full-size sample X-rays in ../shared/samples")
@@ -206,7 +207,7 @@ def test_shipped_model_accepts_every_sample_xray(shipped):
     files = sorted(p for p in SHARED_SAMPLES.glob("*/*/*") if p.is_file())
     assert files
     for path in files:
-        probability, verdict = shipped.screen_source(path)
+        probability, verdict = screen_one(shipped, path)
         assert probability is not None and verdict.accepted, (path.name, verdict)
 
 

@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULTS = {
     "MODEL_PATH": str(SHIPPED_MODEL_DIR),
+    "RUNTIME": None,  # "onnx" or "keras"; None: onnx when the model's export is current (pneumonia/runtime.py)
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # 413 above this
     "MAX_FORM_PARTS": 16,  # the forms' fields besides the files (a batch adds BATCH_MAX_FILES parts)
     # Several files in one request (web/batch.py): at most this many, screened this many at a time

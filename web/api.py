@@ -78,4 +78,5 @@ def healthz():
         gradcam_layer=screener.gradcam.layer,
         gradcam_map_size=list(screener.gradcam.map_size),
         ood_gate="on" if screener.classifier.gate else f"off: {screener.classifier.gate_status}",
+        serving=screener.classifier.serving(),
     )

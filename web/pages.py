@@ -99,6 +99,7 @@ def model_card():
         plots=plots,
         ood=gate.summary() if gate else None,
         gate_status=screener.classifier.gate_status,
+        serving=screener.classifier.serving(),
     )
 
 

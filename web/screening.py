@@ -1,9 +1,9 @@
 """The model as the web app uses it: one upload -> probability, labels and Grad-CAM images.
 
-Decoding and preprocessing are the package's `decode_xray`, `resize_xray` and `model_input`
-(`preprocess` split in two so the decoded X-ray is also used for display). The model's gate
-(`pneumonia.ood`) refuses what is not a chest X-ray: pixel checks before the model pass, the
-feature distance from the same pass that gives the logit and Grad-CAM.
+One upload is a chunk of one through the package's screening pipeline
+(`pneumonia.batch_screening`), the same as many uploads and `predict`: decoding, the gate's pixel
+checks, the model square, one explain pass (logit, Grad-CAM and the features the gate scores),
+calibration and labels. This module adds the encoded images and the web's exceptions.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from gradcam import GradCam, display_image, heatmap, overlay
+from gradcam import check_map_size, overlay
 from pneumonia.batch_screening import BatchScreener, ScreenedImage
 from pneumonia.classifier import ModelLoadError, XrayClassifier
-from pneumonia.dataset import PNEUMONIA
-from pneumonia.models import gradcam_layer_for
+from pneumonia.errors import XrayReadError
 from pneumonia.ood import OutOfDistribution, Verdict
-from pneumonia.preprocessing import decode_xray, model_input, resize_xray
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -50,28 +48,15 @@ class Screening:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
-class _Stopwatch:
-    def __init__(self):
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round((now - self._last) * 1000, 2)
-        self._last = now
-
-
 class Screener:
-    """Loaded once per process. Every call works on its own arrays and the Grad-CAM function
-    is a read-only concrete function, so one Screener serves all of a worker's threads."""
+    """Loaded once per process. Every call works on its own arrays and the runtime's graphs are
+    read-only, so one Screener serves all of a worker's threads."""
 
-    def __init__(self, model_path: str | Path, overlay_alpha: float = 0.5):
-        self.classifier = XrayClassifier(model_path)
-        card = self.classifier.card
-        # Cards written by `train` name the layer; for others, the same rule `train` uses.
-        layer = card.get("gradcam", {}).get("layer") or gradcam_layer_for(self.classifier.model)
-        self.gradcam = GradCam(self.classifier.model, layer, self.classifier.image_size)
-        self.batch = BatchScreener(self.classifier, self.gradcam)  # several uploads: web/batch.py
+    def __init__(self, model_path: str | Path, overlay_alpha: float = 0.5, runtime: str | None = None):
+        self.classifier = XrayClassifier(model_path, runtime)
+        self.gradcam = self.classifier.runtime  # .layer, .map_size
+        check_map_size(self.gradcam.layer, self.gradcam.map_size)
+        self.batch = BatchScreener(self.classifier)
         self.overlay_alpha = overlay_alpha
 
     @property
@@ -88,33 +73,29 @@ class Screener:
         """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
         (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
         OutOfDistribution for what the gate refuses."""
-        watch = _Stopwatch()
-        xray, stats = decode_xray(data)  # PIL "L", own size; what the pixel checks measure
-        gate = self.classifier.gate
-        refused = gate.check_pixels(stats) if gate is not None else None
-        if refused is not None:
-            raise OutOfDistribution(refused)
-        watch.lap("decode")
-        pixels = resize_xray(xray, self.classifier.image_size)  # uint8 (S, S)
-        inputs = model_input(pixels, self.classifier.preprocessing)[None]  # (1, S, S, 3)
-        watch.lap("preprocess")
-        logit, cam, features = self.gradcam.explain(inputs)  # one pass: logit, signed cam (h, w), features (d,)
-        verdict = gate.check_features(features) if gate is not None else None
-        if verdict is not None and not verdict.accepted:
-            raise OutOfDistribution(verdict)
-        probability = float(self.classifier.calibrated(logit))
-        labels = self.classifier.labels(probability)
-        target = labels["default"]
-        heat = heatmap(cam, for_pneumonia=target == PNEUMONIA)  # (h, w) in [0, 1]
-        watch.lap("model_gradcam")
-        result = Screening(probability, labels, target, localised=bool(heat.max() > 0), ood=verdict)
+        [row] = self.batch.screen_chunk(
+            [("the upload", data)], display_side=max_side if overlay_format else None, with_gradcam=True
+        )
+        if row.probability is None:
+            if row.refused:
+                raise OutOfDistribution(row.verdict)
+            if row.unexpected:
+                raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
+            raise XrayReadError(row.error)
+        result = Screening(
+            row.probability,
+            row.labels,
+            row.labels["default"],
+            localised=bool(row.heat.max() > 0),
+            ood=row.verdict,
+            timing_ms=row.timing_ms,
+        )
         if overlay_format:
-            grey = display_image(xray, max_side)  # (H', W'), the X-ray's aspect ratio
-            result.overlay = _encode(overlay(grey, heat, self.overlay_alpha), overlay_format)
+            started = time.perf_counter()
+            result.overlay = _encode(overlay(row.display, row.heat, self.overlay_alpha), overlay_format)
             if with_original:
-                result.original = _encode(grey, ".jpg")
-            watch.lap("overlay_encode")
-        result.timing_ms = watch.laps
+                result.original = _encode(row.display, ".jpg")
+            result.timing_ms["overlay_encode"] = round((time.perf_counter() - started) * 1000, 2)
         return result
 
     def batch_images(
@@ -169,7 +150,7 @@ def load_screener(app) -> None:
     path = app.config["MODEL_PATH"]
     screener, error = None, None
     try:
-        screener = Screener(path, app.config["OVERLAY_ALPHA"])
+        screener = Screener(path, app.config["OVERLAY_ALPHA"], app.config.get("RUNTIME"))
     except ModelLoadError as err:
         error = str(err)
     except Exception as err:  # a card missing keys, a model without a "logit" layer, ...
@@ -180,9 +161,10 @@ def load_screener(app) -> None:
         app.logger.error("MODEL NOT LOADED, predictions will answer 503: %s", error)
     else:
         app.logger.info(
-            "Model %s loaded from %s; Grad-CAM layer %s (%dx%d)",
+            "Model %s loaded from %s on the %s runtime; Grad-CAM layer %s (%dx%d)",
             screener.classifier.name,
             path,
+            screener.classifier.runtime.name,
             screener.gradcam.layer,
             *screener.gradcam.map_size,
         )
