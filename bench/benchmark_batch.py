@@ -6,10 +6,9 @@
 Files: the full-size JPEGs of ../shared/samples (Kaggle originals, 0.06 to 7.3 megapixels),
 repeated to --files; without them, synthetic 2000x1600 JPEGs. Modes, all on the same files:
 
-- one at a time: Keras' eager call of the model per file (what `predict` ran before batching and
-  the compiled pass); and BatchScreener with chunks of 1 (the compiled pass, no batching), on the
-  first --single files;
-- batched: BatchScreener with chunks of 8, 16 and 32, on all files;
+- one at a time: BatchScreener with chunks of 1 (no batching), on the first --single files;
+- batched: BatchScreener with chunks of 8, 16 and 32, on all files, on the runtime the model loads
+  with (PNEUMONIA_RUNTIME, --runtime) and, where TensorFlow is installed, on the keras runtime too;
 - memory: the peak resident set (RSS, sampled every 2 ms in a thread) above the RSS just before,
   while a batch of all files is screened, against decoding all of them first (what a batch that
   held every decoded image would take); and the same for POST /api/predict/batch and the page's
@@ -106,35 +105,37 @@ def timed(run, images: int) -> dict:
     return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 2)}
 
 
-def load_batch(model: str, warm_up: list[tuple[str, Path]], chunk: int):
+def load_batch(model: str, warm_up: list[tuple[str, Path]], chunk: int, runtime: str | None = None):
     from pneumonia.batch_screening import BatchScreener
     from pneumonia.classifier import XrayClassifier
+    from pneumonia.cli import PREDICT_THREADS
 
-    batch = BatchScreener(XrayClassifier(model))
-    list(batch.screen(warm_up, chunk))  # TensorFlow's buffers for a chunk: there whatever the number of files
+    batch = BatchScreener(XrayClassifier(model, runtime, threads=PREDICT_THREADS))  # as `predict` loads it
+    list(batch.screen(warm_up, chunk))  # the runtime's buffers for a chunk: there whatever the number of files
     return batch
 
 
-def eager_probability(classifier, path: Path) -> float:
-    """One file through Keras' eager model call, as `predict` screened before it was batched."""
-    from pneumonia.preprocessing import preprocess
-
-    _, logit = classifier.feature_model(preprocess(path, classifier.preprocessing)[None], training=False)
-    return float(classifier.calibrated(np.asarray(logit).reshape(-1))[0])
-
-
-def throughput(model: str, files: list[Path], single: int) -> dict:
+def throughput(model: str, files: list[Path], single: int, runtime: str | None) -> dict:
     sources = [(str(path), path) for path in files]
-    batch = load_batch(model, sources[:32], 32)
-    results = {
+    batch = load_batch(model, sources[:32], 32, runtime)
+    results = {"runtime": batch.classifier.runtime.name}
+    results |= {
         f"batched_{chunk}": timed(lambda chunk=chunk: list(batch.screen(sources, chunk)), len(files))
         for chunk in (8, 16, 32)
     }
-    results["one_at_a_time_compiled"] = timed(lambda: list(batch.screen(sources[:single], 1)), single)
-    results["one_at_a_time_eager"] = timed(
-        lambda: [eager_probability(batch.classifier, p) for p in files[:single]], single
-    )
+    results["one_at_a_time"] = timed(lambda: list(batch.screen(sources[:single], 1)), single)
     return results
+
+
+def keras_throughput(model: str, files: list[Path]) -> dict:
+    """batched_16 on the keras runtime (TensorFlow), for comparison; skipped without TensorFlow."""
+    try:
+        import keras  # noqa: F401
+    except ImportError:
+        return {"skipped": "TensorFlow is not installed"}
+    sources = [(str(path), path) for path in files]
+    batch = load_batch(model, sources[:16], 16, "keras")
+    return {"batched_16": timed(lambda: list(batch.screen(sources, 16)), len(files))}
 
 
 def memory_batch(model: str, files: list[Path]) -> dict:
@@ -184,7 +185,8 @@ def memory_web(model: str, files: list[Path], url: str) -> dict:
 
 
 MODES = {
-    "throughput": lambda args, files: throughput(args.model, files, min(args.single, len(files))),
+    "throughput": lambda args, files: throughput(args.model, files, min(args.single, len(files)), args.runtime),
+    "throughput_keras": lambda args, files: keras_throughput(args.model, files),
     "memory_batch": lambda args, files: memory_batch(args.model, files),
     "memory_decode_all": lambda args, files: memory_decode_all(args.model, files),
     "memory_api": lambda args, files: memory_web(args.model, files, "/api/predict/batch"),
@@ -215,6 +217,7 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=25, help="files for the one-at-a-time modes")
     parser.add_argument("--out", default=str(REPO / "bench-results"))
     parser.add_argument("--mode", choices=MODES, help="run one mode and print its JSON (default: all, each apart)")
+    parser.add_argument("--runtime", choices=("onnx", "keras"), help="what runs the model (default: as the app picks)")
     args = parser.parse_args()
     malloc_as_deployed()
     files = sample_files(args.files, Path(args.out) / "batch-synthetic")

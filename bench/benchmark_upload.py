@@ -104,13 +104,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_gunicorn(model: str, workers: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_gunicorn(model: str, workers: int, threads: int, extra_env: dict | None = None):
+    """(gunicorn process, its URL) on loopback, as the Procfile starts it."""
     port = free_port()
     env = {
         **os.environ,
         "PNEUMONIA_MODEL_PATH": str(Path(model).resolve()),
         "WEB_CONCURRENCY": str(workers),
         "GUNICORN_THREADS": str(threads),
+        **(extra_env or {}),
     }
     server = subprocess.Popen(
         [
@@ -167,6 +169,24 @@ def post(session, url: str, data: bytes) -> tuple[float, dict]:
     return elapsed, response.json()
 
 
+def speedup(naive: dict, fast: dict, stage: str) -> float | None:
+    return round(naive["total"]["p50"] / fast[stage]["p50"], 2) if naive else None
+
+
+def naive_path(keras_path, layer: str, data: bytes, preprocessing: dict, repeats: int) -> dict:
+    """The keras.io path's stages in this process (p50, p95), or {} with --naive-repeats 0."""
+    if not repeats:
+        return {}
+    import keras
+
+    # keras.io's example calls the model with a bare array; Keras 3 warns on every call.
+    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+    model = keras.saving.load_model(keras_path, compile=False)
+    naive_keras_io(model, layer, data, preprocessing)  # warm-up
+    runs = [naive_keras_io(model, layer, data, preprocessing) for _ in range(repeats)]
+    return {stage: percentiles([r[stage] for r in runs]) for stage in runs[0]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"), help="model directory (default model/)")
@@ -182,13 +202,17 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=160, help="uploads in the throughput run")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn WEB_CONCURRENCY")
     parser.add_argument("--threads", type=int, default=4, help="gunicorn GUNICORN_THREADS")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the server (PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RUNTIME_THREADS, PNEUMONIA_RUNTIME, ...)",
+    )
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.env)
 
-    import keras
     import requests
-
-    # keras.io's example calls the model with a bare array; Keras 3 warns on every call.
-    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
 
     from pneumonia.classifier import ModelLoadError, find_card
 
@@ -203,23 +227,19 @@ def main() -> int:
     width, height = Image.open(io.BytesIO(data)).size
     print(f"model {card.get('name')} ({keras_path}), image {image_name}: {width}x{height}, {len(data) / 1e6:.2f} MB")
 
-    # Naive keras.io path, in this process.
-    model = keras.saving.load_model(keras_path, compile=False)
     layer = card["gradcam"]["layer"]
-    naive_keras_io(model, layer, data, card["preprocessing"])  # warm-up
-    naive_runs = [naive_keras_io(model, layer, data, card["preprocessing"]) for _ in range(args.naive_repeats)]
-    naive = {stage: percentiles([r[stage] for r in naive_runs]) for stage in naive_runs[0]}
-    del model
+    naive = naive_path(keras_path, layer, data, card["preprocessing"], args.naive_repeats)
 
     # The app under gunicorn: sequential uploads, then concurrent clients.
-    server, url = start_gunicorn(args.model, args.workers, args.threads)
+    started = time.time()
+    server, url = start_gunicorn(args.model, args.workers, args.threads, extra_env)
     try:
         session = requests.Session()
-        started = time.time()
         wait_ready(server, args.workers)
         startup_s = time.time() - started
         for _ in range(3):
             post(session, url, data)
+        idle_rss = [rss_mib(pid) for pid in worker_pids(server)]
         sequential = [post(session, url, data) for _ in range(args.repeats)]
         client_ms = [elapsed for elapsed, _ in sequential]
         server_ms = [body["timing_ms"] for _, body in sequential]
@@ -260,8 +280,8 @@ def main() -> int:
         },
         "fast_path_http_ms": fast,
         "naive_keras_io_in_process_ms": naive,
-        "speedup_end_to_end_vs_naive_p50": round(naive["total"]["p50"] / fast["end_to_end"]["p50"], 2),
-        "speedup_server_vs_naive_p50": round(naive["total"]["p50"] / fast["total"]["p50"], 2),
+        "speedup_end_to_end_vs_naive_p50": speedup(naive, fast, "end_to_end"),
+        "speedup_server_vs_naive_p50": speedup(naive, fast, "total"),
         "throughput": {
             "clients": args.clients,
             "requests": len(loaded),
@@ -270,6 +290,8 @@ def main() -> int:
             "requests_per_s": round(len(loaded) / wall, 2),
             "latency_ms": percentiles(loaded),
         },
+        "server_env": extra_env,
+        "rss_mib_per_worker_idle": idle_rss,
         "rss_mib_per_worker": list(rss.values()),
         "gunicorn_startup_s": round(startup_s, 1),
         "load_average_after": os.getloadavg(),
@@ -302,13 +324,15 @@ def print_table(results: dict) -> None:
             f"{n.get('p50', float('nan')):>11.1f}{n.get('p95', float('nan')):>11.1f}"
         )
     t = results["throughput"]
-    print(f"\nnaive (in process, no HTTP) / fast end to end, p50: {results['speedup_end_to_end_vs_naive_p50']}x")
+    if naive:
+        print(f"\nnaive (in process, no HTTP) / fast end to end, p50: {results['speedup_end_to_end_vs_naive_p50']}x")
     print(
         f"{t['clients']} clients, {t['requests']} uploads, {t['workers']} worker(s) x {t['threads']} threads: "
         f"{t['requests_per_s']} requests/s, latency p50 {t['latency_ms']['p50']} ms, p95 {t['latency_ms']['p95']} ms"
     )
     print(
-        f"RSS per worker (MiB): {results['rss_mib_per_worker']}; load average before: "
+        f"RSS per worker (MiB): idle {results['rss_mib_per_worker_idle']}, after the clients "
+        f"{results['rss_mib_per_worker']}; ready {results['gunicorn_startup_s']} s after start; load average before: "
         f"{results['machine']['load_average_before'][0]:.2f} on {results['machine']['cpus']} CPUs"
     )
 

@@ -23,14 +23,31 @@ soak   the flood for M minutes, sampling the worker's RSS every 10 s: the curve,
 
 Settings of the server come from the environment as in production (GUNICORN_THREADS,
 PNEUMONIA_MODEL_SLOTS, PNEUMONIA_BODY_TIMEOUT, ...); --env NAME=VALUE adds some for one run.
+
+--memory-limit MIB (any scenario) runs gunicorn, master and workers, inside a fresh memory cgroup
+(v1) of MIB MiB, swap included, as a PaaS dyno does; the Heroku-dyno scenario (512 MB, and the
+flood's mix of real, junk and oversize uploads) is
+
+    .venv/bin/python -m bench.load_test flood --memory-limit 512 --seconds 600
+
+It adds the cgroup's peak (memory.max_usage_in_bytes: page cache charged to it included, which the
+kernel reclaims before it kills), the peak of its anonymous memory (sampled every 0.5 s), failcnt
+(times usage met the limit), the kernel's OOM kills in it and the workers gunicorn logs as killed.
+Page cache already charged elsewhere (files read before the run) is not charged again, so a fresh
+dyno counts somewhat more. On Heroku the Python buildpack sets WEB_CONCURRENCY=2 on a 512 MB dyno
+unless the app sets it: --env WEB_CONCURRENCY=2 is that case. Without root or a cgroup v1 memory
+controller the scenario is skipped (exit 0, "skipped" in the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -54,15 +71,96 @@ MAX_SECONDS = 3600
 CLIENT_TIMEOUT_S = 60  # a real upload not answered in this long counts as a client timeout
 JUNK_BYTES = 19 * 1024 * 1024
 OVERSIZE_BYTES = 21 * 1024 * 1024  # over the default 20 MB limit
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+# gunicorn's line when a worker dies of a signal; SIGTERM is its own graceful shutdown. SIGKILL
+# (the kernel's OOM killer) reads "... was sent SIGKILL! Perhaps out of memory?", SIGABRT a timeout.
+WORKER_KILLED = re.compile(r"Worker \(pid:\d+\) was sent (?!SIGTERM)")
+
+
+# --- the memory limit ---------------------------------------------------------------------
+
+
+class CgroupUnavailable(Exception):
+    """This machine does not let this process make a memory cgroup (v1)."""
+
+
+class MemoryCgroup:
+    """A fresh memory cgroup (v1) of `limit_mib` MiB, swap included where the kernel accounts it;
+    samples its anonymous memory every 0.5 s from creation until `remove`."""
+
+    def __init__(self, limit_mib: int):
+        if not (CGROUP_V1_MEMORY / "memory.limit_in_bytes").is_file():
+            raise CgroupUnavailable(f"no cgroup v1 memory controller at {CGROUP_V1_MEMORY}")
+        if os.geteuid() != 0:
+            raise CgroupUnavailable("making a memory cgroup needs root")
+        self.limit_mib = limit_mib
+        self.path = CGROUP_V1_MEMORY / f"pneumonia_load_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        try:
+            self.path.mkdir()
+            # The memory limit first: the kernel refuses a memory+swap limit below it.
+            for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
+                if (self.path / name).exists():
+                    (self.path / name).write_text(str(limit_mib * 1024 * 1024))
+        except OSError as err:
+            self.remove()
+            raise CgroupUnavailable(f"cannot make {self.path}: {err}") from err
+        self.peak_rss = 0
+        self.stop_sampling = threading.Event()
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    def wrap(self, command: list[str]) -> list[str]:
+        """`command` run by a shell that joins the cgroup and then execs it: the same PID, and
+        nothing of it (its children inherit the cgroup) ever runs outside."""
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *command]
+
+    def read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def stat(self, key: str) -> int:
+        return int(re.search(rf"^{key} (\d+)$", self.read("memory.stat"), re.M).group(1))
+
+    def sample(self) -> None:
+        while not self.stop_sampling.wait(0.5):
+            try:
+                self.peak_rss = max(self.peak_rss, self.stat("total_rss"))
+            except OSError:
+                return  # removed
+
+    def figures(self) -> dict:
+        return {
+            "limit_mib": self.limit_mib,
+            "peak_mib": round(int(self.read("memory.max_usage_in_bytes")) / 2**20, 1),
+            "peak_rss_mib_sampled": round(self.peak_rss / 2**20, 1),
+            "failcnt": int(self.read("memory.failcnt")),
+            "oom_kills": int(re.search(r"^oom_kill (\d+)$", self.read("memory.oom_control"), re.M).group(1)),
+        }
+
+    def remove(self) -> None:
+        """Removes the cgroup once the processes in it are gone (after 10 s, kills those left)."""
+        if hasattr(self, "stop_sampling"):
+            self.stop_sampling.set()
+        deadline = time.monotonic() + 10
+        while self.path.exists():
+            pids = [int(pid) for pid in self.read("cgroup.procs").split()]
+            if not pids:
+                self.path.rmdir()
+                return
+            if time.monotonic() > deadline:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
 
 
 # --- the server -------------------------------------------------------------------------
 
 
 class Server:
-    """`gunicorn app:app` as the Procfile starts it, on a free loopback port; logs to a file."""
+    """`gunicorn app:app` as the Procfile starts it, on a free loopback port; logs to a file. In
+    `cgroup` when given, which `stop` removes."""
 
-    def __init__(self, model: str | None, extra_env: dict[str, str]):
+    def __init__(self, model: str | None, extra_env: dict[str, str], cgroup: MemoryCgroup | None = None):
+        self.cgroup = cgroup
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PORT": str(self.port), **extra_env}
@@ -73,6 +171,8 @@ class Server:
         # gunicorn.conf.py binds all interfaces; the command line narrows it to loopback.
         command += ["app:app", "--bind", f"127.0.0.1:{self.port}"]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="load_test_gunicorn_", suffix=".log", delete=False)
+        if cgroup:
+            command = cgroup.wrap(command)
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
 
     def wait_ready(self, timeout_s: float = 240) -> float:
@@ -92,9 +192,15 @@ class Server:
         pids = worker_pids(self.process)
         return rss_mib(pids[0]) if pids else float("nan")
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_text(self) -> str:
         self.log.flush()
-        return "".join(Path(self.log.name).read_text(errors="replace").splitlines(True)[-lines:])
+        return Path(self.log.name).read_text(errors="replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "".join(self.log_text().splitlines(True)[-lines:])
+
+    def workers_killed(self) -> int:
+        return len(WORKER_KILLED.findall(self.log_text()))
 
     def stop(self) -> None:
         self.process.terminate()
@@ -105,6 +211,8 @@ class Server:
             self.process.wait(10)
         self.log.close()
         os.unlink(self.log.name)
+        if self.cgroup:
+            self.cgroup.remove()
 
 
 # --- bodies and clients -------------------------------------------------------------------
@@ -295,6 +403,7 @@ def flood(
         "statuses": dict(statuses),
         "by_kind": {k: dict(v) for k, v in by_kind.items()},
         "server_errors_5xx_other_than_503": sum(n for s, n in statuses.items() if s.startswith("5") and s != "503"),
+        "503_without_retry_after": sum(1 for r in results if r["status"] == 503 and not r["retry_after"]),
         "client_timeouts": statuses.get("timeout", 0),
         "connection_errors": statuses.get("connection error", 0),
         "good_uploads_per_s": round(len(real_ok) / wall, 2),
@@ -338,6 +447,13 @@ def run_soak(server: Server, args, image: bytes) -> dict:
 
 
 def report(scenario: str, result: dict) -> None:
+    if "memory" in result:
+        m = result["memory"]
+        print(
+            f"memory limit {m['limit_mib']} MiB: peak {m['peak_mib']} MiB (page cache included), anonymous "
+            f"{m['peak_rss_mib_sampled']} MiB (sampled); failcnt {m['failcnt']}; OOM kills {m['oom_kills']}; "
+            f"workers killed {m['workers_killed']}"
+        )
     if scenario == "slow":
         h, p, u, s = result["healthz"], result["pages"], result["real_upload"], result["slow_clients"]
         print(f"/healthz: {h['statuses']}; ms p50 {h['ms']['p50']} p99 {h['ms']['p99']} max {h['ms']['max']}")
@@ -360,7 +476,10 @@ def report(scenario: str, result: dict) -> None:
         f"client timeouts {result['client_timeouts']}; connection errors {result['connection_errors']}"
     )
     if result["retry_after_s"]:
-        print(f"Retry-After values (s: count): {result['retry_after_s']}")
+        print(
+            f"Retry-After values (s: count): {result['retry_after_s']}; "
+            f"503 without Retry-After: {result['503_without_retry_after']}"
+        )
     if "rss_mib" in result:
         print(f"worker RSS MiB: {result['rss_mib']['before']} -> {result['rss_mib']['after']}")
     if "rss_last_half" in result:
@@ -390,6 +509,9 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="server setting for this run, e.g. GUNICORN_THREADS=4",
     )
+    parser.add_argument(
+        "--memory-limit", type=int, metavar="MIB", help="run gunicorn in a memory cgroup of MIB MiB (e.g. 512)"
+    )
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -398,8 +520,17 @@ def main() -> int:
         parser.error(f"runs are bounded to {MAX_SECONDS} s")
     extra_env = dict(item.split("=", 1) for item in args.env)
 
+    cgroup = None
+    if args.memory_limit:
+        try:
+            cgroup = MemoryCgroup(args.memory_limit)
+        except CgroupUnavailable as err:
+            print(f"skipped: --memory-limit {args.memory_limit}: {err}")
+            skipped = {"scenario": args.scenario, "memory_limit_mib": args.memory_limit, "skipped": str(err)}
+            write_json(args.out, skipped)
+            return 0
     image, image_name = pick_image(args.image)
-    server = Server(args.model, extra_env)
+    server = Server(args.model, extra_env, cgroup)
     try:
         startup_s = server.wait_ready()
         settings = {
@@ -423,6 +554,8 @@ def main() -> int:
         load_before = os.getloadavg()
         run = {"slow": run_slow, "flood": run_flood, "soak": run_soak}[args.scenario]
         result = run(server, args, image)
+        if cgroup:  # before stop: it removes the cgroup and the log
+            result["memory"] = {**cgroup.figures(), "workers_killed": server.workers_killed()}
     finally:
         server.stop()
     result = {
@@ -439,11 +572,15 @@ def main() -> int:
         f"load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f} "
         f"on {os.cpu_count()} CPUs"
     )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

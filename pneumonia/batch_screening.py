@@ -155,7 +155,7 @@ class BatchScreener:
         row = ScreenedImage(name)
         started = time.perf_counter()
         try:
-            xray, stats = decode_xray(source)
+            xray, stats = decode_xray(source, self.classifier.image_size)
         except XrayReadError as err:
             row.error = str(err)
             return row, None

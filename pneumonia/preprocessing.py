@@ -7,6 +7,12 @@ time is what it saw in training.
     bytes | path ──load_xray──> PIL "L" image ──resize──> uint8 (H, W)
         ──model_input: normalize_contrast, normalize──> float32 (H, W, 3)
 
+A large JPEG is decoded only as large as needed (`decode_xray`'s `model_side`): at the smallest
+of libjpeg's DCT scales (1/2, 1/4, 1/8) that leaves both sides at least DRAFT_MARGIN times the
+model's square and at least DRAFT_MIN_SIDE. The scale depends on the image and the model only, never on what else is asked
+for (a display copy is made from the same decoded image), and `xray_pixels` decodes so for
+training and evaluation too: every path gives the model the same square for the same bytes.
+
 The training cache stores the uint8 (H, W) arrays of `xray_pixels`; training applies the
 card's contrast normalisation to them, augments, then `normalize`s.
 """
@@ -43,6 +49,13 @@ ACCEPTED_TYPES = "JPEG, PNG, BMP, TIFF or DICOM"
 # A 2,900 px X-ray is ~8 Mpx; 60 Mpx leaves headroom for large scanners while refusing
 # decompression bombs (a tiny PNG that claims 100k x 100k pixels) before decoding.
 MAX_IMAGE_PIXELS = 60_000_000
+
+# A JPEG decoded at a DCT scale keeps at least DRAFT_MARGIN pixels per model pixel along each side,
+# so the antialiased resize to the square still averages over several decoded pixels, and at least
+# DRAFT_MIN_SIDE on its short side, so the display copy made from the same decoded image stays sharp
+# on the result page. `python -m bench.draft_decoding` measures what it changes.
+DRAFT_MARGIN = 4
+DRAFT_MIN_SIDE = 512
 
 # keras.applications.densenet.preprocess_input ("torch" mode): what ImageNet weights expect.
 IMAGENET_NORMALIZATION = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -143,15 +156,32 @@ def _dicom_bytes(source: Source) -> bytes | None:
     return None
 
 
-def decode_xray(source: Source) -> tuple[Image.Image, PixelStats]:
-    """Decodes bytes or a file (JPEG, PNG, BMP, TIFF or DICOM) into an upright 8-bit
-    greyscale image at its own size, and what the gate's pixel checks measure: the colour
-    before the greyscale conversion, the size and the grey-level spread after it."""
+def _draft(image: Image.Image, model_side: int | None) -> None:
+    """A JPEG not yet decoded: ask libjpeg for the smallest DCT scale that leaves both sides at least
+    DRAFT_MARGIN x model_side and DRAFT_MIN_SIDE (none when model_side is None)."""
+    if image.format != "JPEG" or model_side is None:
+        return
+    width, height = image.size
+    least = max(DRAFT_MARGIN * model_side, DRAFT_MIN_SIDE)
+    for scale in (8, 4, 2):
+        if min(width, height) // scale >= least:
+            image.draft(image.mode, (width // scale, height // scale))
+            return
+
+
+def decode_xray(source: Source, model_side: int | None = None) -> tuple[Image.Image, PixelStats]:
+    """Decodes bytes or a file (JPEG, PNG, BMP, TIFF or DICOM) into an upright 8-bit greyscale image,
+    and what the gate's pixel checks measure: the size as stored, the colour before the greyscale
+    conversion and the grey-level spread after it. With `model_side`, a large JPEG is decoded at a
+    reduced DCT scale (`_draft`); otherwise at its own size."""
     dicom = _dicom_bytes(source)
     if dicom is not None:
         image, chroma = dicom_to_image(dicom, MAX_IMAGE_PIXELS), 0.0
+        stored_size = image.size
     else:
         opened = _open_image(source)
+        stored_size = opened.size
+        _draft(opened, model_side)
         try:
             upright = ImageOps.exif_transpose(opened)
             chroma = mean_chroma(upright)
@@ -164,12 +194,13 @@ def decode_xray(source: Source) -> tuple[Image.Image, PixelStats]:
             raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
         if image is not opened:
             opened.close()
-    return image, PixelStats(image.width, image.height, chroma, grey_spread(image))
+    # The pixel checks read the pixel count and the aspect ratio: the same whichever way up.
+    return image, PixelStats(*stored_size, chroma, grey_spread(image))
 
 
-def load_xray(source: Source) -> Image.Image:
+def load_xray(source: Source, model_side: int | None = None) -> Image.Image:
     """The upright 8-bit greyscale image of `decode_xray`."""
-    return decode_xray(source)[0]
+    return decode_xray(source, model_side)[0]
 
 
 def resize_xray(image: Image.Image, image_size: int) -> np.ndarray:
@@ -180,7 +211,7 @@ def resize_xray(image: Image.Image, image_size: int) -> np.ndarray:
 
 def xray_pixels(source: Source, image_size: int) -> np.ndarray:
     """bytes or path -> uint8 (image_size, image_size). What the training cache stores."""
-    return resize_xray(load_xray(source), image_size)
+    return resize_xray(load_xray(source, image_size), image_size)
 
 
 def normalize_contrast(pixels: np.ndarray, contrast: str) -> np.ndarray:

@@ -48,7 +48,7 @@ def screen_one(classifier, source) -> tuple[float | None, object | None]:
     (calibrated probability or None when refused, the gate's verdict or None without a gate)."""
     from pneumonia.preprocessing import decode_xray, model_input, resize_xray
 
-    xray, stats = decode_xray(source)
+    xray, stats = decode_xray(source, classifier.image_size)
     gate = classifier.gate
     if gate is not None and (refused := gate.check_pixels(stats)) is not None:
         return None, refused

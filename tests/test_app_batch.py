@@ -153,8 +153,8 @@ def test_a_100_file_request_decodes_one_full_size_image_at_a_time(client, monkey
     live, most = set(), [0]
     decode = batch_screening.decode_xray
 
-    def tracked_decode(source):
-        xray, stats = decode(source)
+    def tracked_decode(source, model_side=None):
+        xray, stats = decode(source, model_side)
         live.add(id(xray))
         weakref.finalize(xray, live.discard, id(xray))
         most[0] = max(most[0], len(live))

@@ -82,8 +82,8 @@ def test_each_chunk_is_one_model_pass_and_one_full_size_image_is_decoded_at_a_ti
     live, most, passes = set(), [0], []
     decode = batch_screening.decode_xray
 
-    def tracked_decode(source):
-        xray, stats = decode(source)
+    def tracked_decode(source, model_side=None):
+        xray, stats = decode(source, model_side)
         key = id(xray)
         live.add(key)
         weakref.finalize(xray, live.discard, key)
@@ -121,10 +121,10 @@ def test_a_decoder_failure_is_a_row_not_the_end_of_the_run(screener, monkeypatch
     decode = batch_screening.decode_xray
     secret = "Testpatient^" + "Secretname"  # an unexpected message could quote the file
 
-    def failing(source):
+    def failing(source, model_side=None):
         if source == b"boom":
             raise RuntimeError(secret)
-        return decode(source)
+        return decode(source, model_side)
 
     monkeypatch.setattr(batch_screening, "decode_xray", failing)
     rows = list(screener.screen([("a", xray_jpeg()), ("b", b"boom"), ("c", xray_jpeg(seed=5))], 8))
