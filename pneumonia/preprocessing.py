@@ -9,9 +9,10 @@ time is what it saw in training.
 
 A large JPEG is decoded only as large as needed (`decode_xray`'s `model_side`): at the smallest
 of libjpeg's DCT scales (1/2, 1/4, 1/8) that leaves both sides at least DRAFT_MARGIN times the
-model's square and at least DRAFT_MIN_SIDE. The scale depends on the image and the model only, never on what else is asked
-for (a display copy is made from the same decoded image), and `xray_pixels` decodes so for
-training and evaluation too: every path gives the model the same square for the same bytes.
+model's square and at least DRAFT_MIN_SIDE. The scale depends on the image and the model only,
+never on what else is asked for (a display copy is made from the same decoded image), and
+`xray_pixels` decodes so for training and evaluation too: every path gives the model the same
+square for the same bytes.
 
 The training cache stores the uint8 (H, W) arrays of `xray_pixels`; training applies the
 card's contrast normalisation to them, augments, then `normalize`s.
