@@ -1,14 +1,16 @@
 """gunicorn settings, read from the environment a PaaS provides.
 
 PORT               port to listen on (default 8000)
-WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model
+WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model (~210 MiB
+                   on ONNX Runtime; set it yourself on a PaaS: Heroku's Python buildpack sets
+                   2 on a 512 MB dyno when the app does not)
 GUNICORN_THREADS   threads per worker (default 32): connections a worker serves at once
 GUNICORN_TIMEOUT   seconds a worker may stay silent (default 120)
 
 Threads are for connections, not for the model: a thread is held while its client sends the
 request body, so a worker needs many more of them than screenings it can run at once. How many
 uploads are screened at once, and how long one may wait for that, are the app's settings
-(PNEUMONIA_MODEL_SLOTS, default 4, and PNEUMONIA_MODEL_QUEUE_SECONDS, default 5: beyond that
+(PNEUMONIA_MODEL_SLOTS, default 2, and PNEUMONIA_MODEL_QUEUE_SECONDS, default 5: beyond that
 an upload is answered 503 with Retry-After); how long a client may take to send its body is
 PNEUMONIA_BODY_TIMEOUT (default 30 s in all) and PNEUMONIA_BODY_READ_TIMEOUT (default 10 s
 without a byte), beyond which it is answered 408. See web/capacity.py and web/uploads.py.
@@ -22,11 +24,12 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 threads = int(os.environ.get("GUNICORN_THREADS", "32"))
 worker_class = "gthread"
 
-# TensorFlow is not fork-safe: every worker imports app.py and loads the model itself.
+# ONNX Runtime's thread pools (and TensorFlow's, with PNEUMONIA_RUNTIME=keras) do not survive a
+# fork: every worker imports app.py and loads the model itself.
 preload_app = False
 
-# A worker loads TensorFlow and the model and runs one warm-up pass before it serves
-# (tens of seconds on a small instance); the timeout must outlast that and a cold request.
+# A worker loads the model and runs one warm-up pass before it serves (about a second on ONNX
+# Runtime, tens of seconds on the keras runtime); the timeout must outlast that and a cold request.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 30
 keepalive = 5

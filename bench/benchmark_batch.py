@@ -108,9 +108,8 @@ def timed(run, images: int) -> dict:
 def load_batch(model: str, warm_up: list[tuple[str, Path]], chunk: int, runtime: str | None = None):
     from pneumonia.batch_screening import BatchScreener
     from pneumonia.classifier import XrayClassifier
-    from pneumonia.cli import PREDICT_THREADS
 
-    batch = BatchScreener(XrayClassifier(model, runtime, threads=PREDICT_THREADS))  # as `predict` loads it
+    batch = BatchScreener(XrayClassifier(model, runtime))  # as `predict` loads it
     list(batch.screen(warm_up, chunk))  # the runtime's buffers for a chunk: there whatever the number of files
     return batch
 

@@ -161,9 +161,11 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def post(session, url: str, data: bytes) -> tuple[float, dict]:
+def post(session, url: str, data: bytes, overlay: str = "png") -> tuple[float, dict]:
     started = time.perf_counter()
-    response = session.post(f"{url}/api/predict", files={"file": ("xray.jpeg", data, "image/jpeg")}, timeout=120)
+    response = session.post(
+        f"{url}/api/predict?overlay={overlay}", files={"file": ("xray.jpeg", data, "image/jpeg")}, timeout=120
+    )
     elapsed = (time.perf_counter() - started) * 1000
     response.raise_for_status()
     return elapsed, response.json()
@@ -202,6 +204,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=160, help="uploads in the throughput run")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn WEB_CONCURRENCY")
     parser.add_argument("--threads", type=int, default=4, help="gunicorn GUNICORN_THREADS")
+    parser.add_argument("--overlay", choices=("png", "jpeg"), default="png", help="the API's ?overlay= (default png)")
     parser.add_argument(
         "--env",
         action="append",
@@ -238,9 +241,9 @@ def main() -> int:
         wait_ready(server, args.workers)
         startup_s = time.time() - started
         for _ in range(3):
-            post(session, url, data)
+            post(session, url, data, args.overlay)
         idle_rss = [rss_mib(pid) for pid in worker_pids(server)]
-        sequential = [post(session, url, data) for _ in range(args.repeats)]
+        sequential = [post(session, url, data, args.overlay) for _ in range(args.repeats)]
         client_ms = [elapsed for elapsed, _ in sequential]
         server_ms = [body["timing_ms"] for _, body in sequential]
         fast = {
@@ -252,7 +255,7 @@ def main() -> int:
 
         def client(count: int) -> list[float]:
             own = requests.Session()
-            return [post(own, url, data)[0] for _ in range(count)]
+            return [post(own, url, data, args.overlay)[0] for _ in range(count)]
 
         per_client = [args.requests // args.clients] * args.clients
         started = time.perf_counter()
@@ -272,6 +275,7 @@ def main() -> int:
             "gradcam_layer": layer,
         },
         "image": {"name": image_name, "size": [width, height], "bytes": len(data)},
+        "overlay": args.overlay,
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_before": os.getloadavg(),

@@ -164,7 +164,6 @@ def comparison_table(results: list[dict], names: list[str] | None = None) -> str
 
 
 GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
-PREDICT_THREADS = 2  # one model call at a time: ONNX Runtime may use both cores for it
 
 
 def _predict(args) -> int:
@@ -173,7 +172,7 @@ def _predict(args) -> int:
     from pneumonia.progress import ProgressBar
 
     try:
-        classifier = XrayClassifier(args.model, args.runtime, threads=PREDICT_THREADS)
+        classifier = XrayClassifier(args.model, args.runtime)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -349,3 +349,15 @@ def test_gunicorn_serves_the_app(ungated_model_dir):
         answer = requests.post(f"{url}/api/predict", files={"file": ("x.jpg", xray_jpeg())}, timeout=60)
         assert answer.status_code == 200 and 0 <= answer.json()["probability"] <= 1
     assert "Model custom loaded" in server.stderr.read().decode()
+
+
+def test_api_overlay_can_be_a_jpeg_and_an_unknown_format_is_named(client):
+    data = xray_jpeg(400, 300, seed=2)
+    body = client.post("/api/predict?overlay=jpeg", data=upload(data)).get_json()
+    assert "gradcam_png" not in body
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["gradcam_jpeg"]), np.uint8), cv2.IMREAD_COLOR)
+    assert overlay.shape == (300, 400, 3)
+    png = client.post("/api/predict", data=upload(data)).get_json()
+    assert png["probability"] == body["probability"] and png["gradcam_png"]
+    refused = client.post("/api/predict?overlay=gif", data=upload(data))
+    assert refused.status_code == 400 and "overlay=gif: choose one of png, jpeg" in refused.get_json()["error"]

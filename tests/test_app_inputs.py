@@ -222,6 +222,7 @@ def test_over_the_size_limit_is_413(client, web_app, monkeypatch):
     assert api.status_code == page.status_code == 413
     assert api.get_json()["error"] == "The upload is too large: the limit is 1 MB."
     assert "the limit is 1 MB" in page.get_data(as_text=True)
+    assert api.headers["Connection"] == page.headers["Connection"] == "close"  # the body was left unread
 
 
 def test_the_default_limit_is_20_mb(client):

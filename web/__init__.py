@@ -34,10 +34,10 @@ DEFAULTS = {
     "BODY_TIMEOUT": 30,  # seconds; a PaaS router (Heroku's) gives up on a request after 30 s anyway
     "BODY_READ_TIMEOUT": 10,  # seconds without a byte of the body
     # Model capacity (web/capacity.py): screenings at once per worker, and the longest expected
-    # wait for one before an upload is answered 503 with Retry-After. 4 slots gave the most
-    # uploads/s on 2 cores (1: 6.1, 2: 9.5, 4: 10.8-11.4, 8: 10.4; README "Performance"): one
-    # screening alone does not keep both cores busy (decode, Grad-CAM and encoding are serial).
-    "MODEL_SLOTS": 4,
+    # wait for one before an upload is answered 503 with Retry-After. On ONNX Runtime with 2 threads
+    # a call (pneumonia/runtime.py), 2 slots keep both cores busy while one screening decodes or
+    # encodes; slots x threads measured on 2 cores: README "Performance".
+    "MODEL_SLOTS": 2,
     "MODEL_QUEUE_SECONDS": 5,
 }
 

@@ -34,7 +34,10 @@ def error_response(status: int, message: str):
 def _http_error(err: HTTPException):
     if err.code == 413:
         limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-        return error_response(413, f"The upload is too large: the limit is {limit_mb:g} MB.")
+        body, status = error_response(413, f"The upload is too large: the limit is {limit_mb:g} MB.")
+        # The body was not read: the connection cannot carry another request, so say it closes
+        # (a keep-alive client would otherwise send its next upload into a closed socket).
+        return body, status, {"Connection": "close"}
     return error_response(err.code or 500, HTTP_MESSAGES.get(err.code, err.description or err.name))
 
 
