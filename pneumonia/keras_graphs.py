@@ -14,11 +14,12 @@ Grad-CAM (the keras.io recipe, of the logit rather than the saturating probabili
 
 Why the layers are swapped while tracing: tf2onnx has no conversion for the gradient ops
 TensorFlow emits for ReLU (`ReluGrad`), 2x2 average pooling (`AvgPoolGrad`), max pooling
-(`MaxPoolGrad`) or a depthwise convolution (`DepthwiseConv2dNativeBackpropInput`, in the custom
-CNN's separable convolutions). A ReLU with its gradient written out (`dy * (x > 0)`), the poolings
-written as reshape + mean / max, and a depthwise convolution whose input gradient is the same
-convolution with the kernel flipped (stride 1, "same" padding, odd kernel) compute the same values
-and differentiate into ops ONNX has.
+(`MaxPoolGrad`), a depthwise convolution (`DepthwiseConv2dNativeBackpropInput`, in the custom
+CNN's separable convolutions), and at some input sizes a convolution's input gradient (its
+`ShapeN`). A ReLU with its gradient written out (`dy * (x > 0)`), the poolings written as reshape
++ mean / max, and stride-1 "same" convolutions whose input gradient is written as the convolution
+with the kernel flipped (and, for a full convolution, its channels swapped) compute the same
+values and differentiate into ops ONNX has.
 """
 
 from __future__ import annotations
@@ -65,6 +66,42 @@ def _depthwise_same(x, kernel):
     return depthwise(x)
 
 
+def _conv_same(x, kernel):
+    """Convolution, stride 1, "same" padding, odd kernel (kh, kw, C_in, C_out), with its input gradient."""
+
+    @tf.custom_gradient
+    def conv(x):
+        def gradient(dy):
+            return tf.nn.conv2d(dy, tf.transpose(kernel[::-1, ::-1], [0, 1, 3, 2]), 1, "SAME")
+
+        return tf.nn.conv2d(x, kernel, 1, "SAME"), gradient
+
+    return conv(x)
+
+
+def _is_plain_conv(layer) -> bool:
+    """A Conv2D whose "same" stride-1 form is exact: for a 1x1 kernel "valid" is the same."""
+    return (
+        type(layer) is layers.Conv2D
+        and all(k % 2 == 1 for k in layer.kernel_size)
+        and tuple(layer.strides) == (1, 1)
+        and tuple(layer.dilation_rate) == (1, 1)
+        and layer.groups == 1
+        and layer.data_format == "channels_last"
+        and (layer.padding == "same" or tuple(layer.kernel_size) == (1, 1))
+    )
+
+
+def _conv_call(layer):
+    def call(x, *args, **kwargs):  # (N, H, W, C) -> (N, H, W, filters)
+        y = _conv_same(x, tf.convert_to_tensor(layer.kernel))
+        if layer.use_bias:
+            y = y + layer.bias
+        return layer.activation(y) if layer.activation is not None else y
+
+    return call
+
+
 def _is_plain_separable(layer) -> bool:
     return (
         isinstance(layer, layers.SeparableConv2D)
@@ -95,9 +132,9 @@ def convertible_layers(model: keras.Model):
         if getattr(layer, "activation", None) is keras.activations.relu:
             patched.append((layer, "activation", layer.activation))
             layer.activation = _relu
-        if _is_plain_separable(layer):
+        if _is_plain_separable(layer) or _is_plain_conv(layer):
             patched.append((layer, "call", None))
-            layer.call = _separable_call(layer)
+            layer.call = (_separable_call if _is_plain_separable(layer) else _conv_call)(layer)
         elif isinstance(layer, (layers.AveragePooling2D, layers.MaxPooling2D)) and _is_2x2_pool(layer):
             reduce = tf.reduce_mean if isinstance(layer, layers.AveragePooling2D) else tf.reduce_max
             patched.append((layer, "call", None))
