@@ -54,6 +54,7 @@ class OnnxModel:
     """The exported graphs on ONNX Runtime's CPU provider; safe to call from several threads."""
 
     name = "onnx"
+    note = None  # why this runtime serves instead of the other, when it was not asked for
 
     def __init__(self, folder: Path, section: dict, threads: int = DEFAULT_THREADS):
         import onnxruntime
@@ -99,6 +100,7 @@ class KerasModel:
     a request); safe to call from several threads."""
 
     name = "keras"
+    note = None
 
     def __init__(self, keras_path: Path, card: dict):
         import keras
@@ -146,9 +148,7 @@ def load_runtime(keras_path: Path, card: dict, keras_sha256: str, choice: str | 
         except ImportError:
             raise ModelLoadError("The onnx runtime needs onnxruntime: pip install -r requirements.txt") from None
         threads = threads or int(os.environ.get(THREADS_ENV) or DEFAULT_THREADS)
-        runtime = OnnxModel(keras_path.parent, card["export"], threads)
-        runtime.note = None
-        return runtime
+        return OnnxModel(keras_path.parent, card["export"], threads)
     try:
         import keras  # noqa: F401
     except ImportError:
