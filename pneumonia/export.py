@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia.card import write_card
-from pneumonia.runtime import EXPLAIN_FILE, FORWARD_FILE, ONNX_OPSET, WEIGHTS_FILE, sha256_of
+from pneumonia.ood import file_sha256
+from pneumonia.runtime import EXPLAIN_FILE, FORWARD_FILE, ONNX_OPSET, WEIGHTS_FILE
 
 # How far the export may differ from Keras and still be served (float32 graphs, reordered sums).
 TOLERANCE = {"logit": 1e-4, "cam_relative": 1e-4, "features": 1e-4}
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph file
+_FILES = {"explain": EXPLAIN_FILE, "forward": FORWARD_FILE, "weights": WEIGHTS_FILE}
 
 
 class ExportError(RuntimeError):
@@ -67,8 +69,8 @@ def export(model_dir: str | Path, log=print) -> dict:
     section = {
         "format": "ONNX",
         "opset": ONNX_OPSET,
-        "keras_sha256": sha256_of(keras_path),
-        "files": {name: {"file": file, "sha256": sha256_of(folder / file)} for name, file in _FILES.items()},
+        "keras_sha256": file_sha256(keras_path),
+        "files": {name: {"file": file, "sha256": file_sha256(folder / file)} for name, file in _FILES.items()},
         "gradcam_layer": layer,
         "agreement_with_keras": agreement,
         "versions": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__},
@@ -104,9 +106,6 @@ def _write_onnx(protos: dict, folder: Path) -> None:
                 tensor.ClearField("raw_data")
     for name, proto in protos.items():
         (folder / _FILES[name]).write_bytes(proto.SerializeToString())
-
-
-_FILES = {"explain": EXPLAIN_FILE, "forward": FORWARD_FILE, "weights": WEIGHTS_FILE}
 
 
 def synthetic_inputs(size: int, count: int = 4, seed: int = 0) -> np.ndarray:

@@ -30,8 +30,6 @@ THREADS_ENV = "PNEUMONIA_RUNTIME_THREADS"
 # against 1, for ~5 % fewer uploads/s from 8 clients (README, "Performance").
 DEFAULT_THREADS = 2
 
-sha256_of = file_sha256
-
 
 def export_problem(keras_path: Path, card: dict, keras_sha256: str) -> str | None:
     """Why the ONNX export beside the model cannot be served, or None when it is present and current."""
@@ -45,7 +43,7 @@ def export_problem(keras_path: Path, card: dict, keras_sha256: str) -> str | Non
         path = folder / str(entry.get("file", ""))
         if not path.is_file():
             return f"the export file {path} is missing"
-        if sha256_of(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             return f"the export file {path} is not the one the card records (corrupt or changed)"
     return None
 
