@@ -106,8 +106,8 @@ def timed(run, images: int) -> dict:
 
 
 def load_batch(model: str, warm_up: list[tuple[str, Path]], chunk: int, runtime: str | None = None):
-    from pneumonia.batch_screening import BatchScreener
-    from pneumonia.classifier import XrayClassifier
+    from pneumonia.serving.classifier import XrayClassifier
+    from pneumonia.serving.screening import BatchScreener
 
     batch = BatchScreener(XrayClassifier(model, runtime))  # as `predict` loads it
     list(batch.screen(warm_up, chunk))  # the runtime's buffers for a chunk: there whatever the number of files
@@ -146,7 +146,7 @@ def memory_batch(model: str, files: list[Path]) -> dict:
 
 
 def memory_decode_all(model: str, files: list[Path]) -> dict:
-    from pneumonia.preprocessing import decode_xray
+    from pneumonia.reading.decoding import decode_xray
 
     with PeakRss() as peak:
         decoded = [decode_xray(path)[0] for path in files]

@@ -17,9 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from pneumonia.models import build_model, normalization_for  # noqa: E402
-from pneumonia.training import augmentation_for, class_weights, compile_for_training, make_dataset  # noqa: E402
-from pneumonia.training_config import ARCHITECTURES, TrainConfig  # noqa: E402
+from pneumonia.training.architectures import build_model, normalization_for  # noqa: E402
+from pneumonia.training.augmentation import augmentation_for, class_weights, make_dataset  # noqa: E402
+from pneumonia.training.config import ARCHITECTURES, TrainConfig  # noqa: E402
+from pneumonia.training.fitting import compile_for_training  # noqa: E402
 
 TRAIN_IMAGES = 4692  # the training part of the Kaggle train/ split after the validation carve-out
 

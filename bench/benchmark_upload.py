@@ -63,7 +63,8 @@ def naive_keras_io(model, layer: str, data: bytes, preprocessing: dict) -> dict[
     import matplotlib
     import tensorflow as tf
 
-    from pneumonia.preprocessing import load_xray, model_input, resize_xray
+    from pneumonia.reading.decoding import load_xray
+    from pneumonia.serving.preprocessing import model_input, resize_xray
 
     laps, last = {}, time.perf_counter()
 
@@ -217,7 +218,7 @@ def main() -> int:
 
     import requests
 
-    from pneumonia.classifier import ModelLoadError, find_card
+    from pneumonia.serving.classifier import ModelLoadError, find_card
 
     try:
         keras_path, card = find_card(args.model)
@@ -228,10 +229,10 @@ def main() -> int:
     from PIL import Image
 
     width, height = Image.open(io.BytesIO(data)).size
-    print(f"model {card.get('name')} ({keras_path}), image {image_name}: {width}x{height}, {len(data) / 1e6:.2f} MB")
+    print(f"model {card.name} ({keras_path}), image {image_name}: {width}x{height}, {len(data) / 1e6:.2f} MB")
 
-    layer = card["gradcam"]["layer"]
-    naive = naive_path(keras_path, layer, data, card["preprocessing"], args.naive_repeats)
+    layer = card.gradcam.layer
+    naive = naive_path(keras_path, layer, data, card.preprocessing, args.naive_repeats)
 
     # The app under gunicorn: sequential uploads, then concurrent clients.
     started = time.time()
@@ -269,9 +270,9 @@ def main() -> int:
 
     results = {
         "model": {
-            "name": card.get("name"),
+            "name": card.name,
             "path": str(keras_path),
-            "input_size": card["preprocessing"]["image_size"],
+            "input_size": card.preprocessing.image_size,
             "gradcam_layer": layer,
         },
         "image": {"name": image_name, "size": [width, height], "bytes": len(data)},

@@ -31,8 +31,9 @@ def median_ms(run, repeats: int = 30) -> float:
 
 
 def main() -> int:
-    from pneumonia.classifier import XrayClassifier
-    from pneumonia.preprocessing import decode_xray, model_input, resize_xray
+    from pneumonia.reading.decoding import decode_xray
+    from pneumonia.serving.classifier import XrayClassifier
+    from pneumonia.serving.preprocessing import model_input, resize_xray
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"))

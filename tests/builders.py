@@ -44,9 +44,10 @@ PATIENT_NAME, PATIENT_ID = "Testpatient^Secretname", "PID-731-SECRET"
 
 def screen_one(classifier, source) -> tuple[float | None, object | None]:
     """One image through the package's primitives, step by step, written apart from
-    `pneumonia.batch_screening` so that tests can compare the pipeline with it:
+    `pneumonia.serving.screening` so that tests can compare the pipeline with it:
     (calibrated probability or None when refused, the gate's verdict or None without a gate)."""
-    from pneumonia.preprocessing import decode_xray, model_input, resize_xray
+    from pneumonia.reading.decoding import decode_xray
+    from pneumonia.serving.preprocessing import model_input, resize_xray
 
     xray, stats = decode_xray(source, classifier.image_size)
     gate = classifier.gate

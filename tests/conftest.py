@@ -27,7 +27,8 @@ from builders import (
 )
 from PIL import Image
 
-from pneumonia.training import TrainConfig, train
+from pneumonia.training.config import TrainConfig
+from pneumonia.training.fitting import train
 
 # `slow`, left out by `-m "not slow"`: every test that uses a fixture that trains a model for a minute or
 # more or keeps gunicorn serving slow clients, and every test of a module that drives a real browser.
@@ -89,7 +90,7 @@ def gap_model_dir(tmp_path_factory):
     columns 60-80 %; it separates them perfectly in a few seconds."""
     import keras
 
-    from pneumonia.preprocessing import normalize
+    from pneumonia.serving.preprocessing import normalize
 
     rng = np.random.default_rng(0)
     labels = np.arange(400) % 2

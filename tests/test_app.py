@@ -22,7 +22,7 @@ import requests
 from builders import REPO, encode_image, gunicorn_serving, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
-from pneumonia.classifier import XrayClassifier
+from pneumonia.serving.classifier import XrayClassifier
 from web import create_app
 from web.uploads import InMemoryRequest
 

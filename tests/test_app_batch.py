@@ -14,7 +14,7 @@ import pytest
 from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sample_photo, upload, xray_jpeg
 from PIL import Image
 
-from pneumonia import batch_screening
+from pneumonia.serving import screening as batch_screening
 from web.capacity import ModelBusy
 
 

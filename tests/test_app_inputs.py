@@ -11,7 +11,7 @@ import pytest
 from builders import PATIENT_ID, dicom_bytes, encode_image, png_bomb, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
-from pneumonia.classifier import XrayClassifier
+from pneumonia.serving.classifier import XrayClassifier
 
 
 def reference_xray() -> np.ndarray:

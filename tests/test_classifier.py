@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from pneumonia import dataset
-from pneumonia.classifier import ModelLoadError, XrayClassifier, find_card
-from pneumonia.evaluation import sigmoid
-from pneumonia.preprocessing import preprocess, xray_pixels
+from pneumonia.serving.card import sigmoid
+from pneumonia.serving.classifier import ModelLoadError, XrayClassifier, find_card
+from pneumonia.serving.preprocessing import preprocess, xray_pixels
+from pneumonia.training import dataset
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import pytest
 from builders import run_cli
 from sklearn.metrics import roc_auc_score
 
-from pneumonia import cli, dataset
-from pneumonia.classifier import XrayClassifier
+from pneumonia import cli
+from pneumonia.evaluation.report import model_folder_names
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.training import dataset
 
 PLOTS = ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png")
 THRESHOLD_KEYS = {"threshold", "accuracy", "precision", "recall", "specificity", "f1", "confusion_matrix"}
@@ -136,7 +138,7 @@ def test_model_folder_names_are_unique(tmp_path):
     (tmp_path / "c" / "model.json").write_text(json.dumps({"name": "densenet121", "file": "m.keras"}))
     (tmp_path / "c" / "m.keras").write_bytes(b"")
     paths = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), str(tmp_path / "a" / "m.keras")]
-    names = cli._model_folder_names(paths)
+    names = model_folder_names(paths)
     assert len(set(names)) == len(names) == 4
     assert names[2] == "densenet121" and names[0] == "custom-a" and names[1] == "custom-b"
 
@@ -234,7 +236,7 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
         configs.append(config)
         return {"validation": {"auc": 0.5}, "thresholds": {"default": 0.5, "screening": 0.1}}
 
-    monkeypatch.setattr("pneumonia.training.train", fake_train)
+    monkeypatch.setattr("pneumonia.training.fitting.train", fake_train)
     assert cli.main(["train", "d"]) == 0 and cli.main(["train", "d", "--arch", "custom"]) == 0
     assert cli.main(["train", "d", "--init", "none"]) == 0
     assert [(c.arch, c.init, c.image_size) for c in configs] == [

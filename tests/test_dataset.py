@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia import dataset
-from pneumonia.dataset import (
+from pneumonia.training import dataset
+from pneumonia.training.dataset import (
     SplitFiles,
     describe,
     fingerprint,

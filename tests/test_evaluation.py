@@ -8,20 +8,17 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pneumonia.evaluation import (
+from pneumonia.evaluation.metrics import (
     bootstrap_ci,
-    choose_thresholds,
     evaluate_predictions,
     expected_calibration_error,
-    fit_platt,
     format_table,
     metrics_at_threshold,
-    platt,
-    save_plots,
-    sigmoid,
-    thresholds_from_roc,
     write_metrics,
 )
+from pneumonia.evaluation.plots import save_plots
+from pneumonia.serving.card import platt, sigmoid
+from pneumonia.training.operating_points import choose_thresholds, fit_platt, thresholds_from_roc
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from builders import REAL_XRAYS, SHIPPED_MODEL, encode_image, synthetic_xray, write_synthetic_dataset
 
-from pneumonia import export as export_module
-from pneumonia.classifier import XrayClassifier
-from pneumonia.ood import file_sha256
-from pneumonia.preprocessing import model_input, xray_pixels
-from pneumonia.runtime import EXPLAIN_FILE, FORWARD_FILE, WEIGHTS_FILE
+from pneumonia.serving.card import file_sha256
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.preprocessing import model_input, xray_pixels
+from pneumonia.serving.runtime import EXPLAIN_FILE, FORWARD_FILE, WEIGHTS_FILE
+from pneumonia.training import export as export_module
 
 EXPORT_FILES = (EXPLAIN_FILE, FORWARD_FILE, WEIGHTS_FILE)
 SHIPPED_CARD_MAP = json.loads((SHIPPED_MODEL / "model.json").read_text())["gradcam"]["map_size"]
@@ -81,7 +81,7 @@ def test_an_export_that_disagrees_with_keras_is_refused_and_nothing_is_written(t
 
 def test_calibrate_copies_the_export_and_the_copy_serves_on_onnx(gap_model_dir, tmp_path):
     """The GAP CNN (saved without `train`, so exported here) ranks drawn X-rays: a site sample it can be fitted on."""
-    from pneumonia.recalibration import recalibrate
+    from pneumonia.evaluation.recalibration import recalibrate
 
     model = shutil.copytree(gap_model_dir, tmp_path / "model")
     export_module.export(model, log=lambda *_: None)

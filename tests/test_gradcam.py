@@ -6,15 +6,15 @@ import json
 import shutil
 
 import cv2
+import gradcam
 import numpy as np
 import pytest
 from builders import build_gap_cnn, encode_image, synthetic_xray
 from PIL import Image
 
-import gradcam
-from pneumonia.classifier import XrayClassifier
-from pneumonia.keras_graphs import explain_function
-from pneumonia.preprocessing import normalize
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.keras_graphs import explain_function
+from pneumonia.serving.preprocessing import normalize
 from web.screening import Screener
 
 

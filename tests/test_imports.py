@@ -1,15 +1,28 @@
-"""The package's module graph: no module imports one that imports it back (at module level or
-inside a function), so each can be read, tested and loaded on its own."""
+"""The project's module graph, read from the source: no module imports one that imports it back (at
+module level or inside a function), so each can be read, tested and loaded on its own; and no layer
+imports one it must not (LAYER_RULES), so the serving install and the web app never need training,
+evaluation, the command line or the studies."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from builders import REPO
 
-SOURCES = sorted((REPO / "pneumonia").glob("*.py")) + sorted((REPO / "web").glob("*.py")) + [REPO / "gradcam.py"]
+SOURCES = sorted(
+    [
+        *(REPO / "pneumonia").rglob("*.py"),
+        *(REPO / "web").rglob("*.py"),
+        *(REPO / "studies").rglob("*.py"),
+        REPO / "app.py",
+        REPO / "gradcam.py",
+    ]
+)
 
 
 def module_name(path: Path) -> str:
@@ -57,21 +70,122 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# --- Layers ------------------------------------------------------------------------------------
+
+# What no layer of the product may import: the studies (outside the product), and the entry points
+# (`python -m pneumonia`, the WSGI module and the top-level Grad-CAM module import the layers, never
+# the other way round).
+ENTRY_POINTS = ("pneumonia.__main__", "app", "gradcam")
+# What the serving install (requirements.txt) does not have: training and evaluation need TensorFlow,
+# and the command line imports them.
+BEYOND_SERVING = ("pneumonia.training", "pneumonia.evaluation", "pneumonia.cli", "studies", *ENTRY_POINTS)
+
+# (layer prefix, the prefixes its modules must not import). A prefix names a module and the modules
+# under it: "pneumonia.serving" is pneumonia/serving/__init__.py and every pneumonia.serving.* module.
+LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
+    # bytes -> pixels: only pneumonia.errors, pneumonia.labels and pneumonia.reading.*
+    ("pneumonia.reading", ("pneumonia.serving", "pneumonia.progress", "web", *BEYOND_SERVING)),
+    # what the reading modules import must keep to the same rule, or it would bring the rest in
+    ("pneumonia.errors", ("pneumonia.serving", "pneumonia.progress", "web", *BEYOND_SERVING)),
+    ("pneumonia.labels", ("pneumonia.serving", "pneumonia.progress", "web", *BEYOND_SERVING)),
+    # the model at serving time: reading, errors, labels, progress and serving
+    ("pneumonia.serving", ("web", *BEYOND_SERVING)),
+    ("pneumonia.progress", ("web", *BEYOND_SERVING)),
+    # training and evaluation: anything of the package but the command line and the studies
+    ("pneumonia.training", ("pneumonia.cli", "web", "studies", *ENTRY_POINTS)),
+    ("pneumonia.evaluation", ("pneumonia.cli", "web", "studies", *ENTRY_POINTS)),
+    # thin commands over the package, never the studies
+    ("pneumonia.cli", ("web", "studies", *ENTRY_POINTS)),
+    ("pneumonia.__main__", ("web", "studies", "app", "gradcam")),
+    # the web app and the top-level modules: reading, serving, errors, labels, web
+    ("web", BEYOND_SERVING),
+    ("app", BEYOND_SERVING),
+    ("gradcam", BEYOND_SERVING),
+]
+# The modules no rule covers: the studies may import all of the package (and nothing imports them).
+UNRULED = ("studies",)
+
+
+def under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def forbidden_imports(graph: dict[str, set[str]], rules=LAYER_RULES) -> list[str]:
+    """One line per import a rule forbids: 'importer imports imported (layer must not import prefix)'."""
+    found = []
+    for importer, imported in sorted(graph.items()):
+        for layer, banned in rules:
+            if not under(importer, layer):
+                continue
+            for target in sorted(imported):
+                for prefix in banned:
+                    if under(target, prefix):
+                        found.append(f"{importer} imports {target} ({layer} must not import {prefix})")
+    return found
+
+
 def test_the_cycle_finder_finds_a_ring():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
+def test_the_graph_holds_the_subpackages_the_studies_and_the_top_level_modules():
+    graph = import_graph()
+    for module in ("pneumonia.reading.decoding", "pneumonia.serving.classifier", "pneumonia.cli.predict", "web.api"):
+        assert module in graph
+    assert graph["app"] == {"web"}
+    assert "pneumonia.serving.gradcam" in graph["gradcam"]
+    assert "pneumonia.training.operating_points" in graph["studies.ensemble_proxy"]
+
+
 def test_no_module_of_the_project_imports_itself_back():
     graph = import_graph()
-    assert graph["pneumonia.preprocessing"] >= {"pneumonia.dicom"}  # the graph sees real imports
+    assert graph["pneumonia.reading.decoding"] >= {"pneumonia.reading.dicom"}  # the graph sees real imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-@pytest.mark.parametrize("module", ["pneumonia.dicom", "pneumonia.preprocessing", "pneumonia.errors"])
-def test_the_reading_modules_import_alone(module):
-    import subprocess
-    import sys
+def test_the_layer_checker_names_a_forbidden_import_on_a_synthetic_graph():
+    graph = {
+        "pneumonia.serving.screening": {"pneumonia.reading.decoding", "pneumonia.training.dataset"},
+        "pneumonia.reading.decoding": {"pneumonia.errors"},
+        "pneumonia.training.dataset": {"pneumonia.serving.preprocessing"},
+        "web.pages": {"pneumonia.serving.screening"},
+        "web.debug": {"studies.robustness"},
+        "studies.robustness": {"pneumonia.training.dataset", "pneumonia.cli"},
+    }
+    assert forbidden_imports(graph) == [
+        "pneumonia.serving.screening imports pneumonia.training.dataset "
+        "(pneumonia.serving must not import pneumonia.training)",
+        "web.debug imports studies.robustness (web must not import studies)",
+    ]
+    # a prefix is a module and what lies under it, not a string prefix
+    assert forbidden_imports({"web.api": {"apply", "gradcam_tools"}}) == []
 
-    result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
+
+def test_every_module_falls_under_a_layer_rule_or_is_a_study():
+    layers = [layer for layer, _ in LAYER_RULES] + list(UNRULED)
+    # the root package runs before any of its modules, so it must import nothing of the project
+    loose = [module for module in import_graph() if module != "pneumonia" and not any(under(module, p) for p in layers)]
+    assert loose == [], f"modules no rule in LAYER_RULES covers (give each a layer): {loose}"
+    assert import_graph()["pneumonia"] == set(), "pneumonia/__init__.py runs on every import of the package"
+
+
+def test_no_layer_imports_one_it_must_not():
+    forbidden = forbidden_imports(import_graph())
+    assert forbidden == [], "forbidden imports (LAYER_RULES in tests/test_imports.py):\n" + "\n".join(forbidden)
+
+
+@pytest.mark.parametrize("module", ["pneumonia.reading.dicom", "pneumonia.reading.decoding", "pneumonia.errors"])
+def test_the_reading_modules_import_alone(module):
+    """In a fresh interpreter the module imports, and brings in no project module outside reading,
+    errors and labels (nor TensorFlow)."""
+    probe = (
+        f"import json, sys, {module}; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('pneumonia', 'web', 'studies', 'app', 'gradcam', 'tensorflow', 'keras'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    allowed = ("pneumonia.reading", "pneumonia.errors", "pneumonia.labels")
+    assert [m for m in loaded if m != "pneumonia" and not any(under(m, prefix) for prefix in allowed)] == []

@@ -16,16 +16,16 @@ import pytest
 from builders import REPO
 from keras import layers
 
-from pneumonia.models import (
+from pneumonia.serving.keras_graphs import gradcam_layer_for
+from pneumonia.serving.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION
+from pneumonia.training.architectures import (
     InitError,
     build_custom_cnn,
     build_densenet121,
     build_model,
-    gradcam_layer_for,
     normalization_for,
     resolve_init,
 )
-from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,8 @@ def test_init_path_loads_a_densenet121_weights_file(densenet_32, tmp_path, file_
 
 
 def test_training_the_custom_cnn_with_pretrained_weights_stops_before_any_download(monkeypatch, tmp_path):
-    from pneumonia.training import TrainConfig, train
+    from pneumonia.training.config import TrainConfig
+    from pneumonia.training.fitting import train
 
     def no_download(*args, **kwargs):
         raise AssertionError("tried to download weights the custom CNN cannot use")

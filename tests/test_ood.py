@@ -23,21 +23,19 @@ from builders import (
 )
 from PIL import Image
 
-from pneumonia.classifier import XrayClassifier
-from pneumonia.ood import (
+from pneumonia.reading.decoding import decode_xray
+from pneumonia.reading.pixel_stats import PixelStats, grey_spread, mean_chroma
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.gate import (
     ACCEPT_QUANTILE,
     GATE_FILE,
     FeatureDensity,
     OodGate,
-    PixelStats,
     feature_thresholds,
     fit_feature_density,
-    grey_spread,
-    mean_chroma,
     pixel_bounds,
     pixel_verdict,
 )
-from pneumonia.preprocessing import decode_xray
 
 
 def uniform(level: int, size=(300, 300)) -> bytes:

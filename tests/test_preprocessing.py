@@ -10,17 +10,18 @@ import pytest
 from builders import encode_image, png_bomb
 from PIL import Image
 
-from pneumonia import dataset, preprocessing
-from pneumonia.preprocessing import (
+from pneumonia.errors import XrayReadError
+from pneumonia.reading.decoding import load_xray
+from pneumonia.serving import preprocessing
+from pneumonia.serving.preprocessing import (
     IMAGENET_NORMALIZATION,
     UNIT_NORMALIZATION,
-    XrayReadError,
-    load_xray,
     normalize,
     preprocess,
     preprocessing_spec,
     xray_pixels,
 )
+from pneumonia.training import dataset
 
 SIZE = 48
 
@@ -292,7 +293,7 @@ def test_normalize_is_the_same_on_numpy_and_tensorflow(normalization):
 def test_training_pipeline_feeds_the_model_exactly_what_serving_does(grey, tmp_path):
     """Train/serve skew: path -> dataset.load_pixels -> training.make_dataset (no augmentation)
     gives, image for image, what `preprocess` (the classifier's and the web app's path) gives."""
-    from pneumonia.training import make_dataset
+    from pneumonia.training.augmentation import make_dataset
 
     base = Image.fromarray(grey, "L")
     exif = Image.Exif()
@@ -350,7 +351,7 @@ def test_contrast_normalisation_undoes_a_flatter_exposure(contrast, kept_share):
     """Why the option exists: a flatter or darker acquisition of the same X-ray comes out
     of the normalisation much closer to the original than it went in (CLAHE less so: its
     clip limit caps how far it stretches)."""
-    from pneumonia.preprocessing import normalize_contrast
+    from pneumonia.serving.preprocessing import normalize_contrast
 
     rng = np.random.default_rng(3)
     square = np.clip(np.tile(np.linspace(30, 220, 64), (64, 1)) + rng.normal(0, 12, (64, 64)), 0, 255)
@@ -368,7 +369,7 @@ def test_contrast_normalisation_undoes_a_flatter_exposure(contrast, kept_share):
 def test_the_cards_contrast_is_part_of_the_one_path(grey):
     """preprocess (CLI, evaluation) and model_input on cached pixels (training, the web app)
     apply the card's contrast normalisation the same way; "none" leaves the pixels alone."""
-    from pneumonia.preprocessing import model_input, normalize_contrast
+    from pneumonia.serving.preprocessing import model_input, normalize_contrast
 
     data = encode_image(Image.fromarray(grey), "PNG")
     spec = preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="clahe")

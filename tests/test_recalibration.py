@@ -19,16 +19,14 @@ import pytest
 from builders import CENTRED_NORMALIZATION, encode_image, run_cli, save_model_dir, synthetic_xray, upload
 from PIL import Image
 
-from pneumonia import cli, dataset, recalibration
-from pneumonia.classifier import XrayClassifier
-from pneumonia.evaluation import (
-    choose_thresholds,
-    evaluate_predictions,
-    expected_calibration_error,
-    fit_platt,
-    platt,
-)
-from pneumonia.preprocessing import normalize, xray_pixels
+from pneumonia import cli
+from pneumonia.evaluation import recalibration
+from pneumonia.evaluation.metrics import evaluate_predictions, expected_calibration_error
+from pneumonia.serving.card import platt
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.preprocessing import normalize, xray_pixels
+from pneumonia.training import dataset
+from pneumonia.training.operating_points import choose_thresholds, fit_platt
 
 SIZE = 32
 OPACITY = 50  # a faint blob: the classes overlap a little, so thresholds matter

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from builders import REAL_XRAYS, REPO, SHIPPED_MODEL, upload, xray_jpeg
 
-from pneumonia.classifier import ModelLoadError, XrayClassifier
-from pneumonia.runtime import RUNTIME_ENV, WEIGHTS_FILE
+from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
+from pneumonia.serving.runtime import RUNTIME_ENV, WEIGHTS_FILE
 
 # What only training, evaluation plots and studies need: the serving path must not import them.
 TRAINING_ONLY = ("tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "scipy", "matplotlib", "h5py")
@@ -87,7 +87,7 @@ def test_asking_for_onnx_with_a_bad_export_is_a_start_up_message_naming_export(
 
 def test_an_export_onnx_runtime_cannot_load_is_a_start_up_message(ungated_model_dir, tmp_path):
     """A graph file the card's fingerprint vouches for, yet not ONNX: ONNX Runtime's refusal, named."""
-    from pneumonia.ood import file_sha256
+    from pneumonia.serving.card import file_sha256
 
     folder = copy_model(ungated_model_dir, tmp_path)
     explain = folder / "explain.onnx"
@@ -168,7 +168,7 @@ def test_predict_runs_without_tensorflow(tmp_path):
 def test_asking_for_keras_without_tensorflow_says_what_to_install(ungated_model_dir):
     result = run_without_training_packages(
         f"""
-        from pneumonia.classifier import ModelLoadError, XrayClassifier
+        from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
         try:
             XrayClassifier({str(ungated_model_dir)!r}, runtime="keras")
         except ModelLoadError as err:

@@ -13,10 +13,13 @@ import pytest
 from builders import LEARNABLE, write_synthetic_dataset
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pneumonia import dataset, models
-from pneumonia.classifier import XrayClassifier
-from pneumonia.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
-from pneumonia.training import TrainConfig, class_weights, make_dataset, train
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
+from pneumonia.training import architectures as models
+from pneumonia.training import dataset
+from pneumonia.training.augmentation import class_weights, make_dataset
+from pneumonia.training.config import TrainConfig
+from pneumonia.training.fitting import train
 
 # 600 training images in batches of 4: 150 steps an epoch. The first epoch must have enough steps
 # for the BatchNormalization moving statistics to catch up (models.BN_MOMENTUM): the best epoch is
@@ -265,7 +268,7 @@ def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_m
 def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(custom_run, tmp_path):
     """--hold-out-series NORMAL2-IM: those NORMAL images are in no part, the card reports their
     specificity at the chosen thresholds, and the robustness tool recreates the same validation part."""
-    from pneumonia.robustness import validation_files
+    from studies.robustness import validation_files
 
     data = tmp_path / "data"
     shutil.copytree(custom_run[2].data_dir, data)  # the data set the custom CNN learns in two epochs
@@ -298,7 +301,7 @@ def test_class_weights_balance_the_classes():
 
 
 def test_augmentation_changes_images_but_keeps_range_and_labels():
-    from pneumonia.training import augmentation_for
+    from pneumonia.training.augmentation import augmentation_for
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(60, 200, (8, 32, 32), dtype=np.uint8)
@@ -320,7 +323,7 @@ def test_augmentation_changes_images_but_keeps_range_and_labels():
 def test_acquisition_shift_blurs_or_sharpens_changes_gamma_and_stays_in_range():
     import tensorflow as tf
 
-    from pneumonia.training import acquisition_shift, augmentation_for
+    from pneumonia.training.augmentation import acquisition_shift, augmentation_for
 
     rng = np.random.default_rng(1)
     batch = tf.constant(rng.integers(40, 220, (16, 32, 32, 1)).astype("float32"))
@@ -341,7 +344,8 @@ def test_sharpness_matching_takes_the_sharpness_cue_away_from_the_labels():
     edge strengths overlap; with share 0 nothing changes; pixels stay in range."""
     import tensorflow as tf
 
-    from pneumonia.training import edge_strength, gaussian_blur, sharpness_matching
+    from pneumonia.training.augmentation import gaussian_blur
+    from pneumonia.training.fitting import edge_strength, sharpness_matching
 
     rng = np.random.default_rng(2)
     texture = tf.constant(rng.integers(40, 220, (256, 32, 32, 1)).astype("float32"))
@@ -369,8 +373,9 @@ def test_sharpness_matching_takes_the_sharpness_cue_away_from_the_labels():
 def test_mixup_blends_each_image_with_one_partner_and_blends_its_label_and_weight_alike():
     import tensorflow as tf
 
-    from pneumonia.preprocessing import UNIT_NORMALIZATION
-    from pneumonia.training import make_dataset, mixup
+    from pneumonia.serving.preprocessing import UNIT_NORMALIZATION
+    from pneumonia.training.augmentation import make_dataset
+    from pneumonia.training.fitting import mixup
 
     values = np.arange(1, 33, dtype="float32") * 7  # image i is flat at values[i]
     images = tf.constant(np.broadcast_to(values[:, None, None, None], (32, 8, 8, 1)).copy())
@@ -403,7 +408,8 @@ def test_mixup_blends_each_image_with_one_partner_and_blends_its_label_and_weigh
 def test_normal_zoom_crops_only_normal_images_and_about_half_of_them():
     import tensorflow as tf
 
-    from pneumonia.training import augmentation_for, normal_zoom
+    from pneumonia.training.augmentation import augmentation_for
+    from pneumonia.training.fitting import normal_zoom
 
     rng = np.random.default_rng(3)
     images = tf.constant(rng.integers(40, 220, (64, 32, 32, 1)).astype("float32"))

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 
 from flask import Flask
 
-from pneumonia.classifier import SHIPPED_MODEL_DIR
+from pneumonia.serving.classifier import SHIPPED_MODEL_DIR
 from web.uploads import BodyDeadline, InMemoryRequest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULTS = {
     "MODEL_PATH": str(SHIPPED_MODEL_DIR),
-    "RUNTIME": None,  # "onnx" or "keras"; None: onnx when the model's export is current (pneumonia/runtime.py)
+    "RUNTIME": None,  # "onnx" or "keras"; None: onnx when the model's export is current (pneumonia/serving/runtime.py)
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # 413 above this
     "MAX_FORM_PARTS": 16,  # the forms' fields besides the files (a batch adds BATCH_MAX_FILES parts)
     # Several files in one request (web/batch.py): at most this many, screened this many at a time
@@ -35,7 +32,7 @@ DEFAULTS = {
     "BODY_READ_TIMEOUT": 10,  # seconds without a byte of the body
     # Model capacity (web/capacity.py): screenings at once per worker, and the longest expected
     # wait for one before an upload is answered 503 with Retry-After. On ONNX Runtime with 2 threads
-    # a call (pneumonia/runtime.py), 2 slots keep both cores busy while one screening decodes or
+    # a call (pneumonia/serving/runtime.py), 2 slots keep both cores busy while one screening decodes or
     # encodes; slots x threads measured on 2 cores: README "Performance".
     "MODEL_SLOTS": 2,
     "MODEL_QUEUE_SECONDS": 5,
@@ -45,7 +42,7 @@ DEFAULTS = {
 def create_app(config: dict | None = None) -> Flask:
     """Settings: DEFAULTS, then PNEUMONIA_* environment variables (PNEUMONIA_MODEL_PATH,
     PNEUMONIA_MAX_CONTENT_LENGTH, PNEUMONIA_BODY_TIMEOUT, PNEUMONIA_MODEL_SLOTS, ...), then `config`."""
-    app = Flask(__name__, root_path=str(REPO_ROOT))
+    app = Flask(__name__)  # web/templates and web/static, wherever the package is installed
     app.request_class = InMemoryRequest
     app.config.update(DEFAULTS)
     app.config.from_prefixed_env("PNEUMONIA")
@@ -69,5 +66,5 @@ def create_app(config: dict | None = None) -> Flask:
 def _keep_dicom_tags_out_of_logs() -> None:
     """pydicom's log records and warnings can quote element values (patient name, ID)."""
     logging.getLogger("pydicom").propagate = False
-    for module in ("pydicom", "pneumonia.dicom"):
+    for module in ("pydicom", "pneumonia.reading.dicom"):
         warnings.filterwarnings("ignore", module=module)

@@ -47,9 +47,9 @@ def predict():
         thresholds=screener.classifier.thresholds,
         model={
             "name": screener.classifier.name,
-            "architecture": card.get("architecture"),
+            "architecture": card.architecture,
             "input_size": screener.classifier.image_size,
-            "validation_auc": card.get("validation", {}).get("auc"),
+            "validation_auc": card.validation["auc"],
         },
         gradcam={
             "layer": screener.gradcam.layer,

@@ -7,7 +7,7 @@ the environment). Each file is checked for an accepted type before any decoder s
 single upload is, and answered on its own: one bad file does not fail the others.
 
 Memory: files are screened in chunks of BATCH_CHUNK_SIZE (default 8) by
-`pneumonia.batch_screening`, which decodes one file at a time and keeps only the model's square of
+`pneumonia.serving.screening`, which decodes one file at a time and keeps only the model's square of
 it (and a display copy of at most BATCH_IMAGE_MAX_SIDE px when images are shown, dropped once
 encoded). A 100-file request holds its raw uploads (at most MAX_CONTENT_LENGTH) and at most one
 decoded full-size image.
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pneumonia.batch_screening import ScreenedImage, chunked, csv_text
-from pneumonia.preprocessing import ACCEPTED_TYPES, sniff_format
+from pneumonia.reading.decoding import ACCEPTED_TYPES, sniff_format
+from pneumonia.serving.results import csv_text
+from pneumonia.serving.screening import ScreenedImage, chunked
 from web.capacity import ModelBusy
 from web.screening import ood_json
 from web.uploads import UploadError

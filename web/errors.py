@@ -10,7 +10,7 @@ from flask import current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from pneumonia.errors import XrayReadError
-from pneumonia.ood import EXPECTED, OutOfDistribution
+from pneumonia.serving.gate import EXPECTED, OutOfDistribution
 from web.capacity import ModelBusy
 from web.screening import ModelNotReady, current_screener, ood_json
 from web.uploads import UploadError

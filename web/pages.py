@@ -7,7 +7,7 @@ import time
 
 from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
 
-from pneumonia.preprocessing import ACCEPTED_TYPES
+from pneumonia.reading.decoding import ACCEPTED_TYPES
 from web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
 from web.capacity import model_slot
 from web.screening import current_screener

@@ -1,7 +1,7 @@
 """The model as the web app uses it: one upload -> probability, labels and Grad-CAM images.
 
 One upload is a chunk of one through the package's screening pipeline
-(`pneumonia.batch_screening`), the same as many uploads and `predict`: decoding, the gate's pixel
+(`pneumonia.serving.screening`), the same as many uploads and `predict`: decoding, the gate's pixel
 checks, the model square, one explain pass (logit, Grad-CAM and the features the gate scores),
 calibration and labels. This module adds the encoded images and the web's exceptions.
 """
@@ -15,11 +15,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from gradcam import check_map_size, overlay
-from pneumonia.batch_screening import BatchScreener, ScreenedImage
-from pneumonia.classifier import ModelLoadError, XrayClassifier
 from pneumonia.errors import XrayReadError
-from pneumonia.ood import OutOfDistribution, Verdict
+from pneumonia.serving.card import ModelCard
+from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
+from pneumonia.serving.gate import OutOfDistribution, Verdict
+from pneumonia.serving.gradcam import check_map_size, overlay
+from pneumonia.serving.screening import BatchScreener, ScreenedImage
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -60,7 +61,7 @@ class Screener:
         self.overlay_alpha = overlay_alpha
 
     @property
-    def card(self) -> dict:
+    def card(self) -> ModelCard:
         return self.classifier.card
 
     @property

@@ -24,10 +24,7 @@ import time
 from flask import Request
 from werkzeug.exceptions import RequestTimeout
 
-from pneumonia.preprocessing import (
-    ACCEPTED_TYPES,
-    sniff_format,  # everything else is refused without being decoded
-)
+from pneumonia.reading.decoding import ACCEPTED_TYPES, sniff_format  # anything else is refused undecoded
 
 
 class UploadError(Exception):

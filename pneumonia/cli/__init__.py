@@ -1,0 +1,45 @@
+"""`python -m pneumonia {train,evaluate,predict,fit-ood,export,calibrate}`: one module per command,
+each a parser and a `run(args)` that calls the library and turns its errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
+
+COMMANDS = ("train", "evaluate", "predict", "gate", "export", "calibrate")
+
+
+def positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def fail(message) -> int:
+    """Exit status 2 with `error: message` on stderr: what every command does for a usage or input error."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    from pneumonia.serving.classifier import default_model_path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pneumonia",
+        description="Pneumonia screening from chest X-rays (research tool, not a medical device).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"pneumonia.cli.{name}").add(commands, str(default_model_path()))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,84 @@
+"""`predict`: image files and folders through the one screening pipeline: a line per file, and a CSV
+and Grad-CAM overlays on request. Exit status 1 when a file could not be read."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from pneumonia.cli import fail, positive_int
+
+
+def run(args) -> int:
+    from pneumonia.errors import ModelLoadError
+    from pneumonia.progress import ProgressBar
+    from pneumonia.serving.classifier import XrayClassifier
+    from pneumonia.serving.folders import find_images, screen_files
+    from pneumonia.serving.results import CsvRows
+    from pneumonia.serving.screening import BatchScreener
+
+    try:
+        classifier = XrayClassifier(args.model, args.runtime)
+    except ModelLoadError as err:
+        return fail(err)
+    if classifier.gate is None:
+        print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
+    found = find_images(args.paths)
+    if found.skipped:
+        print(
+            f"note: skipped {len(found.skipped)} file(s) that are not images by content or name, e.g. "
+            f"{found.skipped[0]}",
+            file=sys.stderr,
+        )
+    if not found.files:
+        return fail("no image files in " + ", ".join(args.paths))
+    try:
+        csv_file = open(args.csv, "w", newline="", encoding="utf-8") if args.csv else None
+    except OSError as err:
+        return fail(f"cannot write {args.csv}: {err.strerror}")
+    progress = ProgressBar(len(found.files), sys.stderr)
+    with csv_file or contextlib.nullcontext():
+        extra = ("gradcam",) if args.gradcam else ()
+        gated = classifier.gate is not None
+        table = CsvRows(csv_file, "path", classifier.thresholds, gated, extra) if csv_file else None
+        counts = screen_files(BatchScreener(classifier), found.files, args, table, progress)
+    progress.finish()
+    print(
+        f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
+        f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""),
+        file=sys.stderr,
+    )
+    return 1 if counts["failed"] else 0
+
+
+def add(commands, shipped: str) -> None:
+    from pneumonia.serving.screening import DEFAULT_CHUNK_SIZE
+
+    predict = commands.add_parser("predict", help="probability of pneumonia for image files and folders")
+    predict.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files (JPEG, PNG, BMP, TIFF, DICOM) and folders, searched recursively for "
+        "files that are images by content or by name",
+    )
+    predict.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument(
+        "--runtime",
+        choices=("onnx", "keras"),
+        help="what runs the model (default: PNEUMONIA_RUNTIME, else onnx when the model's export is current)",
+    )
+    predict.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write one CSV row per file: path, probability, label at each threshold, the gate's verdict, error",
+    )
+    predict.add_argument("--gradcam", metavar="DIR", help="write each screened file's Grad-CAM overlay to DIR as a PNG")
+    predict.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="images per model pass (default %(default)s); at most one full-size image is decoded at a time",
+    )
+    predict.set_defaults(run=run)

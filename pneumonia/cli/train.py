@@ -1,0 +1,82 @@
+"""`train`: a Kaggle-layout folder -> a model folder (weights, card, report, gate, ONNX export)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pneumonia.cli import fail
+
+
+def run(args) -> int:
+    from pneumonia.training.architectures import InitError
+    from pneumonia.training.config import DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
+    from pneumonia.training.fitting import train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(
+        **{
+            **given,
+            "out": args.out or f"runs/{args.arch}",
+            "init": args.init or DEFAULT_INIT[args.arch],
+            "image_size": args.image_size or DEFAULT_IMAGE_SIZE[args.arch],
+            "cache_dir": None if args.no_cache else args.cache_dir,
+        }
+    )
+    try:
+        card = train(config)
+    except InitError as err:
+        return fail(err)
+    print(
+        f"validation AUC {card.validation['auc']:.4f}; thresholds: default {card.thresholds.default:.3f}, "
+        f"screening {card.thresholds.screening:.3f}"
+    )
+    return 0
+
+
+def add(commands, shipped: str) -> None:
+    from pneumonia.serving.preprocessing import CONTRASTS
+    from pneumonia.training.config import ARCHITECTURES, AUGMENTATIONS, DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
+    from pneumonia.training.dataset import NORMAL_SERIES
+
+    default = TrainConfig(data_dir="")
+    per_arch = lambda values: ", ".join(f"{v} for {arch}" for arch, v in values.items())  # noqa: E731
+    train = commands.add_parser("train", help="train a model on a Kaggle-layout folder")
+    train.add_argument("data_dir")
+    train.add_argument("--arch", choices=ARCHITECTURES, default=default.arch)
+    train.add_argument("--out", help="output folder (default runs/<arch>)")
+    train.add_argument(
+        "--init",
+        help="imagenet, none, or a local DenseNet121 weights file or trained .keras model "
+        f"(default: {per_arch(DEFAULT_INIT)})",
+    )
+    train.add_argument("--image-size", type=int, help=f"input side in pixels (default {per_arch(DEFAULT_IMAGE_SIZE)})")
+    for name in ("epochs", "batch_size", "learning_rate", "val_fraction", "seed", "target_sensitivity"):
+        value = getattr(default, name)
+        train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    train.add_argument(
+        "--patience", type=int, default=default.patience, help="early stopping: epochs without a better validation AUC"
+    )
+    train.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=default.augment,
+        help="standard: rotation, shift, zoom, brightness, contrast; acquisition: also sharpness, "
+        "gamma, noise and stronger contrast (what differs between X-ray machines)",
+    )
+    train.add_argument(
+        "--contrast",
+        choices=CONTRASTS,
+        default=default.contrast,
+        help="contrast normalisation of the model's square (equalize: global histogram equalisation), "
+        "recorded in the card and applied everywhere the model is used",
+    )
+    train.add_argument(
+        "--hold-out-series",
+        choices=NORMAL_SERIES,
+        help="keep this NORMAL acquisition series out of training and validation and report the "
+        "specificity on it in the card (a test of transfer to an unseen series)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
+    train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
+    train.add_argument("--no-cache", action="store_true")
+    train.set_defaults(run=run)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, plots, a model evaluated on a labelled split, and recalibration for a new site."""

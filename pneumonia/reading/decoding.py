@@ -1,0 +1,171 @@
+"""Bytes or a file to an upright 8-bit greyscale image: the reading every path shares.
+
+JPEG, PNG, BMP, TIFF (any Pillow mode; 16-bit scaled by its range) and DICOM (`dicom.py`). A
+decompression bomb or an oversized image is refused before its pixels are allocated.
+
+A large JPEG is decoded only as large as needed (`decode_xray`'s `model_side`): at the smallest
+of libjpeg's DCT scales (1/2, 1/4, 1/8) that leaves both sides at least DRAFT_MARGIN times the
+model's square and at least DRAFT_MIN_SIDE. The scale depends on the image and the model only,
+never on what else is asked for (a display copy is made from the same decoded image), and the
+training cache decodes so too: every path gives the model the same square for the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pneumonia.errors import XrayReadError
+from pneumonia.reading.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom, range_to_uint8
+from pneumonia.reading.pixel_stats import PixelStats, grey_spread, mean_chroma
+
+Source = bytes | bytearray | str | Path
+
+# Magic numbers of the accepted types: the web app refuses anything else before decoding, and
+# `predict` recognises images in a folder by them.
+IMAGE_SIGNATURES = (
+    ("JPEG", 0, b"\xff\xd8\xff"),
+    ("PNG", 0, b"\x89PNG\r\n\x1a\n"),
+    ("BMP", 0, b"BM"),
+    ("TIFF", 0, b"II*\x00"),
+    ("TIFF", 0, b"MM\x00*"),
+    ("DICOM", 128, b"DICM"),
+)
+SIGNATURE_BYTES = 132  # enough of a file's head for every signature
+ACCEPTED_TYPES = "JPEG, PNG, BMP, TIFF or DICOM"
+
+# A 2,900 px X-ray is ~8 Mpx; 60 Mpx leaves headroom for large scanners while refusing
+# decompression bombs (a tiny PNG that claims 100k x 100k pixels) before decoding.
+MAX_IMAGE_PIXELS = 60_000_000
+
+# A JPEG decoded at a DCT scale keeps at least DRAFT_MARGIN pixels per model pixel along each side,
+# so the antialiased resize to the square still averages over several decoded pixels, and at least
+# DRAFT_MIN_SIDE on its short side, so the display copy made from the same decoded image stays sharp
+# on the result page. `python -m bench.draft_decoding` measures what it changes.
+DRAFT_MARGIN = 4
+DRAFT_MIN_SIDE = 512
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The accepted type whose magic number the first bytes `head` carry, else None."""
+    for name, offset, magic in IMAGE_SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def _open_image(source: Source) -> Image.Image:
+    """Opens without decoding pixels, so size checks happen before any large allocation."""
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise XrayReadError("The file is empty.")
+        stream = io.BytesIO(source)
+        name = "the upload"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise XrayReadError(f"No such image file: {path}")
+        if path.stat().st_size == 0:
+            raise XrayReadError(f"{path} is empty.")
+        stream = path  # Pillow opens it, and closes it once the pixels are read or on error
+        name = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        if isinstance(err, UnidentifiedImageError):
+            raise XrayReadError(f"{name} is not a supported image (JPEG, PNG, BMP, TIFF or DICOM).") from None
+        raise XrayReadError(f"{name} declares too many pixels to be an X-ray; refused before decoding.") from None
+    except OSError as err:
+        raise XrayReadError(f"{name} could not be read as an image: {err}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise XrayReadError(
+            f"{name} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refused before decoding."
+        )
+    if width < 8 or height < 8:
+        image.close()
+        raise XrayReadError(f"{name} is only {width}x{height} pixels: too small to be an X-ray.")
+    return image
+
+
+def _to_greyscale(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit "L"; 16-bit and float data are scaled by their range, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(range_to_uint8(np.asarray(image)), mode="L")
+    if image.mode == "L":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels become black, the background of an X-ray.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    if image.mode == "RGB":
+        return image.convert("L")
+    return image.convert("RGB").convert("L")  # CMYK, YCbCr, palette, 1-bit: via RGB
+
+
+def _dicom_bytes(source: Source) -> bytes | None:
+    """The bytes of a DICOM source (by its 'DICM' preamble), else None."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source) if is_dicom(source) else None
+    path = Path(source)
+    if path.is_file():
+        with path.open("rb") as handle:
+            head = handle.read(DICOM_MAGIC_OFFSET + 4)
+        if is_dicom(head):
+            return path.read_bytes()
+    return None
+
+
+def _draft(image: Image.Image, model_side: int | None) -> None:
+    """A JPEG not yet decoded: ask libjpeg for the smallest DCT scale that leaves both sides at least
+    DRAFT_MARGIN x model_side and DRAFT_MIN_SIDE (none when model_side is None)."""
+    if image.format != "JPEG" or model_side is None:
+        return
+    width, height = image.size
+    least = max(DRAFT_MARGIN * model_side, DRAFT_MIN_SIDE)
+    for scale in (8, 4, 2):
+        if min(width, height) // scale >= least:
+            image.draft(image.mode, (width // scale, height // scale))
+            return
+
+
+def decode_xray(source: Source, model_side: int | None = None) -> tuple[Image.Image, PixelStats]:
+    """Decodes bytes or a file (JPEG, PNG, BMP, TIFF or DICOM) into an upright 8-bit greyscale image,
+    and what the gate's pixel checks measure: the size as stored, the colour before the greyscale
+    conversion and the grey-level spread after it. With `model_side`, a large JPEG is decoded at a
+    reduced DCT scale (`_draft`); otherwise at its own size."""
+    dicom = _dicom_bytes(source)
+    if dicom is not None:
+        image, chroma = dicom_to_image(dicom, MAX_IMAGE_PIXELS), 0.0
+        stored_size = image.size
+    else:
+        opened = _open_image(source)
+        stored_size = opened.size
+        _draft(opened, model_side)
+        try:
+            upright = ImageOps.exif_transpose(opened)
+            chroma = mean_chroma(upright)
+            image = _to_greyscale(upright)
+            image.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            opened.close()  # Pillow leaves the file open when decoding fails
+            if isinstance(err, XrayReadError):
+                raise
+            raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
+        if image is not opened:
+            opened.close()
+    # The pixel checks read the pixel count and the aspect ratio: the same whichever way up.
+    return image, PixelStats(*stored_size, chroma, grey_spread(image))
+
+
+def load_xray(source: Source, model_side: int | None = None) -> Image.Image:
+    """The upright 8-bit greyscale image of `decode_xray`."""
+    return decode_xray(source, model_side)[0]

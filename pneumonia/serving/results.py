@@ -1,0 +1,137 @@
+"""A screened image's row as others read it: a CSV row (the `predict --csv` file and the web app's
+results table), `predict`'s output line (text or JSON), and its Grad-CAM overlay file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+from pneumonia.serving.screening import ScreenedImage
+
+CSV_COLUMNS = (
+    "probability",
+    "label_default",
+    "label_screening",
+    "threshold_default",
+    "threshold_screening",
+    "ood_verdict",
+    "ood_reason",
+    "ood_score",
+    "error",
+)
+SPREADSHEET_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text_cell(text: str) -> str:
+    """A spreadsheet runs a cell that starts with = + - @ as a formula: such text gets a leading quote."""
+    return f"'{text}" if text.startswith(SPREADSHEET_FORMULA_STARTS) else text
+
+
+def ood_verdict_name(row: ScreenedImage, gated: bool) -> str:
+    """ok, unusual, rejected; unchecked when the model has no gate; empty when the file was unreadable."""
+    if row.verdict is not None:
+        return row.verdict.verdict
+    return "unchecked" if not gated and row.error is None else ""
+
+
+def csv_fields(row: ScreenedImage, thresholds: dict[str, float], gated: bool) -> list[str]:
+    """The CSV_COLUMNS of one row (after the file's name)."""
+    screened = row.probability is not None
+    verdict = row.verdict
+    score = "" if verdict is None or verdict.score is None else f"{verdict.score:.3f}"
+    return [
+        f"{row.probability:.6f}" if screened else "",
+        row.labels["default"] if screened else "",
+        row.labels["screening"] if screened else "",
+        f"{thresholds['default']:.6f}",
+        f"{thresholds['screening']:.6f}",
+        ood_verdict_name(row, gated),
+        (verdict.reason or "") if verdict is not None else "",
+        score,
+        _text_cell(row.error or ""),
+    ]
+
+
+class CsvRows:
+    """CSV with a header and one row per screened file, written as rows come (flushed: an
+    interrupted run keeps what it did)."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        name_column: str,
+        thresholds: dict[str, float],
+        gated: bool,
+        extra_columns: tuple[str, ...] = (),
+    ):
+        self.stream = stream
+        self.writer = csv.writer(stream)
+        self.thresholds, self.gated = thresholds, gated
+        self.writer.writerow([name_column, *CSV_COLUMNS, *extra_columns])
+
+    def write(self, row: ScreenedImage, *extra: str) -> None:
+        self.writer.writerow([_text_cell(row.name), *csv_fields(row, self.thresholds, self.gated), *extra])
+        self.stream.flush()
+
+
+def csv_text(rows: Iterable[ScreenedImage], name_column: str, thresholds: dict[str, float], gated: bool) -> str:
+    buffer = io.StringIO()
+    table = CsvRows(buffer, name_column, thresholds, gated)
+    for row in rows:
+        table.write(row)
+    return buffer.getvalue()
+
+
+def overlay_file_name(index: int, name: str) -> str:
+    """A unique, ordered PNG name for the overlay of the index-th file (1-based)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem)[:80] or "image"
+    return f"{index:05d}-{stem}.png"
+
+
+def write_overlay(folder: str, index: int, row) -> str | None:
+    """DIR/NNNNN-<name>.png: Grad-CAM of the default label's class over the X-ray; None when not screened."""
+    import cv2
+
+    from pneumonia.serving.gradcam import overlay
+
+    if row.heat is None:
+        return None
+    path = Path(folder) / overlay_file_name(index, row.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), overlay(row.display, row.heat)):
+        raise OSError(f"could not write {path}")
+    return str(path)
+
+
+def prediction_line(row, classifier, as_json: bool) -> str:
+    """One output line: the probability and labels, or why the file was not screened."""
+    image, verdict = row.name, row.verdict
+    ood = None if verdict is None else {k: v for k, v in vars(verdict).items() if v is not None}
+    if row.probability is None and not row.refused:
+        return json.dumps({"path": image, "error": row.error}) if as_json else f"{image}\terror: {row.error}"
+    if row.refused:
+        if as_json:
+            return json.dumps({"path": image, "probability": None, "ood": ood, "error": verdict.message})
+        return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"
+    probability, labels = row.probability, row.labels
+    if as_json:
+        return json.dumps(
+            {
+                "path": image,
+                "probability": round(probability, 6),
+                "label": labels["default"],
+                "screening_label": labels["screening"],
+                "thresholds": classifier.thresholds,
+                "ood": ood,
+            }
+        )
+    warning = "\tunusual for this model" if verdict is not None and verdict.verdict == "unusual" else ""
+    return (
+        f"{image}\t{probability:.4f}\tdefault({classifier.thresholds['default']:.3f}): {labels['default']}"
+        f"\tscreening({classifier.thresholds['screening']:.3f}): {labels['screening']}{warning}"
+    )

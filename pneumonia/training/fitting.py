@@ -1,0 +1,365 @@
+"""`python -m pneumonia train`: data -> model, card and validation report in one folder.
+
+DIR/
+  <arch>.keras          best epoch by validation AUC
+  model.json            the card
+  report/               validation metrics.json, plots, history.csv, training_curves.png
+  checkpoints/          last.keras + state.json (for --resume), best.keras
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+from pneumonia.evaluation.metrics import write_metrics
+from pneumonia.evaluation.plots import plot_history, save_plots
+from pneumonia.labels import CLASS_NAMES
+from pneumonia.serving.card import CARD_NAME, DataRecord, Gradcam, ModelCard, Run, Training, platt, write_card
+from pneumonia.serving.keras_graphs import features_and_logit_model, gradcam_layer_for
+from pneumonia.serving.preprocessing import normalize_contrast, preprocessing_spec
+from pneumonia.training import dataset
+from pneumonia.training.architectures import build_model, normalization_for, resolve_init
+from pneumonia.training.augmentation import augmentation_for, class_weights, make_dataset
+from pneumonia.training.config import TrainConfig
+from pneumonia.training.export import export
+from pneumonia.training.gate_fitting import fit_ood, format_gate
+from pneumonia.training.operating_points import OperatingPoint, operating_point
+
+
+def logits_of(model, batches) -> np.ndarray:
+    """The "logit" layer's output (N,) for the inputs of a tf.data of (x, y) batches, in order."""
+    logit_model = features_and_logit_model(model)
+    out = [np.asarray(logit_model(x, training=False)[1]).reshape(-1) for x, _ in batches]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def exact_val_auc_callback(val_ds, val_y):
+    """Replaces each epoch's `val_auc` with the exact ROC AUC of the validation logits.
+
+    Keras' AUC metric counts probabilities in 200 buckets. Early in training, while the
+    BatchNormalization moving statistics are far from the batch statistics (the custom CNN's
+    activations have variances of 1e-5..1e-8 against a moving variance that starts at 1), a
+    model can rank the validation images well yet put every probability in one bucket: the
+    bucketed AUC reads exactly 0.5, and best-epoch selection and early stopping, which watch
+    `val_auc`, keep the first epoch. Ranks of the logits have neither the bucketing nor float32
+    sigmoid saturation. Put it before the callbacks that read `val_auc`.
+    """
+    labels = np.asarray(val_y)
+
+    class ExactValidationAUC(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and len(np.unique(labels)) == 2:
+                logs["val_auc"] = float(roc_auc_score(labels, logits_of(self.model, val_ds)))
+
+    return ExactValidationAUC()
+
+
+def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, started: float):
+    """Saves last.keras + state.json after every epoch, so --resume can continue.
+
+    `started` is the clock time training would have begun had it never stopped, so the
+    recorded wall time adds up across resumes.
+    """
+
+    class SaveResumeState(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = -np.inf if best_val_auc is None else best_val_auc
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.best = max(self.best, float(logs.get("val_auc", -np.inf)))
+            self.model.save(checkpoint_dir / "last.keras")
+            state = {"epochs_done": epoch + 1, "best_val_auc": self.best, "wall_time_s": time.time() - started}
+            (checkpoint_dir / "state.json").write_text(json.dumps(state))
+
+    return SaveResumeState()
+
+
+@dataclass
+class TrainingData:
+    """The patient-grouped training and validation parts, decoded, resized and contrast-normalised."""
+
+    train_x: np.ndarray  # uint8 (N, S, S)
+    train_y: np.ndarray  # int (N,)
+    val_x: np.ndarray
+    val_y: np.ndarray
+    train_files: dataset.SplitFiles
+    val_files: dataset.SplitFiles
+    held_out_x: np.ndarray  # the NORMAL images of a held-out series (empty without one)
+    held_out_files: dataset.SplitFiles
+
+
+def load_training_data(config: TrainConfig, log=print) -> TrainingData:
+    all_train = dataset.scan_split(config.data_dir, "train")
+    if all_train is None or not all_train.paths:
+        raise SystemExit(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
+    log(dataset.describe("train/ (all)", all_train))
+    train_files, val_files, held_out = dataset.training_parts(
+        all_train, config.val_fraction, config.seed, config.hold_out_series
+    )
+    train_x, train_y, train_files = dataset.load_pixels(train_files, config.image_size, config.cache_dir, log)
+    val_x, val_y, val_files = dataset.load_pixels(val_files, config.image_size, config.cache_dir, log)
+    held_x, _, held_out = dataset.load_pixels(held_out, config.image_size, config.cache_dir, log)
+    log(dataset.describe("training part", train_files))
+    log(dataset.describe("validation part (patient-grouped, from train/)", val_files))
+    if config.hold_out_series:
+        log(dataset.describe(f"held out: NORMAL series {config.hold_out_series}", held_out))
+    # The card's contrast normalisation before augmentation: what `model_input` does when serving.
+    return TrainingData(
+        normalize_contrast(train_x, config.contrast),
+        train_y,
+        normalize_contrast(val_x, config.contrast),
+        val_y,
+        train_files,
+        val_files,
+        normalize_contrast(held_x, config.contrast),
+        held_out,
+    )
+
+
+def compile_for_training(model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+
+
+@dataclass
+class Progress:
+    """Where training starts: a fresh model at epoch 0, or the checkpoint of an earlier run."""
+
+    model: object
+    initial_epoch: int = 0
+    best_val_auc: float | None = None
+    earlier_wall_time_s: float = 0.0
+
+
+def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) -> Progress:
+    state_file = checkpoints / "state.json"
+    if config.resume and state_file.exists():
+        state = json.loads(state_file.read_text())
+        log(f"resuming after epoch {state['epochs_done']} (best validation AUC so far {state['best_val_auc']:.4f})")
+        return Progress(
+            keras.saving.load_model(checkpoints / "last.keras"),
+            state["epochs_done"],
+            state["best_val_auc"],
+            state.get("wall_time_s", 0.0),
+        )
+    if config.resume:
+        log("--resume: no checkpoint found, starting from scratch")
+    model = build_model(config.arch, config.image_size, init)
+    compile_for_training(model, config.learning_rate)
+    return Progress(model)
+
+
+def training_callbacks(config: TrainConfig, progress: Progress, val_ds, val_y, paths: dict, started: float) -> list:
+    return [
+        exact_val_auc_callback(val_ds, val_y),  # the callbacks below read its val_auc
+        keras.callbacks.ModelCheckpoint(
+            paths["best"],
+            monitor="val_auc",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=progress.best_val_auc,
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
+        keras.callbacks.CSVLogger(paths["history"], append=progress.initial_epoch > 0),
+        resume_state_callback(paths["checkpoints"], progress.best_val_auc, started),
+    ]
+
+
+def training_record(config: TrainConfig, history: list[dict], started: float) -> Training:
+    best_epoch = int(history[int(np.argmax([float(r["val_auc"]) for r in history]))]["epoch"]) + 1 if history else None
+    return Training(
+        config=asdict(config),
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        command="python -m pneumonia " + shlex.join(sys.argv[1:]),
+        wall_time_s=round(time.time() - started, 1),
+        optimizer="Adam",
+        loss="binary cross-entropy, balanced class weights",
+        weights="the best epoch's",
+    )
+
+
+def lineage(init: dict, training: Training, train_fingerprint: str) -> list[Run]:
+    """The runs before this one (from the card beside a trained model it started from), then this one."""
+    earlier: list[Run] = []
+    if init["kind"] == "file" and init["file"].endswith(".keras"):
+        started_from = "a trained model"
+        card_path = Path(init["file"]).with_name(CARD_NAME)
+        if card_path.is_file() and ModelCard.load(card_path).file == Path(init["file"]).name:
+            earlier = ModelCard.load(card_path).lineage
+    else:
+        started_from = {"none": "random initialisation", "imagenet": "ImageNet weights"}.get(
+            init["kind"], "a weights file"
+        )
+    run = Run(
+        started_from=started_from,
+        command=training.command,
+        train_fingerprint=train_fingerprint,
+        epochs_run=training.epochs_run,
+        best_epoch=training.best_epoch,
+        wall_time_s=training.wall_time_s,
+        init_sha256=init.get("sha256"),
+    )
+    return [*earlier, run]
+
+
+def held_out_record(config: TrainConfig, model, data: TrainingData, point: OperatingPoint, log=print) -> dict | None:
+    """How the NORMAL images of the held-out series fare: the specificity a new site's normal
+    X-rays would get at the thresholds chosen without them."""
+    if not config.hold_out_series:
+        return None
+    normalization = normalization_for(config.arch)
+    batches = make_dataset(data.held_out_x, np.zeros(len(data.held_out_x), int), normalization, config.batch_size, 0)
+    probs = platt(logits_of(model, batches), point.calibration.slope, point.calibration.intercept)
+    record = {
+        "series": config.hold_out_series,
+        "n_normal": len(probs),
+        "normal_mean_p": float(probs.mean()),
+        "specificity": {
+            name: float((probs < getattr(point.thresholds, name)).mean()) for name in ("default", "screening")
+        },
+    }
+    log(
+        f"held-out series {config.hold_out_series}: {len(probs)} NORMAL images, mean p {record['normal_mean_p']:.3f}, "
+        f"specificity {record['specificity']['default']:.3f} @ default, {record['specificity']['screening']:.3f} "
+        "@ screening"
+    )
+    return record
+
+
+def data_record(config: TrainConfig, data: TrainingData) -> DataRecord:
+    return DataRecord(
+        source=str(Path(config.data_dir).name),
+        train=data.train_files.counts(),
+        validation=data.val_files.counts(),
+        val_fraction=config.val_fraction,
+        train_fingerprint=dataset.fingerprint(data.train_files),
+        validation_fingerprint=dataset.fingerprint(data.val_files),
+    )
+
+
+def versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def run_paths(out: Path) -> dict[str, Path]:
+    """The run folder's parts (module docstring), created."""
+    paths = {
+        "checkpoints": out / "checkpoints",
+        "report": out / "report",
+        "best": out / "checkpoints" / "best.keras",
+        "history": out / "report" / "history.csv",
+    }
+    paths["checkpoints"].mkdir(parents=True, exist_ok=True)
+    paths["report"].mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def fit(config: TrainConfig, progress: Progress, data: TrainingData, train_ds, val_ds, paths: dict, started: float):
+    """Fits from where `progress` stands to `config.epochs`; the best epoch is left in paths["best"]."""
+    if progress.initial_epoch >= config.epochs:
+        return
+    progress.model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        initial_epoch=progress.initial_epoch,
+        class_weight=class_weights(data.train_y),
+        callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
+        verbose=1,
+        shuffle=False,
+    )  # train_ds shuffles itself; Keras warns about shuffle=True
+
+
+def model_card(
+    config: TrainConfig,
+    init: dict,
+    data: TrainingData,
+    best,
+    point: OperatingPoint,
+    paths: dict,
+    started: float,
+    log=print,
+) -> ModelCard:
+    layer = gradcam_layer_for(best)
+    training = training_record(config, list(csv.DictReader(paths["history"].open())), started)
+    record = data_record(config, data)
+    return ModelCard(
+        name=config.arch,
+        architecture=config.arch,
+        file=f"{config.arch}.keras",
+        input_size=config.image_size,
+        class_names=list(CLASS_NAMES),
+        preprocessing=preprocessing_spec(config.image_size, normalization_for(config.arch), config.contrast),
+        calibration=point.calibration,
+        thresholds=point.thresholds,
+        validation=point.metrics,
+        data=record,
+        training=training,
+        lineage=lineage(init, training, record.train_fingerprint),
+        gradcam=Gradcam(layer, [int(n) for n in best.get_layer(layer).output.shape[1:3]]),
+        versions=versions(),
+        held_out_series=held_out_record(config, best, data, point, log),
+    )
+
+
+def train(config: TrainConfig, log=print) -> ModelCard:
+    """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
+    started = time.time()
+    out = Path(config.out)
+    paths = run_paths(out)
+    init = resolve_init(config.init, config.arch)  # stops at once when ImageNet weights cannot be had
+    log(f"initial weights: {init['description']}")
+    keras.utils.set_random_seed(config.seed)
+    data = load_training_data(config, log)
+    normalization = normalization_for(config.arch)
+    train_ds = make_dataset(
+        data.train_x,
+        data.train_y,
+        normalization,
+        config.batch_size,
+        config.seed,
+        augment=augmentation_for(config.augment, config.seed),
+        shuffle=True,
+    )
+    val_ds = make_dataset(data.val_x, data.val_y, normalization, config.batch_size, config.seed)
+
+    progress = model_to_fit(config, init, paths["checkpoints"], log)
+    started -= progress.earlier_wall_time_s  # the recorded wall time adds up across resumes
+    fit(config, progress, data, train_ds, val_ds, paths, started)
+    plot_history(paths["history"], paths["report"] / "training_curves.png")
+
+    best = keras.saving.load_model(paths["best"], compile=False)
+    point = operating_point(data.val_y, logits_of(best, val_ds), config.arch, config.target_sensitivity)
+    write_metrics(point.metrics, paths["report"])
+    save_plots(data.val_y, point.probabilities, point.metrics, paths["report"])
+    card = model_card(config, init, data, best, point, paths, started, log)
+    best.save(out / card.file)
+    card_path = write_card(out, card)
+    log(f"wrote {out / card.file} and {card_path}")
+    log("fitting the out-of-distribution gate")
+    log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
+    export(out, log)
+    return ModelCard.load(card_path)

@@ -1,0 +1,204 @@
+"""pneumonia/serving/screening.py, results.py and folders.py: files found by content, chunks through one
+model pass giving what one image at a time gives, bounded memory, a row for every file, CSV and the
+progress bar."""
+
+from __future__ import annotations
+
+import csv
+import io
+import weakref
+
+import numpy as np
+import pytest
+from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, screen_one, xray_jpeg
+
+from pneumonia.progress import ProgressBar
+from pneumonia.serving import screening as batch_screening
+from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.folders import find_images
+from pneumonia.serving.gate import Verdict
+from pneumonia.serving.results import CSV_COLUMNS, csv_text, overlay_file_name
+from pneumonia.serving.screening import BatchScreener, ScreenedImage
+
+
+@pytest.fixture(scope="module")
+def screener(gap_model_dir):
+    """The GAP CNN (its logits vary from image to image; the tiny CNN's can be constant), with Grad-CAM."""
+    return BatchScreener(XrayClassifier(gap_model_dir))
+
+
+@pytest.fixture(scope="module")
+def shipped_screener():
+    """The shipped DenseNet121 and its gate. (The tiny model's gate is fitted on near-constant
+    features: its distances swing across its thresholds with float32 rounding, batched or not.)"""
+    return BatchScreener(XrayClassifier(SHIPPED_MODEL))
+
+
+def drawn_xrays(count: int) -> list[tuple[str, bytes]]:
+    return [(f"x{i}.jpeg", xray_jpeg(240 + 8 * (i % 5), 200, seed=100 + i, label=i % 2)) for i in range(count)]
+
+
+def test_find_images_by_content_or_name_in_walk_order(mixed_folder, tmp_path):
+    root, reported, skipped = mixed_folder
+    found = find_images([root])
+    assert found.files == reported and found.skipped == skipped
+    missing = tmp_path / "absent.png"
+    given = find_images([reported[3], missing, root / "ward-b"])  # files as given, a missing one too
+    assert given.files == [reported[3], str(missing), *reported[3:]]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_batched_rows_equal_one_image_at_a_time(screener, mixed_folder, chunk_size):
+    classifier = screener.classifier
+    files = find_images([mixed_folder[0]]).files
+    sources = [(path, path) for path in files] + drawn_xrays(7)
+    rows = list(screener.screen(sources, chunk_size))
+    assert [row.name for row in rows] == [name for name, _ in sources]
+    assert "truncated" in rows[1].error.lower() and rows[1].probability is None and rows[1].verdict is None
+    probabilities = []
+    for row, (name, source) in zip(rows, sources):
+        if name != files[1]:
+            assert row.error is None and row.verdict is None  # no gate: no verdict
+            assert row.probability == pytest.approx(screen_one(classifier, source)[0], abs=1e-5)
+            assert row.labels == classifier.labels(row.probability)
+            probabilities.append(row.probability)
+    assert np.ptp(probabilities) > 0.1  # the model tells these images apart: the comparison means something
+
+
+def test_batched_gate_verdicts_equal_one_image_at_a_time(shipped_screener, tmp_path):
+    """Real X-rays pass, a colour photo is refused by the pixel checks, noise by the feature distance."""
+    sources = [(str(path), path) for path in REAL_XRAYS] + [
+        ("photo", sample_photo("flower.jpg")),
+        ("noise", noise_png()),
+    ]
+    rows = list(shipped_screener.screen(sources, chunk_size=4))
+    for row, (_, source) in zip(rows, sources):
+        probability, verdict = screen_one(shipped_screener.classifier, source)
+        assert (row.verdict.verdict, row.verdict.reason) == (verdict.verdict, verdict.reason)
+        assert row.verdict.score == pytest.approx(verdict.score, rel=1e-4)
+        assert row.probability == pytest.approx(probability, abs=1e-5) if probability is not None else row.refused
+    assert [row.verdict.reason for row in rows[-2:]] == ["colour", "features"]
+    assert all(row.probability is not None for row in rows[:-2])
+
+
+def test_each_chunk_is_one_model_pass_and_one_full_size_image_is_decoded_at_a_time(screener, monkeypatch):
+    live, most, passes = set(), [0], []
+    decode = batch_screening.decode_xray
+
+    def tracked_decode(source, model_side=None):
+        xray, stats = decode(source, model_side)
+        key = id(xray)
+        live.add(key)
+        weakref.finalize(xray, live.discard, key)
+        most[0] = max(most[0], len(live))
+        return xray, stats
+
+    forward = screener.classifier.runtime.forward
+    monkeypatch.setattr(batch_screening, "decode_xray", tracked_decode)
+    monkeypatch.setattr(
+        screener.classifier.runtime, "forward", lambda inputs: passes.append(len(inputs)) or forward(inputs)
+    )
+    rows = list(screener.screen(drawn_xrays(30), chunk_size=8, display_side=64))
+    assert passes == [8, 8, 8, 6]
+    assert most[0] == 1 and not live
+    assert all(row.probability is not None and max(row.display.shape) == 64 for row in rows)
+
+
+def test_grad_cam_rows_carry_the_map_and_the_same_probability(screener):
+    sources = drawn_xrays(6)
+    plain = list(screener.screen(sources, 4))
+    explained = list(screener.screen(sources, 4, display_side=100, with_gradcam=True))
+    map_size = screener.classifier.runtime.map_size
+    assert any(row.probability is not None for row in explained)
+    for row, reference in zip(explained, plain):
+        assert row.refused == reference.refused
+        if row.probability is not None:
+            assert row.probability == pytest.approx(reference.probability, abs=1e-5)
+            assert row.heat.shape == map_size and 0 <= row.heat.min() and row.heat.max() <= 1
+            assert row.display.dtype == np.uint8 and max(row.display.shape) == 100
+        else:
+            assert row.heat is None
+
+
+def test_a_decoder_failure_is_a_row_not_the_end_of_the_run(screener, monkeypatch, caplog):
+    decode = batch_screening.decode_xray
+    secret = "Testpatient^" + "Secretname"  # an unexpected message could quote the file
+
+    def failing(source, model_side=None):
+        if source == b"boom":
+            raise RuntimeError(secret)
+        return decode(source, model_side)
+
+    monkeypatch.setattr(batch_screening, "decode_xray", failing)
+    rows = list(screener.screen([("a", xray_jpeg()), ("b", b"boom"), ("c", xray_jpeg(seed=5))], 8))
+    assert rows[0].probability is not None and rows[2].probability is not None
+    assert rows[1].unexpected and "RuntimeError" in rows[1].error and "Secretname" not in rows[1].error
+    assert "Unexpected RuntimeError" in caplog.text and "Secretname" not in caplog.text  # logged for us, without it
+
+
+def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
+    thresholds = {"default": 0.5, "screening": 0.3}
+    rows = [
+        ScreenedImage(
+            "=HYPERLINK(x).png",
+            probability=0.7,
+            labels={"default": "PNEUMONIA", "screening": "PNEUMONIA"},
+            verdict=Verdict("unusual", None, 40.0),
+        ),
+        ScreenedImage("b.png", error="b.png is empty."),
+        ScreenedImage("c.png", verdict=Verdict("rejected", "colour", 71.5, 16.0), error="Not screened: colour"),
+    ]
+    table = list(csv.reader(io.StringIO(csv_text(rows, "file", thresholds, gated=True))))
+    assert table[0] == ["file", *CSV_COLUMNS]
+    assert table[1] == [
+        "'=HYPERLINK(x).png",
+        "0.700000",
+        "PNEUMONIA",
+        "PNEUMONIA",
+        "0.500000",
+        "0.300000",
+        "unusual",
+        "",
+        "40.000",
+        "",
+    ]
+    assert table[2][1:3] == ["", ""] and table[2][6] == "" and table[2][-1] == "b.png is empty."
+    assert table[3][6:] == ["rejected", "colour", "71.500", "Not screened: colour"]
+    ungated = list(
+        csv.reader(
+            io.StringIO(
+                csv_text(
+                    rows[:1]
+                    + [ScreenedImage("d", probability=0.1, labels={"default": "NORMAL", "screening": "NORMAL"})],
+                    "path",
+                    thresholds,
+                    gated=False,
+                )
+            )
+        )
+    )
+    assert ungated[2][6] == "unchecked"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_silent_when_piped():
+    terminal, pipe = FakeTerminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        bar = ProgressBar(4, stream)
+        for _ in range(4):
+            bar.clear()
+            bar.advance()
+        bar.finish()
+    assert pipe.getvalue() == ""
+    drawn = terminal.getvalue()
+    assert drawn.count("\r") >= 8 and "\r4/4 [" + "#" * ProgressBar.WIDTH + "]" in drawn and drawn.endswith("\n")
+    assert "2/4 [" + "#" * (ProgressBar.WIDTH // 2) + "." * (ProgressBar.WIDTH // 2) + "]" in drawn
+
+
+def test_overlay_file_names_are_unique_and_safe():
+    assert overlay_file_name(3, "/data/ward b/IM 0001.dcm") == "00003-IM_0001.png"
+    assert overlay_file_name(12, "../../etc/passwd") == "00012-passwd.png"
