@@ -9,7 +9,6 @@ difference (a bright opacity in the lower right lung field) from NORMAL.
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import struct
@@ -24,12 +23,25 @@ import numpy as np
 import requests
 from PIL import Image
 
+from pneumonia.serving.card import (
+    Calibration,
+    DataRecord,
+    Gradcam,
+    ModelCard,
+    Normalization,
+    Preprocessing,
+    Run,
+    Thresholds,
+    Training,
+    write_card,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "model"
 REAL_XRAYS = sorted((REPO / "tests" / "data").glob("*.jpeg"))
 SHARED_SAMPLES = REPO.parent / "shared" / "samples"
 
-CENTRED_NORMALIZATION = {"scale": 1 / 255, "mean": [0.45] * 3, "std": [0.2] * 3}
+CENTRED_NORMALIZATION = Normalization(1 / 255, [0.45] * 3, [0.2] * 3)
 
 # A large, bright opacity, so that the custom CNN (dropout 0.7, seven BatchNormalization layers)
 # learns it within one epoch of ~150 steps: the default blob barely moves its training loss in that
@@ -194,21 +206,33 @@ def build_gap_cnn(image_size: int, name: str = "gap_cnn"):
     return keras.Model(inputs, layers.Activation("sigmoid", name="probability")(logit), name=name)
 
 
+def minimal_card(name: str, file: str, image_size: int, gradcam: tuple[str, list[int]], normalization) -> ModelCard:
+    """A valid card for a model these tests built by hand: identity calibration, thresholds 0.5 / 0.3,
+    and records that say no training run made it."""
+    return ModelCard(
+        name=name,
+        architecture=name,
+        file=file,
+        input_size=image_size,
+        class_names=["NORMAL", "PNEUMONIA"],
+        preprocessing=Preprocessing(image_size, normalization),
+        calibration=Calibration(1.0, 0.0, 0.0, 0.0),
+        thresholds=Thresholds(0.5, 0.3, 0.98),
+        validation={},
+        data=DataRecord("built by tests/builders.py", {}, {}, 0.1, "none", "none"),
+        training=Training({"seed": 42}, 0, None, "tests/builders.py", 0.0, "none", "none", "as built"),
+        lineage=[Run("random initialisation", "tests/builders.py", "none", 0, None, 0.0)],
+        gradcam=Gradcam(gradcam[0], list(gradcam[1])),
+        versions={},
+    )
+
+
 def save_model_dir(model, out, image_size: int, gradcam_layer: str, normalization=CENTRED_NORMALIZATION):
-    """A .keras file and a minimal card in the shape `train` writes: enough for the web app."""
+    """A .keras file and a minimal valid card: enough for the web app."""
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model.keras")
-    card = {
-        "name": model.name,
-        "architecture": model.name,
-        "file": "model.keras",
-        "input_size": image_size,
-        "preprocessing": {"image_size": image_size, "normalization": normalization},
-        "calibration": {"slope": 1.0, "intercept": 0.0},
-        "thresholds": {"default": 0.5, "screening": 0.3},
-        "gradcam": {"layer": gradcam_layer, "map_size": list(model.get_layer(gradcam_layer).output.shape[1:3])},
-    }
-    (out / "model.json").write_text(json.dumps(card))
+    map_size = list(model.get_layer(gradcam_layer).output.shape[1:3])
+    write_card(out, minimal_card(model.name, "model.keras", image_size, (gradcam_layer, map_size), normalization))
     return out
 
 

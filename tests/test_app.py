@@ -130,7 +130,7 @@ def test_security_headers_on_every_response(client, method, path):
 def test_static_files_are_local(client):
     for name in ("app.js", "style.css", "favicon.svg"):
         assert client.get(f"/static/{name}").status_code == 200
-    javascript = (REPO / "static" / "app.js").read_text()
+    javascript = (REPO / "web" / "static" / "app.js").read_text()
     assert "http" not in javascript and "eval(" not in javascript
 
 
@@ -140,12 +140,12 @@ def test_result_page_shows_probability_labels_images_model_and_time(result_page,
     assert result_page.headers["Cache-Control"] == "no-store"
     assert 'id="probability"' in html and "Probability of pneumonia" in html
     for name in ("default", "screening"):
-        assert f"{name.capitalize()} threshold {card['thresholds'][name]:.3f}" in html
+        assert f"{name.capitalize()} threshold {card.thresholds.as_dict()[name]:.3f}" in html
         assert f'id="label-{name}"' in html
     assert "Balanced" in html and "false alarms" in html  # what each threshold means
-    assert card["name"] in html and f"validation AUC {card['validation']['auc']:.3f}" in html
+    assert card.name in html and f"validation AUC {card.validation['auc']:.3f}" in html
     assert 'id="timing"' in html and "Processed in" in html
-    assert f"Layer {card['gradcam']['layer']}, 8×8 cells" in html
+    assert f"Layer {card.gradcam.layer}, 8×8 cells" in html
     original, blended = data_uri_image(html, "original"), data_uri_image(html, "overlay")
     assert original.shape == (300, 400) and blended.shape == (300, 400, 3)  # the upload's own aspect
     assert 'id="opacity"' in html  # the slider, revealed by static/app.js
@@ -173,7 +173,7 @@ def test_api_predict_returns_the_documented_json(client, ungated_model_dir):
         expected = "PNEUMONIA" if body["probability"] >= body["thresholds"][threshold] else "NORMAL"
         assert body[key] == expected
     assert body["model"]["name"] == classifier.name and body["model"]["input_size"] == 32
-    assert body["gradcam"]["layer"] == classifier.card["gradcam"]["layer"] and body["gradcam"]["map_size"] == [8, 8]
+    assert body["gradcam"]["layer"] == classifier.card.gradcam.layer and body["gradcam"]["map_size"] == [8, 8]
     assert body["gradcam"]["target"] == body["label"]
     png = base64.b64decode(body["gradcam_png"])
     assert png.startswith(b"\x89PNG") and decode(png).shape == (410, 512, 3)  # long side bounded, 5:4 kept
@@ -196,10 +196,10 @@ def test_healthz_when_ready(client):
 def test_model_page_is_the_model_card(client, ungated_model_dir):
     html = client.get("/model").get_data(as_text=True)
     card = XrayClassifier(ungated_model_dir).card
-    assert f'<strong id="auc">{card["validation"]["auc"]:.3f}</strong>' in html
+    assert f'<strong id="auc">{card.validation["auc"]:.3f}</strong>' in html
     for name in ("Accuracy", "Sensitivity", "Specificity", "TN / FP / FN / TP", "Platt", "intercept"):
         assert name in html
-    assert f'<code id="gradcam-layer">{card["gradcam"]["layer"]}</code>' in html and "8×8" in html
+    assert f'<code id="gradcam-layer">{card.gradcam.layer}</code>' in html and "8×8" in html
     assert "Intended use" in html and "Limitations" in html and "not a medical device" in html
     assert all(part in html for part in CITATION)
     plots = sorted(p.name for p in (ungated_model_dir / "report").glob("*.png"))
@@ -247,7 +247,7 @@ def _broken_model(tmp_path, ungated_model_dir, how: str) -> Path:
         ("missing", "No model card"),
         ("corrupt model file", "could not be loaded"),
         ("corrupt card", "unreadable"),
-        ("card without preprocessing", "could not be prepared"),
+        ("card without preprocessing", "field preprocessing is missing"),
     ],
 )
 def test_a_broken_model_is_reported_at_start_up_and_by_healthz(tmp_path, ungated_model_dir, caplog, how, reason):

@@ -67,8 +67,8 @@ def test_corrupt_model_file(tiny_model_dir, tmp_path):
     "card_text, words",
     [
         ("{ not json", "unreadable"),
-        ("[1, 2]", "not a JSON object"),
-        (json.dumps({"preprocessing": {}, "thresholds": {}}), "does not name its model file"),
+        ("[1, 2]", "the card should be an object"),
+        (json.dumps({"preprocessing": {}, "thresholds": {}}), "field name is missing"),
     ],
 )
 def test_bad_card(tiny_model_dir, tmp_path, card_text, words):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -9,12 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-from builders import run_cli
+from builders import minimal_card, run_cli
 from sklearn.metrics import roc_auc_score
 
 from pneumonia import cli
 from pneumonia.evaluation.report import model_folder_names
+from pneumonia.serving.card import write_card
 from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.preprocessing import UNIT_NORMALIZATION
 from pneumonia.training import dataset
 
 PLOTS = ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png")
@@ -130,13 +133,10 @@ def test_evaluate_several_models_keeps_each_report(densenet_cli_run, tiny_model_
 
 
 def test_model_folder_names_are_unique(tmp_path):
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model.json").write_text(json.dumps({"name": "custom", "file": "m.keras"}))
-        (tmp_path / name / "m.keras").write_bytes(b"")
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "model.json").write_text(json.dumps({"name": "densenet121", "file": "m.keras"}))
-    (tmp_path / "c" / "m.keras").write_bytes(b"")
+    for folder, name in (("a", "custom"), ("b", "custom"), ("c", "densenet121")):
+        (tmp_path / folder).mkdir()
+        write_card(tmp_path / folder, minimal_card(name, "m.keras", 32, ("f", [8, 8]), UNIT_NORMALIZATION))
+        (tmp_path / folder / "m.keras").write_bytes(b"")
     paths = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), str(tmp_path / "a" / "m.keras")]
     names = model_folder_names(paths)
     assert len(set(names)) == len(names) == 4
@@ -234,7 +234,9 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
 
     def fake_train(config, log=print):
         configs.append(config)
-        return {"validation": {"auc": 0.5}, "thresholds": {"default": 0.5, "screening": 0.1}}
+        return dataclasses.replace(
+            minimal_card("m", "m.keras", 32, ("f", [8, 8]), UNIT_NORMALIZATION), validation={"auc": 0.5}
+        )
 
     monkeypatch.setattr("pneumonia.training.fitting.train", fake_train)
     assert cli.main(["train", "d"]) == 0 and cli.main(["train", "d", "--arch", "custom"]) == 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pneumonia.serving.classifier import find_card
 from pneumonia.training import dataset
 from pneumonia.training.dataset import (
     SplitFiles,
@@ -257,3 +259,19 @@ def test_normal_series_follows_the_kaggle_names():
     assert dataset.normal_series("NORMAL/IM-0115-0001.jpeg") == "IM"
     assert dataset.normal_series("NORMAL/NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM"
     assert dataset.normal_series("NORMAL/scan.png") == "other"
+
+
+def test_validation_reconstruction_matches_the_card_fingerprint(tiny_model_dir, synthetic_data_dir):
+    _, card = find_card(tiny_model_dir)
+    val, info = dataset.validation_part(synthetic_data_dir, card)
+    assert info["fingerprint_matches"] and "warning" not in info
+    assert dataset.fingerprint(val) == card.data.validation_fingerprint
+    assert info["n"] == card.data.validation
+
+    config = {**card.training.config, "seed": card.training.config["seed"] + 1}
+    other_seed = dataclasses.replace(card, training=dataclasses.replace(card.training, config=config))
+    _, info = dataset.validation_part(synthetic_data_dir, other_seed)
+    assert not info["fingerprint_matches"] and "differs" in info["warning"]
+
+    with pytest.raises(dataset.DataError, match="no train/NORMAL or train/PNEUMONIA"):
+        dataset.validation_part(synthetic_data_dir / "missing", card)

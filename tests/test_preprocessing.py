@@ -11,8 +11,8 @@ from builders import encode_image, png_bomb
 from PIL import Image
 
 from pneumonia.errors import XrayReadError
+from pneumonia.reading import decoding
 from pneumonia.reading.decoding import load_xray
-from pneumonia.serving import preprocessing
 from pneumonia.serving.preprocessing import (
     IMAGENET_NORMALIZATION,
     UNIT_NORMALIZATION,
@@ -267,7 +267,7 @@ def test_decompression_bomb_is_refused_before_decoding(width, height, monkeypatc
 def test_image_over_the_pixel_limit_is_refused(grey, monkeypatch, tmp_path):
     data = encode_image(Image.fromarray(grey, "L"), "PNG")
     assert xray_pixels(data, 32).shape == (32, 32)
-    monkeypatch.setattr(preprocessing, "MAX_IMAGE_PIXELS", SIZE * SIZE - 1)
+    monkeypatch.setattr(decoding, "MAX_IMAGE_PIXELS", SIZE * SIZE - 1)
     path = tmp_path / "big.png"
     path.write_bytes(data)
     for source in (data, path):
@@ -286,7 +286,7 @@ def test_normalize_is_the_same_on_numpy_and_tensorflow(normalization):
     assert on_numpy.shape == on_tensor.shape == (3, 16, 16, 3)
     np.testing.assert_allclose(on_numpy, on_tensor, rtol=0, atol=1e-6)
     # the formula itself, per channel
-    expected = (pixels[..., None] / 255.0 - np.array(normalization["mean"])) / np.array(normalization["std"])
+    expected = (pixels[..., None] / 255.0 - np.array(normalization.mean)) / np.array(normalization.std)
     np.testing.assert_allclose(on_numpy, expected, atol=1e-5)
 
 
@@ -346,11 +346,10 @@ def test_files_are_closed_after_reading(grey, tmp_path):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
-@pytest.mark.parametrize("contrast, kept_share", [("equalize", 0.35), ("clahe", 0.6)])
-def test_contrast_normalisation_undoes_a_flatter_exposure(contrast, kept_share):
+def test_contrast_normalisation_undoes_a_flatter_exposure():
     """Why the option exists: a flatter or darker acquisition of the same X-ray comes out
-    of the normalisation much closer to the original than it went in (CLAHE less so: its
-    clip limit caps how far it stretches)."""
+    of the normalisation much closer to the original than it went in."""
+    contrast, kept_share = "equalize", 0.35
     from pneumonia.serving.preprocessing import normalize_contrast
 
     rng = np.random.default_rng(3)
@@ -372,13 +371,14 @@ def test_the_cards_contrast_is_part_of_the_one_path(grey):
     from pneumonia.serving.preprocessing import model_input, normalize_contrast
 
     data = encode_image(Image.fromarray(grey), "PNG")
-    spec = preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="clahe")
+    spec = preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="equalize")
     pixels = xray_pixels(data, SIZE)
     served = preprocess(data, spec)
     np.testing.assert_array_equal(served, model_input(pixels, spec))
-    np.testing.assert_array_equal(served, normalize(normalize_contrast(pixels, "clahe"), UNIT_NORMALIZATION))
+    np.testing.assert_array_equal(served, normalize(normalize_contrast(pixels, "equalize"), UNIT_NORMALIZATION))
     assert np.abs(served - preprocess(data, preprocessing_spec(SIZE, UNIT_NORMALIZATION))).max() > 0.05
-    old_card = {k: v for k, v in preprocessing_spec(SIZE, UNIT_NORMALIZATION).items() if k != "contrast"}
-    np.testing.assert_array_equal(preprocess(data, old_card), normalize(pixels, UNIT_NORMALIZATION))
-    with pytest.raises(ValueError, match="choose from none, equalize, clahe"):
+    np.testing.assert_array_equal(
+        preprocess(data, preprocessing_spec(SIZE, UNIT_NORMALIZATION)), normalize(pixels, UNIT_NORMALIZATION)
+    )
+    with pytest.raises(ValueError, match="'gamma' is not one of none, equalize"):
         preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="gamma")

@@ -10,6 +10,7 @@ is kept (same AUC) and the specificity at the original threshold collapses.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
@@ -22,7 +23,7 @@ from PIL import Image
 from pneumonia import cli
 from pneumonia.evaluation import recalibration
 from pneumonia.evaluation.metrics import evaluate_predictions, expected_calibration_error
-from pneumonia.serving.card import platt
+from pneumonia.serving.card import Calibration, ModelCard, Thresholds, platt, write_card
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import normalize, xray_pixels
 from pneumonia.training import dataset
@@ -84,22 +85,17 @@ def model_dir(tmp_path_factory):
     slope, intercept = fit_platt(labels, logits)
     probs = platt(logits, slope, intercept)
     thresholds = choose_thresholds(labels, probs, 0.98)
-    card = json.loads((out / "model.json").read_text())
-    card.update(
-        calibration={
-            "method": "Platt scaling on the validation logits",
-            "slope": slope,
-            "intercept": intercept,
-            "ece_before": 0.1,
-            "ece_after": expected_calibration_error(labels, probs),
-        },
-        thresholds={**thresholds, "target_sensitivity": 0.98, "chosen_on": "unshifted validation images"},
+    card = ModelCard.load(out / "model.json")
+    card = dataclasses.replace(
+        card,
+        calibration=Calibration(slope, intercept, 0.1, expected_calibration_error(labels, probs), "Platt scaling"),
+        thresholds=Thresholds(**thresholds, target_sensitivity=0.98, chosen_on="unshifted validation images"),
         validation=evaluate_predictions(labels, probs, thresholds, "blob_detector", "validation"),
-        data={"train": {"NORMAL": 0, "PNEUMONIA": 0}, "validation": {"NORMAL": 60, "PNEUMONIA": 60}},
+        data=dataclasses.replace(card.data, validation={"NORMAL": 60, "PNEUMONIA": 60}),
     )
-    (out / "model.json").write_text(json.dumps(card, indent=2))
+    write_card(out, card)
     (out / "report").mkdir()
-    (out / "report" / "metrics.json").write_text(json.dumps(card["validation"]))
+    (out / "report" / "metrics.json").write_text(json.dumps(card.validation))
     (out / "notes.txt").write_text("a sidecar file\n")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.keras").write_bytes(b"not a model")
@@ -239,9 +235,9 @@ def test_split_reads_a_kaggle_layout_root(model_dir, site, tmp_path):
     result = recalibration.recalibrate(
         model_dir, site, tmp_path / "out", split="site-a", log=lambda *_: None, warn=lambda *_: None
     )
-    sample = result.card["recalibration"]["site_sample"]
+    sample = result.card.recalibration["site_sample"]
     assert sample["path_name"] == "site-a" and sample["fingerprint"] == dataset.fingerprint(site_files(site / "site-a"))
-    assert "--split site-a" in result.card["recalibration"]["command"]
+    assert "--split site-a" in result.card.recalibration["command"]
 
 
 def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):

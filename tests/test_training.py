@@ -4,6 +4,7 @@ the saved model reproduces it, and --resume continues where a run stopped."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -13,6 +14,7 @@ import pytest
 from builders import LEARNABLE, write_synthetic_dataset
 from sklearn.metrics import log_loss, roc_auc_score
 
+from pneumonia.serving.card import ModelCard, file_sha256
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
 from pneumonia.training import architectures as models
@@ -53,8 +55,8 @@ def custom_run(tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("custom_run")
     config = TrainConfig(data_dir=str(data), out=str(out), **CUSTOM)
-    card = train(config, log=lambda *_: None)
-    return out, card, config
+    train(config, log=lambda *_: None)
+    return out, json.loads((out / "model.json").read_text()), config  # the card as written
 
 
 def _assert_learned(out, card):
@@ -101,7 +103,7 @@ def test_validation_auc_in_the_history_is_exact(custom_run):
     _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
     best = keras.saving.load_model(out / "checkpoints" / "best.keras", compile=False)
     logit_model = keras.Model(best.input, best.get_layer("logit").output)
-    inputs = np.stack([preprocess(p, card["preprocessing"]) for p in val_files.paths])
+    inputs = np.stack([preprocess(p, ModelCard.load(out / "model.json").preprocessing) for p in val_files.paths])
     logits = np.asarray(logit_model(inputs, training=False)).reshape(-1)
     assert roc_auc_score(val_files.labels, logits) == pytest.approx(float(rows[best_epoch]["val_auc"]), abs=1e-6)
 
@@ -111,8 +113,10 @@ def test_card_records_what_was_done(custom_run):
     assert card["architecture"] == "custom" and card["name"] == "custom" and card["file"] == "custom.keras"
     assert card["input_size"] == 32 and card["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert card["preprocessing"]["image_size"] == 32
-    assert card["preprocessing"]["normalization"] == UNIT_NORMALIZATION
-    assert card["init"]["kind"] == "none"
+    assert card["preprocessing"]["normalization"] == dataclasses.asdict(UNIT_NORMALIZATION)
+    assert [run["started_from"] for run in card["lineage"]] == ["random initialisation"]
+    assert card["lineage"][0]["init_sha256"] is None and card["lineage"][0]["epochs_run"] == config.epochs
+    assert card["lineage"][0]["train_fingerprint"] == card["data"]["train_fingerprint"]
     thresholds = card["thresholds"]
     assert 0 < thresholds["screening"] <= thresholds["default"] <= 1
     assert thresholds["target_sensitivity"] == config.target_sensitivity
@@ -170,7 +174,7 @@ def test_saved_model_reproduces_the_validation_numbers(custom_run):
     tp = card["validation"]["thresholds"]["screening"]["confusion_matrix"]["tp"]
     assert ((probs >= screening + 1e-6) & positive).sum() <= tp <= ((probs >= screening - 1e-6) & positive).sum()
     # the shipped file is the best checkpoint
-    inputs = np.stack([preprocess(p, card["preprocessing"]) for p in val_files.paths[:8]])
+    inputs = np.stack([preprocess(p, ModelCard.load(out / "model.json").preprocessing) for p in val_files.paths[:8]])
     shipped = keras.saving.load_model(out / "custom.keras", compile=False)
     best = keras.saving.load_model(out / "checkpoints" / "best.keras", compile=False)
     np.testing.assert_array_equal(shipped.predict(inputs, verbose=0), best.predict(inputs, verbose=0))
@@ -209,7 +213,7 @@ def test_resume_continues_from_the_checkpoint(custom_run, tmp_path, monkeypatch)
     rows = history(resumed_out)
     assert [int(r["epoch"]) for r in rows] == list(range(config.epochs + 1))
     assert rows[: config.epochs] == before  # the earlier epochs are kept, not rewritten
-    assert resumed["training"]["epochs_run"] == config.epochs + 1
+    assert resumed.training.epochs_run == config.epochs + 1
     # it went on from the trained weights: its first epoch's loss is that of a trained model
     assert float(rows[config.epochs]["loss"]) < float(before[0]["loss"])
     # the best AUC so far is carried across the resume
@@ -226,22 +230,18 @@ def test_resume_without_a_checkpoint_starts_afresh(synthetic_data_dir, tmp_path)
     )
     card = train(config, log=log.append)
     assert any("no checkpoint found" in line for line in log)
-    assert card["training"]["epochs_run"] == 1
+    assert card.training.epochs_run == 1
 
 
-def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_model(custom_run, tmp_path):
-    """--contrast clahe --label-smoothing 0.1 --ema --mixup 0.2: the card says so, and the saved model
-    served through `preprocess` (which applies the card's contrast) gives the validation
-    loss that training computed on its own contrast-normalised pixels."""
+def test_equalisation_reaches_the_card_and_the_served_model(custom_run, tmp_path):
+    """--contrast equalize: the card says so, and the saved model served through `preprocess` (which
+    applies the card's contrast) gives the validation loss that training computed on its own
+    contrast-normalised pixels; serving without the step would not."""
     config = TrainConfig(
-        data_dir=custom_run[2].data_dir,
-        out=str(tmp_path / "run"),
-        **{**CUSTOM, "contrast": "clahe", "label_smoothing": 0.1, "ema": True, "mixup": 0.2},
+        data_dir=custom_run[2].data_dir, out=str(tmp_path / "run"), **{**CUSTOM, "contrast": "equalize"}
     )
     card = train(config, log=lambda *_: None)
-    assert card["preprocessing"]["contrast"] == "clahe"
-    assert "label smoothing 0.1" in card["training"]["loss"] and "moving average" in card["training"]["weights"]
-    assert "mixup Beta(0.2, 0.2)" in card["training"]["loss"]
+    assert card.preprocessing.contrast == "equalize"
     classifier = XrayClassifier(tmp_path / "run")
     _, val_files = dataset.patient_grouped_split(
         dataset.scan_split(config.data_dir, "train"), config.val_fraction, config.seed
@@ -250,26 +250,33 @@ def test_contrast_smoothing_and_weight_averaging_reach_the_card_and_the_served_m
     assert probs.std() > 0.01  # the loss below can tell one preprocessing from another
     served_loss = log_loss(val_files.labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
     # Batched training logits and one-image serving logits differ in float rounding only.
-    assert served_loss == pytest.approx(card["validation"]["loss"], rel=1e-3)
+    assert served_loss == pytest.approx(card.validation["loss"], rel=1e-3)
+    without_contrast = dataclasses.replace(card.preprocessing, contrast="none")
     unnormalised = np.array(
-        [
-            classifier.calibrated(
-                classifier.logits(preprocess(p, {**card["preprocessing"], "contrast": "none"})[None])
-            )[0]
-            for p in val_files.paths
-        ]
+        [classifier.calibrated(classifier.logits(preprocess(p, without_contrast)[None]))[0] for p in val_files.paths]
     )
     assert np.abs(unnormalised - probs).max() > 1e-3  # the contrast step is not a no-op on these images
     skewed_loss = log_loss(val_files.labels, np.clip(unnormalised, 1e-7, 1 - 1e-7), labels=[0, 1])
     # Serving without the card's contrast step would miss the card's loss by far more than rounding.
-    assert abs(skewed_loss - card["validation"]["loss"]) > 10 * abs(served_loss - card["validation"]["loss"])
+    assert abs(skewed_loss - card.validation["loss"]) > 10 * abs(served_loss - card.validation["loss"])
+
+
+def test_a_fine_tune_carries_the_lineage_of_the_model_it_started_from(custom_run, tmp_path):
+    """--init a trained .keras: the card lists the earlier run, then this one, which started from that
+    model's sha256, so a fine-tune of a from-scratch model never reads as pretrained weights."""
+    out, first, config = custom_run
+    config = TrainConfig(
+        **{**vars(config), "out": str(tmp_path / "tuned"), "init": str(out / "custom.keras"), "epochs": 1}
+    )
+    card = train(config, log=lambda *_: None)
+    assert [run.started_from for run in card.lineage] == ["random initialisation", "a trained model"]
+    assert card.lineage[0].command == first["lineage"][0]["command"]
+    assert card.lineage[1].init_sha256 == file_sha256(out / "custom.keras") and card.lineage[1].epochs_run == 1
 
 
 def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(custom_run, tmp_path):
     """--hold-out-series NORMAL2-IM: those NORMAL images are in no part, the card reports their
     specificity at the chosen thresholds, and the robustness tool recreates the same validation part."""
-    from studies.robustness import validation_files
-
     data = tmp_path / "data"
     shutil.copytree(custom_run[2].data_dir, data)  # the data set the custom CNN learns in two epochs
     normal = sorted((data / "train" / "NORMAL").iterdir())
@@ -277,14 +284,14 @@ def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(c
         path.rename(path.with_name("NORMAL2-" + path.name))
     config = TrainConfig(data_dir=str(data), out=str(tmp_path / "run"), **{**CUSTOM, "hold_out_series": "NORMAL2-IM"})
     card = train(config, log=lambda *_: None)
-    held = card["held_out_series"]
+    held = card.held_out_series
     assert held["series"] == "NORMAL2-IM" and held["n_normal"] == 60
-    assert card["data"]["train"]["NORMAL"] + card["data"]["validation"]["NORMAL"] == CUSTOM_IMAGES_PER_CLASS - 60
+    assert card.data.train["NORMAL"] + card.data.validation["NORMAL"] == CUSTOM_IMAGES_PER_CLASS - 60
     classifier = XrayClassifier(tmp_path / "run")
     probs = np.array([classifier.predict_source(p) for p in sorted((data / "train" / "NORMAL").glob("NORMAL2-*"))])
     assert held["normal_mean_p"] == pytest.approx(probs.mean(), abs=1e-5)
-    assert held["specificity"]["default"] == pytest.approx((probs < card["thresholds"]["default"]).mean())
-    _, info = validation_files(data, card)
+    assert held["specificity"]["default"] == pytest.approx((probs < card.thresholds.default).mean())
+    _, info = dataset.validation_part(data, card)
     assert info["fingerprint_matches"], info
 
 
@@ -337,90 +344,3 @@ def test_acquisition_shift_blurs_or_sharpens_changes_gamma_and_stays_in_range():
     np.testing.assert_allclose(unblurred, batch.numpy(), atol=1e-3)  # no change with every strength at 0
     with pytest.raises(ValueError, match="choose from standard, acquisition"):
         augmentation_for("strong", 0)
-
-
-def test_sharpness_matching_takes_the_sharpness_cue_away_from_the_labels():
-    """NORMAL images sharper than PNEUMONIA ones (as in train/): after matching, the two classes'
-    edge strengths overlap; with share 0 nothing changes; pixels stay in range."""
-    import tensorflow as tf
-
-    from pneumonia.training.augmentation import gaussian_blur
-    from pneumonia.training.fitting import edge_strength, sharpness_matching
-
-    rng = np.random.default_rng(2)
-    texture = tf.constant(rng.integers(40, 220, (256, 32, 32, 1)).astype("float32"))
-    labels = tf.constant((np.arange(256) % 4 == 0).astype("float32"))  # 1 in 4 PNEUMONIA
-    # PNEUMONIA blurrier: a blend towards the blur of 0.2..0.6
-    blend = tf.constant(rng.uniform(0.2, 0.6, (256, 1, 1, 1)).astype("float32")) * labels[:, None, None, None]
-    images = texture + blend * (gaussian_blur(1.0)(texture) - texture)
-    matched = tf.concat(
-        [sharpness_matching(0)(images[i : i + 32], labels[i : i + 32]) for i in range(0, 256, 32)], axis=0
-    )
-    before, after, y = edge_strength(images).numpy(), edge_strength(matched).numpy(), labels.numpy()
-    gap_before = before[y == 0].mean() - before[y == 1].mean()
-    gap_after = after[y == 0].mean() - after[y == 1].mean()
-    assert gap_before > 5 and abs(gap_after) < 0.25 * gap_before
-    changed = np.abs(matched.numpy() - images.numpy()).mean(axis=(1, 2, 3)) > 1e-3
-    assert 0.3 < changed.mean() < 0.7  # about half of the images, of both classes
-    assert changed[y == 0].any() and changed[y == 1].any()
-    assert matched.numpy().min() >= 0 and matched.numpy().max() <= 255
-    unchanged = sharpness_matching(0, share=0.0)(images[:32], labels[:32]).numpy()
-    np.testing.assert_allclose(unchanged, images[:32].numpy(), atol=1e-3)
-    one_class = sharpness_matching(0, share=1.0)(images[1:4], labels[1:4]).numpy()  # no partner to match
-    np.testing.assert_allclose(one_class, images[1:4].numpy(), atol=1e-3)
-
-
-def test_mixup_blends_each_image_with_one_partner_and_blends_its_label_and_weight_alike():
-    import tensorflow as tf
-
-    from pneumonia.serving.preprocessing import UNIT_NORMALIZATION
-    from pneumonia.training.augmentation import make_dataset
-    from pneumonia.training.fitting import mixup
-
-    values = np.arange(1, 33, dtype="float32") * 7  # image i is flat at values[i]
-    images = tf.constant(np.broadcast_to(values[:, None, None, None], (32, 8, 8, 1)).copy())
-    labels = tf.constant((np.arange(32) % 3 == 0).astype("float32"))
-    weights = {0: 0.75, 1: 1.5}
-    mixed, soft, weight = (t.numpy() for t in mixup(0, 0.4, weights)(images, labels))
-    assert np.ptp(mixed, axis=(1, 2, 3)).max() < 1e-3  # a blend of two flat images is flat
-    y, w = labels.numpy(), np.where(labels.numpy() == 1, 1.5, 0.75)
-    partners = []
-    for i, level in enumerate(mixed[:, 0, 0, 0]):
-        # level = s * v_i + (1 - s) * v_j for one partner j; the label and weight use the same s
-        share = np.divide(level - values, values[i] - values, out=np.ones(32), where=values != values[i])
-        fits = (
-            (share > -1e-4)
-            & (share < 1 + 1e-4)
-            & np.isclose(soft[i], share * y[i] + (1 - share) * y, atol=1e-4)
-            & np.isclose(weight[i], share * w[i] + (1 - share) * w, atol=1e-4)
-        )
-        assert fits.any(), i
-        partners.append(np.flatnonzero(fits))
-    assert ((soft > 0.05) & (soft < 0.95)).sum() >= 4  # labels between the classes occur
-    assert len({int(p[0]) for p in partners if len(p) == 1}) == sum(len(p) == 1 for p in partners)  # a permutation
-    pixels = np.broadcast_to(values[:, None, None].astype("uint8"), (32, 8, 8))
-    mixed_ds = make_dataset(pixels, y, UNIT_NORMALIZATION, 16, 0, augment=lambda x, _: x, mix=mixup(0, 0.4, weights))
-    batch = next(iter(mixed_ds))
-    assert [tuple(t.shape) for t in batch] == [(16, 8, 8, 3), (16,), (16,)]
-    assert 0 <= batch[1].numpy().min() and batch[1].numpy().max() <= 1
-
-
-def test_normal_zoom_crops_only_normal_images_and_about_half_of_them():
-    import tensorflow as tf
-
-    from pneumonia.training.augmentation import augmentation_for
-    from pneumonia.training.fitting import normal_zoom
-
-    rng = np.random.default_rng(3)
-    images = tf.constant(rng.integers(40, 220, (64, 32, 32, 1)).astype("float32"))
-    labels = tf.constant((np.arange(64) % 2).astype("float32"))  # alternate NORMAL, PNEUMONIA
-    zoomed = normal_zoom(0)(images, labels).numpy()
-    changed = np.abs(zoomed - images.numpy()).mean(axis=(1, 2, 3)) > 1e-3
-    y = labels.numpy()
-    assert not changed[y == 1].any()  # a pneumonia image keeps everything it shows
-    assert 0.25 < changed[y == 0].mean() < 0.75
-    # zooming in: the central pixel's neighbourhood grows, so a zoomed image is smoother
-    steps = lambda x: np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))  # noqa: E731
-    assert (steps(zoomed)[changed] < steps(images.numpy())[changed]).all()
-    batch = augmentation_for("normal-framing", 0)(images, labels).numpy()
-    assert batch.shape == (64, 32, 32, 1)

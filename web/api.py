@@ -42,6 +42,7 @@ def predict():
     card = screener.card
     return jsonify(
         probability=result.probability,
+        probability_text=screener.card.shown_probability(result.probability),
         label=result.labels["default"],
         screening_label=result.labels["screening"],
         thresholds=screener.classifier.thresholds,
@@ -49,7 +50,7 @@ def predict():
             "name": screener.classifier.name,
             "architecture": card.architecture,
             "input_size": screener.classifier.image_size,
-            "validation_auc": card.validation["auc"],
+            "validation_auc": card.validation.get("auc"),
         },
         gradcam={
             "layer": screener.gradcam.layer,

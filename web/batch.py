@@ -175,6 +175,7 @@ def entry_json(entry: BatchEntry, screener, with_gradcam: bool = False) -> dict:
     answer = {"index": entry.index, "filename": entry.filename, "status": entry.status, "probability": row.probability}
     if row.probability is not None:
         answer.update(
+            probability_text=screener.card.shown_probability(row.probability),
             label=row.labels["default"],
             screening_label=row.labels["screening"],
             thresholds=screener.classifier.thresholds,

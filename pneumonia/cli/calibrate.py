@@ -24,6 +24,10 @@ def run(args) -> int:
         f"thresholds (each on its own calibrated scale): default {previous['default']:.3f} -> {new.default:.3f}, "
         f"screening {previous['screening']:.3f} -> {new.screening:.3f}"
     )
+    print(
+        f"the model's thresholds came from the rule {previous['rule_name']!r} ({previous['chosen_on']}); "
+        f"they are now refitted on the site sample: {new.rule}"
+    )
     print(f"wrote {result.out} (serve it with PNEUMONIA_MODEL_PATH={result.out})")
     return 0
 

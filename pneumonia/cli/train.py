@@ -35,7 +35,14 @@ def run(args) -> int:
 
 def add(commands, shipped: str) -> None:
     from pneumonia.serving.preprocessing import CONTRASTS
-    from pneumonia.training.config import ARCHITECTURES, AUGMENTATIONS, DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
+    from pneumonia.training.config import (
+        ARCHITECTURES,
+        AUGMENTATIONS,
+        DEFAULT_IMAGE_SIZE,
+        DEFAULT_INIT,
+        RULES,
+        TrainConfig,
+    )
     from pneumonia.training.dataset import NORMAL_SERIES
 
     default = TrainConfig(data_dir="")
@@ -69,6 +76,13 @@ def add(commands, shipped: str) -> None:
         default=default.contrast,
         help="contrast normalisation of the model's square (equalize: global histogram equalisation), "
         "recorded in the card and applied everywhere the model is used",
+    )
+    train.add_argument(
+        "--threshold-rule",
+        choices=[rule.name for rule in RULES],
+        default=default.threshold_rule,
+        help="how the two thresholds are chosen: on the validation part alone, or across it and a set of "
+        "acquisition shifts of it (mean or worst Youden's J; model/report/levers.md compares them)",
     )
     train.add_argument(
         "--hold-out-series",

@@ -162,6 +162,7 @@ def recalibrated_card(
         screening=thresholds["screening"],
         target_sensitivity=card.thresholds.target_sensitivity,
         chosen_on=f"site sample {site_name} ({n} images); calibrated probabilities",
+        rule_name="site sample",
     )
     recalibration = {
         "previous": previous,

@@ -69,7 +69,7 @@ def gate_on_split(classifier, files, features, labels, probs, split: str, log=pr
 def _report_name(model_path: str) -> str:
     """The card's name made safe for a folder name, else the model folder's name."""
     try:
-        name = str(find_card(model_path)[1].get("name") or "")
+        name = find_card(model_path)[1].name
     except ModelLoadError:
         name = ""  # reported when the model is loaded
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or _model_folder(model_path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -85,6 +86,7 @@ class Thresholds:
     target_sensitivity: float
     chosen_on: str = "validation part of train/ (patient-grouped); calibrated probabilities"
     rule: str = THRESHOLD_RULE
+    rule_name: str = "validation"  # training/threshold_rules.py: RULES
 
     def as_dict(self) -> dict[str, float]:
         """{"default": ..., "screening": ...}: the two thresholds a label is read at."""
@@ -183,6 +185,7 @@ class ModelCard:
     ood: dict | None = None  # the gate's fit (training/gate_fitting.py)
     export: Export | None = None
     recalibration: dict | None = None  # calibrate: the site sample's figures and what it replaced
+    expectations: dict | None = None  # what the proxies expect at a new site (training/threshold_rules.py)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -196,6 +199,22 @@ class ModelCard:
             return _typed(cls, content, "")
         except CardFieldError as err:
             raise ModelLoadError(f"The model card {path} is not valid: {err}") from None
+
+    @property
+    def probability_floor(self) -> float:
+        """The smallest probability (and 1 minus the largest) the calibration data can back: one image of
+        the smaller class of the sample it was fitted on, rounded up to a whole percent."""
+        counts = (self.recalibration or {}).get("site_sample", {}).get("counts") or self.data.validation
+        return math.ceil(100 / max(1, min(counts.values(), default=1))) / 100
+
+    def shown_probability(self, probability: float) -> str:
+        """The calibrated probability as a person should read it: "> 99 %" beyond what the data backs."""
+        floor = self.probability_floor
+        if probability < floor:
+            return f"< {100 * floor:g} %"
+        if probability > 1 - floor:
+            return f"> {100 * (1 - floor):g} %"
+        return f"{100 * probability:.1f} %"
 
     def to_dict(self) -> dict:
         card = dataclasses.asdict(self)

@@ -16,6 +16,7 @@ import numpy as np
 from pneumonia.errors import XrayReadError
 from pneumonia.labels import CLASS_NAMES, NORMAL, PNEUMONIA  # noqa: F401  (read as dataset.PNEUMONIA too)
 from pneumonia.progress import ProgressBar
+from pneumonia.serving.card import ModelCard
 from pneumonia.serving.preprocessing import xray_pixels
 
 SPLITS = ("train", "val", "test")
@@ -207,3 +208,37 @@ def describe(name: str, files: SplitFiles) -> str:
     if files.skipped:
         text += f"; skipped {len(files.skipped)} non-image files"
     return text
+
+
+class DataError(ValueError):
+    """A data folder that cannot give what is asked of it; the message is meant for a person."""
+
+
+def validation_part(data_dir: str | Path, card: ModelCard) -> tuple[SplitFiles, dict]:
+    """The validation part of DATA_DIR/train/, recreated as training made it -> (files, info).
+
+    `info` holds val_fraction, seed, the fingerprints and whether they match (a mismatch means
+    a different copy of the data or a different split: the numbers are then not the card's).
+    """
+    config = card.training.config
+    files = scan_split(data_dir, "train")
+    if files is None or not files.paths:
+        raise DataError(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
+    _, val, _ = training_parts(files, card.data.val_fraction, int(config["seed"]), config.get("hold_out_series"))
+    expected = card.data.validation_fingerprint
+    found = fingerprint(val)
+    info = {
+        "val_fraction": card.data.val_fraction,
+        "seed": int(config["seed"]),
+        "hold_out_series": config.get("hold_out_series"),
+        "fingerprint": found,
+        "card_fingerprint": expected,
+        "fingerprint_matches": found == expected,
+        "n": val.counts(),
+    }
+    if found != expected:
+        info["warning"] = (
+            "validation fingerprint differs from the card's: this is not the validation split the "
+            "model was selected on (different data copy, val_fraction or seed)"
+        )
+    return val, info

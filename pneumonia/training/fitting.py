@@ -32,10 +32,11 @@ from pneumonia.serving.preprocessing import normalize_contrast, preprocessing_sp
 from pneumonia.training import dataset
 from pneumonia.training.architectures import build_model, normalization_for, resolve_init
 from pneumonia.training.augmentation import augmentation_for, class_weights, make_dataset
-from pneumonia.training.config import TrainConfig
+from pneumonia.training.config import RULES_BY_NAME, TrainConfig
 from pneumonia.training.export import export
 from pneumonia.training.gate_fitting import fit_ood, format_gate
 from pneumonia.training.operating_points import OperatingPoint, operating_point
+from pneumonia.training.threshold_rules import apply_threshold_rule
 
 
 def logits_of(model, batches) -> np.ndarray:
@@ -359,6 +360,7 @@ def train(config: TrainConfig, log=print) -> ModelCard:
     best.save(out / card.file)
     card_path = write_card(out, card)
     log(f"wrote {out / card.file} and {card_path}")
+    apply_threshold_rule(out, config.data_dir, RULES_BY_NAME[config.threshold_rule], log)
     log("fitting the out-of-distribution gate")
     log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
     export(out, log)

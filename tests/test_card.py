@@ -1,0 +1,54 @@
+"""pneumonia/serving/card.py: a card is checked once, on load, and a bad one is refused with the file
+and the field named; what `write_card` writes, `ModelCard.load` reads back equal."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from builders import SHIPPED_MODEL, minimal_card
+
+from pneumonia.errors import ModelLoadError
+from pneumonia.serving.card import CARD_NAME, ModelCard, Normalization, write_card
+
+
+def test_the_shipped_card_loads_and_reads_as_attributes():
+    card = ModelCard.load(SHIPPED_MODEL / CARD_NAME)
+    assert card.preprocessing.contrast == "equalize" and card.preprocessing.image_size == 128
+    assert 0 < card.thresholds.screening <= card.thresholds.default < 1
+    assert [run.started_from for run in card.lineage] == ["random initialisation", "a trained model"]
+    assert card.lineage[1].init_sha256 and card.export.files["explain"].file == "explain.onnx"
+
+
+def test_a_written_card_loads_back_equal(tmp_path):
+    card = minimal_card("m", "m.keras", 32, ("features", [8, 8]), Normalization(1 / 255, [0.0] * 3, [1.0] * 3))
+    card = dataclasses.replace(card, ood={"file": "ood.npz"}, held_out_series={"series": "IM"})
+    write_card(tmp_path, card)
+    assert ModelCard.load(tmp_path / CARD_NAME) == card
+
+
+def _shipped_card_with(change) -> dict:
+    content = json.loads((SHIPPED_MODEL / CARD_NAME).read_text())
+    change(content)
+    return content
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda c: c["thresholds"].update(default="high"), "thresholds.default should be float"),
+        (lambda c: c["thresholds"].pop("screening"), "field thresholds.screening is missing"),
+        (lambda c: c.update(colour_space="sRGB"), "unknown field colour_space"),
+        (lambda c: c["preprocessing"].update(contrast="clahe"), "preprocessing: contrast 'clahe' is not one of"),
+        (lambda c: c["lineage"][0].update(started_from="pretrained"), r"lineage\[0\]: started_from 'pretrained'"),
+        (lambda c: c["export"]["files"]["explain"].pop("sha256"), "field export.files.explain.sha256 is missing"),
+        (lambda c: c.update(input_size=True), "input_size should be int"),
+    ],
+)
+def test_a_bad_card_is_refused_naming_the_file_and_the_field(tmp_path, change, named):
+    path = tmp_path / CARD_NAME
+    path.write_text(json.dumps(_shipped_card_with(change)))
+    with pytest.raises(ModelLoadError, match=named) as caught:
+        ModelCard.load(path)
+    assert str(path) in str(caught.value)
