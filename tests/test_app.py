@@ -24,6 +24,7 @@ from PIL import Image
 
 from pneumonia.serving.classifier import XrayClassifier
 from web import create_app
+from web.screening import current_screener
 from web.uploads import InMemoryRequest
 
 DISCLAIMER = "research tool, not a medical device"
@@ -149,6 +150,23 @@ def test_result_page_shows_probability_labels_images_model_and_time(result_page,
     original, blended = data_uri_image(html, "original"), data_uri_image(html, "overlay")
     assert original.shape == (300, 400) and blended.shape == (300, 400, 3)  # the upload's own aspect
     assert 'id="opacity"' in html  # the slider, revealed by static/app.js
+
+
+def test_result_page_shows_the_capped_probability_and_what_a_new_site_can_expect(result_page, web_app):
+    html = result_page.get_data(as_text=True)
+    card = current_card(web_app)
+    exact = web_app.test_client().post("/api/predict", data=upload(xray_jpeg(400, 300))).get_json()
+    shown = html.split('id="probability">', 1)[1].split("<", 1)[0]
+    assert shown == card.shown_probability(exact["probability"]) == exact["probability_text"]
+    assert 'id="expectations"' in html and 'id="site-advice"' in html and "about 200" in html
+    crop = card.expectations["framing"]["crop_80"]["default"]
+    row = html.split('id="expect-crop_80"')[1].split("</tr>")[0]
+    assert f"{100 * crop['specificity']:.0f} % / {100 * crop['recall']:.0f} %" in row
+
+
+def current_card(app):
+    with app.app_context():
+        return current_screener().card
 
 
 def test_normal_result_says_the_heatmap_shows_evidence_for_normal(gap_model_dir):

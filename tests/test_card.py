@@ -52,3 +52,19 @@ def test_a_bad_card_is_refused_naming_the_file_and_the_field(tmp_path, change, n
     with pytest.raises(ModelLoadError, match=named) as caught:
         ModelCard.load(path)
     assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "probability, shown",
+    [(0.0004, "< 1 %"), (0.01, "1.0 %"), (0.4567, "45.7 %"), (0.99, "99.0 %"), (0.9999, "> 99 %")],
+)
+def test_a_probability_beyond_what_the_validation_data_backs_is_shown_capped(probability, shown):
+    card = ModelCard.load(SHIPPED_MODEL / CARD_NAME)  # 135 NORMAL validation images: one is 0.7 %, so 1 %
+    assert card.probability_floor == 0.01
+    assert card.shown_probability(probability) == shown
+
+
+def test_a_smaller_calibration_sample_caps_further():
+    card = minimal_card("m", "m.keras", 32, ("f", [8, 8]), Normalization(1 / 255, [0.0] * 3, [1.0] * 3))
+    card = dataclasses.replace(card, data=dataclasses.replace(card.data, validation={"NORMAL": 30, "PNEUMONIA": 90}))
+    assert card.probability_floor == 0.04 and card.shown_probability(0.97) == "> 96 %"

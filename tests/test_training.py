@@ -120,6 +120,8 @@ def test_card_records_what_was_done(custom_run):
     thresholds = card["thresholds"]
     assert 0 < thresholds["screening"] <= thresholds["default"] <= 1
     assert thresholds["target_sensitivity"] == config.target_sensitivity
+    assert thresholds["rule_name"] == config.threshold_rule == "worst:framing"  # the shipped rule by default
+    assert set(card["expectations"]["framing"]) == {"crop_90", "crop_80"}
     validation = card["validation"]
     assert validation["thresholds"]["screening"]["recall"] >= config.target_sensitivity
     assert validation["thresholds"]["screening"]["threshold"] == thresholds["screening"]
