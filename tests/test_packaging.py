@@ -219,7 +219,9 @@ def wait_until_ready(process: subprocess.Popen, url: str, log: Path, seconds: fl
 def test_installed_web_app_serves_the_page_its_stylesheet_and_the_api_from_the_root_folder(venv, xrays, tmp_path):
     port, log = free_port(), tmp_path / "gunicorn.log"
     url = f"http://127.0.0.1:{port}"
-    command = [venv / "bin" / "gunicorn", "--bind", f"127.0.0.1:{port}", "--no-control-socket", "app:app"]
+    # The shipped settings travel in the package (gthread, 32 threads, the timeout, the allocator tuning).
+    config = ["-c", "python:web.gunicorn_conf", "--bind", f"127.0.0.1:{port}", "--no-control-socket"]
+    command = [venv / "bin" / "gunicorn", *config, "app:app"]
     started = time.perf_counter()
     with open(log, "w") as log_file:
         process = subprocess.Popen(
@@ -227,6 +229,7 @@ def test_installed_web_app_serves_the_page_its_stylesheet_and_the_api_from_the_r
         )
     try:
         health = wait_until_ready(process, url, log)
+        assert "Using worker: gthread" in log.read_text()
         print(f"\ngunicorn app:app ready in {time.perf_counter() - started:.1f} s")
         assert health["ready"] is True and health["serving"]["runtime"] == "onnx", health
 

@@ -21,7 +21,7 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # 413 above this
     "MAX_FORM_PARTS": 16,  # the forms' fields besides the files (a batch adds BATCH_MAX_FILES parts)
     # Several files in one request (web/batch.py): at most this many, screened this many at a time
-    # (~0.3-0.8 s of model work on 2 cores: the longest a single upload waits behind a chunk).
+    # (a chunk's model work is the longest a single upload waits behind it: README, "Performance").
     "BATCH_MAX_FILES": 100,
     "BATCH_CHUNK_SIZE": 8,
     "OVERLAY_ALPHA": 0.5,
@@ -36,12 +36,23 @@ DEFAULTS = {
     # encodes; slots x threads measured on 2 cores: README "Performance".
     "MODEL_SLOTS": 2,
     "MODEL_QUEUE_SECONDS": 5,
+    # Per-client rate limits (web/rate_limit.py), Flask-Limiter's notation, counted per worker in memory:
+    # uploads are every POST (form and API), pages every GET; /healthz and static files never count.
+    # Off by default: the client's address is only right when the app knows the proxies in front of it
+    # (behind a PaaS router every client shares the router's address, so a limit on by default would
+    # throttle the whole site as one client); the model's capacity (503) already bounds the load. On a
+    # PaaS: PNEUMONIA_RATE_LIMIT_ENABLED=true PNEUMONIA_RATE_LIMIT_PROXY_HOPS=1.
+    "RATE_LIMIT_ENABLED": False,
+    "RATE_LIMIT_UPLOADS": "30 per minute",  # a person uploading one X-ray at a time stays far below
+    "RATE_LIMIT_PAGES": "300 per minute",  # a model card view is 6 requests (the page and its plots)
+    "RATE_LIMIT_PROXY_HOPS": 0,  # trusted proxies that append to X-Forwarded-For (1 behind Heroku's router)
 }
 
 
 def create_app(config: dict | None = None) -> Flask:
     """Settings: DEFAULTS, then PNEUMONIA_* environment variables (PNEUMONIA_MODEL_PATH,
-    PNEUMONIA_MAX_CONTENT_LENGTH, PNEUMONIA_BODY_TIMEOUT, PNEUMONIA_MODEL_SLOTS, ...), then `config`."""
+    PNEUMONIA_MAX_CONTENT_LENGTH, PNEUMONIA_BODY_TIMEOUT, PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RATE_LIMIT_ENABLED,
+    ...), then `config`."""
     app = Flask(__name__)  # web/templates and web/static, wherever the package is installed
     app.request_class = InMemoryRequest
     app.config.update(DEFAULTS)
@@ -50,11 +61,12 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from web import api, capacity, errors, pages, security
+    from web import api, capacity, errors, pages, rate_limit, security
     from web.screening import load_screener
 
     load_screener(app)
     capacity.register(app)
+    rate_limit.register(app)
     app.wsgi_app = BodyDeadline(app.wsgi_app, app.config["BODY_TIMEOUT"], app.config["BODY_READ_TIMEOUT"])
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)

@@ -1,4 +1,5 @@
-"""JSON: POST /api/predict, POST /api/predict/batch and GET /healthz."""
+"""JSON: POST /api/predict, POST /api/predict/batch, GET /healthz and GET /openapi.json, the document
+of all four (web/openapi.json: status codes, bodies, parameters, limits)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
+from web import openapi
 from web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from web.capacity import model_slot
 from web.screening import current_screener, ood_json
@@ -93,3 +95,8 @@ def healthz():
         ood_gate="on" if screener.classifier.gate else f"off: {screener.classifier.gate_status}",
         serving=screener.classifier.serving(),
     )
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    return jsonify(openapi.document(current_app.config))

@@ -7,11 +7,13 @@ from __future__ import annotations
 import traceback
 
 from flask import current_app, jsonify, render_template, request
-from werkzeug.exceptions import HTTPException
+from flask_limiter import RateLimitExceeded
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from pneumonia.errors import XrayReadError
 from pneumonia.serving.gate import EXPECTED, OutOfDistribution
 from web.capacity import ModelBusy
+from web.rate_limit import retry_after_s
 from web.screening import ModelNotReady, current_screener, ood_json
 from web.uploads import UploadError
 
@@ -22,7 +24,7 @@ HTTP_MESSAGES = {
 
 
 def wants_json() -> bool:
-    return request.path.startswith("/api/") or request.path == "/healthz"
+    return request.path.startswith("/api/") or request.path in ("/healthz", "/openapi.json")
 
 
 def error_response(status: int, message: str):
@@ -38,7 +40,10 @@ def _http_error(err: HTTPException):
         # The body was not read: the connection cannot carry another request, so say it closes
         # (a keep-alive client would otherwise send its next upload into a closed socket).
         return body, status, {"Connection": "close"}
-    return error_response(err.code or 500, HTTP_MESSAGES.get(err.code, err.description or err.name))
+    body, status = error_response(err.code or 500, HTTP_MESSAGES.get(err.code, err.description or err.name))
+    if isinstance(err, MethodNotAllowed) and err.valid_methods:  # RFC 9110: a 405 names the methods allowed
+        return body, status, {"Allow": ", ".join(err.valid_methods)}
+    return body, status
 
 
 def _refused(err: OutOfDistribution):
@@ -54,6 +59,18 @@ def _busy(err: ModelBusy):
         503, f"The screening service is busy: too many X-rays are waiting. Please try again in {err.retry_after} s."
     )
     return body, status, {"Retry-After": str(err.retry_after)}
+
+
+def _too_many(err: RateLimitExceeded):
+    """429 with Retry-After: this client is over a per-client limit (web/rate_limit.py)."""
+    retry_after = retry_after_s()
+    headers = {"Retry-After": str(retry_after)}
+    if request.method == "POST":  # the upload was refused unread: do not read it to keep the connection
+        headers["Connection"] = "close"
+    message = f"Too many requests from this address: at most {err.description}. Please try again in {retry_after} s."
+    if wants_json():
+        return jsonify(error=message, status=429), 429, headers
+    return render_template("too_many.html", message=message, retry_after=retry_after), 429, headers
 
 
 def _unexpected(err: Exception):
@@ -76,5 +93,6 @@ def register(app) -> None:
         ModelNotReady,
         lambda err: error_response(503, f"The model is not loaded, so nothing can be screened: {err.reason}"),
     )
+    app.register_error_handler(RateLimitExceeded, _too_many)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

@@ -25,7 +25,7 @@ from pneumonia.serving.screening import BatchScreener, ScreenedImage
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
     # The overlay is noisy, so stronger compression buys little: the SUB filter with Huffman-only
-    # coding was the fastest setting measured (~5 ms at 512x384), within ~20 % of the smallest.
+    # coding was the fastest setting measured and nearly the smallest (bench/benchmark_upload.py).
     ".png": [
         cv2.IMWRITE_PNG_COMPRESSION,
         1,

@@ -1,5 +1,6 @@
 """Response headers: scripts and styles only from static/ (no inline code), images also as
-data: URIs (the result page embeds them), never framed, never sniffed, results never cached."""
+data: URIs (the result page embeds them), never framed, never sniffed, results never cached. Every
+answer links the API's OpenAPI document (RFC 8631 "service-desc")."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def register(app) -> None:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Link"] = '</openapi.json>; rel="service-desc"; type="application/json"'
         if request.method == "POST":  # results describe someone's X-ray
             response.headers["Cache-Control"] = "no-store"
         return response

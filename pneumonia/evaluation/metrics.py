@@ -37,8 +37,8 @@ def _roc_auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0) -> dict:
     """95 % percentile intervals of AUC, and accuracy / recall / specificity at `threshold`.
 
-    All resamples at once with NumPy (sklearn's per-call checks made 1,000 rounds take
-    seconds); resamples holding one class only have no AUC and are left out.
+    All resamples at once with NumPy (sklearn's per-call checks made 1,000 rounds slow);
+    resamples holding one class only have no AUC and are left out.
     """
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)

@@ -121,7 +121,9 @@ def _group(identity: ModelIdentity, source: Dataset, row) -> hd.sr.MeasurementsA
     evaluations = [hd.sr.QualitativeEvaluation(codes.DCM.Finding, finding)]
     for key, label in row.labels.items():
         value = PNEUMONIA_CODE if label == PNEUMONIA else NORMAL_CODE
-        evaluations.append(hd.sr.QualitativeEvaluation(private_code(f"label-{key}", f"Label at {key} threshold"), value))
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(private_code(f"label-{key}", f"Label at {key} threshold"), value)
+        )
     verdict = row.verdict.verdict if row.verdict is not None else "unchecked"
     evaluations.append(
         hd.sr.QualitativeEvaluation(

@@ -145,8 +145,8 @@ class FeatureDensity:
         """(N, d) or (d,) -> Mahalanobis distance to the nearer class mean, (N,)."""
         features = np.atleast_2d(np.asarray(features, self.precision.dtype))
         centred = features[:, None, :] - self.means[None]  # (N, 2, d)
-        # einsum's own loop, not BLAS: a multithreaded BLAS call leaves its threads spinning and
-        # slowed the next TensorFlow pass in the web app by ~25 ms; this costs ~0.3 ms at d = 1,024.
+        # einsum's own loop, not BLAS: a multithreaded BLAS call leaves its threads spinning, which
+        # slowed the next model pass in the web app by far more than this loop costs.
         squared = (np.einsum("nkd,de->nke", centred, self.precision, optimize=False) * centred).sum(axis=-1)  # (N, 2)
         return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 

@@ -1,0 +1,208 @@
+"""One run against a PACS, and `watch`'s polling of such runs:
+
+    QIDO-RS: the instances of the filters (modality CR, DX; studies, study date, body part, view)
+    ──per study──> which of them already have this model's SR (asked of the PACS, unless --force)
+    ──per image──> WADO-RS ──> the one screening pipeline (gate and Grad-CAM) ──> SR + Secondary Capture
+    ──> STOW-RS, both in one request, into the image's study, in the run's new series
+
+Nothing is kept locally between runs: what is done is what the PACS holds. An image the gate refuses,
+one that cannot be read and one the PACS would not store are rows with their error; an unreachable PACS
+or refused credentials end the run (`PacsUnreachable`, `PacsAuthError`). Rows name images by their UIDs
+only; nothing of the patient is printed, logged or written here.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pneumonia.pacs.dicomweb import DicomWeb, PacsAuthError, PacsError, PacsUnreachable, first_value
+from pneumonia.pacs.reports import (
+    ModelIdentity,
+    RunSeries,
+    gradcam_capture,
+    reference_dataset,
+    referenced_instances,
+    structured_report,
+)
+from pneumonia.serving.screening import BatchScreener, ScreenedImage
+
+GRADCAM_SIDE = 1024  # long side of the Secondary Capture, as the overlays of `predict --gradcam`
+STUDY, SERIES, INSTANCE, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
+BODY_PART, VIEW, SERIES_DESCRIPTION = "00180015", "00185101", "0008103E"
+INCLUDED = (STUDY, SERIES, INSTANCE, SOP_CLASS, "00080060", BODY_PART, VIEW)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which images a run looks at. Body part and view are matched where the PACS reports them
+    (the QIDO answer, else the image's own header); an image without the attribute passes."""
+
+    studies: tuple[str, ...] = ()
+    since: str | None = None  # YYYYMMDD: studies on or after
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()
+
+    def admits(self, body_part: str | None, view: str | None) -> bool:
+        def fits(value, allowed):
+            return not allowed or not value or str(value).upper() in {a.upper() for a in allowed}
+
+        return fits(body_part, self.body_parts) and fits(view, self.views)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    study: str
+    series: str
+    instance: str
+
+
+@dataclass
+class PacsRow:
+    """One image of a run: screened (and stored), skipped (the PACS has this model's result),
+    refused (by the gate), failed (unreadable, or not fetched or stored)."""
+
+    candidate: Candidate
+    status: str
+    screened: ScreenedImage
+    stored: tuple[str, str] = ("", "")  # SOP Instance UIDs of the SR and the Secondary Capture
+
+
+@dataclass
+class RunCounts:
+    found: int = 0
+    by_status: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("screened", "skipped", "refused", "failed"), 0)
+    )
+
+    @property
+    def failed(self) -> int:
+        return self.by_status["failed"]
+
+    def summary(self) -> str:
+        return f"{self.found} image(s): " + ", ".join(f"{count} {status}" for status, count in self.by_status.items())
+
+
+def find_candidates(pacs: DicomWeb, filters: Filters) -> list[Candidate]:
+    """QIDO-RS for each modality (and each study asked for): the matching instances, once each."""
+    found: dict[str, Candidate] = {}
+    paths = [f"studies/{uid}/instances" for uid in filters.studies] or ["instances"]
+    for modality in filters.modalities:
+        params = {"Modality": modality, "includefield": list(INCLUDED)}
+        if filters.since:
+            params["StudyDate"] = f"{filters.since}-"
+        for path in paths:
+            for item in pacs.search(path, params):
+                uids = [first_value(item, tag) for tag in (STUDY, SERIES, INSTANCE)]
+                if None in uids or not filters.admits(first_value(item, BODY_PART), first_value(item, VIEW)):
+                    continue
+                found.setdefault(uids[2], Candidate(*uids))
+    return sorted(found.values(), key=lambda c: (c.study, c.series, c.instance))
+
+
+def screened_instances(pacs: DicomWeb, identity: ModelIdentity, study: str) -> set[str]:
+    """The instances of `study` this model's SRs already report on: the PACS is the only record."""
+    done = set()
+    for series in pacs.search(f"studies/{study}/series", {"Modality": "SR", "includefield": SERIES_DESCRIPTION}):
+        uid = first_value(series, SERIES)
+        if uid and first_value(series, SERIES_DESCRIPTION) == identity.series_description("result"):
+            done |= referenced_instances(pacs.series_metadata(study, uid))
+    return done
+
+
+class PacsScreener:
+    """Screens a PACS's images with one classifier and stores the results back into it."""
+
+    def __init__(self, pacs: DicomWeb, classifier, force: bool = False):
+        self.pacs, self.force = pacs, force
+        self.batch = BatchScreener(classifier)
+        self.identity = ModelIdentity.of(classifier)
+
+    def run(self, filters: Filters) -> Iterator[PacsRow]:
+        """One run: a row per candidate image, in study order. Raises PacsUnreachable / PacsAuthError."""
+        candidates = find_candidates(self.pacs, filters)
+        done: dict[str, set[str]] = {}
+        series: dict[str, RunSeries] = {}
+        for candidate in candidates:
+            if candidate.study not in done:
+                done[candidate.study] = (
+                    set() if self.force else screened_instances(self.pacs, self.identity, candidate.study)
+                )
+            if candidate.instance in done[candidate.study]:
+                yield PacsRow(candidate, "skipped", ScreenedImage(candidate.instance))
+                continue
+            row = self.screen_one(candidate, filters, series.setdefault(candidate.study, RunSeries.new()))
+            if row is not None:
+                yield row
+
+    def screen_one(self, candidate: Candidate, filters: Filters, series: RunSeries) -> PacsRow | None:
+        """Fetch, screen, store one image; None when its header shows the filters leave it out."""
+        import pydicom
+
+        try:
+            data = self.pacs.retrieve_instance(candidate.study, candidate.series, candidate.instance)
+        except (PacsUnreachable, PacsAuthError):
+            raise
+        except PacsError as err:
+            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=str(err)))
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            source = reference_dataset(header)
+        except Exception as err:  # pydicom raises many types; the message could quote the file
+            error = f"The PACS sent an image that is not readable DICOM ({type(err).__name__})."
+            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=error))
+        if not filters.admits(header.get("BodyPartExamined"), header.get("ViewPosition")):
+            return None
+        del header
+        row = self.batch.screen_chunk([(candidate.instance, data)], GRADCAM_SIDE, with_gradcam=True)[0]
+        del data
+        if row.probability is None:
+            return PacsRow(candidate, "refused" if row.refused else "failed", row)
+        return self._store(candidate, source, row, series)
+
+    def _store(self, candidate: Candidate, source, row: ScreenedImage, series: RunSeries) -> PacsRow:
+        """The SR and the Grad-CAM Secondary Capture, in one STOW-RS request."""
+        from pneumonia.serving.gradcam import overlay
+
+        sr = structured_report(self.identity, source, row, series)
+        capture = gradcam_capture(self.identity, source, overlay(row.display, row.heat)[..., ::-1], series)
+        row.heat = row.display = None
+        try:
+            self.pacs.store(candidate.study, [_part10(capture), _part10(sr)])
+        except (PacsUnreachable, PacsAuthError):
+            raise
+        except PacsError as err:
+            row.error = f"Screened but not stored: {err}"
+            return PacsRow(candidate, "failed", row)
+        return PacsRow(candidate, "screened", row, (sr.SOPInstanceUID, capture.SOPInstanceUID))
+
+
+def _part10(dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def watch(
+    run_once: Callable[[], int],
+    interval_s: float,
+    max_runs: int | None,
+    until: datetime | None,
+    sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], datetime] = datetime.now,
+) -> int:
+    """`run_once` (an exit status) every `interval_s` until `max_runs` runs or the time `until`;
+    the worst status of the runs. What `run_once` raises ends the watch."""
+    worst, runs = 0, 0
+    while (max_runs is None or runs < max_runs) and (until is None or now() < until):
+        worst = max(worst, run_once())
+        runs += 1
+        if max_runs is not None and runs >= max_runs:
+            break
+        wait = interval_s if until is None else min(interval_s, max(0.0, (until - now()).total_seconds()))
+        sleep(wait)
+    return worst

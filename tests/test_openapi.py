@@ -1,0 +1,180 @@
+"""The API's contract, web/openapi.json: a valid OpenAPI 3.1 document, served at /openapi.json with
+this server's limits; it documents every JSON route the app has, and every status it documents for
+an operation is one the app really answers there (made to happen through app.test_client()), with
+a body and headers that conform to it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import schemathesis
+from builders import REAL_XRAYS, encode_image, upload
+from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+from PIL import Image
+
+from web.openapi import DOCUMENT
+
+SPEC = json.loads(DOCUMENT.read_text())
+XRAY = REAL_XRAYS[0].read_bytes()
+COLOUR_PHOTO = encode_image(Image.new("RGB", (300, 300), (200, 30, 30)), "PNG")  # the gate refuses it (colour)
+
+
+def documented_statuses() -> set[tuple[str, str, int]]:
+    return {
+        (path, method.upper(), int(status))
+        for path, item in SPEC["paths"].items()
+        for method, operation in item.items()
+        for status in operation["responses"]
+    }
+
+
+@pytest.fixture(scope="module")
+def contract():
+    return schemathesis.openapi.from_dict(SPEC)
+
+
+@pytest.fixture(scope="module")
+def not_ready_app(tmp_path_factory):
+    """No model (the folder is empty); per-client limits on, 1 upload and 1 page a minute."""
+    from web import create_app
+
+    config = {"MODEL_PATH": str(tmp_path_factory.mktemp("no_model")), "TESTING": True, "RATE_LIMIT_ENABLED": True}
+    return create_app({**config, "RATE_LIMIT_UPLOADS": "1 per minute", "RATE_LIMIT_PAGES": "1 per minute"})
+
+
+def test_the_document_is_a_valid_openapi_3_1_document():
+    validate(SPEC, cls=OpenAPIV31SpecValidator)
+    assert SPEC["openapi"].startswith("3.1.")
+
+
+def test_the_served_document_is_valid_and_states_this_servers_limits(not_ready_app):
+    not_ready_app.config.update(BATCH_MAX_FILES=7)
+    try:
+        response = not_ready_app.test_client().get("/openapi.json", environ_base={"REMOTE_ADDR": "10.1.0.1"})
+    finally:
+        not_ready_app.config.update(BATCH_MAX_FILES=100)
+    served = response.get_json()
+    validate(served, cls=OpenAPIV31SpecValidator)
+    limits = served["info"]["x-limits"]
+    assert limits["batch_max_files"] == 7 and limits["max_content_length_bytes"] == 20 * 1024 * 1024
+    assert limits["rate_limit"]["enabled"] is True and limits["rate_limit"]["uploads"] == "1 per minute"
+    body = served["paths"]["/api/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert body["schema"]["properties"]["file"]["maxItems"] == 7
+    body["schema"]["properties"]["file"]["maxItems"] = 100
+    assert served["paths"] == SPEC["paths"]  # nothing else differs from the file
+
+
+def test_every_json_route_of_the_app_is_documented_and_nothing_else(shipped_app):
+    json_routes = {
+        (rule.rule, method)
+        for rule in shipped_app.url_map.iter_rules()
+        if rule.rule.startswith("/api/") or rule.rule in ("/healthz", "/openapi.json")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    documented = {(path, method.upper()) for path, item in SPEC["paths"].items() for method in item}
+    assert documented == json_routes
+
+
+def test_the_pages_link_the_document(shipped_app):
+    response = shipped_app.test_client().get("/")
+    assert '</openapi.json>; rel="service-desc"' in response.headers["Link"]
+
+
+# --- every documented status, made to happen ------------------------------------------------
+
+
+def _busy(app, monkeypatch):
+    capacity = app.extensions["model_capacity"]
+    monkeypatch.setattr(capacity, "running", capacity.slots)  # every slot taken...
+    monkeypatch.setattr(capacity, "max_wait_s", 0.0)  # ...and no wait allowed: 503 at once
+
+
+def _failing(app, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.extensions["screener"].batch, "screen_chunk", fail)
+
+
+def _rate_limited(app, client, path, method):
+    """The first request of a fresh address is let in, the second is over the limit."""
+    send = client.post if method == "POST" else client.get
+    send(path, environ_base={"REMOTE_ADDR": f"10.2.0.{len(path)}"})
+    return send(path, environ_base={"REMOTE_ADDR": f"10.2.0.{len(path)}"})
+
+
+def produce(case, shipped_app, not_ready_app, monkeypatch):
+    """The response for (path, method, status): the request, and the app's state, that gives it."""
+    path, method, status = case
+    client = shipped_app.test_client()
+    batch = path.endswith("/batch")
+    if path == "/healthz":
+        return (client if status == 200 else not_ready_app.test_client()).get(path)
+    if status == 429:
+        return _rate_limited(not_ready_app, not_ready_app.test_client(), path, method)
+    if path == "/openapi.json":
+        return client.get(path)
+    one = upload({200: XRAY, 415: b"notes", 422: COLOUR_PHOTO}.get(status, XRAY), "x.jpeg")
+    form = {"file": [one["file"], upload(XRAY)["file"]]} if batch else one
+    if status == 400:
+        return client.post(path, data={} if batch else {"file": (io.BytesIO(b""), "")})
+    if status == 408:
+        monkeypatch.setattr(shipped_app.wsgi_app, "total_s", 0.0)  # web/uploads.py BodyDeadline: no time at all
+    if status == 413:
+        monkeypatch.setitem(shipped_app.config, "BATCH_MAX_FILES" if batch else "MAX_CONTENT_LENGTH", 1)
+    if status == 500:
+        _failing(shipped_app, monkeypatch)
+    if status == 503:
+        _busy(shipped_app, monkeypatch)
+    return client.post(path, data=form)
+
+
+@pytest.mark.parametrize("case", sorted(documented_statuses()), ids=lambda c: f"{c[1]} {c[0]} {c[2]}")
+def test_each_documented_status_is_answered_as_documented(case, contract, shipped_app, not_ready_app, monkeypatch):
+    path, method, status = case
+    response = produce(case, shipped_app, not_ready_app, monkeypatch)
+    assert response.status_code == status, response.get_data(as_text=True)[:300]
+    contract[path][method].validate_response(response)  # status documented, body and headers conform
+    if status >= 400 and path != "/healthz":
+        assert response.get_json()["status"] == status and response.get_json()["error"]
+    if status == 429 or (status == 503 and path != "/healthz"):
+        assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_the_model_not_loaded_503_is_documented_for_both_uploads(contract, not_ready_app):
+    client = not_ready_app.test_client()
+    for path in ("/api/predict", "/api/predict/batch"):
+        response = client.post(path, data=upload(XRAY), environ_base={"REMOTE_ADDR": f"10.3.0.{len(path)}"})
+        assert response.status_code == 503 and "not loaded" in response.get_json()["error"]
+        assert "Retry-After" not in response.headers
+        contract[path]["POST"].validate_response(response)
+
+
+def test_the_batch_entries_of_every_kind_conform(contract, shipped_app):
+    files = [(io.BytesIO(d), n) for d, n in [(XRAY, "a.jpeg"), (COLOUR_PHOTO, "b.png"), (b"hi", "c.txt"), (XRAY[:400], "d")]]
+    response = shipped_app.test_client().post("/api/predict/batch?gradcam=1", data={"file": files})
+    assert [entry["status"] for entry in response.get_json()] == [200, 422, 415, 400]
+    contract["/api/predict/batch"]["POST"].validate_response(response)
+
+
+@pytest.mark.parametrize("query", ["?gradcam=0", "?overlay=JPEG", "?gradcam=no&overlay=jpeg"])
+def test_the_query_parameters_answer_as_documented(query, contract, shipped_app):
+    response = shipped_app.test_client().post(f"/api/predict{query}", data=upload(XRAY))
+    body = response.get_json()
+    field = "gradcam_jpeg" if "jpeg" in query.lower() else "gradcam_png"
+    assert response.status_code == 200 and field in body
+    assert (body[field] is None) == ("gradcam=" in query)
+    contract["/api/predict"]["POST"].validate_response(response)
+
+
+def test_a_wrong_answer_fails_the_contract(contract, shipped_app):
+    """The check can fail: a 200 without its probability, or with a refusing gate verdict, does not conform."""
+    response = shipped_app.test_client().post("/api/predict?gradcam=0", data=upload(XRAY))
+    contract["/api/predict"]["POST"].validate_response(response)
+    body = response.get_json()
+    for wrong in ({"probability": None}, {"ood": {"verdict": "rejected", "reason": "colour", "score": 1, "threshold": 0}}):
+        response.set_data(json.dumps({**body, **wrong}))
+        with pytest.raises(AssertionError):
+            contract["/api/predict"]["POST"].validate_response(response)

@@ -1,0 +1,295 @@
+"""`pacs screen` and `pacs watch` against a real Orthanc with its DICOMweb plugin: started once per
+session on a free port with its own storage and configuration (skipped, saying why, without the
+`Orthanc` binary or the plugin: .ci/run installs both). The X-rays are the two real ones of
+tests/data wrapped in DICOM, so the shipped model's gate accepts them; a noise image in DICOM is what
+it refuses."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, free_port, noise_png, run_cli
+from PIL import Image
+from pydicom.uid import generate_uid
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+USER, PASSWORD = "screener", "right-password"
+STUDY, SERIES, INSTANCE = "0020000D", "0020000E", "00080018"
+
+
+@contextmanager
+def orthanc_server(folder: Path, **settings):
+    """Orthanc with DICOMweb on a free loopback port, storing under `folder`; yields the DICOMweb root."""
+    if ORTHANC is None or not DICOMWEB_PLUGIN.is_file():
+        pytest.skip("Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    port = free_port()
+    config = {
+        "Name": "pneumonia-tests",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **settings,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = (folder / "orthanc.log").open("w")
+    process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    root = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                requests.get(f"{root}/system", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None, (folder / "orthanc.log").read_text()
+                assert time.time() < deadline, "Orthanc did not start"
+                time.sleep(0.2)
+        yield f"{root}/dicom-web"
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def orthanc_with_auth(tmp_path_factory):
+    settings = {"AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}}
+    with orthanc_server(tmp_path_factory.mktemp("orthanc_auth"), **settings) as url:
+        yield url
+
+
+# --- Building and reading the PACS's content ------------------------------------------------------
+
+
+def xray_pixels(index: int) -> np.ndarray:
+    return np.asarray(Image.open(REAL_XRAYS[index]).convert("L"))
+
+
+def study_dicom(pixels: np.ndarray, study: str, modality: str = "CR", transfer_syntax=None, **tags) -> bytes:
+    """`pixels` as an image of `study` (a new series), Part 10 bytes; compressed when `transfer_syntax` says."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(pixels, bits_stored=8)))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, generate_uid(), modality
+    ds.StudyDate, ds.BodyPartExamined = "20240301", "CHEST"
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    if transfer_syntax is not None:
+        ds.compress(transfer_syntax)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def stow(url: str, study: str, *instances: bytes, auth=None) -> None:
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + d + b"\r\n" for d in instances)
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    response = requests.post(f"{url}/studies/{study}", data=body + f"--{boundary}--\r\n".encode(), headers=headers, auth=auth)
+    assert response.status_code == 200, response.text
+
+
+def qido(url: str, path: str, **params) -> list[dict]:
+    response = requests.get(f"{url}/{path}", params=params, headers={"Accept": "application/dicom+json"})
+    response.raise_for_status()
+    return response.json() if response.content else []
+
+
+def value(item: dict, tag: str):
+    return (item.get(tag) or {}).get("Value", [None])[0]
+
+
+def series_of(url: str, study: str, modality: str) -> list[dict]:
+    return qido(url, f"studies/{study}/series", Modality=modality, includefield="0008103E")
+
+
+def wado(url: str, study: str, series: str, instance: str) -> pydicom.Dataset:
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    response = requests.get(f"{url}/studies/{study}/series/{series}/instances/{instance}", headers={"Accept": accept})
+    response.raise_for_status()
+    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
+    part = response.content.split(b"--" + boundary)[1]
+    return pydicom.dcmread(io.BytesIO(part.partition(b"\r\n\r\n")[2].rstrip(b"\r\n")))
+
+
+def results_in(url: str, study: str, modality: str) -> list[pydicom.Dataset]:
+    """Every instance of `modality` (SR or OT) in `study`, fetched over WADO-RS."""
+    found = []
+    for series in series_of(url, study, modality):
+        for item in qido(url, f"studies/{study}/series/{value(series, SERIES)}/instances"):
+            found.append(wado(url, study, value(series, SERIES), value(item, INSTANCE)))
+    return found
+
+
+def sr_items(sr: pydicom.Dataset) -> dict[str, object]:
+    """Concept name -> numeric value or code meaning, over the SR's whole content tree."""
+    found: dict[str, object] = {}
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
+            if "MeasuredValueSequence" in item:
+                found[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif "ConceptCodeSequence" in item:
+                found[name] = item.ConceptCodeSequence[0].CodeMeaning
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def predicted(tmp_path: Path, data: bytes) -> float:
+    """`predict --json` on the same DICOM bytes."""
+    path = tmp_path / f"{uuid.uuid4().hex}.dcm"
+    path.write_bytes(data)
+    result = run_cli("predict", path, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])["probability"]
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- pacs screen --------------------------------------------------------------------------------
+
+
+def test_screen_stores_an_sr_and_a_research_only_gradcam_capture_in_the_study_with_predicts_probability(
+    orthanc, tmp_path
+):
+    study = generate_uid()
+    images = [study_dicom(xray_pixels(i), study) for i in range(2)]
+    stow(orthanc, study, *images)
+    sources = {pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID: d for d in images}
+    source_series = {value(s, SERIES) for s in qido(orthanc, f"studies/{study}/series")}
+
+    result = run_cli("pacs", "screen", orthanc, "--study", study, "--csv", tmp_path / "run.csv", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    reports, captures = results_in(orthanc, study, "SR"), results_in(orthanc, study, "OT")
+    assert len(reports) == len(captures) == 2
+    assert {r.SeriesInstanceUID for r in reports + captures}.isdisjoint(source_series)  # new series
+    assert len({r.SeriesInstanceUID for r in reports}) == len({c.SeriesInstanceUID for c in captures}) == 1
+    for sr in reports:
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        referenced = evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert sr.StudyInstanceUID == study and sr.PatientID == PATIENT_ID and referenced in sources
+        items = sr_items(sr)
+        assert items["Probability"] == pytest.approx(predicted(tmp_path, sources[referenced]), abs=1e-6)
+        assert {"Threshold default", "Threshold screening", "Label at default threshold"} <= set(items)
+        assert items["Out-of-distribution gate verdict"] == "ok"
+        assert "RESEARCH USE ONLY" in sr.SeriesDescription
+    for capture in captures:
+        assert list(capture.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "RESEARCH USE ONLY" in capture.SeriesDescription
+        assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
+        assert capture.pixel_array.shape[2] == 3
+    rows = csv_rows(tmp_path / "run.csv")
+    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(sources) and {r["status"] for r in rows} == {"screened"}
+    written = (tmp_path / "run.csv").read_text() + result.stdout + result.stderr
+    assert PATIENT_NAME.split("^")[0] not in written and PATIENT_ID not in written
+
+
+def test_a_second_run_skips_what_the_pacs_has_and_force_stores_it_again(orthanc, tmp_path):
+    study = generate_uid()
+    stow(orthanc, study, study_dicom(xray_pixels(0), study))
+    assert run_cli("pacs", "screen", orthanc, "--study", study, cwd=tmp_path).returncode == 0
+
+    again = run_cli("pacs", "screen", orthanc, "--study", study, "--csv", tmp_path / "again.csv", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [r["status"] for r in csv_rows(tmp_path / "again.csv")] == ["skipped"]
+    assert len(results_in(orthanc, study, "SR")) == 1
+
+    forced = run_cli("pacs", "screen", orthanc, "--study", study, "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert len(series_of(orthanc, study, "SR")) == 2 and len(results_in(orthanc, study, "OT")) == 2
+
+
+def test_an_image_the_gate_refuses_gets_nothing_stored_and_its_row_says_why(orthanc, tmp_path):
+    study = generate_uid()
+    noise = np.asarray(Image.open(io.BytesIO(noise_png())))
+    stow(orthanc, study, study_dicom(noise, study, modality="DX"))
+
+    result = run_cli("pacs", "screen", orthanc, "--study", study, "--csv", tmp_path / "run.csv", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr  # a refusal is an answer, not a failure
+    [row] = csv_rows(tmp_path / "run.csv")
+    assert row["status"] == "refused" and row["probability"] == "" and row["ood_verdict"] == "rejected"
+    assert row["error"].startswith("Not screened") or "does not look like" in row["error"]
+    assert series_of(orthanc, study, "SR") == [] and series_of(orthanc, study, "OT") == []
+
+
+def test_the_modality_filter_leaves_other_modalities_alone(orthanc, tmp_path):
+    study = generate_uid()
+    stow(orthanc, study, study_dicom(xray_pixels(1), study, modality="MG"))
+    result = run_cli("pacs", "screen", orthanc, "--study", study, cwd=tmp_path)
+    assert result.returncode == 0 and "0 image(s)" in result.stderr
+    dx = run_cli("pacs", "screen", orthanc, "--study", study, "--modality", "MG", cwd=tmp_path)
+    assert dx.returncode == 0 and "1 screened" in dx.stderr
+
+
+def test_a_jpeg_ls_and_a_jpeg_2000_image_are_screened_as_their_uncompressed_pixels(orthanc, tmp_path):
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+
+    study = generate_uid()
+    pixels = xray_pixels(1)
+    compressed = [study_dicom(pixels, study, transfer_syntax=s) for s in (JPEGLSLossless, JPEG2000Lossless)]
+    stow(orthanc, study, *compressed)
+
+    result = run_cli("pacs", "screen", orthanc, "--study", study, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    expected = predicted(tmp_path, study_dicom(pixels, generate_uid()))
+    probabilities = [sr_items(sr)["Probability"] for sr in results_in(orthanc, study, "SR")]
+    assert probabilities == pytest.approx([expected, expected], abs=1e-6)
+
+
+# --- Failures -----------------------------------------------------------------------------------
+
+
+def test_an_unreachable_pacs_exits_2_naming_it(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    result = run_cli("pacs", "screen", url, "--retries", "1", "--backoff", "0.01", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unreachable" in result.stderr and url in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_credentials_exit_2_with_http_401_and_right_ones_connect(orthanc_with_auth, tmp_path):
+    wrong = run_cli("pacs", "screen", orthanc_with_auth, "--user", USER, "--password", "wrong", cwd=tmp_path)
+    assert wrong.returncode == 2 and "HTTP 401" in wrong.stderr and "wrong" not in wrong.stderr
+    right = run_cli("pacs", "screen", orthanc_with_auth, "--user", USER, "--password", PASSWORD, cwd=tmp_path)
+    assert right.returncode == 0, right.stderr
+
+
+def test_watch_needs_a_bound_and_polls_max_runs_times(orthanc, tmp_path):
+    unbounded = run_cli("pacs", "watch", orthanc, cwd=tmp_path)
+    assert unbounded.returncode == 2 and "--max-runs" in unbounded.stderr
+    study = generate_uid()
+    stow(orthanc, study, study_dicom(xray_pixels(0), study))
+    args = ("pacs", "watch", orthanc, "--study", study, "--max-runs", "2", "--interval", "0.1")
+    result = run_cli(*args, "--csv", tmp_path / "watch.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("image(s):") == 2
+    assert [r["status"] for r in csv_rows(tmp_path / "watch.csv")] == ["screened", "skipped"]

@@ -1,0 +1,63 @@
+"""gunicorn settings, read from the environment a PaaS provides (gunicorn.conf.py in the repository
+imports them; an installed package: `gunicorn -c python:web.gunicorn_conf app:app`).
+
+PORT               port to listen on (default 8000)
+WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model (~210 MiB
+                   on ONNX Runtime; set it yourself on a PaaS: Heroku's Python buildpack sets
+                   2 on a 512 MB dyno when the app does not)
+GUNICORN_THREADS   threads per worker (default 32): connections a worker serves at once
+GUNICORN_TIMEOUT   seconds a worker may stay silent (default 120)
+
+Threads are for connections, not for the model: a thread is held while its client sends the
+request body, so a worker needs many more of them than screenings it can run at once. How many
+uploads are screened at once, and how long one may wait for that, are the app's settings
+(PNEUMONIA_MODEL_SLOTS, default 2, and PNEUMONIA_MODEL_QUEUE_SECONDS, default 5: beyond that
+an upload is answered 503 with Retry-After); how long a client may take to send its body is
+PNEUMONIA_BODY_TIMEOUT (default 30 s in all) and PNEUMONIA_BODY_READ_TIMEOUT (default 10 s
+without a byte), beyond which it is answered 408. See web/capacity.py and web/uploads.py.
+"""
+
+import ctypes
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+worker_class = "gthread"
+
+# ONNX Runtime's thread pools (and TensorFlow's, with PNEUMONIA_RUNTIME=keras) do not survive a
+# fork: every worker imports app.py and loads the model itself.
+preload_app = False
+
+# A worker loads the model and runs one warm-up pass before it serves (about a second on ONNX
+# Runtime, tens of seconds on the keras runtime); the timeout must outlast that and a cold request.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = 30
+keepalive = 5
+
+# The heartbeat file lives in memory where there is a /dev/shm (containers often have a
+# slow or read-only /tmp).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+accesslog = "-"  # method, path, status and timing only: bodies and uploads are never logged
+errorlog = "-"
+
+
+def post_fork(server, worker):
+    """Keep a worker's memory from ratcheting up under large uploads (glibc only).
+
+    glibc raises its mmap threshold to the size of any large block freed (up to 32 MB), after
+    which 20 MB upload buffers come from per-thread heaps that are seldom given back; with many
+    threads the worker's RSS climbed by ~575 MiB in a 30 s flood of uploads. A fixed 1 MiB
+    threshold (large buffers are mapped and unmapped) and two arenas held it to ~20 MiB.
+    The glibc variables MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX, when set, win.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(-8, 2)  # M_ARENA_MAX
