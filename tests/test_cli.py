@@ -318,3 +318,26 @@ def test_predict_draws_a_progress_bar_on_a_terminal(gap_model_dir, mixed_folder,
     assert "no image files in" in terminal.getvalue()
     with pytest.raises(SystemExit):
         cli.main(["predict", str(root), "--batch-size", "0"])
+
+
+def test_train_help_lists_no_rejected_lever(capsys):
+    """The lever study's rejected options are gone from the product (model/report/levers.md keeps them)."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for retired in (
+        "clahe",
+        "--mixup",
+        "--ema",
+        "--label-smoothing",
+        "--match-sharpness",
+        "normal-framing",
+    ):
+        assert retired not in text, retired
+    for kept in (
+        "--contrast {none,equalize}",
+        "--augment {standard,acquisition}",
+        "--threshold-rule",
+        "--hold-out-series",
+    ):
+        assert kept in text, kept

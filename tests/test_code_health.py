@@ -56,3 +56,15 @@ def test_the_length_check_sees_a_long_function(tmp_path):
 
 def test_no_product_function_is_longer_than_60_lines():
     assert long_functions(PRODUCT_CODE, MAX_FUNCTION_LINES) == []
+
+
+MAX_MODULE_LINES = 400  # a file a reader can hold
+
+
+def test_no_product_module_is_longer_than_a_reader_can_hold():
+    long_modules = [
+        f"{path.relative_to(REPO)} ({n} lines)"
+        for path in PRODUCT_CODE
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert long_modules == []

@@ -75,6 +75,8 @@ class Report:
 
         if row.status == "skipped":
             print(f"{row.candidate.instance}\tskipped: this model's result is already in the PACS", flush=True)
+        elif row.status == "failed":
+            print(f"{row.candidate.instance}\terror: {row.screened.error}", flush=True)
         else:
             stored = f"\tstored SR {row.stored[0]}" if row.status == "screened" else ""
             print(prediction_line(row.screened, self.classifier, False) + stored, flush=True)

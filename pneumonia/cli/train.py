@@ -34,16 +34,12 @@ def run(args) -> int:
 
 
 def add(commands, shipped: str) -> None:
-    from pneumonia.serving.preprocessing import CONTRASTS
     from pneumonia.training.config import (
         ARCHITECTURES,
-        AUGMENTATIONS,
         DEFAULT_IMAGE_SIZE,
         DEFAULT_INIT,
-        RULES,
         TrainConfig,
     )
-    from pneumonia.training.dataset import NORMAL_SERIES
 
     default = TrainConfig(data_dir="")
     per_arch = lambda values: ", ".join(f"{v} for {arch}" for arch, v in values.items())  # noqa: E731
@@ -63,6 +59,19 @@ def add(commands, shipped: str) -> None:
     train.add_argument(
         "--patience", type=int, default=default.patience, help="early stopping: epochs without a better validation AUC"
     )
+    _add_recipe(train, default)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
+    train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
+    train.add_argument("--no-cache", action="store_true")
+    train.set_defaults(run=run)
+
+
+def _add_recipe(train, default) -> None:
+    """Augmentation, contrast, the threshold rule and the held-out series."""
+    from pneumonia.serving.preprocessing import CONTRASTS
+    from pneumonia.training.config import AUGMENTATIONS, RULES
+    from pneumonia.training.dataset import NORMAL_SERIES
+
     train.add_argument(
         "--augment",
         choices=AUGMENTATIONS,
@@ -90,7 +99,3 @@ def add(commands, shipped: str) -> None:
         help="keep this NORMAL acquisition series out of training and validation and report the "
         "specificity on it in the card (a test of transfer to an unseen series)",
     )
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
-    train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
-    train.add_argument("--no-cache", action="store_true")
-    train.set_defaults(run=run)
