@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.load_test slow  --clients 16 --seconds 60
     .venv/bin/python -m bench.load_test flood --clients 16 --seconds 90
     .venv/bin/python -m bench.load_test soak  --clients 16 --minutes 10 --out bench-results/soak.json
+    .venv/bin/python -m bench.load_test crash --clients 8 --seconds 60 --kills 3
 
 It starts gunicorn itself as the Procfile does (`gunicorn app:app`, gunicorn.conf.py, PORT set to
 a free port), bound to 127.0.0.1 only, waits for /healthz, runs one scenario for a bounded time
@@ -20,6 +21,11 @@ flood  N clients post uploads back to back for T seconds: real X-rays, a junk fi
        timeouts and connection errors, Retry-After values, and the worker's RSS before/after.
 soak   the flood for M minutes, sampling the worker's RSS every 10 s: the curve, and the change
        over the last half (the leak indicator: a plateau reads ~0).
+crash  N clients post real uploads back to back while a worker is killed with SIGKILL (as the
+       kernel's OOM killer does) K times, --interval s apart from --warmup s on. Per kill: the
+       uploads in flight and what they got (lost: not answered 200), how long until gunicorn had
+       a new worker, until its model was loaded (the app's log line), and until an upload sent after
+       the kill was answered 200 again (time to recover).
 
 Settings of the server come from the environment as in production (GUNICORN_THREADS,
 PNEUMONIA_MODEL_SLOTS, PNEUMONIA_BODY_TIMEOUT, ...); --env NAME=VALUE adds some for one run.
@@ -239,7 +245,7 @@ def post_upload(session: requests.Session, url: str, data: bytes, timeout: float
         retry_after = response.headers.get("Retry-After")
     except requests.Timeout:
         status, retry_after = "timeout", None
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):  # dropped, or cut mid-answer
         status, retry_after = "connection error", None
     return {"status": status, "ms": (time.perf_counter() - started) * 1000, "retry_after": retry_after}
 
@@ -354,15 +360,23 @@ def run_slow(server: Server, args, image: bytes) -> dict:
 
 
 def flood(
-    server: Server, clients: int, seconds: float, image: bytes, junk_share: float, oversize_share: float, on_tick=None
+    server: Server,
+    clients: int,
+    seconds: float,
+    image: bytes,
+    junk_share: float,
+    oversize_share: float,
+    on_tick=None,
+    record: list | None = None,
 ) -> dict:
-    """`clients` threads posting back to back for `seconds`; `on_tick()` is called every 10 s."""
+    """`clients` threads posting back to back for `seconds`; `on_tick()` is called every 10 s. Each
+    answer (status, ms, kind, `at`: time.monotonic() when it came) is appended to `record` when given."""
     rng = np.random.default_rng(0)
     junk = b"\xff\xd8\xff\xe0" + rng.bytes(JUNK_BYTES - 4)
     oversize = b"\xff\xd8\xff\xe0" + rng.bytes(OVERSIZE_BYTES - 4)
     bodies = {"real": image, "junk": junk, "oversize": oversize}
     stop_at = time.monotonic() + seconds
-    results: list[dict] = []
+    results: list[dict] = [] if record is None else record
     lock = threading.Lock()
 
     def client(seed: int) -> None:
@@ -443,6 +457,76 @@ def run_soak(server: Server, args, image: bytes) -> dict:
     return result
 
 
+MODEL_LOADED = re.compile(r"^\[([\d-]+ [\d:,]+)\] INFO in screening: Model ", re.M)
+
+
+def kill_worker(server: Server) -> dict | None:
+    """SIGKILL to a worker; then waits (up to 60 s) for gunicorn to fork its replacement."""
+    pids = worker_pids(server.process)
+    if not pids:
+        return None
+    victim = pids[0]
+    killed_at, killed_wall = time.monotonic(), time.time()
+    os.kill(victim, signal.SIGKILL)
+    replaced_s = None
+    while time.monotonic() - killed_at < 60:
+        if [pid for pid in worker_pids(server.process) if pid != victim and pid not in pids]:
+            replaced_s = round(time.monotonic() - killed_at, 2)
+            break
+        time.sleep(0.02)
+    return {"pid": victim, "at": killed_at, "wall": killed_wall, "replaced_s": replaced_s}
+
+
+def kill_figures(kill: dict, results: list[dict], log_text: str) -> dict:
+    """What one kill cost: the uploads in flight at that moment and what they got, and the times
+    from the kill until a new worker, its model loaded and the first 200 to an upload sent after it."""
+    at = kill["at"]
+    in_flight = [r for r in results if r["at"] - r["ms"] / 1000 < at <= r["at"]]
+    after = [r["at"] for r in results if r["status"] == 200 and r["at"] - r["ms"] / 1000 >= at]
+    loaded = [
+        time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(stamp.split(",")[1]) / 1000
+        for stamp in MODEL_LOADED.findall(log_text)
+    ]
+    loaded_after = [t - kill["wall"] for t in loaded if t >= kill["wall"] - 0.001]
+    return {
+        "pid": kill["pid"],
+        "in_flight": len(in_flight),
+        "in_flight_statuses": dict(Counter(str(r["status"]) for r in in_flight)),
+        "lost": sum(1 for r in in_flight if r["status"] != 200),
+        "new_worker_s": kill["replaced_s"],
+        "model_loaded_s": round(min(loaded_after), 2) if loaded_after else None,
+        "answered_again_s": round(min(after) - at, 2) if after else None,
+    }
+
+
+def run_crash(server: Server, args, image: bytes) -> dict:
+    """The flood of real uploads, and a worker killed every --interval s from --warmup s on."""
+    results: list[dict] = []
+    kills: list[dict] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        if stop.wait(args.warmup):
+            return
+        for _ in range(args.kills):
+            kill = kill_worker(server)
+            if kill is None:
+                return
+            kills.append(kill)
+            if stop.wait(args.interval):
+                return
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = flood(server, args.clients, args.seconds, image, 0.0, 0.0, record=results)
+    stop.set()
+    thread.join(70)
+    per_kill = [kill_figures(kill, results, server.log_text()) for kill in kills]
+    result["kills"] = per_kill
+    result["workers_killed_in_log"] = server.workers_killed()
+    return result
+
+
 # --- reporting -----------------------------------------------------------------------------
 
 
@@ -482,6 +566,13 @@ def report(scenario: str, result: dict) -> None:
         )
     if "rss_mib" in result:
         print(f"worker RSS MiB: {result['rss_mib']['before']} -> {result['rss_mib']['after']}")
+    for number, kill in enumerate(result.get("kills", []), 1):
+        print(
+            f"kill {number} (worker {kill['pid']}, SIGKILL): {kill['in_flight']} uploads in flight "
+            f"{kill['in_flight_statuses']}, lost {kill['lost']}; new worker after {kill['new_worker_s']} s, "
+            f"model loaded after {kill['model_loaded_s']} s, uploads answered again after "
+            f"{kill['answered_again_s']} s"
+        )
     if "rss_last_half" in result:
         h = result["rss_last_half"]
         print(
@@ -494,12 +585,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    parser.add_argument("scenario", choices=("slow", "flood", "soak"))
+    parser.add_argument("scenario", choices=("slow", "flood", "soak", "crash"))
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (at most {MAX_CLIENTS})")
     parser.add_argument("--seconds", type=float, default=60, help="length of slow and flood")
     parser.add_argument("--minutes", type=float, default=10, help="length of soak")
     parser.add_argument("--junk-share", type=float, default=0.2, help="share of 19 MB junk uploads (flood, soak)")
     parser.add_argument("--oversize-share", type=float, default=0.05, help="share of uploads over the size limit")
+    parser.add_argument("--kills", type=int, default=3, help="workers killed with SIGKILL (crash)")
+    parser.add_argument("--interval", type=float, default=15, help="seconds between kills (crash)")
+    parser.add_argument("--warmup", type=float, default=5, help="seconds of flood before the first kill (crash)")
     parser.add_argument("--model", help="model directory (default: PNEUMONIA_MODEL_PATH, else model/)")
     parser.add_argument("--image", help="the real upload (default: the ../shared/samples JPEG nearest 2 MP)")
     parser.add_argument(
@@ -552,7 +646,7 @@ def main() -> int:
             flush=True,
         )
         load_before = os.getloadavg()
-        run = {"slow": run_slow, "flood": run_flood, "soak": run_soak}[args.scenario]
+        run = {"slow": run_slow, "flood": run_flood, "soak": run_soak, "crash": run_crash}[args.scenario]
         result = run(server, args, image)
         if cgroup:  # before stop: it removes the cgroup and the log
             result["memory"] = {**cgroup.figures(), "workers_killed": server.workers_killed()}

@@ -106,7 +106,7 @@ def gap_model_dir(tmp_path_factory):
 def ungated_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model without its out-of-distribution gate. Its gate, fitted on 60 drawn
     images, refuses some fresh drawings as unlike them; tests of everything but the gate
-    use this copy, and tests/test_ood.py tests the gate on both models."""
+    use this copy, and tests/test_gate.py tests the gate on both models."""
     copy = tmp_path_factory.mktemp("ungated") / "model"
     shutil.copytree(tiny_model_dir, copy, ignore=shutil.ignore_patterns("ood.npz", "checkpoints"))
     card = json.loads((copy / "model.json").read_text())

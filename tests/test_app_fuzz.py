@@ -1,13 +1,20 @@
 """1,200 random and mutated uploads: only 200 (for images that really decode) or 4xx, never
-5xx, and the app still answers the same afterwards."""
+5xx, and the app still answers the same afterwards. Then schema-driven fuzzing (Schemathesis)
+of gunicorn serving the shipped model on loopback, from the document it serves at /openapi.json:
+no 5xx, and every answer conforms to the document."""
 
 from __future__ import annotations
 
 import io
+import time
+from collections import Counter
 
 import numpy as np
 import pytest
-from builders import dicom_bytes, encode_image, synthetic_xray, upload
+import requests
+import schemathesis
+from builders import REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, encode_image, gunicorn_serving, synthetic_xray, upload
+from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
 
 CASES = 1200
@@ -92,3 +99,81 @@ def test_random_and_mutated_uploads_never_give_a_server_error(client):
     assert client.get("/healthz").status_code == 200
     again = client.post("/api/predict?gradcam=0", data=upload(originals["png"], "x.png"))
     assert again.get_json()["probability"] == pytest.approx(reference.get_json()["probability"], abs=1e-9)
+
+
+# --- Schema-driven fuzzing of the running app ------------------------------------------------
+
+# Generated cases per operation and mode (schema-valid, then schema-violating), and a wall-clock
+# bound on the whole run: past it, the cases left are not sent. ~600 cases in ~20 s on 2 busy cores.
+FUZZ_EXAMPLES = {"POST /api/predict": 200, "POST /api/predict/batch": 100, "GET /healthz": 3, "GET /openapi.json": 3}
+FUZZ_SECONDS = 40
+FUZZ_CONFIG = {
+    "checks": {
+        # A schema-valid body is any bytes, and most bytes are not an X-ray: 400/415 is right for them.
+        "positive_data_acceptance": {"enabled": False},
+        # What a schema-violating request may get: 413 for too many files, besides the usual 4xx.
+        "negative_data_rejection": {"expected-statuses": [400, 408, 413, 415, 422, 429]},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    """gunicorn as the Procfile starts it, on loopback, serving the shipped model (gate included)."""
+    with gunicorn_serving(SHIPPED_MODEL) as (_, url):
+        yield url
+
+
+def fuzz_operation(operation, mode, url, session, deadline, statuses: Counter) -> None:
+    """Sends generated cases of `operation` until its budget or the deadline; each answer checked
+    against the document (schemathesis's checks: status documented, body, headers, no 5xx)."""
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES[operation.label],
+        deadline=None,
+        database=None,
+        derandomize=True,  # the same cases every run
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
+    @given(operation.as_strategy(generation_mode=mode))
+    def send(case):
+        if time.monotonic() > deadline:
+            return
+        response = case.call(base_url=url, session=session, timeout=60)
+        statuses[(operation.label, mode.value, response.status_code)] += 1
+        case.validate_response(response)
+
+    send()
+
+
+def test_schema_driven_fuzzing_gets_no_server_error_and_only_documented_answers(shipped_server):
+    served = requests.get(f"{shipped_server}/openapi.json", timeout=30).json()
+    schema = schemathesis.openapi.from_dict(served, config=schemathesis.Config.from_dict(FUZZ_CONFIG))
+    operations = {result.ok().label: result.ok() for result in schema.get_all_operations()}
+    assert set(operations) == set(FUZZ_EXAMPLES)
+    statuses: Counter = Counter()
+    session, started = requests.Session(), time.monotonic()
+    for label, operation in operations.items():
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if label.startswith("POST"):  # the GETs take nothing that could be wrong
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+            fuzz_operation(operation, mode, shipped_server, session, started + FUZZ_SECONDS, statuses)
+    xray, photo = REAL_XRAYS[0].read_bytes(), encode_image(Image.new("RGB", (300, 300), (200, 30, 30)), "PNG")
+    for label, body, query, status in [
+        ("POST /api/predict", {"file": xray}, {}, 200),
+        ("POST /api/predict", {"file": xray}, {"overlay": "jpeg"}, 200),
+        ("POST /api/predict", {"file": photo}, {}, 422),
+        ("POST /api/predict/batch", {"file": [xray, photo]}, {"gradcam": "1"}, 200),
+    ]:
+        case = operations[label].Case(body=body, query=query)
+        response = case.call(base_url=shipped_server, session=session, timeout=60)
+        assert response.status_code == status, response.text[:300]
+        case.validate_response(response)
+        statuses[(label, "real X-ray", status)] += 1
+    sent = sum(statuses.values())
+    print(f"\nschemathesis: {sent} cases in {time.monotonic() - started:.1f} s: {dict(sorted(statuses.items()))}")
+    assert not [key for key in statuses if key[2] >= 500], statuses
+    assert sent >= 100, statuses  # the deadline left most of the budget sent
+    assert {status for (_, _, status) in statuses} >= {200, 400, 413, 415, 422}, statuses

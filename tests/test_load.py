@@ -27,7 +27,7 @@ BODY_READ_TIMEOUT = 1.5  # seconds without a byte
 def gunicorn_server(ungated_model_dir):
     """`gunicorn app:app` with gunicorn.conf.py (threads as shipped) on loopback, a 3 s body deadline:
     (port, url). The tiny model without its gate: what is measured here is serving, and a 4-epoch
-    model's gate refuses some of its own kind of images (test_ood.py tests the gate)."""
+    model's gate refuses some of its own kind of images (test_gate.py tests the gate)."""
     with gunicorn_serving(
         ungated_model_dir, PNEUMONIA_BODY_TIMEOUT=str(BODY_TIMEOUT), PNEUMONIA_BODY_READ_TIMEOUT=str(BODY_READ_TIMEOUT)
     ) as (_, url):

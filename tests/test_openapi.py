@@ -153,7 +153,8 @@ def test_the_model_not_loaded_503_is_documented_for_both_uploads(contract, not_r
 
 
 def test_the_batch_entries_of_every_kind_conform(contract, shipped_app):
-    files = [(io.BytesIO(d), n) for d, n in [(XRAY, "a.jpeg"), (COLOUR_PHOTO, "b.png"), (b"hi", "c.txt"), (XRAY[:400], "d")]]
+    kinds = [(XRAY, "a.jpeg"), (COLOUR_PHOTO, "b.png"), (b"hi", "c.txt"), (XRAY[:400], "d")]
+    files = [(io.BytesIO(data), name) for data, name in kinds]
     response = shipped_app.test_client().post("/api/predict/batch?gradcam=1", data={"file": files})
     assert [entry["status"] for entry in response.get_json()] == [200, 422, 415, 400]
     contract["/api/predict/batch"]["POST"].validate_response(response)
@@ -174,7 +175,8 @@ def test_a_wrong_answer_fails_the_contract(contract, shipped_app):
     response = shipped_app.test_client().post("/api/predict?gradcam=0", data=upload(XRAY))
     contract["/api/predict"]["POST"].validate_response(response)
     body = response.get_json()
-    for wrong in ({"probability": None}, {"ood": {"verdict": "rejected", "reason": "colour", "score": 1, "threshold": 0}}):
+    refused = {"verdict": "rejected", "reason": "colour", "score": 1, "threshold": 0}
+    for wrong in ({"probability": None}, {"ood": refused}):
         response.set_data(json.dumps({**body, **wrong}))
         with pytest.raises(AssertionError):
             contract["/api/predict"]["POST"].validate_response(response)

@@ -24,6 +24,8 @@ from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, free_por
 from PIL import Image
 from pydicom.uid import generate_uid
 
+pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r requirements-pacs.txt")
+
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "screener", "right-password"
@@ -105,9 +107,13 @@ def study_dicom(pixels: np.ndarray, study: str, modality: str = "CR", transfer_s
 
 def stow(url: str, study: str, *instances: bytes, auth=None) -> None:
     boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + d + b"\r\n" for d in instances)
+    body = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + d + b"\r\n" for d in instances
+    )
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
-    response = requests.post(f"{url}/studies/{study}", data=body + f"--{boundary}--\r\n".encode(), headers=headers, auth=auth)
+    response = requests.post(
+        f"{url}/studies/{study}", data=body + f"--{boundary}--\r\n".encode(), headers=headers, auth=auth
+    )
     assert response.status_code == 200, response.text
 
 
@@ -203,11 +209,15 @@ def test_screen_stores_an_sr_and_a_research_only_gradcam_capture_in_the_study_wi
         assert items["Out-of-distribution gate verdict"] == "ok"
         assert "RESEARCH USE ONLY" in sr.SeriesDescription
     for capture in captures:
-        assert list(capture.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "RESEARCH USE ONLY" in capture.SeriesDescription
+        assert (
+            list(capture.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "RESEARCH USE ONLY" in capture.SeriesDescription
+        )
         assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
         assert capture.pixel_array.shape[2] == 3
     rows = csv_rows(tmp_path / "run.csv")
-    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(sources) and {r["status"] for r in rows} == {"screened"}
+    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(sources) and {r["status"] for r in rows} == {
+        "screened"
+    }
     written = (tmp_path / "run.csv").read_text() + result.stdout + result.stderr
     assert PATIENT_NAME.split("^")[0] not in written and PATIENT_ID not in written
 
@@ -293,3 +303,30 @@ def test_watch_needs_a_bound_and_polls_max_runs_times(orthanc, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("image(s):") == 2
     assert [r["status"] for r in csv_rows(tmp_path / "watch.csv")] == ["screened", "skipped"]
+
+
+def test_watch_screens_an_image_that_arrives_between_two_runs_and_skips_the_done_one(orthanc):
+    from builders import SHIPPED_MODEL
+
+    from pneumonia.pacs.dicomweb import Connection, DicomWeb
+    from pneumonia.pacs.screening import Filters, PacsScreener, watch
+    from pneumonia.serving.classifier import XrayClassifier
+
+    study = generate_uid()
+    stow(orthanc, study, study_dicom(xray_pixels(0), study))
+    screener = PacsScreener(DicomWeb(Connection(orthanc)), XrayClassifier(SHIPPED_MODEL))
+    runs, waits = [], []
+    arrivals = [lambda: stow(orthanc, study, study_dicom(xray_pixels(1), study))]
+
+    def run_once() -> int:
+        runs.append(sorted(row.status for row in screener.run(Filters(studies=(study,)))))
+        return 0
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if arrivals:
+            arrivals.pop()()
+
+    assert watch(run_once, 5.0, 3, None, sleep=sleep) == 0
+    assert runs == [["screened"], ["screened", "skipped"], ["skipped", "skipped"]] and waits == [5.0, 5.0]
+    assert len(results_in(orthanc, study, "SR")) == 2

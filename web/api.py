@@ -8,9 +8,9 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from web import openapi
 from web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from web.capacity import model_slot
+from web.openapi import document
 from web.screening import current_screener, ood_json
 from web.uploads import UploadError, read_upload
 
@@ -98,5 +98,5 @@ def healthz():
 
 
 @bp.get("/openapi.json")
-def openapi_document():
-    return jsonify(openapi.document(current_app.config))
+def openapi_json():
+    return jsonify(document(current_app.config))

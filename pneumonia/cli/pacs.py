@@ -102,9 +102,13 @@ def screen_once(screener, filters, report) -> int:
 
 def run(args) -> int:
     from pneumonia.errors import ModelLoadError
-    from pneumonia.pacs.dicomweb import DicomWeb, PacsError
-    from pneumonia.pacs.screening import PacsScreener
     from pneumonia.serving.classifier import XrayClassifier
+
+    try:
+        from pneumonia.pacs.dicomweb import DicomWeb, PacsError
+        from pneumonia.pacs.screening import PacsScreener
+    except ImportError as err:
+        return fail(f"pacs needs {err.name}: pip install -r requirements-pacs.txt")
 
     if args.pacs_command == "watch" and args.max_runs is None and args.until is None:
         return fail("watch needs a bound: --max-runs N or --until TIME")
