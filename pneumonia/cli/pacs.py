@@ -108,7 +108,7 @@ def run(args) -> int:
         from pneumonia.pacs.dicomweb import DicomWeb, PacsError
         from pneumonia.pacs.screening import PacsScreener
     except ImportError as err:
-        return fail(f"pacs needs {err.name}: pip install -r requirements-pacs.txt")
+        return fail(f"pacs needs {err.name}: pip install -r requirements-pacs.txt (or .[pacs])")
 
     if args.pacs_command == "watch" and args.max_runs is None and args.until is None:
         return fail("watch needs a bound: --max-runs N or --until TIME")

@@ -1,0 +1,216 @@
+"""The DICOMweb client and `pacs screen`'s failures against a small local stub PACS (an HTTP server in a
+thread that answers each path as a test says): retries with backoff for 5xx, no retry for 401, a STOW
+rejection, an image the reader cannot decode. No Orthanc needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from builders import PATIENT_ID, REAL_XRAYS, dicom_bytes, run_cli
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from pneumonia.pacs.dicomweb import Connection, DicomWeb, PacsAuthError, PacsError, multipart_parts
+
+pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r requirements-pacs.txt")
+
+STUDY, SERIES = generate_uid(), generate_uid()
+
+
+class StubPacs(BaseHTTPRequestHandler):
+    """Answers (method, path prefix) from `routes`: (status, content type, body); 404 otherwise."""
+
+    routes: dict = {}
+    hits: list = []
+
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.hits.append((self.command, self.path))
+        path = self.path.split("?")[0]
+        found = [
+            answer
+            for (method, prefix), answer in self.routes.items()
+            if method == self.command and path.startswith(prefix)
+        ]
+        status, content_type, body = found[0] if found else (404, "text/plain", b"no route")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def stub_pacs(routes: dict):
+    handler = type("Routes", (StubPacs,), {"routes": routes, "hits": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", handler.hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def client(url: str, **settings) -> tuple[DicomWeb, list[float]]:
+    waits: list[float] = []
+    return DicomWeb(Connection(url, **{"retries": 2, "backoff_s": 0.5, **settings}), sleep=waits.append), waits
+
+
+def instance_json(instance: str) -> bytes:
+    return json.dumps(
+        [{"0020000D": {"vr": "UI", "Value": [STUDY]}, "0020000E": {"vr": "UI", "Value": [SERIES]},
+          "00080018": {"vr": "UI", "Value": [instance]}}]
+    ).encode()  # fmt: skip
+
+
+def multipart(data: bytes, boundary: str = "b0und") -> tuple[str, bytes]:
+    content_type = f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+    body = f"preamble\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
+    return content_type, body + f"\r\n--{boundary}--\r\n".encode()
+
+
+def xray_dicom(**tags) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.asarray(Image.open(REAL_XRAYS[0]).convert("L")), bits_stored=8)))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# --- The client ---------------------------------------------------------------------------------
+
+
+def test_a_5xx_is_retried_with_doubling_backoff_then_reported_with_its_status():
+    with stub_pacs({("GET", "/dicom-web/instances"): (503, "text/plain", b"busy")}) as (url, hits):
+        pacs, waits = client(url)
+        with pytest.raises(PacsError, match="HTTP 503"):
+            list(pacs.search("instances"))
+    assert len(hits) == 3 and waits == [0.5, 1.0]
+
+
+def test_a_401_is_not_retried_and_says_the_credentials_were_refused():
+    with stub_pacs({("GET", "/dicom-web/instances"): (401, "text/plain", b"")}) as (url, hits):
+        pacs, waits = client(url, user="someone", password="secret")
+        with pytest.raises(PacsAuthError, match="refused the credentials") as raised:
+            list(pacs.search("instances"))
+    assert len(hits) == 1 and waits == [] and "secret" not in str(raised.value)
+
+
+def test_a_token_is_sent_as_a_bearer_and_tls_is_verified_by_default():
+    pacs = DicomWeb(Connection("https://pacs.invalid/dicom-web", token="t0k"))
+    assert pacs.session.headers["Authorization"] == "Bearer t0k" and pacs.session.verify is True
+
+
+def test_a_multipart_answer_gives_each_part_without_its_headers_or_the_preamble():
+    content_type, body = multipart(b"\x00DICM\r\nbytes")
+    response = requests.Response()
+    response.headers["Content-Type"], response._content = content_type, body
+    assert multipart_parts(response) == [b"\x00DICM\r\nbytes"]
+
+
+def test_a_stow_failure_sequence_is_a_rejection_naming_the_reason():
+    answer = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [42752]}}]}}
+    with stub_pacs({("POST", "/dicom-web/studies/"): (409, "application/dicom+json", json.dumps(answer).encode())}) as (
+        url,
+        _,
+    ):
+        pacs, _ = client(url, retries=0)
+        with pytest.raises(PacsError, match="HTTP 409"):
+            pacs.store(STUDY, [b"x"])
+    with stub_pacs({("POST", "/dicom-web/studies/"): (202, "application/dicom+json", json.dumps(answer).encode())}) as (
+        url,
+        _,
+    ):
+        pacs, _ = client(url, retries=0)
+        with pytest.raises(PacsError, match="rejected 1 of 2 result object.*42752"):
+            pacs.store(STUDY, [b"x", b"y"])
+
+
+# --- pacs screen against the stub ---------------------------------------------------------------
+
+
+def pacs_routes(image: bytes, stow_status: int = 200) -> dict:
+    content_type, body = multipart(image)
+    rejected = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [49152]}}]}}
+    return {
+        ("GET", f"/dicom-web/studies/{STUDY}/series/{SERIES}/instances/"): (200, content_type, body),
+        ("GET", f"/dicom-web/studies/{STUDY}/series"): (200, "application/dicom+json", b"[]"),
+        ("GET", "/dicom-web/instances"): (200, "application/dicom+json", instance_json("1.2.3.4")),
+        ("POST", "/dicom-web/studies/"): (stow_status, "application/dicom+json", json.dumps(rejected).encode()),
+    }
+
+
+def test_a_stow_rejection_fails_the_image_with_exit_1_and_says_it_was_not_stored(tmp_path):
+    with stub_pacs(pacs_routes(xray_dicom(), stow_status=409)) as (url, hits):
+        result = run_cli("pacs", "screen", url, "--modality", "DX", "--retries", "0", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Screened but not stored" in result.stdout and "1 failed" in result.stderr
+    assert ("POST", f"/dicom-web/studies/{STUDY}") in hits and PATIENT_ID not in result.stdout + result.stderr
+
+
+def test_an_image_the_reader_cannot_decode_fails_with_exit_1_and_nothing_is_stored(tmp_path):
+    broken = dicom_bytes(
+        np.zeros((64, 64), np.uint16),
+        transfer_syntax=JPEG2000Lossless,
+        encapsulated=b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\x00\xe0\x04\x00\x00\x00junk",
+    )
+    ds = pydicom.dcmread(io.BytesIO(broken))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with stub_pacs(pacs_routes(buffer.getvalue())) as (url, hits):
+        result = run_cli("pacs", "screen", url, "--modality", "DX", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "could not be decoded" in result.stdout and not [hit for hit in hits if hit[0] == "POST"]
+
+
+def test_a_5xx_on_the_search_exits_2_with_the_status(tmp_path):
+    with stub_pacs({("GET", "/dicom-web/instances"): (500, "text/plain", b"boom")}) as (url, hits):
+        result = run_cli("pacs", "screen", url, "--retries", "1", "--backoff", "0.01", cwd=tmp_path)
+    assert result.returncode == 2 and "HTTP 500" in result.stderr and "boom" not in result.stderr
+    assert len(hits) == 2  # two tries of the first search, then the run ends
+
+
+def test_watch_stops_at_until_and_never_sleeps_past_it():
+    from datetime import datetime, timedelta
+
+    from pneumonia.pacs.screening import watch
+
+    clock = [datetime(2024, 3, 1, 12, 0, 0)]
+    runs = []
+
+    def sleep(seconds: float) -> None:
+        clock[0] += timedelta(seconds=seconds)
+
+    status = watch(
+        lambda: runs.append(clock[0]) or 1, 60, None, datetime(2024, 3, 1, 12, 2, 30), sleep, lambda: clock[0]
+    )
+    assert status == 1 and [t.strftime("%H:%M:%S") for t in runs] == ["12:00:00", "12:01:00", "12:02:00"]
+
+
+def test_body_part_and_view_filters_match_case_blind_and_pass_an_image_that_lacks_the_attribute():
+    from pneumonia.pacs.screening import Filters
+
+    chest_pa = Filters(body_parts=("CHEST",), views=("PA",))
+    assert chest_pa.admits("chest", "PA") and chest_pa.admits(None, None)
+    assert not chest_pa.admits("HAND", "PA") and not chest_pa.admits("CHEST", "AP")
+    assert Filters().admits("HAND", "LL")
