@@ -92,6 +92,8 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("pneumonia.progress", ("web", *BEYOND_SERVING)),
     # the PACS client: reading, serving, errors and labels, as the web app
     ("pneumonia.pacs", ("pneumonia.progress", "web", *BEYOND_SERVING)),
+    # the Ray Data archive run: reading, serving, errors, labels and progress, never the command line
+    ("pneumonia.archive", ("web", *BEYOND_SERVING)),
     # training and evaluation: anything of the package but the command line and the studies (and
     # not the web app, which is a client of the package, not part of it)
     ("pneumonia.training", ("pneumonia.cli", "web", "studies", *ENTRY_POINTS)),

@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
 
-COMMANDS = ("train", "evaluate", "predict", "gate", "export", "calibrate", "pacs")
+COMMANDS = ("train", "evaluate", "predict", "gate", "export", "calibrate", "pacs", "archive")
 
 
 def positive_int(text: str) -> int:

@@ -53,10 +53,11 @@ def _imagenet_weights_or_stop() -> str:
         ) from None
 
 
-def check_init_fits(arch: str, init_kind: str) -> None:
-    """The custom CNN only starts from random weights; checked before anything is downloaded."""
-    if arch == "custom" and init_kind != "none":
-        raise InitError("The custom CNN has no pretrained weights: use --init none.")
+def check_init_fits(arch: str, init: str) -> None:
+    """The custom CNN starts from random weights or from a trained custom CNN (a warm start); checked
+    before anything is downloaded."""
+    if arch == "custom" and init != "none" and not init.endswith(".keras"):
+        raise InitError("The custom CNN has no pretrained weights: use --init none (or a trained custom .keras).")
 
 
 def resolve_init(init: str, arch: str = "densenet121") -> dict:
@@ -83,9 +84,14 @@ def build_densenet121(image_size: int, weights_file: str | None = None) -> keras
         backbone.load_weights(weights_file)
     features = layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
     model = keras.Model(inputs, _classifier_head(features), name="densenet121")
+    return warm_started(model, weights_file)
+
+
+def warm_started(model: keras.Model, weights_file: str | None) -> keras.Model:
+    """`model` with the weights of a trained model of this package (head included) when `weights_file`
+    is a `.keras` file. Convolution weights do not depend on the input size, so it may have been
+    trained at another size."""
     if weights_file and str(weights_file).endswith(".keras"):
-        # A warm start from a trained model of this package (head included). Convolution
-        # weights do not depend on the input size, so it may have been trained at another size.
         model.set_weights(keras.saving.load_model(weights_file, compile=False).get_weights())
     return model
 
@@ -124,6 +130,6 @@ def build_model(arch: str, image_size: int, init: dict) -> keras.Model:
     if arch == "densenet121":
         return build_densenet121(image_size, init.get("file"))
     if arch == "custom":
-        check_init_fits(arch, init["kind"])
-        return build_custom_cnn(image_size)
+        check_init_fits(arch, init.get("file", init["kind"]))
+        return warm_started(build_custom_cnn(image_size), init.get("file"))
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")

@@ -360,8 +360,9 @@ def train(config: TrainConfig, log=print) -> ModelCard:
     best.save(out / card.file)
     card_path = write_card(out, card)
     log(f"wrote {out / card.file} and {card_path}")
+    export(out, log)
+    # On the export's runtime: scoring the validation part under the rule's shifts needs no gradients.
     apply_threshold_rule(out, config.data_dir, RULES_BY_NAME[config.threshold_rule], log)
     log("fitting the out-of-distribution gate")
     log(format_gate(fit_ood(out, config.data_dir, config.cache_dir, log)))
-    export(out, log)
     return ModelCard.load(card_path)

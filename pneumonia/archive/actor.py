@@ -1,0 +1,71 @@
+"""The Ray Data actor: the model loaded once per actor (the ONNX runtime where the export is
+present), then, per block of files, the one screening pipeline and one Parquet file."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+
+from pneumonia.archive.results import record, write_part
+from pneumonia.archive.sources import PATH_COLUMN
+from pneumonia.serving.screening import ScreenedImage
+
+BYTES_NAME = "the upload"  # how decode_xray names bytes in its messages; a file's row names the file
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class ScreeningActor:
+    """map_batches' callable class: a block of {path, content, read_error} -> one stats row."""
+
+    def __init__(self, out_dir: str, model: str | None, runtime: str | None, chunk_size: int, threads: int):
+        from pneumonia.serving.classifier import XrayClassifier, default_model_path
+        from pneumonia.serving.screening import BatchScreener
+
+        self.out_dir, self.chunk_size = out_dir, chunk_size
+        self.classifier = XrayClassifier(model or default_model_path(), runtime, threads=threads)
+        self.screener = BatchScreener(self.classifier)
+        self.gated = self.classifier.gate is not None
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.loaded_mb = peak_rss_mb()
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        started = time.perf_counter()
+        rows = self.screen(list(batch[PATH_COLUMN]), list(batch["content"]), list(batch["read_error"]))
+        records = [record(row, self.classifier.thresholds, self.gated) for row in rows]
+        part = write_part(self.out_dir, records)
+        kinds = ["screened" if r.probability is not None else "refused" if r.refused else "failed" for r in rows]
+        return {
+            "part": np.asarray([part]),
+            "rows": np.asarray([len(rows)]),
+            **{kind: np.asarray([kinds.count(kind)]) for kind in ("screened", "refused", "failed")},
+            "seconds": np.asarray([time.perf_counter() - started]),
+            "actor": np.asarray([self.actor]),
+            "loaded_mb": np.asarray([self.loaded_mb]),
+            "peak_rss_mb": np.asarray([peak_rss_mb()]),
+        }
+
+    def screen(self, paths: list[str], contents: list, read_errors: list[str]) -> list[ScreenedImage]:
+        """The rows in the block's order: screen_chunk a chunk at a time for the files that were read."""
+        rows: dict[int, ScreenedImage] = {}
+        readable = []
+        for index, (path, content, error) in enumerate(zip(paths, contents, read_errors)):
+            if error:
+                rows[index] = ScreenedImage(str(path), error=str(error))
+            else:
+                readable.append((index, str(path), bytes(content)))
+        for start in range(0, len(readable), self.chunk_size):
+            chunk = readable[start : start + self.chunk_size]
+            screened = self.screener.screen_chunk([(name, content) for _, name, content in chunk])
+            for (index, name, _), row in zip(chunk, screened):
+                if row.error and row.error.startswith(BYTES_NAME):
+                    row.error = name + row.error[len(BYTES_NAME) :]
+                rows[index] = row
+        return [rows[index] for index in range(len(paths))]

@@ -1,0 +1,151 @@
+"""The archive's results under DIR: one Parquet file per screened block with `predict --csv`'s
+columns (`path` and CSV_COLUMNS; numbers as numbers, at full precision, and null where the CSV has an
+empty cell), written to a hidden temporary name and then moved into place, so a stopped run leaves
+whole files or none. The done-set of a new run is the paths in those files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import IO
+
+from pneumonia.archive.sources import PATH_COLUMN, file_system
+from pneumonia.serving.results import CSV_COLUMNS, SPREADSHEET_FORMULA_STARTS, csv_fields
+
+PART_PREFIX, PART_SUFFIX, TEMPORARY_PREFIX = "part-", ".parquet", ".tmp-"
+COLUMNS = (PATH_COLUMN, *CSV_COLUMNS)
+NUMBERS = {"probability": 6, "threshold_default": 6, "threshold_screening": 6, "ood_score": 3}  # CSV decimals
+
+
+def schema():
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.float64() if name in NUMBERS else pa.string()) for name in COLUMNS])
+
+
+def record(row, thresholds: dict[str, float], gated: bool) -> dict:
+    """One ScreenedImage as a Parquet row: csv_fields' cells, the numbers unrounded."""
+    cells = dict(zip(CSV_COLUMNS, csv_fields(row, thresholds, gated)))
+    values = {name: (text or None) for name, text in cells.items()}
+    verdict = row.verdict
+    values.update(
+        probability=row.probability,
+        threshold_default=float(thresholds["default"]),
+        threshold_screening=float(thresholds["screening"]),
+        ood_score=None if verdict is None or verdict.score is None else float(verdict.score),
+        error=row.error,
+    )
+    return {PATH_COLUMN: row.name, **values}
+
+
+def part_name(paths: Iterable[str]) -> str:
+    """A stable name for a block: the same files give the same name, so a retried block replaces its file."""
+    digest = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return f"{PART_PREFIX}{digest}{PART_SUFFIX}"
+
+
+def write_part(out_dir: str, records: list[dict]) -> str:
+    """DIR/part-<hash>.parquet, written whole: to a temporary name first, then moved."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    system, folder = file_system(out_dir)
+    system.create_dir(folder, recursive=True)
+    name = part_name(r[PATH_COLUMN] for r in records)
+    temporary = f"{folder}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{name}"
+    pq.write_table(pa.Table.from_pylist(records, schema=schema()), temporary, filesystem=system)
+    system.move(temporary, f"{folder}/{name}")
+    return name
+
+
+def part_files(out_dir: str) -> tuple[object, list[str]]:
+    from pyarrow import fs
+
+    system, folder = file_system(out_dir)
+    if system.get_file_info(folder).type == fs.FileType.NotFound:
+        return system, []
+    infos = system.get_file_info(fs.FileSelector(folder, recursive=False))
+    names = [i.path for i in infos if i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(PART_SUFFIX)]
+    return system, sorted(names)
+
+
+def read_results(out_dir: str, columns: Iterable[str] = COLUMNS):
+    """The rows under DIR (the chosen columns) as one pyarrow Table; empty when there are none."""
+    import pyarrow.dataset as ds
+
+    system, names = part_files(out_dir)
+    if not names:
+        return schema().empty_table().select(list(columns))
+    return ds.dataset(names, schema=schema(), format="parquet", filesystem=system).to_table(columns=list(columns))
+
+
+def remove_temporaries(out_dir: str) -> int:
+    """Deletes the half-written files a stopped run left behind; how many there were."""
+    from pyarrow import fs
+
+    system, folder = file_system(out_dir)
+    if system.get_file_info(folder).type == fs.FileType.NotFound:
+        return 0
+    stale = [i.path for i in system.get_file_info(fs.FileSelector(folder)) if i.base_name.startswith(TEMPORARY_PREFIX)]
+    for path in stale:
+        system.delete_file(path)
+    return len(stale)
+
+
+TALLIED = (PATH_COLUMN, "probability", "ood_verdict", "error")
+
+
+@dataclass
+class Tally:
+    files: int = 0
+    screened: int = 0
+    refused: int = 0
+    failed: int = 0
+    errors: list[dict] = field(default_factory=list)  # the first few unreadable files: path, error
+
+
+def tally(table, wanted: set[str] | None = None, max_errors: int = 100) -> Tally:
+    """Counts as `predict` counts: screened (a probability), refused by the gate (a verdict, no
+    probability), unreadable (neither)."""
+    counts = Tally()
+    for path, probability, verdict, error in zip(*(table.column(c).to_pylist() for c in TALLIED)):
+        if wanted is not None and path not in wanted:
+            continue
+        counts.files += 1
+        if probability is not None:
+            counts.screened += 1
+        elif verdict:
+            counts.refused += 1
+        else:
+            counts.failed += 1
+            if len(counts.errors) < max_errors:
+                counts.errors.append({PATH_COLUMN: path, "error": error})
+    return counts
+
+
+def _cell(value, column: str) -> str:
+    if value is None:
+        return ""
+    if column in NUMBERS:
+        return f"{value:.{NUMBERS[column]}f}"
+    text = str(value)
+    return f"'{text}" if text.startswith(SPREADSHEET_FORMULA_STARTS) else text
+
+
+def write_csv(out_dir: str, stream: IO[str], wanted: set[str] | None = None) -> int:
+    """`predict --csv`'s file from the Parquet under DIR, one part file at a time; the rows written."""
+    import pyarrow.parquet as pq
+
+    writer, written = csv.writer(stream), 0
+    writer.writerow(COLUMNS)
+    system, names = part_files(out_dir)
+    for name in names:
+        table = pq.read_table(name, filesystem=system, schema=schema())
+        for values in zip(*(table.column(c).to_pylist() for c in COLUMNS)):
+            if wanted is None or values[0] in wanted:
+                writer.writerow([_cell(v, c) for v, c in zip(values, COLUMNS)])
+                written += 1
+    return written
