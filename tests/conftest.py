@@ -30,20 +30,19 @@ from PIL import Image
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.fitting import train
 
-# `slow`, left out by `-m "not slow"`: every test that uses a fixture that trains a model for a minute or
-# more or keeps gunicorn serving slow clients, and every test of a module that drives a real browser.
+# `slow`, left out of the default run (pyproject.toml; `-m slow` runs them): every test that uses a
+# fixture that trains a model for a minute or more or keeps gunicorn serving slow clients.
 # A test that is slow by itself says so with @pytest.mark.slow.
 # The tests run on two pytest-xdist workers (pyproject.toml): the tests of one slow fixture also
 # share a worker, so each is built once.
 SLOW_FIXTURES = ("custom_run", "densenet_cli_run", "gunicorn_server")
-SLOW_MODULES = {"test_browser"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     for item in items:
         slow_fixtures = [name for name in SLOW_FIXTURES if name in item.fixturenames]
-        if slow_fixtures or item.path.stem in SLOW_MODULES:
+        if slow_fixtures:
             item.add_marker(pytest.mark.slow)
         if slow_fixtures:
             item.add_marker(pytest.mark.xdist_group(slow_fixtures[0]))

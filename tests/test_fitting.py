@@ -83,8 +83,8 @@ def test_densenet121_learns(densenet_cli_run):
     card = json.loads((out / "model.json").read_text())
     _assert_learned(out, card)
     assert len(history(out)) == 2
-    assert card["architecture"] == "densenet121" and card["init"]["kind"] == "none"
-    assert card["preprocessing"]["normalization"] == IMAGENET_NORMALIZATION
+    assert card["architecture"] == "densenet121" and card["lineage"][0]["started_from"] == "random initialisation"
+    assert card["preprocessing"]["normalization"] == dataclasses.asdict(IMAGENET_NORMALIZATION)
     layer, size = card["gradcam"]["layer"], card["gradcam"]["map_size"]
     assert min(size) >= 7
     model = keras.saving.load_model(out / card["file"], compile=False)

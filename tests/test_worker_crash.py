@@ -32,8 +32,10 @@ def test_a_worker_killed_during_a_flood_is_replaced_and_uploads_are_answered_aga
     killed_at = kills[0]["at"]
     assert killed_in_log == 1
     assert figures["new_worker_s"] is not None and figures["new_worker_s"] < 2, figures
-    assert 1 <= figures["in_flight"] <= CLIENTS and figures["lost"] == figures["in_flight"], figures
-    assert set(figures["in_flight_statuses"]) == {"connection error"}, figures  # dropped, not answered wrongly
+    # An upload whose answer was already written when the signal landed still arrives; the rest are
+    # dropped, never answered wrongly.
+    assert 1 <= figures["lost"] <= figures["in_flight"] <= CLIENTS, figures
+    assert set(figures["in_flight_statuses"]) <= {"connection error", "200"}, figures
     assert figures["answered_again_s"] is not None and figures["answered_again_s"] < RECOVERY_BOUND_S, figures
     not_in_flight = [r for r in results if not r["at"] - r["ms"] / 1000 < killed_at <= r["at"]]
     assert {r["status"] for r in not_in_flight} == {200}  # before the kill, and from the new worker on
