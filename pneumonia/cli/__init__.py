@@ -12,6 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 COMMANDS = ("train", "evaluate", "predict", "gate", "export", "calibrate", "pacs", "archive")
 
 
+class CommandFailed(Exception):
+    """A command that stops with the exit status `code`, its message already printed."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 def positive_int(text: str) -> int:
     number = int(text)
     if number < 1:
@@ -23,6 +31,20 @@ def fail(message) -> int:
     """Exit status 2 with `error: message` on stderr: what every command does for a usage or input error."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def load_classifier(model, runtime):
+    """The model to screen with (its gate's absence noted on stderr); exit status 2 when it cannot be loaded."""
+    from pneumonia.errors import ModelLoadError
+    from pneumonia.serving.classifier import XrayClassifier
+
+    try:
+        classifier = XrayClassifier(model, runtime)
+    except ModelLoadError as err:
+        raise CommandFailed(fail(err)) from None
+    if classifier.gate is None:
+        print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
+    return classifier
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,4 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CommandFailed as stop:
+        return stop.code

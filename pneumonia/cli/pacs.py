@@ -14,7 +14,7 @@ import re
 import sys
 from datetime import datetime
 
-from pneumonia.cli import fail, positive_int
+from pneumonia.cli import fail, load_classifier, positive_int
 
 PASSWORD_ENV, TOKEN_ENV = "PNEUMONIA_PACS_PASSWORD", "PNEUMONIA_PACS_TOKEN"
 CSV_HEAD = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "status")
@@ -101,8 +101,6 @@ def screen_once(screener, filters, report) -> int:
 
 
 def run(args) -> int:
-    from pneumonia.errors import ModelLoadError
-    from pneumonia.serving.classifier import XrayClassifier
 
     try:
         from pneumonia.pacs.dicomweb import DicomWeb, PacsError
@@ -112,12 +110,7 @@ def run(args) -> int:
 
     if args.pacs_command == "watch" and args.max_runs is None and args.until is None:
         return fail("watch needs a bound: --max-runs N or --until TIME")
-    try:
-        classifier = XrayClassifier(args.model, args.runtime)
-    except ModelLoadError as err:
-        return fail(err)
-    if classifier.gate is None:
-        print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
+    classifier = load_classifier(args.model, args.runtime)
     try:
         csv_file = open(args.csv, "w", newline="", encoding="utf-8") if args.csv else None
     except OSError as err:

@@ -6,23 +6,16 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from pneumonia.cli import fail, positive_int
+from pneumonia.cli import fail, load_classifier, positive_int
 
 
 def run(args) -> int:
-    from pneumonia.errors import ModelLoadError
     from pneumonia.progress import ProgressBar
-    from pneumonia.serving.classifier import XrayClassifier
     from pneumonia.serving.folders import find_images, screen_files
     from pneumonia.serving.results import CsvRows
     from pneumonia.serving.screening import BatchScreener
 
-    try:
-        classifier = XrayClassifier(args.model, args.runtime)
-    except ModelLoadError as err:
-        return fail(err)
-    if classifier.gate is None:
-        print(f"note: the out-of-distribution gate is off ({classifier.gate_status})", file=sys.stderr)
+    classifier = load_classifier(args.model, args.runtime)
     found = find_images(args.paths)
     if found.skipped:
         print(
