@@ -355,7 +355,7 @@ def test_procfile_and_gunicorn_settings(monkeypatch):
     monkeypatch.setenv("PORT", "5123")
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     monkeypatch.setenv("GUNICORN_THREADS", "6")
-    settings = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    settings = runpy.run_path(str(REPO / "web" / "gunicorn_conf.py"))  # executed afresh, not the imported module
     assert settings["bind"] == "0.0.0.0:5123" and settings["workers"] == 3 and settings["threads"] == 6
     assert settings["preload_app"] is False and settings["timeout"] >= 60
 

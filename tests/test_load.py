@@ -233,7 +233,7 @@ def test_model_capacity_bounds_the_line_and_the_wait():
 
 def test_threads_outnumber_model_slots_by_default(ungated_model_dir, monkeypatch):
     monkeypatch.delenv("GUNICORN_THREADS", raising=False)
-    settings = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    settings = runpy.run_path(str(REPO / "web" / "gunicorn_conf.py"))  # executed afresh, not the imported module
     app = create_app({"MODEL_PATH": str(ungated_model_dir)})
     assert settings["threads"] >= 4 * app.config["MODEL_SLOTS"] and settings["worker_class"] == "gthread"
     assert app.config["BODY_TIMEOUT"] <= 30 and app.config["BODY_READ_TIMEOUT"] <= app.config["BODY_TIMEOUT"]
