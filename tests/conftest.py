@@ -209,3 +209,19 @@ def mixed_folder(tmp_path_factory):
         root / "ward-b" / "z-pneumonia.png",
     ]
     return root, [str(p) for p in reported], [str(root / "notes.txt")]
+
+
+# --- The serving install, without the pacs extra -------------------------------------------
+
+
+@pytest.fixture
+def without_highdicom(monkeypatch):
+    """highdicom unimportable, as on the serving install (requirements.txt): pneumonia.pacs.reports,
+    which needs it, is imported afresh on its next use and fails as it would there."""
+    import sys
+
+    import pneumonia.pacs
+
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    monkeypatch.delitem(sys.modules, "pneumonia.pacs.reports", raising=False)
+    monkeypatch.delattr(pneumonia.pacs, "reports", raising=False)

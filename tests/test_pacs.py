@@ -2,7 +2,9 @@
 session on a free port with its own storage and configuration (skipped, saying why, without the
 `Orthanc` binary or the plugin: .ci/run installs both). The X-rays are the two real ones of
 tests/data wrapped in DICOM, so the shipped model's gate accepts them; a noise image in DICOM is what
-it refuses."""
+it refuses. Failures that Orthanc does not make by itself (a TLS front, a STOW that fails, a PACS that
+goes away mid-run) come from a small proxy in front of it: Debian's Orthanc 1.10 crashes on its own
+HTTPS (SslEnabled) at the first handshake."""
 
 from __future__ import annotations
 
@@ -10,17 +12,20 @@ import csv
 import io
 import json
 import shutil
+import ssl
 import subprocess
+import threading
 import time
 import uuid
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import requests
-from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, free_port, noise_png, run_cli
+from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, free_port, noise_png, run_cli
 from PIL import Image
 from pydicom.uid import generate_uid
 
@@ -29,6 +34,13 @@ pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r re
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "screener", "right-password"
+READER = "reader"  # the same password; may read but not store (READ_ONLY_FILTER)
+# Orthanc's Lua request filter: a request it turns down is answered 403 Forbidden.
+READ_ONLY_FILTER = f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  return not (method == 'POST' and username == '{READER}')
+end
+"""
 STUDY, SERIES, INSTANCE = "0020000D", "0020000E", "00080018"
 
 
@@ -79,9 +91,89 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def orthanc_with_auth(tmp_path_factory):
-    settings = {"AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}}
-    with orthanc_server(tmp_path_factory.mktemp("orthanc_auth"), **settings) as url:
+    """Orthanc with users: USER may do everything, READER may read but not store (403)."""
+    folder = tmp_path_factory.mktemp("orthanc_auth")
+    (folder / "read_only.lua").write_text(READ_ONLY_FILTER)
+    settings = {
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: PASSWORD, READER: PASSWORD},
+        "LuaScripts": [str(folder / "read_only.lua")],
+    }
+    with orthanc_server(folder, **settings) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def shipped_classifier():
+    from pneumonia.serving.classifier import XrayClassifier
+
+    return XrayClassifier(SHIPPED_MODEL)
+
+
+# --- A proxy in front of Orthanc: TLS, and failures on cue ----------------------------------------
+
+
+@contextmanager
+def proxy(upstream: str, fault=lambda method, posts: None, tls: tuple[Path, Path] | None = None):
+    """A server on loopback in front of the DICOMweb root `upstream` that forwards every request, unless
+    `fault(method, POSTs so far)` answers a status to send instead, or "drop" (the connection closed
+    unanswered); with `tls` (certificate, key) it speaks HTTPS. Yields its DICOMweb root."""
+    origin = upstream.removesuffix("/dicom-web")
+    posts = []
+
+    class Forward(BaseHTTPRequestHandler):
+        def _answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            if self.command == "POST":
+                posts.append(self.path)
+            status = fault(self.command, len(posts))
+            if status == "drop":
+                self.close_connection = True
+                return
+            if status is None:
+                headers = {k: self.headers[k] for k in ("Content-Type", "Accept", "Authorization") if k in self.headers}
+                answer = requests.request(self.command, origin + self.path, data=body, headers=headers, timeout=60)
+                status, content_type, content = answer.status_code, answer.headers.get("Content-Type"), answer.content
+            else:
+                content_type, content = "text/plain", b"failed on cue"
+            self.send_response(status)
+            self.send_header("Content-Type", content_type or "application/octet-stream")
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, made by `openssl` (skipped without it)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS test makes its certificate with openssl, which is not installed")
+    certificate, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", certificate, "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return certificate, key
 
 
 # --- Building and reading the PACS's content ------------------------------------------------------
@@ -117,8 +209,8 @@ def stow(url: str, study: str, *instances: bytes, auth=None) -> None:
     assert response.status_code == 200, response.text
 
 
-def qido(url: str, path: str, **params) -> list[dict]:
-    response = requests.get(f"{url}/{path}", params=params, headers={"Accept": "application/dicom+json"})
+def qido(url: str, path: str, auth=None, **params) -> list[dict]:
+    response = requests.get(f"{url}/{path}", params=params, headers={"Accept": "application/dicom+json"}, auth=auth)
     response.raise_for_status()
     return response.json() if response.content else []
 
@@ -127,8 +219,14 @@ def value(item: dict, tag: str):
     return (item.get(tag) or {}).get("Value", [None])[0]
 
 
-def series_of(url: str, study: str, modality: str) -> list[dict]:
-    return qido(url, f"studies/{study}/series", Modality=modality, includefield="0008103E")
+def series_of(url: str, study: str, modality: str, auth=None) -> list[dict]:
+    return qido(url, f"studies/{study}/series", auth, Modality=modality, includefield="0008103E")
+
+
+def instances_of(url: str, study: str, modality: str) -> list[str]:
+    """The SOP Instance UIDs of `modality` (SR or OT) in `study`."""
+    series = [value(s, SERIES) for s in series_of(url, study, modality)]
+    return [value(i, INSTANCE) for uid in series for i in qido(url, f"studies/{study}/series/{uid}/instances")]
 
 
 def wado(url: str, study: str, series: str, instance: str) -> pydicom.Dataset:
@@ -293,6 +391,76 @@ def test_wrong_credentials_exit_2_with_http_401_and_right_ones_connect(orthanc_w
     assert right.returncode == 0, right.stderr
 
 
+def test_a_user_who_may_read_but_not_store_exits_2_with_http_403_and_nothing_is_stored(orthanc_with_auth, tmp_path):
+    study = generate_uid()
+    stow(orthanc_with_auth, study, study_dicom(xray_pixels(0), study), auth=(USER, PASSWORD))
+    args = ("pacs", "screen", orthanc_with_auth, "--study", study, "--user", READER, "--password", PASSWORD)
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "HTTP 403" in result.stderr and "store the results" in result.stderr
+    assert series_of(orthanc_with_auth, study, "SR", (USER, PASSWORD)) == []
+    assert series_of(orthanc_with_auth, study, "OT", (USER, PASSWORD)) == []
+
+
+def test_tls_is_verified_unless_insecure_and_a_ca_bundle_makes_a_self_signed_pacs_verify(
+    orthanc, tmp_path, monkeypatch
+):
+    import certifi
+
+    certificate, key = self_signed(tmp_path)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())  # set on many machines: the options must win over it
+    study = generate_uid()
+    stow(orthanc, study, study_dicom(xray_pixels(0), study))
+    with proxy(orthanc, tls=(certificate, key)) as url:
+        refused = run_cli("pacs", "screen", url, "--study", study, cwd=tmp_path)
+        verified = run_cli("pacs", "screen", url, "--study", study, "--ca-bundle", certificate, cwd=tmp_path)
+        insecure = run_cli("pacs", "screen", url, "--study", study, "--insecure", "--force", cwd=tmp_path)
+    assert refused.returncode == 2 and "TLS verification" in refused.stderr and "Traceback" not in refused.stderr
+    assert verified.returncode == 0 and "1 screened" in verified.stderr, verified.stderr
+    assert insecure.returncode == 0 and "1 screened" in insecure.stderr, insecure.stderr
+    assert len(instances_of(orthanc, study, "SR")) == 2
+
+
+@pytest.mark.parametrize("failing", [1, 2], ids=["the capture's STOW fails", "the SR's STOW fails"])
+def test_a_result_is_all_in_the_pacs_or_failed_and_redone_by_the_next_run(orthanc, shipped_classifier, failing):
+    """The capture goes first, the SR (what marks an image done) last: whichever STOW fails, no SR is
+    stored without its capture, the row says so, and the next run screens the image again."""
+    from pneumonia.pacs.dicomweb import Connection, DicomWeb
+    from pneumonia.pacs.screening import Filters, PacsScreener
+
+    study = generate_uid()
+    stow(orthanc, study, study_dicom(xray_pixels(1), study))
+    filters = Filters(studies=(study,))
+    with proxy(orthanc, lambda method, posts: 500 if method == "POST" and posts == failing else None) as url:
+        [row] = PacsScreener(DicomWeb(Connection(url, retries=0)), shipped_classifier).run(filters)
+    assert row.status == "failed" and row.screened.error.startswith("Screened but not stored")
+    assert instances_of(orthanc, study, "SR") == [] and len(instances_of(orthanc, study, "OT")) == failing - 1
+    assert row.stored == ("", instances_of(orthanc, study, "OT")[0] if failing == 2 else "")
+
+    [again] = PacsScreener(DicomWeb(Connection(orthanc)), shipped_classifier).run(filters)
+    assert again.status == "screened" and instances_of(orthanc, study, "SR") == [again.stored[0]]
+    assert again.stored[1] in instances_of(orthanc, study, "OT")
+
+
+def test_a_pacs_that_goes_away_mid_run_exits_2_and_the_next_run_does_the_rest(orthanc, tmp_path):
+    study = generate_uid()
+    stow(orthanc, study, *(study_dicom(xray_pixels(i), study) for i in range(2)))
+
+    def gone_after_one_image(method, posts):  # its two STOWs go through, then nothing answers
+        return "drop" if posts > 2 else None
+
+    with proxy(orthanc, gone_after_one_image) as url:
+        args = ("pacs", "screen", url, "--study", study, "--retries", "1", "--backoff", "0.01")
+        cut = run_cli(*args, "--csv", tmp_path / "cut.csv", cwd=tmp_path)
+    assert cut.returncode == 2 and "unreachable after 2 tries" in cut.stderr, cut.stderr
+    assert [r["status"] for r in csv_rows(tmp_path / "cut.csv")] == ["screened"]
+    assert len(instances_of(orthanc, study, "SR")) == 1
+
+    rest = run_cli("pacs", "screen", orthanc, "--study", study, "--csv", tmp_path / "rest.csv", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    assert sorted(r["status"] for r in csv_rows(tmp_path / "rest.csv")) == ["screened", "skipped"]
+    assert len(instances_of(orthanc, study, "SR")) == 2
+
+
 def test_watch_needs_a_bound_and_polls_max_runs_times(orthanc, tmp_path):
     unbounded = run_cli("pacs", "watch", orthanc, cwd=tmp_path)
     assert unbounded.returncode == 2 and "--max-runs" in unbounded.stderr
@@ -305,16 +473,13 @@ def test_watch_needs_a_bound_and_polls_max_runs_times(orthanc, tmp_path):
     assert [r["status"] for r in csv_rows(tmp_path / "watch.csv")] == ["screened", "skipped"]
 
 
-def test_watch_screens_an_image_that_arrives_between_two_runs_and_skips_the_done_one(orthanc):
-    from builders import SHIPPED_MODEL
-
+def test_watch_screens_an_image_that_arrives_between_two_runs_and_skips_the_done_one(orthanc, shipped_classifier):
     from pneumonia.pacs.dicomweb import Connection, DicomWeb
     from pneumonia.pacs.screening import Filters, PacsScreener, watch
-    from pneumonia.serving.classifier import XrayClassifier
 
     study = generate_uid()
     stow(orthanc, study, study_dicom(xray_pixels(0), study))
-    screener = PacsScreener(DicomWeb(Connection(orthanc)), XrayClassifier(SHIPPED_MODEL))
+    screener = PacsScreener(DicomWeb(Connection(orthanc)), shipped_classifier)
     runs, waits = [], []
     arrivals = [lambda: stow(orthanc, study, study_dicom(xray_pixels(1), study))]
 

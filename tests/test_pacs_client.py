@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -188,6 +190,19 @@ def test_a_5xx_on_the_search_exits_2_with_the_status(tmp_path):
         result = run_cli("pacs", "screen", url, "--retries", "1", "--backoff", "0.01", cwd=tmp_path)
     assert result.returncode == 2 and "HTTP 500" in result.stderr and "boom" not in result.stderr
     assert len(hits) == 2  # two tries of the first search, then the run ends
+
+
+def test_a_pacs_that_accepts_the_connection_and_never_answers_times_out_with_exit_2(tmp_path):
+    with socket.socket() as silent:  # the kernel completes the handshake; nobody ever reads or answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        args = ("pacs", "screen", url, "--timeout", "0.5", "--retries", "1", "--backoff", "0.01")
+        started = time.monotonic()
+        result = run_cli(*args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unreachable after 2 tries (no answer within 0.5 s: ReadTimeout)" in result.stderr, result.stderr
+    assert time.monotonic() - started < 60
 
 
 def test_watch_stops_at_until_and_never_sleeps_past_it():

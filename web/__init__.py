@@ -76,7 +76,9 @@ def create_app(config: dict | None = None) -> Flask:
 
 
 def _keep_dicom_tags_out_of_logs() -> None:
-    """pydicom's log records and warnings can quote element values (patient name, ID)."""
-    logging.getLogger("pydicom").propagate = False
-    for module in ("pydicom", "pneumonia.reading.dicom"):
+    """pydicom's log records and warnings can quote element values (patient name, ID); so could
+    highdicom's, which builds the DICOM results (web/dicom_results.py) from the upload's header."""
+    for library in ("pydicom", "highdicom"):
+        logging.getLogger(library).propagate = False
+    for module in ("pydicom", "highdicom", "pneumonia.reading.dicom"):
         warnings.filterwarnings("ignore", module=module)

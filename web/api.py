@@ -1,5 +1,6 @@
 """JSON: POST /api/predict, POST /api/predict/batch, GET /healthz and GET /openapi.json, the document
-of all four (web/openapi.json: status codes, bodies, parameters, limits)."""
+of all four (web/openapi.json: status codes, bodies, parameters, limits). POST /api/predict answers DICOM
+instead when asked (`?result=`, web/dicom_results.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from web.capacity import model_slot
+from web.dicom_results import dicom_results, result_form
 from web.openapi import document
 from web.screening import current_screener, ood_json
 from web.uploads import UploadError, read_upload
@@ -32,9 +34,12 @@ def overlay_format() -> tuple[str, str]:
 
 @bp.post("/api/predict")
 def predict():
-    """multipart field `file`; `?gradcam=0` skips rendering the overlay, `?overlay=jpeg` encodes it as JPEG."""
+    """multipart field `file`; `?gradcam=0` skips rendering the overlay, `?overlay=jpeg` encodes it as JPEG;
+    `?result=dicom-sr` or `?result=dicom` answers DICOM objects instead (web/dicom_results.py)."""
     started = time.perf_counter()
     screener = current_screener()
+    if (form := result_form()) != "json":
+        return dicom_results(screener, form)
     name, extension = overlay_format()
     data = read_upload(request)
     with_gradcam = request.args.get("gradcam", "1").lower() not in ("0", "false", "no")

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import requests
 
+from pneumonia.pacs.multipart import DICOM, related_body
+
 LOG = logging.getLogger(__name__)
 
-DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 QIDO_PAGE = 500  # results asked for per QIDO request (limit/offset paging)
@@ -116,16 +116,8 @@ class DicomWeb:
     def store(self, study: str, instances: list[bytes]) -> None:
         """STOW-RS `instances` (Part 10 bytes) into `study` in one request; PacsError unless the PACS
         stored every one (a 200 with no Failed SOP Sequence)."""
-        boundary = uuid.uuid4().hex
-        body = b"".join(
-            b"--" + boundary.encode() + b"\r\nContent-Type: " + DICOM.encode() + b"\r\n\r\n" + data + b"\r\n"
-            for data in instances
-        )
-        body += b"--" + boundary.encode() + b"--\r\n"
-        headers = {
-            "Content-Type": f'multipart/related; type="{DICOM}"; boundary={boundary}',
-            "Accept": DICOM_JSON,
-        }
+        content_type, body = related_body(instances)
+        headers = {"Content-Type": content_type, "Accept": DICOM_JSON}
         response = self._request("POST", f"studies/{study}", "store the results", data=body, headers=headers)
         answer = _json(response, "store the results") if response.content else {}
         failed = (answer.get("00081198") or {}).get("Value") or []
@@ -145,14 +137,18 @@ class DicomWeb:
         for attempt in range(tries):
             last = attempt == tries - 1
             try:
-                response = self.session.request(method, url, timeout=self.connection.timeout_s, **kwargs)
+                # verify per request: requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE override the
+                # session's, which would make --ca-bundle and --insecure do nothing wherever they are set
+                response = self.session.request(
+                    method, url, timeout=self.connection.timeout_s, verify=self.connection.verify, **kwargs
+                )
             except requests.exceptions.SSLError as err:
                 raise PacsUnreachable(f"{what}: TLS verification of {self.connection.url} failed ({err})") from None
             except (requests.ConnectionError, requests.Timeout) as err:
                 if last:
                     raise PacsUnreachable(
                         f"{what}: the PACS at {self.connection.url} is unreachable after {tries} tries "
-                        f"({type(err).__name__})"
+                        f"({self._failure(err)})"
                     ) from None
             else:
                 if response.status_code < 300:
@@ -163,6 +159,12 @@ class DicomWeb:
             LOG.warning("%s: try %d of %d failed; retrying in %.1f s", what, attempt + 1, tries, wait)
             self.sleep(wait)
         raise AssertionError("unreachable")  # the last try returns or raises
+
+    def _failure(self, err: requests.RequestException) -> str:
+        """What went wrong, in words: a timeout names the limit (--timeout), anything else its type."""
+        if isinstance(err, requests.Timeout):
+            return f"no answer within {self.connection.timeout_s:g} s: {type(err).__name__}"
+        return type(err).__name__
 
 
 def _status_error(what: str, response: requests.Response) -> PacsError:

@@ -11,11 +11,13 @@
 Both copy from the source only what their modules require (patient and study identification, via
 highdicom's `from_ref_dataset` / SR evidence). Their series descriptions say "RESEARCH USE ONLY" and
 carry the model's name and fingerprint: that is how a later run finds what this model already did.
+`pacs screen` stores them; the web app answers them for a DICOM upload (web/dicom_results.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ PNEUMONIA_CODE = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
 NORMAL_CODE = codes.SCT.Normal
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+GRADCAM_SIDE = 1024  # long side of the Secondary Capture, as the overlays of `predict --gradcam`
 
 
 # What the results copy from the source: the Patient and General Study modules' identification (Type 1
@@ -51,8 +54,22 @@ COPIED_FROM_SOURCE = (
 )
 
 
+# What a result must reference: the image's study, series and instance (Type 1 in every image IOD).
+REQUIRED_FROM_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+
+
+class UnreferableImage(ValueError):
+    """A DICOM image without the UIDs its results must reference."""
+
+
 def reference_dataset(source: Dataset) -> Dataset:
-    """The source's identifiers the SR and the Secondary Capture must carry, and its UIDs."""
+    """The source's identifiers the SR and the Secondary Capture must carry, and its UIDs;
+    UnreferableImage when it lacks one of REQUIRED_FROM_SOURCE."""
+    missing = [keyword for keyword in REQUIRED_FROM_SOURCE if not source.get(keyword)]
+    if missing:
+        raise UnreferableImage(
+            f"The DICOM image has no {', '.join(missing)}: there is nothing its results could reference."
+        )
     reference = Dataset()
     for keyword in COPIED_FROM_SOURCE:
         setattr(reference, keyword, source.get(keyword, "") or "")
@@ -196,6 +213,24 @@ def gradcam_capture(identity: ModelIdentity, source: Dataset, rgb: np.ndarray, s
     image.BurnedInAnnotation = "NO"
     image.PatientOrientation = source.get("PatientOrientation", "")
     return image
+
+
+def result_objects(
+    identity: ModelIdentity, source: Dataset, row, series: RunSeries, alpha: float = 0.5
+) -> tuple[Dataset, Dataset]:
+    """The SR and the Grad-CAM Secondary Capture of a screened `row` (its probability, display copy and heat map)."""
+    from pneumonia.serving.gradcam import overlay
+
+    sr = structured_report(identity, source, row, series)
+    capture = gradcam_capture(identity, source, overlay(row.display, row.heat, alpha)[..., ::-1], series)
+    return sr, capture
+
+
+def part10(dataset: Dataset) -> bytes:
+    """`dataset` as a DICOM Part 10 file, in memory."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def referenced_instances(metadata: list[dict]) -> set[str]:

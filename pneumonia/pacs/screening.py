@@ -3,9 +3,12 @@
     QIDO-RS: the instances of the filters (modality CR, DX; studies, study date, body part, view)
     ──per study──> which of them already have this model's SR (asked of the PACS, unless --force)
     ──per image──> WADO-RS ──> the one screening pipeline (gate and Grad-CAM) ──> SR + Secondary Capture
-    ──> STOW-RS, both in one request, into the image's study, in the run's new series
+    ──> STOW-RS into the image's study, in the run's new series: the Secondary Capture, then the SR
 
-Nothing is kept locally between runs: what is done is what the PACS holds. An image the gate refuses,
+Nothing is kept locally between runs: what is done is what the PACS holds, and the SR is the mark of
+"done". So it is stored last, in a request of its own, once its Secondary Capture is in: an image whose
+SR did not go in is a failed row and is redone by the next run (a capture stored without its SR stays,
+unreferenced, and the redo brings another). An image the gate refuses,
 one that cannot be read and one the PACS would not store are rows with their error; an unreachable PACS
 or refused credentials end the run (`PacsUnreachable`, `PacsAuthError`). Rows name images by their UIDs
 only; nothing of the patient is printed, logged or written here.
@@ -21,16 +24,16 @@ from datetime import datetime
 
 from pneumonia.pacs.dicomweb import DicomWeb, PacsAuthError, PacsError, PacsUnreachable, first_value
 from pneumonia.pacs.reports import (
+    GRADCAM_SIDE,
     ModelIdentity,
     RunSeries,
-    gradcam_capture,
+    part10,
     reference_dataset,
     referenced_instances,
-    structured_report,
+    result_objects,
 )
 from pneumonia.serving.screening import BatchScreener, ScreenedImage
 
-GRADCAM_SIDE = 1024  # long side of the Secondary Capture, as the overlays of `predict --gradcam`
 STUDY, SERIES, INSTANCE, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
 BODY_PART, VIEW, SERIES_DESCRIPTION = "00180015", "00185101", "0008103E"
 INCLUDED = (STUDY, SERIES, INSTANCE, SOP_CLASS, "00080060", BODY_PART, VIEW)
@@ -165,26 +168,22 @@ class PacsScreener:
         return self._store(candidate, source, row, series)
 
     def _store(self, candidate: Candidate, source, row: ScreenedImage, series: RunSeries) -> PacsRow:
-        """The SR and the Grad-CAM Secondary Capture, in one STOW-RS request."""
-        from pneumonia.serving.gradcam import overlay
-
-        sr = structured_report(self.identity, source, row, series)
-        capture = gradcam_capture(self.identity, source, overlay(row.display, row.heat)[..., ::-1], series)
+        """The Grad-CAM Secondary Capture, then the SR (what marks the image done), one STOW-RS request
+        each: the PACS never holds the SR without its capture."""
+        sr, capture = result_objects(self.identity, source, row, series)
         row.heat = row.display = None
+        stored = ""
         try:
-            self.pacs.store(candidate.study, [_part10(capture), _part10(sr)])
+            self.pacs.store(candidate.study, [part10(capture)])
+            stored = capture.SOPInstanceUID
+            self.pacs.store(candidate.study, [part10(sr)])
         except (PacsUnreachable, PacsAuthError):
             raise
         except PacsError as err:
-            row.error = f"Screened but not stored: {err}"
-            return PacsRow(candidate, "failed", row)
+            done = "its Grad-CAM image went in, its SR did not (the next run redoes it): " if stored else ""
+            row.error = f"Screened but not stored: {done}{err}"
+            return PacsRow(candidate, "failed", row, ("", stored))
         return PacsRow(candidate, "screened", row, (sr.SOPInstanceUID, capture.SOPInstanceUID))
-
-
-def _part10(dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def watch(

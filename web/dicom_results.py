@@ -1,0 +1,92 @@
+"""DICOM results for a DICOM upload: `POST /api/predict?result=dicom-sr` or `?result=dicom` answers the
+objects `pacs screen` stores (pneumonia/pacs/reports.py) instead of JSON:
+
+    result=dicom-sr   application/dicom: the Structured Report (TID 1500) alone
+    result=dicom      multipart/related; type="application/dicom": the Grad-CAM Secondary Capture, then
+                      the SR. The body STOW-RS takes: it can be posted as it is to a PACS's studies/{UID}
+
+Both belong to the upload's study (its identification copied as DICOM requires) in new series, and
+reference the uploaded image, so only a DICOM upload can have them (415 otherwise). What the gate
+refuses is the JSON API's 422: no SR carries a probability for it, as in `pacs screen`. highdicom comes
+with the pacs extra; an install without it answers 501. Built in memory: nothing is written or logged.
+"""
+
+from __future__ import annotations
+
+import io
+
+from flask import Response, request
+
+from pneumonia.errors import XrayReadError
+from pneumonia.pacs.multipart import DICOM, related_body  # the standard library only: no pacs extra needed
+from pneumonia.reading.dicom import is_dicom
+from pneumonia.serving.gate import OutOfDistribution
+from web.capacity import model_slot
+from web.uploads import UploadError, read_upload
+
+RESULT_FORMS = ("json", "dicom-sr", "dicom")
+PACS_EXTRA = "pip install .[pacs] (or pip install -r requirements-pacs.txt)"
+
+
+def result_form() -> str:
+    """?result=json (the default), dicom-sr or dicom; 400 for anything else."""
+    form = request.args.get("result", "json").lower()
+    if form not in RESULT_FORMS:
+        raise UploadError(400, f"result={form}: choose one of {', '.join(RESULT_FORMS)}.")
+    return form
+
+
+def report_builders():
+    """pneumonia.pacs.reports, or a 501 when this install lacks what it needs (highdicom)."""
+    try:
+        from pneumonia.pacs import reports
+    except ImportError as err:
+        raise UploadError(
+            501, f"DICOM results need {err.name}, which this server does not have: its operator can {PACS_EXTRA}."
+        ) from None
+    return reports
+
+
+def source_reference(data: bytes, reports):
+    """The upload's identifiers its results carry: 415 unless it is DICOM, 400 without its UIDs."""
+    import pydicom
+
+    if not is_dicom(data):
+        raise UploadError(
+            415, "DICOM results need a DICOM upload: a JPEG, PNG, BMP or TIFF has no study to attach them to."
+        )
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception as err:  # pydicom raises many types on damaged files; the message could quote it
+        raise XrayReadError(f"The DICOM file could not be parsed ({type(err).__name__}).") from None
+    try:
+        return reports.reference_dataset(header)
+    except reports.UnreferableImage as err:
+        raise UploadError(400, str(err)) from None
+
+
+def screened_row(screener, data: bytes, display_side: int | None):
+    """The upload through the one screening pipeline, failing as Screener.screen does (422 for the gate)."""
+    [row] = screener.batch.screen_chunk([("the upload", data)], display_side=display_side, with_gradcam=True)
+    if row.probability is None:
+        if row.refused:
+            raise OutOfDistribution(row.verdict)
+        if row.unexpected:
+            raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
+        raise XrayReadError(row.error)
+    return row
+
+
+def dicom_results(screener, form: str) -> Response:
+    """The answer to result=dicom-sr or result=dicom."""
+    reports = report_builders()
+    data = read_upload(request)
+    source = source_reference(data, reports)
+    with model_slot():
+        row = screened_row(screener, data, reports.GRADCAM_SIDE if form == "dicom" else None)
+    identity, series = reports.ModelIdentity.of(screener.classifier), reports.RunSeries.new()
+    if form == "dicom-sr":
+        return Response(reports.part10(reports.structured_report(identity, source, row, series)), mimetype=DICOM)
+    sr, capture = reports.result_objects(identity, source, row, series, screener.overlay_alpha)
+    content_type, body = related_body([reports.part10(capture), reports.part10(sr)])
+    return Response(body, content_type=content_type)
