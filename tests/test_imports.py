@@ -78,7 +78,7 @@ ENTRY_POINTS = ("pneumonia.__main__", "app", "gradcam")
 # What the serving install (requirements.txt) does not have: training and evaluation need TensorFlow,
 # and the command line imports them.
 BEYOND_SERVING = ("pneumonia.training", "pneumonia.evaluation", "pneumonia.cli", "studies", *ENTRY_POINTS)
-# The PACS client and its runs: they need requests, which the serving install does not have either.
+# The PACS client and its runs: they need dicomweb-client and requests, which the serving install lacks.
 PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.screening")
 
 # (layer prefix, the prefixes its modules must not import). A prefix names a module and the modules
@@ -94,10 +94,9 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("pneumonia.progress", ("web", *BEYOND_SERVING)),
     # the PACS client: reading, serving, errors and labels, as the web app
     ("pneumonia.pacs", ("pneumonia.progress", "web", *BEYOND_SERVING)),
-    # what the web app takes of it (DICOM results): the result objects and their multipart body, never
-    # the client (requests is not in the serving install)
+    # what the web app takes of it (DICOM results): the result objects, never the client (requests and
+    # dicomweb-client are not in the serving install)
     ("pneumonia.pacs.reports", PACS_CLIENT),
-    ("pneumonia.pacs.multipart", ("pneumonia.pacs.reports", *PACS_CLIENT)),
     # the Ray Data archive run: reading, serving, errors, labels and progress, never the command line
     ("pneumonia.archive", ("web", *BEYOND_SERVING)),
     # training and evaluation: anything of the package but the command line and the studies (and
@@ -108,7 +107,7 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("pneumonia.cli", ("studies", *ENTRY_POINTS)),
     ("pneumonia.__main__", ("studies", "app", "gradcam")),
     # the web app and the top-level modules: reading, serving, errors, labels, web; the web app also
-    # pacs.reports and pacs.multipart for DICOM results (web/dicom_results.py), never the PACS client or the archive
+    # pacs.reports for DICOM results (web/dicom_results.py), never the PACS client or the archive
     ("web", ("pneumonia.progress", "pneumonia.archive", *PACS_CLIENT, *BEYOND_SERVING)),
     ("app", ("pneumonia.progress", *BEYOND_SERVING)),
     ("gradcam", ("pneumonia.progress", *BEYOND_SERVING)),

@@ -15,7 +15,6 @@ import shutil
 import ssl
 import subprocess
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,13 +25,12 @@ import pydicom
 import pytest
 import requests
 from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, free_port, noise_png, run_cli
+from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.uid import generate_uid
 
 pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r requirements-pacs.txt")
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "screener", "right-password"
 READER = "reader"  # the same password; may read but not store (READ_ONLY_FILTER)
 # Orthanc's Lua request filter: a request it turns down is answered 403 Forbidden.
@@ -42,45 +40,16 @@ function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
 end
 """
 STUDY, SERIES, INSTANCE = "0020000D", "0020000E", "00080018"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-@contextmanager
 def orthanc_server(folder: Path, **settings):
-    """Orthanc with DICOMweb on a free loopback port, storing under `folder`; yields the DICOMweb root."""
-    if ORTHANC is None or not DICOMWEB_PLUGIN.is_file():
-        pytest.skip("Orthanc or its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    port = free_port()
-    config = {
-        "Name": "pneumonia-tests",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"),
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        **settings,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = (folder / "orthanc.log").open("w")
-    process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                requests.get(f"{root}/system", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert process.poll() is None, (folder / "orthanc.log").read_text()
-                assert time.time() < deadline, "Orthanc did not start"
-                time.sleep(0.2)
-        yield f"{root}/dicom-web"
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
+    """pneumonia.pacs.local_orthanc's server, or the test skipped saying why."""
+    from pneumonia.pacs import local_orthanc
+
+    if reason := local_orthanc.missing():
+        pytest.skip(reason)
+    return local_orthanc.orthanc_server(folder, **settings)
 
 
 @pytest.fixture(scope="session")
@@ -197,53 +166,56 @@ def study_dicom(pixels: np.ndarray, study: str, modality: str = "CR", transfer_s
     return buffer.getvalue()
 
 
+def reader(url: str, auth=None) -> DICOMwebClient:
+    """dicomweb-client as the tests' own view of the PACS: what they store and what they read back."""
+    session = requests.Session()
+    session.auth = auth
+    return DICOMwebClient(url, session=session)
+
+
+def ct_dicom(study: str) -> bytes:
+    """A CT slice of a phantom (an elliptic body, two dark lungs) in `study`: DICOM the gate refuses."""
+    y, x = np.mgrid[0:512, 0:512] / 512
+    body = np.where(((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.33) ** 2 < 1, 1040, 24)
+    lungs = (((np.abs(x - 0.5) - 0.15) / 0.1) ** 2 + ((y - 0.5) / 0.18) ** 2) < 1
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.where(lungs, 140, body).astype(np.uint16), bits_stored=12)))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.BodyPartExamined = study, generate_uid(), "CT", "CHEST"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def stow(url: str, study: str, *instances: bytes, auth=None) -> None:
-    boundary = uuid.uuid4().hex
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + d + b"\r\n" for d in instances
-    )
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
-    response = requests.post(
-        f"{url}/studies/{study}", data=body + f"--{boundary}--\r\n".encode(), headers=headers, auth=auth
-    )
-    assert response.status_code == 200, response.text
-
-
-def qido(url: str, path: str, auth=None, **params) -> list[dict]:
-    response = requests.get(f"{url}/{path}", params=params, headers={"Accept": "application/dicom+json"}, auth=auth)
-    response.raise_for_status()
-    return response.json() if response.content else []
+    datasets = [pydicom.dcmread(io.BytesIO(data)) for data in instances]
+    assert not reader(url, auth).store_instances(datasets, study).get("FailedSOPSequence")  # Orthanc: empty
 
 
 def value(item: dict, tag: str):
     return (item.get(tag) or {}).get("Value", [None])[0]
 
 
-def series_of(url: str, study: str, modality: str, auth=None) -> list[dict]:
-    return qido(url, f"studies/{study}/series", auth, Modality=modality, includefield="0008103E")
+def series_of(url: str, study: str, modality: str | None = None, auth=None) -> list[dict]:
+    filters = {"Modality": modality} if modality else None
+    return reader(url, auth).search_for_series(study, search_filters=filters, fields=["0008103E"])
 
 
 def instances_of(url: str, study: str, modality: str) -> list[str]:
     """The SOP Instance UIDs of `modality` (SR or OT) in `study`."""
+    pacs = reader(url)
     series = [value(s, SERIES) for s in series_of(url, study, modality)]
-    return [value(i, INSTANCE) for uid in series for i in qido(url, f"studies/{study}/series/{uid}/instances")]
-
-
-def wado(url: str, study: str, series: str, instance: str) -> pydicom.Dataset:
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-    response = requests.get(f"{url}/studies/{study}/series/{series}/instances/{instance}", headers={"Accept": accept})
-    response.raise_for_status()
-    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
-    part = response.content.split(b"--" + boundary)[1]
-    return pydicom.dcmread(io.BytesIO(part.partition(b"\r\n\r\n")[2].rstrip(b"\r\n")))
+    return [value(i, INSTANCE) for uid in series for i in pacs.search_for_instances(study, uid)]
 
 
 def results_in(url: str, study: str, modality: str) -> list[pydicom.Dataset]:
-    """Every instance of `modality` (SR or OT) in `study`, fetched over WADO-RS."""
-    found = []
+    """Every instance of `modality` (SR or OT) in `study`, fetched over WADO-RS as stored."""
+    pacs, found = reader(url), []
     for series in series_of(url, study, modality):
-        for item in qido(url, f"studies/{study}/series/{value(series, SERIES)}/instances"):
-            found.append(wado(url, study, value(series, SERIES), value(item, INSTANCE)))
+        uid = value(series, SERIES)
+        for item in pacs.search_for_instances(study, uid):
+            found.append(
+                pacs.retrieve_instance(study, uid, value(item, INSTANCE), media_types=(("application/dicom", "*"),))
+            )
     return found
 
 
@@ -262,6 +234,16 @@ def sr_items(sr: pydicom.Dataset) -> dict[str, object]:
 
     walk(sr.ContentSequence)
     return found
+
+
+def evidence_of(sr: pydicom.Dataset) -> str:
+    """The SOP Instance UID of the image the SR reports on."""
+    return (
+        sr.CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+    )
 
 
 def predicted(tmp_path: Path, data: bytes) -> float:
@@ -288,7 +270,7 @@ def test_screen_stores_an_sr_and_a_research_only_gradcam_capture_in_the_study_wi
     images = [study_dicom(xray_pixels(i), study) for i in range(2)]
     stow(orthanc, study, *images)
     sources = {pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID: d for d in images}
-    source_series = {value(s, SERIES) for s in qido(orthanc, f"studies/{study}/series")}
+    source_series = {value(s, SERIES) for s in series_of(orthanc, study)}
 
     result = run_cli("pacs", "screen", orthanc, "--study", study, "--csv", tmp_path / "run.csv", cwd=tmp_path)
 
@@ -298,8 +280,7 @@ def test_screen_stores_an_sr_and_a_research_only_gradcam_capture_in_the_study_wi
     assert {r.SeriesInstanceUID for r in reports + captures}.isdisjoint(source_series)  # new series
     assert len({r.SeriesInstanceUID for r in reports}) == len({c.SeriesInstanceUID for c in captures}) == 1
     for sr in reports:
-        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-        referenced = evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        referenced = evidence_of(sr)
         assert sr.StudyInstanceUID == study and sr.PatientID == PATIENT_ID and referenced in sources
         items = sr_items(sr)
         assert items["Probability"] == pytest.approx(predicted(tmp_path, sources[referenced]), abs=1e-6)
@@ -347,6 +328,28 @@ def test_an_image_the_gate_refuses_gets_nothing_stored_and_its_row_says_why(orth
     assert row["status"] == "refused" and row["probability"] == "" and row["ood_verdict"] == "rejected"
     assert row["error"].startswith("Not screened") or "does not look like" in row["error"]
     assert series_of(orthanc, study, "SR") == [] and series_of(orthanc, study, "OT") == []
+
+
+def test_a_ct_screened_with_the_x_rays_is_refused_by_the_gate_and_gets_no_probability(orthanc, tmp_path):
+    """--modality CR,DX,CT fetches the CT too: the gate refuses it, so nothing is stored for it, its row
+    says why, and the run exits 0 (a refusal is an answer); the study's X-ray gets its results."""
+    study = generate_uid()
+    xray, ct = study_dicom(xray_pixels(0), study), ct_dicom(study)
+    stow(orthanc, study, xray, ct)
+    uid_of = {kind: pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for kind, data in (("xray", xray), ("ct", ct))}
+
+    args = ("pacs", "screen", orthanc, "--study", study, "--modality", "CR,DX,CT", "--csv", tmp_path / "run.csv")
+    result = run_cli(*args, cwd=tmp_path)
+
+    assert result.returncode == 0 and "1 screened, 0 skipped, 1 refused" in result.stderr, result.stderr
+    rows = {row["sop_instance_uid"]: row for row in csv_rows(tmp_path / "run.csv")}
+    ct_row = rows[uid_of["ct"]]
+    assert ct_row["status"] == "refused" and ct_row["probability"] == "" and ct_row["ood_verdict"] == "rejected"
+    assert ct_row["error"] and ct_row["sr_sop_instance_uid"] == "" and ct_row["gradcam_sop_instance_uid"] == ""
+    assert rows[uid_of["xray"]]["status"] == "screened"
+    reports, captures = results_in(orthanc, study, "SR"), results_in(orthanc, study, "OT")
+    assert [evidence_of(sr) for sr in reports] == [uid_of["xray"]]
+    assert [c.SourceImageSequence[0].ReferencedSOPInstanceUID for c in captures] == [uid_of["xray"]]
 
 
 def test_the_modality_filter_leaves_other_modalities_alone(orthanc, tmp_path):
@@ -397,8 +400,8 @@ def test_a_user_who_may_read_but_not_store_exits_2_with_http_403_and_nothing_is_
     args = ("pacs", "screen", orthanc_with_auth, "--study", study, "--user", READER, "--password", PASSWORD)
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2 and "HTTP 403" in result.stderr and "store the results" in result.stderr
-    assert series_of(orthanc_with_auth, study, "SR", (USER, PASSWORD)) == []
-    assert series_of(orthanc_with_auth, study, "OT", (USER, PASSWORD)) == []
+    assert series_of(orthanc_with_auth, study, "SR", auth=(USER, PASSWORD)) == []
+    assert series_of(orthanc_with_auth, study, "OT", auth=(USER, PASSWORD)) == []
 
 
 def test_tls_is_verified_unless_insecure_and_a_ca_bundle_makes_a_self_signed_pacs_verify(

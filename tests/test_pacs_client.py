@@ -1,6 +1,7 @@
-"""The DICOMweb client and `pacs screen`'s failures against a small local stub PACS (an HTTP server in a
-thread that answers each path as a test says): retries with backoff for 5xx, no retry for 401, a STOW
-rejection, an image the reader cannot decode. No Orthanc needed."""
+"""The DICOMweb client (dicomweb-client, wrapped by pneumonia/pacs/dicomweb.py) and `pacs screen`'s
+failures against a small local stub PACS (an HTTP server in a thread that answers each path as a test
+says): retries with backoff for 5xx, no retry for 401, TLS settings and the timeout on every request,
+a STOW rejection, an answer that is not DICOM, an image the reader cannot decode. No Orthanc needed."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import requests
 from builders import PATIENT_ID, REAL_XRAYS, dicom_bytes, run_cli
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, generate_uid
+from urllib3.fields import RequestField
+from urllib3.filepost import choose_boundary, encode_multipart_formdata
 
-from pneumonia.pacs.dicomweb import Connection, DicomWeb, PacsAuthError, PacsError, multipart_parts
+from pneumonia.pacs.dicomweb import Connection, DicomWeb, PacsAuthError, PacsError
 
 pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r requirements-pacs.txt")
 
@@ -32,12 +35,14 @@ class StubPacs(BaseHTTPRequestHandler):
 
     routes: dict = {}
     hits: list = []
+    accepts: list = []
 
     def _answer(self):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
         self.hits.append((self.command, self.path))
+        self.accepts.append(self.headers.get("Accept"))
         path = self.path.split("?")[0]
         found = [
             answer
@@ -58,8 +63,12 @@ class StubPacs(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def stub_pacs(routes: dict):
-    handler = type("Routes", (StubPacs,), {"routes": routes, "hits": []})
+def stub_pacs(routes: dict, accepts: list | None = None):
+    """The stub on a free port: yields (DICOMweb root, the (method, path) of each request); `accepts`
+    gets each request's Accept header."""
+    handler = type(
+        "Routes", (StubPacs,), {"routes": routes, "hits": [], "accepts": accepts if accepts is not None else []}
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -82,10 +91,31 @@ def instance_json(instance: str) -> bytes:
     ).encode()  # fmt: skip
 
 
-def multipart(data: bytes, boundary: str = "b0und") -> tuple[str, bytes]:
-    content_type = f'multipart/related; type="application/dicom"; boundary="{boundary}"'
-    body = f"preamble\r\n--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
-    return content_type, body + f"\r\n--{boundary}--\r\n".encode()
+def multipart(data: bytes) -> tuple[str, bytes]:
+    """`data` as a WADO-RS answer: multipart/related with one application/dicom part, written by urllib3."""
+    boundary = choose_boundary()
+    body, _ = encode_multipart_formdata(
+        [RequestField("0", data, headers={"Content-Type": "application/dicom"})], boundary
+    )
+    return f'multipart/related; type="application/dicom"; boundary="{boundary}"', body
+
+
+class Recording(requests.adapters.BaseAdapter):
+    """A transport that answers every request with an empty QIDO result and keeps its settings."""
+
+    def __init__(self):
+        super().__init__()
+        self.settings: list[dict] = []
+
+    def send(self, request, **settings):
+        self.settings.append(settings)
+        response = requests.Response()
+        response.status_code, response._content, response.request, response.url = 200, b"[]", request, request.url
+        response.headers["Content-Type"] = "application/dicom+json"
+        return response
+
+    def close(self):
+        pass
 
 
 def xray_dicom(**tags) -> bytes:
@@ -105,7 +135,7 @@ def test_a_5xx_is_retried_with_doubling_backoff_then_reported_with_its_status():
     with stub_pacs({("GET", "/dicom-web/instances"): (503, "text/plain", b"busy")}) as (url, hits):
         pacs, waits = client(url)
         with pytest.raises(PacsError, match="HTTP 503"):
-            list(pacs.search("instances"))
+            list(pacs.search_instances(None, {}, ()))
     assert len(hits) == 3 and waits == [0.5, 1.0]
 
 
@@ -113,7 +143,7 @@ def test_a_401_is_not_retried_and_says_the_credentials_were_refused():
     with stub_pacs({("GET", "/dicom-web/instances"): (401, "text/plain", b"")}) as (url, hits):
         pacs, waits = client(url, user="someone", password="secret")
         with pytest.raises(PacsAuthError, match="refused the credentials") as raised:
-            list(pacs.search("instances"))
+            list(pacs.search_instances(None, {}, ()))
     assert len(hits) == 1 and waits == [] and "secret" not in str(raised.value)
 
 
@@ -122,11 +152,36 @@ def test_a_token_is_sent_as_a_bearer_and_tls_is_verified_by_default():
     assert pacs.session.headers["Authorization"] == "Bearer t0k" and pacs.session.verify is True
 
 
-def test_a_multipart_answer_gives_each_part_without_its_headers_or_the_preamble():
-    content_type, body = multipart(b"\x00DICM\r\nbytes")
-    response = requests.Response()
-    response.headers["Content-Type"], response._content = content_type, body
-    assert multipart_parts(response) == [b"\x00DICM\r\nbytes"]
+@pytest.mark.parametrize("verify", [False, "/etc/site/pacs-ca.pem"], ids=["--insecure", "--ca-bundle"])
+def test_tls_settings_and_the_timeout_go_with_every_request_over_requests_ca_bundle(verify, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/somewhere/else.pem")  # requests would let it win over the session's
+    pacs = DicomWeb(Connection("https://pacs.invalid/dicom-web", verify=verify, timeout_s=7.5))
+    transport = Recording()
+    pacs.session.mount("https://", transport)
+    list(pacs.search_instances(None, {"Modality": "CR"}, ("00080018",)))
+    assert [(s["verify"], s["timeout"]) for s in transport.settings] == [(verify, 7.5)]
+
+
+def test_an_image_is_asked_for_in_its_stored_transfer_syntax_and_read_from_its_multipart_answer():
+    from pydicom.uid import JPEGLSLossless
+
+    image = xray_dicom()
+    ds = pydicom.dcmread(io.BytesIO(image))
+    ds.compress(JPEGLSLossless)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    content_type, body = multipart(buffer.getvalue())
+    accepts: list[str] = []
+    with stub_pacs({("GET", "/dicom-web/studies/"): (200, content_type, body)}, accepts) as (url, _):
+        pacs, _ = client(url)
+        fetched = pacs.retrieve_instance(STUDY, SERIES, ds.SOPInstanceUID)
+    assert accepts == ['multipart/related; type="application/dicom"; transfer-syntax=*']
+    assert fetched.SOPInstanceUID == ds.SOPInstanceUID and fetched.file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert np.array_equal(fetched.pixel_array, pydicom.dcmread(io.BytesIO(image)).pixel_array)
+
+
+def small_dicom() -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((4, 4), np.uint16))))
 
 
 def test_a_stow_failure_sequence_is_a_rejection_naming_the_reason():
@@ -137,14 +192,14 @@ def test_a_stow_failure_sequence_is_a_rejection_naming_the_reason():
     ):
         pacs, _ = client(url, retries=0)
         with pytest.raises(PacsError, match="HTTP 409"):
-            pacs.store(STUDY, [b"x"])
+            pacs.store(STUDY, [small_dicom()])
     with stub_pacs({("POST", "/dicom-web/studies/"): (202, "application/dicom+json", json.dumps(answer).encode())}) as (
         url,
         _,
     ):
         pacs, _ = client(url, retries=0)
         with pytest.raises(PacsError, match="rejected 1 of 2 result object.*42752"):
-            pacs.store(STUDY, [b"x", b"y"])
+            pacs.store(STUDY, [small_dicom(), small_dicom()])
 
 
 # --- pacs screen against the stub ---------------------------------------------------------------
@@ -167,6 +222,20 @@ def test_a_stow_rejection_fails_the_image_with_exit_1_and_says_it_was_not_stored
     assert result.returncode == 1, result.stderr
     assert "Screened but not stored" in result.stdout and "1 failed" in result.stderr
     assert ("POST", f"/dicom-web/studies/{STUDY}") in hits and PATIENT_ID not in result.stdout + result.stderr
+
+
+def test_an_answer_that_is_not_dicom_fails_the_image_with_exit_1_and_nothing_is_stored(tmp_path):
+    routes = pacs_routes(xray_dicom())
+    routes[("GET", f"/dicom-web/studies/{STUDY}/series/{SERIES}/instances/")] = (
+        200,
+        "text/html",
+        b"<html>log in</html>",
+    )
+    with stub_pacs(routes) as (url, hits):
+        result = run_cli("pacs", "screen", url, "--modality", "DX", cwd=tmp_path)
+    assert result.returncode == 1 and "1 failed" in result.stderr, result.stderr
+    assert "retrieve an image: the PACS's answer could not be read" in result.stdout and "log in" not in result.stdout
+    assert not [hit for hit in hits if hit[0] == "POST"]
 
 
 def test_an_image_the_reader_cannot_decode_fails_with_exit_1_and_nothing_is_stored(tmp_path):
@@ -229,3 +298,10 @@ def test_body_part_and_view_filters_match_case_blind_and_pass_an_image_that_lack
     assert chest_pa.admits("chest", "PA") and chest_pa.admits(None, None)
     assert not chest_pa.admits("HAND", "PA") and not chest_pa.admits("CHEST", "AP")
     assert Filters().admits("HAND", "LL")
+
+
+def test_a_url_that_is_not_dicomweb_is_a_usage_error_before_the_model_loads(tmp_path):
+    result = run_cli("pacs", "screen", "ftp://pacs.example.org/dicom-web", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ftp://pacs.example.org/dicom-web: not a DICOMweb URL" in result.stderr
+    assert "Traceback" not in result.stderr

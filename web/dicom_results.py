@@ -7,8 +7,9 @@ objects `pacs screen` stores (pneumonia/pacs/reports.py) instead of JSON:
 
 Both belong to the upload's study (its identification copied as DICOM requires) in new series, and
 reference the uploaded image, so only a DICOM upload can have them (415 otherwise). What the gate
-refuses is the JSON API's 422: no SR carries a probability for it, as in `pacs screen`. highdicom comes
-with the pacs extra; an install without it answers 501. Built in memory: nothing is written or logged.
+refuses is the JSON API's 422: no SR carries a probability for it, as in `pacs screen`. highdicom and
+urllib3 (the multipart body's writer, with requests) come with the pacs extra; an install without them
+answers 501. Built in memory: nothing is written or logged.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import io
 from flask import Response, request
 
 from pneumonia.errors import XrayReadError
-from pneumonia.pacs.multipart import DICOM, related_body  # the standard library only: no pacs extra needed
 from pneumonia.reading.dicom import is_dicom
 from pneumonia.serving.gate import OutOfDistribution
 from web.capacity import model_slot
 from web.uploads import UploadError, read_upload
 
+DICOM = "application/dicom"
 RESULT_FORMS = ("json", "dicom-sr", "dicom")
 PACS_EXTRA = "pip install .[pacs] (or pip install -r requirements-pacs.txt)"
 
@@ -37,14 +38,29 @@ def result_form() -> str:
 
 
 def report_builders():
-    """pneumonia.pacs.reports, or a 501 when this install lacks what it needs (highdicom)."""
+    """pneumonia.pacs.reports, or a 501 when this install lacks what DICOM results need (highdicom, urllib3)."""
     try:
+        import urllib3  # noqa: F401  (related_body writes with it)
+
         from pneumonia.pacs import reports
     except ImportError as err:
         raise UploadError(
             501, f"DICOM results need {err.name}, which this server does not have: its operator can {PACS_EXTRA}."
         ) from None
     return reports
+
+
+def related_body(instances: list[bytes]) -> tuple[str, bytes]:
+    """(Content-Type, body): `instances` (Part 10 bytes) as multipart/related; type="application/dicom"
+    (PS3.18 8.6.1.2), binary parts with a Content-Type each. urllib3 writes it: the standard library's
+    email generator rewrites every CR and LF inside a binary part as its line ending."""
+    from urllib3.fields import RequestField
+    from urllib3.filepost import choose_boundary, encode_multipart_formdata
+
+    boundary = choose_boundary()
+    parts = [RequestField(str(index), data, headers={"Content-Type": DICOM}) for index, data in enumerate(instances)]
+    body, _ = encode_multipart_formdata(parts, boundary)  # the type it names is form-data's; these parts are not
+    return f'multipart/related; type="{DICOM}"; boundary={boundary}', body
 
 
 def source_reference(data: bytes, reports):

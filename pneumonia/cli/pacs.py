@@ -110,12 +110,16 @@ def run(args) -> int:
 
     if args.pacs_command == "watch" and args.max_runs is None and args.until is None:
         return fail("watch needs a bound: --max-runs N or --until TIME")
+    try:
+        pacs = DicomWeb(connection_of(args))
+    except PacsError as err:
+        return fail(err)
     classifier = load_classifier(args.model, args.runtime)
     try:
         csv_file = open(args.csv, "w", newline="", encoding="utf-8") if args.csv else None
     except OSError as err:
+        pacs.close()
         return fail(f"cannot write {args.csv}: {err.strerror}")
-    pacs = DicomWeb(connection_of(args))
     screener = PacsScreener(pacs, classifier, force=args.force)
     with csv_file or contextlib.nullcontext(), contextlib.closing(pacs):
         report = Report(classifier, csv_file)

@@ -1,31 +1,38 @@
-"""A small DICOMweb client: QIDO-RS searches, WADO-RS instance and metadata retrieval, STOW-RS stores.
+"""The PACS over DICOMweb: dicomweb-client's `DICOMwebClient` (QIDO-RS searches, WADO-RS retrieval,
+STOW-RS stores: it writes and parses the HTTP and the multipart bodies) on one `requests.Session`,
+wrapped for a screening run.
 
-Every request goes through `DicomWeb._request`: a timeout, TLS verification unless turned off, and
-retries with exponential backoff for what a retry can cure (connection errors, timeouts, 5xx). Errors
-are `PacsError`s whose messages name the operation and the HTTP status, never a response body (a PACS
-may quote patient data in it):
+What the wrapper adds: TLS verification that `--ca-bundle` / `--insecure` control even where
+$REQUESTS_CA_BUNDLE is set (`PacsSession`), retries with exponential backoff for what a retry can
+cure (connection errors, timeouts, 5xx; dicomweb-client's own are turned off), QIDO paging, and
+errors that are `PacsError`s whose messages name the operation and the HTTP status, never a
+response body (a PACS may quote patient data in it):
 
     PacsUnreachable  the PACS cannot be reached (refused, DNS, TLS, timeouts after the retries)
     PacsAuthError    401 / 403: wrong or missing credentials
-    PacsError        anything else (4xx, 5xx after the retries, a malformed answer)
+    PacsError        anything else (4xx, 5xx after the retries, an answer that is not DICOM)
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import requests
-
-from pneumonia.pacs.multipart import DICOM, related_body
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 LOG = logging.getLogger(__name__)
 
-DICOM_JSON = "application/dicom+json"
 RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 QIDO_PAGE = 500  # results asked for per QIDO request (limit/offset paging)
+# dicomweb-client sends a STOW body over its chunk size chunked; a Content-Length goes through the
+# gateways and WSGI servers in front of some PACSs that refuse chunked uploads (Orthanc takes both)
+STORED_IN_ONE_BODY = 2**31
+AS_STORED = (("application/dicom", "*"),)  # WADO-RS: any transfer syntax, i.e. the PACS's own, not transcoded
 
 
 class PacsError(Exception):
@@ -58,36 +65,68 @@ class Connection:
     backoff_s: float = 1.0  # waits backoff, 2 backoff, 4 backoff, ... between tries
 
 
-def _join(base: str, path: str) -> str:
-    return base.rstrip("/") + "/" + path.lstrip("/")
+class PacsSession(requests.Session):
+    """A session that passes its `verify` with every request. dicomweb-client passes none, and requests
+    then lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE replace the session's own: --ca-bundle and --insecure
+    would do nothing wherever they are set. (An explicit True still takes the environment's bundle.)"""
+
+    def request(self, method, url, *args, **kwargs):
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, *args, **kwargs)
+
+
+def session_of(connection: Connection) -> PacsSession:
+    session = PacsSession()
+    session.verify = connection.verify
+    if connection.token:
+        session.headers["Authorization"] = f"Bearer {connection.token}"
+    elif connection.user is not None:
+        session.auth = (connection.user, connection.password or "")
+    return session
 
 
 class DicomWeb:
-    """One PACS, one `requests.Session`. Not shared between threads."""
+    """One PACS, one session. Not shared between threads."""
 
     def __init__(self, connection: Connection, sleep=time.sleep):
-        self.connection = connection
-        self.sleep = sleep
-        self.session = requests.Session()
-        self.session.verify = connection.verify
-        if connection.token:
-            self.session.headers["Authorization"] = f"Bearer {connection.token}"
-        elif connection.user is not None:
-            self.session.auth = (connection.user, connection.password or "")
+        self.connection, self.sleep = connection, sleep
+        self.session = session_of(connection)
+        try:
+            self.client = DICOMwebClient(
+                connection.url, session=self.session, timeout=connection.timeout_s, chunk_size=STORED_IN_ONE_BODY
+            )
+        except ValueError:  # dicomweb-client's "Malformed URL"
+            self.session.close()
+            raise PacsError(f"{connection.url}: not a DICOMweb URL (http://HOST/PATH or https://HOST/PATH)") from None
+        self.client.set_http_retry_params(retry=False)  # retried here: connection errors and every 5xx too
 
     def close(self) -> None:
         self.session.close()
 
     # --- QIDO-RS ------------------------------------------------------------------------------
 
-    def search(self, path: str, params: dict | None = None) -> Iterator[dict]:
-        """QIDO-RS `path` (studies, series, instances, studies/{uid}/instances, ...): DICOM JSON
-        objects, a page at a time."""
+    def search_instances(self, study: str | None, filters: dict, fields: tuple[str, ...]) -> Iterator[dict]:
+        """QIDO-RS instances (of `study`, or of the whole PACS) matching `filters`: DICOM JSON objects."""
+        if study is not None and not UID(study).is_valid:
+            raise PacsError(f"--study {study}: not a DICOM UID (digits and dots)")
+        return self._pages(
+            "search for images", self.client.search_for_instances, study_instance_uid=study,
+            search_filters=filters, fields=list(fields),
+        )  # fmt: skip
+
+    def search_series(self, study: str, filters: dict, fields: tuple[str, ...]) -> Iterator[dict]:
+        """QIDO-RS series of `study` matching `filters`: DICOM JSON objects."""
+        return self._pages(
+            "search for result series", self.client.search_for_series, study_instance_uid=study,
+            search_filters=filters, fields=list(fields),
+        )  # fmt: skip
+
+    def _pages(self, what: str, search: Callable[..., list[dict]], **query) -> Iterator[dict]:
+        """`search`'s results a page at a time. Not dicomweb-client's get_remaining: it stops at an empty
+        page only, so a PACS that ignores `offset` would be asked forever."""
         offset = 0
         while True:
-            query = {**(params or {}), "limit": str(QIDO_PAGE), "offset": str(offset)}
-            response = self._request("GET", path, f"search {path}", params=query, headers={"Accept": DICOM_JSON})
-            found = _json(response, f"search {path}") if response.content else []
+            found = self._call(what, search, limit=QIDO_PAGE, offset=offset, **query)
             yield from found
             if len(found) < QIDO_PAGE:
                 return
@@ -95,66 +134,59 @@ class DicomWeb:
 
     # --- WADO-RS ------------------------------------------------------------------------------
 
-    def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:
-        """One instance as DICOM Part 10 bytes, in the transfer syntax the PACS holds it in."""
-        path = f"studies/{study}/series/{series}/instances/{instance}"
-        accept = f'multipart/related; type="{DICOM}"; transfer-syntax=*'
-        response = self._request("GET", path, "retrieve an image", headers={"Accept": accept})
-        parts = multipart_parts(response)
-        if len(parts) != 1:
-            raise PacsError(f"retrieve an image: the PACS sent {len(parts)} parts instead of one")
-        return parts[0]
+    def retrieve_instance(self, study: str, series: str, instance: str) -> Dataset:
+        """One instance in the transfer syntax the PACS holds it in (pydicom's handlers read JPEG 2000,
+        JPEG-LS, ...; transcoding would cost the PACS time and may be lossy)."""
+        what = "retrieve an image"
+        try:
+            return self._call(what, self.client.retrieve_instance, study, series, instance, media_types=AS_STORED)
+        except PacsError:
+            raise
+        except Exception as err:  # pydicom and the multipart decoder raise many types; messages could quote data
+            raise PacsError(
+                f"{what}: the PACS's answer is not a readable DICOM instance ({type(err).__name__})"
+            ) from None
 
     def series_metadata(self, study: str, series: str) -> list[dict]:
         """The DICOM JSON metadata of every instance of a series (bulk data left out)."""
-        path = f"studies/{study}/series/{series}/metadata"
-        response = self._request("GET", path, "read a result's metadata", headers={"Accept": DICOM_JSON})
-        return _json(response, "read a result's metadata")
+        return self._call("read a result's metadata", self.client.retrieve_series_metadata, study, series)
 
     # --- STOW-RS ------------------------------------------------------------------------------
 
-    def store(self, study: str, instances: list[bytes]) -> None:
-        """STOW-RS `instances` (Part 10 bytes) into `study` in one request; PacsError unless the PACS
-        stored every one (a 200 with no Failed SOP Sequence)."""
-        content_type, body = related_body(instances)
-        headers = {"Content-Type": content_type, "Accept": DICOM_JSON}
-        response = self._request("POST", f"studies/{study}", "store the results", data=body, headers=headers)
-        answer = _json(response, "store the results") if response.content else {}
-        failed = (answer.get("00081198") or {}).get("Value") or []
+    def store(self, study: str, instances: list[Dataset]) -> None:
+        """STOW-RS `instances` into `study` in one request; PacsError unless the PACS stored every one
+        (a 2xx with no Failed SOP Sequence)."""
+        answer = self._call("store the results", self.client.store_instances, instances, study)
+        failed = answer.get("FailedSOPSequence") or []
         if failed:
-            reasons = sorted({str(((item.get("00081197") or {}).get("Value") or ["?"])[0]) for item in failed})
+            reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
             raise PacsError(
                 f"the PACS rejected {len(failed)} of {len(instances)} result object(s) "
-                f"(STOW-RS failure reason {', '.join(reasons)})",
-                response.status_code,
+                f"(STOW-RS failure reason {', '.join(reasons)})"
             )
 
     # --- Every request ------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, what: str, **kwargs) -> requests.Response:
-        """`method` on the PACS with retries for connection errors, timeouts and 5xx."""
-        url, tries = _join(self.connection.url, path), self.connection.retries + 1
+    def _call(self, what: str, operation: Callable, *args, **kwargs):
+        """`operation` (a DICOMwebClient method) with retries for connection errors, timeouts and 5xx."""
+        tries = self.connection.retries + 1
         for attempt in range(tries):
             last = attempt == tries - 1
             try:
-                # verify per request: requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE override the
-                # session's, which would make --ca-bundle and --insecure do nothing wherever they are set
-                response = self.session.request(
-                    method, url, timeout=self.connection.timeout_s, verify=self.connection.verify, **kwargs
-                )
+                return operation(*args, **kwargs)
             except requests.exceptions.SSLError as err:
                 raise PacsUnreachable(f"{what}: TLS verification of {self.connection.url} failed ({err})") from None
-            except (requests.ConnectionError, requests.Timeout) as err:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
                 if last:
                     raise PacsUnreachable(
                         f"{what}: the PACS at {self.connection.url} is unreachable after {tries} tries "
                         f"({self._failure(err)})"
                     ) from None
-            else:
-                if response.status_code < 300:
-                    return response
-                if response.status_code not in RETRIED_STATUSES or last:
-                    raise _status_error(what, response)
+            except requests.HTTPError as err:  # dicomweb-client's raise_for_status
+                if err.response.status_code not in RETRIED_STATUSES or last:
+                    raise _status_error(what, err.response) from None
+            except (requests.RequestException, ValueError) as err:  # JSON or multipart it cannot parse, a bad UID
+                raise PacsError(f"{what}: the PACS's answer could not be read ({type(err).__name__})") from None
             wait = self.connection.backoff_s * 2**attempt
             LOG.warning("%s: try %d of %d failed; retrying in %.1f s", what, attempt + 1, tries, wait)
             self.sleep(wait)
@@ -174,35 +206,6 @@ def _status_error(what: str, response: requests.Response) -> PacsError:
     if status == 403:
         return PacsAuthError(f"{what}: the PACS does not allow this user to do that (HTTP 403)", status)
     return PacsError(f"{what}: the PACS answered HTTP {status} {response.reason or ''}".rstrip(), status)
-
-
-def _json(response: requests.Response, what: str):
-    try:
-        return response.json()
-    except ValueError:
-        raise PacsError(f"{what}: the PACS answer is not JSON") from None
-
-
-def multipart_parts(response: requests.Response) -> list[bytes]:
-    """The bodies of a multipart/related answer (WADO-RS)."""
-    content_type = response.headers.get("Content-Type", "")
-    boundary = None
-    for parameter in content_type.split(";")[1:]:
-        key, _, value = parameter.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not content_type.lower().startswith("multipart/") or not boundary:
-        raise PacsError(f"retrieve an image: the PACS answered {content_type or 'no content type'}, not multipart")
-    delimiter = b"--" + boundary.encode()
-    parts = []
-    for chunk in response.content.split(delimiter)[1:]:
-        if chunk.startswith(b"--"):
-            break  # the closing delimiter
-        _, separator, body = chunk.partition(b"\r\n\r\n")
-        if not separator:
-            raise PacsError("retrieve an image: a malformed multipart part")
-        parts.append(body[:-2] if body.endswith(b"\r\n") else body)
-    return parts
 
 
 def first_value(item: dict, tag: str, default=None):

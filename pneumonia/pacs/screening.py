@@ -16,7 +16,6 @@ only; nothing of the patient is printed, logged or written here.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pneumonia.pacs.reports import (
     GRADCAM_SIDE,
     ModelIdentity,
     RunSeries,
+    UnreferableImage,
     part10,
     reference_dataset,
     referenced_instances,
@@ -93,13 +93,10 @@ class RunCounts:
 def find_candidates(pacs: DicomWeb, filters: Filters) -> list[Candidate]:
     """QIDO-RS for each modality (and each study asked for): the matching instances, once each."""
     found: dict[str, Candidate] = {}
-    paths = [f"studies/{uid}/instances" for uid in filters.studies] or ["instances"]
     for modality in filters.modalities:
-        params = {"Modality": modality, "includefield": list(INCLUDED)}
-        if filters.since:
-            params["StudyDate"] = f"{filters.since}-"
-        for path in paths:
-            for item in pacs.search(path, params):
+        query = {"Modality": modality, **({"StudyDate": f"{filters.since}-"} if filters.since else {})}
+        for study in filters.studies or (None,):
+            for item in pacs.search_instances(study, query, INCLUDED):
                 uids = [first_value(item, tag) for tag in (STUDY, SERIES, INSTANCE)]
                 if None in uids or not filters.admits(first_value(item, BODY_PART), first_value(item, VIEW)):
                     continue
@@ -110,7 +107,7 @@ def find_candidates(pacs: DicomWeb, filters: Filters) -> list[Candidate]:
 def screened_instances(pacs: DicomWeb, identity: ModelIdentity, study: str) -> set[str]:
     """The instances of `study` this model's SRs already report on: the PACS is the only record."""
     done = set()
-    for series in pacs.search(f"studies/{study}/series", {"Modality": "SR", "includefield": SERIES_DESCRIPTION}):
+    for series in pacs.search_series(study, {"Modality": "SR"}, (SERIES_DESCRIPTION,)):
         uid = first_value(series, SERIES)
         if uid and first_value(series, SERIES_DESCRIPTION) == identity.series_description("result"):
             done |= referenced_instances(pacs.series_metadata(study, uid))
@@ -144,23 +141,23 @@ class PacsScreener:
 
     def screen_one(self, candidate: Candidate, filters: Filters, series: RunSeries) -> PacsRow | None:
         """Fetch, screen, store one image; None when its header shows the filters leave it out."""
-        import pydicom
-
         try:
-            data = self.pacs.retrieve_instance(candidate.study, candidate.series, candidate.instance)
+            image = self.pacs.retrieve_instance(candidate.study, candidate.series, candidate.instance)
         except (PacsUnreachable, PacsAuthError):
             raise
         except PacsError as err:
             return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=str(err)))
-        try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            source = reference_dataset(header)
-        except Exception as err:  # pydicom raises many types; the message could quote the file
-            error = f"The PACS sent an image that is not readable DICOM ({type(err).__name__})."
-            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=error))
-        if not filters.admits(header.get("BodyPartExamined"), header.get("ViewPosition")):
+        if not filters.admits(image.get("BodyPartExamined"), image.get("ViewPosition")):
             return None
-        del header
+        try:
+            source = reference_dataset(image)
+            data = part10(image)  # the bytes `predict` would read: the one decoder, pixel handlers included
+        except UnreferableImage as err:
+            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=str(err)))
+        except Exception as err:  # pydicom raises many types on odd data; the message could quote it
+            error = f"The PACS sent an image that is not writable DICOM ({type(err).__name__})."
+            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=error))
+        del image
         row = self.batch.screen_chunk([(candidate.instance, data)], GRADCAM_SIDE, with_gradcam=True)[0]
         del data
         if row.probability is None:
@@ -174,9 +171,9 @@ class PacsScreener:
         row.heat = row.display = None
         stored = ""
         try:
-            self.pacs.store(candidate.study, [part10(capture)])
+            self.pacs.store(candidate.study, [capture])
             stored = capture.SOPInstanceUID
-            self.pacs.store(candidate.study, [part10(sr)])
+            self.pacs.store(candidate.study, [sr])
         except (PacsUnreachable, PacsAuthError):
             raise
         except PacsError as err:
