@@ -1,13 +1,16 @@
 """`archive` on Ray Data against `predict --csv`: images per second on the same files, with 1 and 2
-actors, each command in its own interpreter as a user runs it (a local Ray started by the command).
+actors, each command in its own interpreter as a user runs it (a local Ray started by the command,
+or the cluster of --address).
 
     .venv/bin/python -m bench.benchmark_archive --files 2000 --out bench-results/
+    .venv/bin/python -m bench.benchmark_archive --files 2000 --actors 4 8 --address auto   # on a cluster's head
 
 Files: hard links to the real X-rays of tests/data (or to the images of --images), repeated to
 --files. Reported: the wall time of each command (Ray's start and the actors' model loading
 included) and, for `archive`, the pipeline's own images/s from DIR/summary.json (from the first
-block read to the last one written) and the peak memory per actor; the largest probability
-difference between `archive --csv` and `predict --csv` (0 when they agree to the CSV's 6 decimals).
+block read to the last one written), the peak memory per actor and how many nodes the actors ran
+on (`predict` runs here, in one process, with --address too); the largest probability difference
+between `archive --csv` and `predict --csv` (0 when they agree to the CSV's 6 decimals).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def probabilities(path: Path) -> dict[str, float]:
         return {row["path"]: float(row["probability"] or "nan") for row in csv.DictReader(handle)}
 
 
-def bench(work: Path, files: int, actors: list[int], rows_per_file: int) -> dict:
+def bench(work: Path, files: int, actors: list[int], rows_per_file: int, address: str) -> dict:
     images = work / "images"
     seconds, line = timed(["predict", str(images), "--csv", str(work / "predict.csv")])
     result = {"files": files, "predict": {"seconds": round(seconds, 1), "images_per_s": round(files / seconds, 2)}}
@@ -56,7 +59,7 @@ def bench(work: Path, files: int, actors: list[int], rows_per_file: int) -> dict
     for count in actors:
         out, table = work / f"archive-{count}", work / f"archive-{count}.csv"
         command = ["archive", str(images), "--out", str(out), "--csv", str(table), "--actors", str(count)]
-        seconds, line = timed([*command, "--rows-per-file", str(rows_per_file)])
+        seconds, line = timed([*command, "--rows-per-file", str(rows_per_file), "--address", address])
         summary = json.loads((out / "summary.json").read_text())
         got = probabilities(table)
         worst = max(abs(got[p] - expected[p]) for p in expected if expected[p] == expected[p])
@@ -65,6 +68,7 @@ def bench(work: Path, files: int, actors: list[int], rows_per_file: int) -> dict
             "images_per_s": round(files / seconds, 2),
             "pipeline_images_per_s": summary["images_per_second"],
             "peak_rss_mb_per_actor": [a["peak_rss_mb"] for a in summary["actors"].values()],
+            "nodes": len({a["node"] for a in summary["actors"].values()}),
             "max_probability_difference": worst,
         }
         print(
@@ -81,13 +85,14 @@ def main() -> None:
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows-per-file", type=int, default=64)
     parser.add_argument("--images", type=Path, help="a folder of X-rays to repeat (default: tests/data)")
+    parser.add_argument("--address", default="", help="archive's --address (default: a local Ray)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     args = parser.parse_args()
     folder = args.images or REPO / "tests" / "data"
     originals = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm"))
     with tempfile.TemporaryDirectory() as scratch:
         make_files(Path(scratch) / "images", args.files, originals)
-        result = bench(Path(scratch), args.files, args.actors, args.rows_per_file)
+        result = bench(Path(scratch), args.files, args.actors, args.rows_per_file, args.address)
     result["cpus"], result["load_average"] = os.cpu_count(), os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "archive.json").write_text(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """`python -m pneumonia archive` on a local Ray limited to 2 CPUs (started once for the module): the
-rows equal `predict --csv`'s on the same files, a corrupt file is a row, manifests, a resume after a run
-stopped part way, and (slow) the memory bound on a 20,000-image manifest."""
+rows equal `predict --csv`'s on the same files, a corrupt file is a row, manifests, a model the actors
+cannot load, a resume after a run stopped part way, and (slow) the memory bound on a 20,000-image
+manifest. Object storage: test_archive_s3.py; a cluster address: test_archive_cluster.py."""
 
 from __future__ import annotations
 
@@ -93,19 +94,21 @@ def test_rows_equal_predict_csv_on_the_same_files_and_a_corrupt_file_is_a_row(xr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["files"], summary["screened"], summary["failed"], summary["screened_now"]) == (7, 5, 2, 7)
     assert summary["images_per_second"] > 0 and all(a["peak_rss_mb"] > 0 for a in summary["actors"].values())
+    assert [a["node"] for a in summary["actors"].values()] == [ray.get_runtime_context().get_node_id()]
 
 
 def test_a_csv_and_a_parquet_manifest_give_their_path_column_once_each(xray_folder, tmp_path, capsys):
     files = sorted(str(p) for p in xray_folder.glob("*.jpeg"))[:3]
-    missing = str(tmp_path / "missing.jpeg")
+    missing, shared = str(tmp_path / "missing.jpeg"), f"file://{files[0]}"  # a file:// URI is read on any node
     (tmp_path / "a.csv").write_text("path,site\n" + "".join(f"{p},x\n" for p in [files[0], files[1], missing]))
-    pq.write_table(pa.table({"path": [files[1], files[2]]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"path": [files[1], files[2], shared]}), tmp_path / "b.parquet")
     status, err = archive(capsys, tmp_path / "a.csv", tmp_path / "b.parquet", "--out", tmp_path / "out")
     assert status == 1
-    rows = parquet_rows(tmp_path / "out")
-    assert sorted(r["path"] for r in rows) == sorted([*files, missing])  # files[1] twice in, once out
-    assert [r["error"] for r in rows if r["path"] == missing] == [f"No such image file: {missing}"]
-    assert "4 file(s): 3 screened, 0 refused by the gate, 1 unreadable" in err
+    rows = {row["path"]: row for row in parquet_rows(tmp_path / "out")}
+    assert sorted(rows) == sorted([*files, missing, shared])  # files[1] twice in, once out
+    assert rows[missing]["error"] == f"No such image file: {missing}"
+    assert rows[shared]["probability"] == rows[files[0]]["probability"]
+    assert "5 file(s): 4 screened, 0 refused by the gate, 1 unreadable" in err
 
 
 def test_a_manifest_without_a_path_column_or_no_images_is_a_usage_error(tmp_path, capsys):
@@ -114,6 +117,16 @@ def test_a_manifest_without_a_path_column_or_no_images_is_a_usage_error(tmp_path
     (tmp_path / "empty").mkdir()
     status, err = archive(capsys, tmp_path / "empty", "--out", tmp_path / "out")
     assert status == 2 and "no image files" in err
+
+
+def test_a_model_the_actors_cannot_load_stops_the_run_with_a_message(xray_folder, tmp_path, capsys):
+    status, err = archive(capsys, xray_folder, "--out", tmp_path / "out", "--model", "no-such-model")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: the run stopped: pneumonia.errors.ModelLoadError: No model folder or .keras file "
+        f"{os.path.abspath('no-such-model')}: train a model with `python -m pneumonia train`."
+    )  # resolved where the command runs: a cluster's workers have other working folders
+    assert not part_files(str(tmp_path / "out"))[1]
 
 
 def test_actors_take_a_count_or_an_autoscaling_range():

@@ -1,5 +1,6 @@
 """The Ray Data actor: the model loaded once per actor (the ONNX runtime where the export is
-present), then, per block of files, the one screening pipeline and one Parquet file."""
+present), then, per block of files, the one screening pipeline and the bytes of one Parquet file (the
+driver writes it: DIR need not be reachable from the other nodes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import resource
 import socket
 import time
 
-from pneumonia.archive.results import record, write_part
+from pneumonia.archive.results import encode_part, record
 from pneumonia.archive.sources import PATH_COLUMN
 from pneumonia.serving.screening import ScreenedImage
 
@@ -21,17 +22,21 @@ def peak_rss_mb() -> float:
 
 
 class ScreeningActor:
-    """map_batches' callable class: a block of {path, content, read_error} -> one stats row."""
+    """map_batches' callable class: a block of {path, content, read_error} -> one row: the block's
+    Parquet file and its stats."""
 
-    def __init__(self, out_dir: str, model: str | None, runtime: str | None, chunk_size: int, threads: int):
+    def __init__(self, model: str | None, runtime: str | None, chunk_size: int, threads: int):
+        import ray
+
         from pneumonia.serving.classifier import XrayClassifier, default_model_path
         from pneumonia.serving.screening import BatchScreener
 
-        self.out_dir, self.chunk_size = out_dir, chunk_size
+        self.chunk_size = chunk_size
         self.classifier = XrayClassifier(model or default_model_path(), runtime, threads=threads)
         self.screener = BatchScreener(self.classifier)
         self.gated = self.classifier.gate is not None
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = ray.get_runtime_context().get_node_id()  # which raylet: how the pool spread over the cluster
         self.loaded_mb = peak_rss_mb()
 
     def __call__(self, batch: dict) -> dict:
@@ -40,14 +45,16 @@ class ScreeningActor:
         started = time.perf_counter()
         rows = self.screen(list(batch[PATH_COLUMN]), list(batch["content"]), list(batch["read_error"]))
         records = [record(row, self.classifier.thresholds, self.gated) for row in rows]
-        part = write_part(self.out_dir, records)
+        part, content = encode_part(records)
         kinds = ["screened" if r.probability is not None else "refused" if r.refused else "failed" for r in rows]
         return {
             "part": np.asarray([part]),
+            "content": np.asarray([content], dtype=object),
             "rows": np.asarray([len(rows)]),
             **{kind: np.asarray([kinds.count(kind)]) for kind in ("screened", "refused", "failed")},
             "seconds": np.asarray([time.perf_counter() - started]),
             "actor": np.asarray([self.actor]),
+            "node": np.asarray([self.node]),
             "loaded_mb": np.asarray([self.loaded_mb]),
             "peak_rss_mb": np.asarray([peak_rss_mb()]),
         }

@@ -1,7 +1,8 @@
-"""The archive's results under DIR: one Parquet file per screened block with `predict --csv`'s
-columns (`path` and CSV_COLUMNS; numbers as numbers, at full precision, and null where the CSV has an
-empty cell), written to a hidden temporary name and then moved into place, so a stopped run leaves
-whole files or none. The done-set of a new run is the paths in those files."""
+"""The archive's results under DIR (a local folder or a URI): one Parquet file per screened block with
+`predict --csv`'s columns (`path` and CSV_COLUMNS; numbers as numbers, at full precision, and null
+where the CSV has an empty cell), encoded by the actor and written by the driver to a hidden temporary
+name, then moved into place, so a stopped run leaves whole files or none. The done-set of a new run is
+the paths in those files."""
 
 from __future__ import annotations
 
@@ -47,16 +48,23 @@ def part_name(paths: Iterable[str]) -> str:
     return f"{PART_PREFIX}{digest}{PART_SUFFIX}"
 
 
-def write_part(out_dir: str, records: list[dict]) -> str:
-    """DIR/part-<hash>.parquet, written whole: to a temporary name first, then moved."""
+def encode_part(records: list[dict]) -> tuple[str, bytes]:
+    """A block's rows as (its part name, the bytes of its Parquet file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records, schema=schema()), sink)
+    return part_name(r[PATH_COLUMN] for r in records), sink.getvalue().to_pybytes()
+
+
+def write_part(out_dir: str, name: str, content: bytes) -> str:
+    """DIR/<name>, written whole: to a temporary name first, then moved."""
     system, folder = file_system(out_dir)
     system.create_dir(folder, recursive=True)
-    name = part_name(r[PATH_COLUMN] for r in records)
     temporary = f"{folder}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{name}"
-    pq.write_table(pa.Table.from_pylist(records, schema=schema()), temporary, filesystem=system)
+    with system.open_output_stream(temporary) as stream:
+        stream.write(content)
     system.move(temporary, f"{folder}/{name}")
     return name
 

@@ -1,6 +1,6 @@
-"""What an archive run screens, and what it already did: the input paths of folders and manifests
-(CSV or Parquet with a `path` column, on any file system pyarrow reads), the done-set read back from
-the Parquet files under the output folder, and the bytes of a block of files."""
+"""What an archive run screens: the input paths of folders and manifests (CSV or Parquet with a `path`
+column), on the local disk or any file system pyarrow reads by URI (object storage: `s3://`, `gs://`,
+...), and the bytes of a block of files."""
 
 from __future__ import annotations
 
@@ -62,9 +62,32 @@ def read_manifest(source: str) -> list[str]:
     return [str(path) for path in table.column(PATH_COLUMN).to_pylist() if path]
 
 
+def find_objects(uri: str):
+    """The image files under a folder URI, kept by their name (sniffing their content would cost a
+    request each), hidden entries skipped; or the URI itself when it is no folder (a missing one
+    becomes a row with its error)."""
+    from pyarrow import fs
+
+    from pneumonia.serving.folders import IMAGE_SUFFIXES, FoundImages
+
+    system, inner = file_system(uri)
+    try:
+        if system.get_file_info(inner).type != fs.FileType.Directory:
+            return FoundImages(files=[uri])
+        infos = system.get_file_info(fs.FileSelector(inner, recursive=True))
+    except OSError as err:  # an unreachable endpoint, a bucket that is not there, no permission
+        raise XrayReadError(f"cannot read {uri}: {err}") from None
+    found, scheme = FoundImages(), uri.split("://", 1)[0]
+    for info in sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path):
+        if not any(part.startswith(".") for part in info.path[len(inner) :].split("/")):
+            is_image = os.path.splitext(info.base_name)[1].lower() in IMAGE_SUFFIXES
+            (found.files if is_image else found.skipped).append(f"{scheme}://{info.path}")
+    return found
+
+
 def find_inputs(sources: Iterable[str]) -> Inputs:
-    """Folders searched as `predict` searches them, manifests read, other paths kept as given (a missing
-    one becomes a row with its error); each path once."""
+    """Folders searched as `predict` searches them (folders on object storage by file name), manifests
+    read, other paths kept as given (a missing one becomes a row with its error); each path once."""
     from pneumonia.serving.folders import find_images
 
     inputs, seen = Inputs(), set()
@@ -72,7 +95,7 @@ def find_inputs(sources: Iterable[str]) -> Inputs:
         if is_manifest(source):
             found = read_manifest(source)
         else:
-            images = find_images([source])
+            images = find_objects(source) if has_scheme(source) else find_images([source])
             found, inputs.skipped = images.files, inputs.skipped + images.skipped
         for path in found:
             if path in seen:

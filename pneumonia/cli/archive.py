@@ -1,7 +1,8 @@
 """`archive`: an archive too large for one machine through the one screening pipeline on Ray Data:
 `predict --csv`'s rows as Parquet files under DIR, resumable (a new run over the same DIR screens only
 what is missing), with the run's summary in DIR/summary.json. Exit status 1 when a file could not be
-read, 2 for a usage error (or Ray missing: `pip install .[archive]`)."""
+read, 2 for a usage error, a run that cannot start or that stopped (DIR keeps its rows: the same
+command resumes), or Ray missing (`pip install .[archive]`)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def run(args) -> int:
         import ray  # noqa: F401
     except ImportError:
         return fail("archive needs Ray: pip install -r requirements-archive.txt (or: pip install .[archive])")
-    from pneumonia.archive.pipeline import Options, run_archive
+    from pneumonia.archive.pipeline import ArchiveError, Options, run_archive
     from pneumonia.archive.results import write_csv
     from pneumonia.archive.sources import find_inputs
     from pneumonia.errors import XrayReadError
@@ -82,7 +83,10 @@ def run(args) -> int:
     except OSError as err:
         return fail(f"cannot write {args.csv}: {err.strerror}")
     with csv_file or contextlib.nullcontext():
-        summary = run_archive(options, inputs)
+        try:
+            summary = run_archive(options, inputs)
+        except ArchiveError as err:
+            return fail(err)
         if csv_file:
             write_csv(args.out, csv_file, set(inputs.paths))
     report(summary, args)
@@ -101,7 +105,11 @@ def add(commands, shipped: str) -> None:
         "`path` column, local or on object storage (any URI pyarrow's file systems read)",
     )
     archive.add_argument("--out", required=True, metavar="DIR", help="where the Parquet files and summary.json go")
-    archive.add_argument("--address", default="", help="the Ray cluster (default: a local Ray on this machine)")
+    archive.add_argument(
+        "--address",
+        default="",
+        help="the Ray cluster: HOST:PORT or auto (default: RAY_ADDRESS when set, else a local Ray on this machine)",
+    )
     archive.add_argument(
         "--actors", type=actor_range, default=(1, 1), metavar="N|MIN:MAX", help="model actors (default 1)"
     )
@@ -116,6 +124,9 @@ def add(commands, shipped: str) -> None:
     )
     archive.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and ONNX threads) per actor")
     archive.add_argument("--csv", metavar="FILE", help="also write `predict --csv`'s file from the Parquet rows")
-    archive.add_argument("--model", help=f"model folder or .keras file, as each actor sees it (default: {shipped})")
+    archive.add_argument(
+        "--model",
+        help=f"model folder or .keras file at this path on every node, relative to here (default: {shipped})",
+    )
     archive.add_argument("--runtime", choices=("onnx", "keras"), help="what runs the model (default as `predict`)")
     archive.set_defaults(run=run)
