@@ -20,7 +20,6 @@ from flask import Response, request
 
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.dicom import is_dicom
-from pneumonia.serving.gate import OutOfDistribution
 from web.capacity import model_slot
 from web.uploads import UploadError, read_upload
 
@@ -81,25 +80,13 @@ def source_reference(data: bytes, reports):
         raise UploadError(400, str(err)) from None
 
 
-def screened_row(screener, data: bytes, display_side: int | None):
-    """The upload through the one screening pipeline, failing as Screener.screen does (422 for the gate)."""
-    [row] = screener.batch.screen_chunk([("the upload", data)], display_side=display_side, with_gradcam=True)
-    if row.probability is None:
-        if row.refused:
-            raise OutOfDistribution(row.verdict)
-        if row.unexpected:
-            raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
-        raise XrayReadError(row.error)
-    return row
-
-
 def dicom_results(screener, form: str) -> Response:
     """The answer to result=dicom-sr or result=dicom."""
     reports = report_builders()
     data = read_upload(request)
     source = source_reference(data, reports)
     with model_slot():
-        row = screened_row(screener, data, reports.GRADCAM_SIDE if form == "dicom" else None)
+        row = screener.screened_row(data, reports.GRADCAM_SIDE if form == "dicom" else None)
     identity, series = reports.ModelIdentity.of(screener.classifier), reports.RunSeries.new()
     if form == "dicom-sr":
         return Response(reports.part10(reports.structured_report(identity, source, row, series)), mimetype=DICOM)

@@ -68,21 +68,25 @@ class Screener:
     def report_dir(self) -> Path:
         return self.classifier.keras_path.parent / "report"
 
-    def screen(
-        self, data: bytes, overlay_format: str | None = None, max_side: int = 1024, with_original: bool = False
-    ) -> Screening:
-        """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
-        (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
-        OutOfDistribution for what the gate refuses."""
-        [row] = self.batch.screen_chunk(
-            [("the upload", data)], display_side=max_side if overlay_format else None, with_gradcam=True
-        )
+    def screened_row(self, data: bytes, display_side: int | None) -> ScreenedImage:
+        """One upload through the one screening pipeline, with Grad-CAM; raises XrayReadError for
+        unreadable input and OutOfDistribution for what the gate refuses."""
+        [row] = self.batch.screen_chunk([("the upload", data)], display_side=display_side, with_gradcam=True)
         if row.probability is None:
             if row.refused:
                 raise OutOfDistribution(row.verdict)
             if row.unexpected:
                 raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
             raise XrayReadError(row.error)
+        return row
+
+    def screen(
+        self, data: bytes, overlay_format: str | None = None, max_side: int = 1024, with_original: bool = False
+    ) -> Screening:
+        """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
+        (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
+        OutOfDistribution for what the gate refuses."""
+        row = self.screened_row(data, max_side if overlay_format else None)
         result = Screening(
             row.probability,
             row.labels,
