@@ -290,3 +290,38 @@ def gunicorn_serving(model_dir, **settings: str):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def sr_content(sr) -> dict[str, object]:
+    """A Structured Report's concept name -> numeric value or code meaning, over its whole content tree."""
+    found: dict[str, object] = {}
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
+            if "MeasuredValueSequence" in item:
+                found[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif "ConceptCodeSequence" in item:
+                found[name] = item.ConceptCodeSequence[0].CodeMeaning
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return found
+
+
+@contextmanager
+def local_ray_session():
+    """A local Ray limited to the machine's 2 CPUs, its workers importing this checkout; no progress bars."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 import schemathesis
-from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, upload
+from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sr_content, upload
 from PIL import Image
 from pydicom.uid import generate_uid
 
@@ -63,23 +63,6 @@ def ct_slice() -> bytes:
     return with_uids(dicom_bytes(pixels, bits_stored=12), Modality="CT", SOPClassUID=CT_IMAGE_STORAGE)
 
 
-def sr_values(sr: pydicom.Dataset) -> dict[str, object]:
-    """Concept name -> numeric value or code meaning, over the SR's content tree."""
-    found: dict[str, object] = {}
-
-    def walk(items):
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
-            if "MeasuredValueSequence" in item:
-                found[name] = float(item.MeasuredValueSequence[0].NumericValue)
-            elif "ConceptCodeSequence" in item:
-                found[name] = item.ConceptCodeSequence[0].CodeMeaning
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
-
-
 def evidence_of(sr: pydicom.Dataset) -> tuple[str, str]:
     """(study, SOP instance) of the image the SR reports on."""
     study = sr.CurrentRequestedProcedureEvidenceSequence[0]
@@ -111,7 +94,7 @@ def test_the_sr_of_a_dicom_upload_has_the_json_probability_and_references_the_up
     assert evidence_of(sr) == (source.StudyInstanceUID, source.SOPInstanceUID)
     assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
     assert (sr.PatientID, sr.AccessionNumber) == (PATIENT_ID, "A1")  # identification copied, as DICOM requires
-    values = sr_values(sr)
+    values = sr_content(sr)
     assert values["Probability"] == pytest.approx(probability, abs=1e-6)
     assert values["Out-of-distribution gate verdict"] == "ok" and "Label at screening threshold" in values
 
@@ -133,7 +116,7 @@ def test_result_dicom_answers_the_capture_then_the_sr_as_multipart_related(shipp
     assert capture.pixel_array.ndim == 3 and capture.pixel_array.shape[2] == 3
     assert capture.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
     assert evidence_of(sr) == (source.StudyInstanceUID, source.SOPInstanceUID)
-    assert sr_values(sr)["Probability"] == pytest.approx(probability, abs=1e-6)
+    assert sr_content(sr)["Probability"] == pytest.approx(probability, abs=1e-6)
 
 
 def test_a_jpeg_asking_for_dicom_results_is_a_415_naming_the_reason(shipped_app):

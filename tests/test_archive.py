@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from builders import REAL_XRAYS, REPO, encode_image, synthetic_xray
+from builders import REAL_XRAYS, REPO, encode_image, local_ray_session, synthetic_xray
 
 ray = pytest.importorskip("ray", reason="the archive extra (requirements-archive.txt) is not installed")
 pa = pytest.importorskip("pyarrow")
@@ -32,15 +32,8 @@ pytestmark = pytest.mark.xdist_group("ray")  # one worker holds the module's Ray
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with local_ray_session():
+        yield
 
 
 @pytest.fixture(scope="module")

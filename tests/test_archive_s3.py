@@ -14,7 +14,7 @@ import shutil
 import socket
 
 import pytest
-from builders import REAL_XRAYS, REPO
+from builders import REAL_XRAYS, local_ray_session
 
 ray = pytest.importorskip("ray", reason="the archive extra (requirements-archive.txt) is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (requirements-dev.txt) is not installed")
@@ -91,15 +91,8 @@ def put(system, path: str, content: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray(s3_endpoint):
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    with local_ray_session():
+        yield
 
 
 def archive(capsys, *args) -> tuple[int, str]:

@@ -24,7 +24,17 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, free_port, noise_png, run_cli
+from builders import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    REAL_XRAYS,
+    SHIPPED_MODEL,
+    dicom_bytes,
+    free_port,
+    noise_png,
+    run_cli,
+    sr_content,
+)
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.uid import generate_uid
@@ -219,23 +229,6 @@ def results_in(url: str, study: str, modality: str) -> list[pydicom.Dataset]:
     return found
 
 
-def sr_items(sr: pydicom.Dataset) -> dict[str, object]:
-    """Concept name -> numeric value or code meaning, over the SR's whole content tree."""
-    found: dict[str, object] = {}
-
-    def walk(items):
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
-            if "MeasuredValueSequence" in item:
-                found[name] = float(item.MeasuredValueSequence[0].NumericValue)
-            elif "ConceptCodeSequence" in item:
-                found[name] = item.ConceptCodeSequence[0].CodeMeaning
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return found
-
-
 def evidence_of(sr: pydicom.Dataset) -> str:
     """The SOP Instance UID of the image the SR reports on."""
     return (
@@ -282,7 +275,7 @@ def test_screen_stores_an_sr_and_a_research_only_gradcam_capture_in_the_study_wi
     for sr in reports:
         referenced = evidence_of(sr)
         assert sr.StudyInstanceUID == study and sr.PatientID == PATIENT_ID and referenced in sources
-        items = sr_items(sr)
+        items = sr_content(sr)
         assert items["Probability"] == pytest.approx(predicted(tmp_path, sources[referenced]), abs=1e-6)
         assert {"Threshold default", "Threshold screening", "Label at default threshold"} <= set(items)
         assert items["Out-of-distribution gate verdict"] == "ok"
@@ -373,7 +366,7 @@ def test_a_jpeg_ls_and_a_jpeg_2000_image_are_screened_as_their_uncompressed_pixe
 
     assert result.returncode == 0, result.stderr
     expected = predicted(tmp_path, study_dicom(pixels, generate_uid()))
-    probabilities = [sr_items(sr)["Probability"] for sr in results_in(orthanc, study, "SR")]
+    probabilities = [sr_content(sr)["Probability"] for sr in results_in(orthanc, study, "SR")]
     assert probabilities == pytest.approx([expected, expected], abs=1e-6)
 
 
