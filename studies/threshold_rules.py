@@ -23,7 +23,7 @@ from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, XrayClassifier
 from pneumonia.training.config import HELD_OUT_SHIFTS, RULES, SHIFT_SETS
 from pneumonia.training.dataset import DataError, validation_part
 from pneumonia.training.shifts import BASELINE
-from pneumonia.training.threshold_rules import thresholds_by_rule
+from pneumonia.training.threshold_rules import rates_at, thresholds_by_rule
 from studies.robustness import (
     RobustnessError,
     decode_all,
@@ -34,12 +34,10 @@ from studies.robustness import (
 
 
 def rates(labels, probs, threshold: float) -> dict:
-    """Specificity and sensitivity (recall) at `threshold`; Youden's J."""
-    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=np.float64)
-    specificity = float((probs[labels == 0] < threshold).mean()) if (labels == 0).any() else None
-    recall = float((probs[labels == 1] >= threshold).mean()) if (labels == 1).any() else None
-    both = specificity is not None and recall is not None
-    return {"specificity": specificity, "recall": recall, "j": specificity + recall - 1 if both else None}
+    """Specificity and sensitivity (recall) at `threshold`, as the card reports them; Youden's J."""
+    at = rates_at(labels, probs, {"t": threshold})["t"]
+    both = at["specificity"] is not None and at["recall"] is not None
+    return {**at, "j": at["specificity"] + at["recall"] - 1 if both else None}
 
 
 def over_shifts(labels, probs_by_shift: dict, names, thresholds: dict) -> dict:
