@@ -1,6 +1,6 @@
 """The averaged-logit ensemble of issue #8 on the robustness proxies, before building it into the
 product: each model's calibrated log-odds averaged, the average Platt-calibrated and thresholded on
-the shared validation part by the training rules, then scored as `python -m pneumonia robustness`
+the shared validation part by the training rules, then scored as `python -m studies.robustness`
 scores one model (the 8 + 8 originals and the validation part under every shift).
 
     .venv/bin/python -m studies.ensemble_proxy ../shared/data/chest_xray --model model --model runs/levers/base \

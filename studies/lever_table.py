@@ -1,4 +1,4 @@
-"""The lever table of model/report/levers.md from `python -m pneumonia robustness` reports.
+"""The lever table of model/report/levers.md from `python -m studies.robustness` reports.
 
     .venv/bin/python -m studies.lever_table runs/levers/robustness/robustness.json [more.json ...]
 
