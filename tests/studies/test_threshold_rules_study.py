@@ -1,5 +1,5 @@
-"""studies/threshold_rules.py (named apart from tests/test_threshold_rules.py, the product module's): every rule scored on
-what did not choose it. Synthetic probabilities only."""
+"""studies/threshold_rules.py: every rule scored on what did not choose it. Synthetic probabilities only.
+(Named apart from tests/test_threshold_rules.py, the product module's: pytest imports by basename.)"""
 
 from __future__ import annotations
 
