@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -74,6 +75,16 @@ def screen_one(classifier, source) -> tuple[float | None, object | None]:
 
 
 # --- Synthetic X-rays and data sets -----------------------------------------------------------
+
+
+def write_xray_folder(folder: Path) -> Path:
+    """The two real X-rays, three copies of them and a truncated JPEG in `folder`: an archive's images."""
+    for path in REAL_XRAYS:
+        shutil.copy(path, folder / path.name)
+    for index in range(3):
+        shutil.copy(REAL_XRAYS[index % 2], folder / f"copy-{index}.jpeg")
+    (folder / "truncated.jpeg").write_bytes(REAL_XRAYS[0].read_bytes()[:3000])
+    return folder
 
 
 def synthetic_xray(

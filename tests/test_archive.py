@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from builders import REAL_XRAYS, REPO, encode_image, local_ray_session, synthetic_xray
+from builders import REAL_XRAYS, REPO, encode_image, local_ray_session, synthetic_xray, write_xray_folder
 
 ray = pytest.importorskip("ray", reason="the archive extra (requirements-archive.txt) is not installed")
 pa = pytest.importorskip("pyarrow")
@@ -39,12 +38,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def xray_folder(tmp_path_factory):
     """The two real X-rays, three copies, a truncated JPEG and a file that is no image."""
-    folder = tmp_path_factory.mktemp("xrays")
-    for path in REAL_XRAYS:
-        shutil.copy(path, folder / path.name)
-    for index in range(3):
-        shutil.copy(REAL_XRAYS[index % 2], folder / f"copy-{index}.jpeg")
-    (folder / "truncated.jpeg").write_bytes(REAL_XRAYS[0].read_bytes()[:3000])
+    folder = write_xray_folder(tmp_path_factory.mktemp("xrays"))
     (folder / "corrupt.png").write_bytes(b"not an image at all")
     return folder
 

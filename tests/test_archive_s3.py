@@ -14,7 +14,7 @@ import shutil
 import socket
 
 import pytest
-from builders import REAL_XRAYS, local_ray_session
+from builders import REAL_XRAYS, local_ray_session, write_xray_folder
 
 ray = pytest.importorskip("ray", reason="the archive extra (requirements-archive.txt) is not installed")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (requirements-dev.txt) is not installed")
@@ -67,12 +67,7 @@ def bucket(s3_endpoint, tmp_path_factory):
     images, of an object that is not there and of one behind an endpoint that does not answer."""
     system, _ = fs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
     system.create_dir(BUCKET)
-    local = tmp_path_factory.mktemp("s3-xrays")
-    for path in REAL_XRAYS:
-        shutil.copy(path, local / path.name)
-    for index in range(3):
-        shutil.copy(REAL_XRAYS[index % 2], local / f"copy-{index}.jpeg")
-    (local / "truncated.jpeg").write_bytes(REAL_XRAYS[0].read_bytes()[:3000])
+    local = write_xray_folder(tmp_path_factory.mktemp("s3-xrays"))
     for path in local.iterdir():
         put(system, f"{BUCKET}/xrays/{path.name}", path.read_bytes())
     put(system, f"{BUCKET}/xrays/notes.txt", b"not an image")
