@@ -3,6 +3,6 @@
 Importing this module loads the model, once in each gunicorn worker.
 """
 
-from web import create_app
+from pneumonia.web import create_app
 
 app = create_app()

@@ -161,7 +161,7 @@ def memory_web(model: str, files: list[Path], url: str) -> dict:
     before the measurement starts, so only the server's side of the request is measured."""
     from werkzeug.test import EnvironBuilder
 
-    from web import create_app
+    from pneumonia.web import create_app
 
     body_mib = sum(path.stat().st_size for path in files) / MIB
     app = create_app({"MODEL_PATH": model, "TESTING": True, "MAX_CONTENT_LENGTH": int(body_mib * MIB) + MIB})

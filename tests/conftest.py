@@ -117,7 +117,7 @@ def ungated_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def web_app(ungated_model_dir):
     """The app on the tiny model, created once (model loading and tracing take seconds)."""
-    from web import create_app
+    from pneumonia.web import create_app
 
     return create_app({"MODEL_PATH": str(ungated_model_dir), "TESTING": True})
 
@@ -125,7 +125,7 @@ def web_app(ungated_model_dir):
 @pytest.fixture(scope="session")
 def shipped_app():
     """The app on the shipped model (model/), gate included."""
-    from web import create_app
+    from pneumonia.web import create_app
 
     return create_app({"MODEL_PATH": str(SHIPPED_MODEL), "TESTING": True})
 

@@ -23,9 +23,9 @@ from builders import REPO, encode_image, gunicorn_serving, synthetic_xray, uploa
 from PIL import Image
 
 from pneumonia.serving.classifier import XrayClassifier
-from web import create_app
-from web.screening import current_screener
-from web.uploads import InMemoryRequest
+from pneumonia.web import create_app
+from pneumonia.web.screening import current_screener
+from pneumonia.web.uploads import InMemoryRequest
 
 DISCLAIMER = "research tool, not a medical device"
 CITATION = ("Kermany", "Zhang", "Goldbaum", "2018", "Mendeley Data", "V2", "10.17632/rscbjbr9sj.2", "CC BY 4.0")
@@ -131,7 +131,7 @@ def test_security_headers_on_every_response(client, method, path):
 def test_static_files_are_local(client):
     for name in ("app.js", "style.css", "favicon.svg"):
         assert client.get(f"/static/{name}").status_code == 200
-    javascript = (REPO / "web" / "static" / "app.js").read_text()
+    javascript = (REPO / "pneumonia" / "web" / "static" / "app.js").read_text()
     assert "http" not in javascript and "eval(" not in javascript
 
 
@@ -289,7 +289,7 @@ def test_unexpected_errors_give_a_500_without_traceback_and_log_without_the_imag
     def explode(self, data, *args, **kwargs):
         raise RuntimeError(f"bug while handling {data!r}")
 
-    monkeypatch.setattr("web.screening.Screener.screen", explode)
+    monkeypatch.setattr("pneumonia.web.screening.Screener.screen", explode)
     client = web_app.test_client()
     with caplog.at_level("ERROR"):
         page = client.post("/predict", data=upload(secret))
@@ -355,7 +355,9 @@ def test_procfile_and_gunicorn_settings(monkeypatch):
     monkeypatch.setenv("PORT", "5123")
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     monkeypatch.setenv("GUNICORN_THREADS", "6")
-    settings = runpy.run_path(str(REPO / "web" / "gunicorn_conf.py"))  # executed afresh, not the imported module
+    settings = runpy.run_path(
+        str(REPO / "pneumonia" / "web" / "gunicorn_conf.py")
+    )  # executed afresh, not the imported module
     assert settings["bind"] == "0.0.0.0:5123" and settings["workers"] == 3 and settings["threads"] == 6
     assert settings["preload_app"] is False and settings["timeout"] >= 60
 

@@ -1,5 +1,5 @@
 """Several X-rays in one request: POST /api/predict/batch and the upload page's results table
-(web/batch.py): upload order, an answer per file, limits, model slots per chunk, bounded memory."""
+(pneumonia/web/batch.py): upload order, an answer per file, limits, model slots per chunk, bounded memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sample_p
 from PIL import Image
 
 from pneumonia.serving import screening as batch_screening
-from web.capacity import ModelBusy
+from pneumonia.web.capacity import ModelBusy
 
 
 def files(*uploads: tuple[bytes, str]) -> dict:

@@ -1,4 +1,4 @@
-"""DICOM results of the web API (web/dicom_results.py): `POST /api/predict?result=dicom-sr` answers the
+"""DICOM results of the web API (pneumonia/web/dicom_results.py): `POST /api/predict?result=dicom-sr` answers the
 Structured Report of a DICOM upload, `?result=dicom` the Grad-CAM Secondary Capture and the SR as
 multipart/related, read back here with pydicom and the standard library's MIME parser. On the shipped
 model, gate included."""
@@ -19,7 +19,7 @@ from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sr_conte
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from web.openapi import DOCUMENT
+from pneumonia.web.openapi import DOCUMENT
 
 pytest.importorskip("highdicom", reason="DICOM results need highdicom: pip install -r requirements-pacs.txt")
 

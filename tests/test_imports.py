@@ -17,7 +17,6 @@ from builders import REPO
 SOURCES = sorted(
     [
         *(REPO / "pneumonia").rglob("*.py"),
-        *(REPO / "web").rglob("*.py"),
         *(REPO / "studies").rglob("*.py"),
         REPO / "app.py",
         REPO / "gradcam.py",
@@ -72,6 +71,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 # --- Layers ------------------------------------------------------------------------------------
 
+# The web app: a client of the package's layers that ships inside it, so that an installed package serves.
+WEB = "pneumonia.web"
+
 # The entry points: `python -m pneumonia`, the WSGI module (importing it loads the model) and the
 # top-level Grad-CAM module import the layers, never the other way round.
 ENTRY_POINTS = ("pneumonia.__main__", "app", "gradcam")
@@ -85,30 +87,30 @@ PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.screening")
 # under it: "pneumonia.serving" is pneumonia/serving/__init__.py and every pneumonia.serving.* module.
 LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     # bytes -> pixels: only pneumonia.errors, pneumonia.labels and pneumonia.reading.*
-    ("pneumonia.reading", ("pneumonia.serving", "pneumonia.progress", "web", *BEYOND_SERVING)),
+    ("pneumonia.reading", ("pneumonia.serving", "pneumonia.progress", WEB, *BEYOND_SERVING)),
     # what the reading modules import must keep to the same rule, or it would bring the rest in
-    ("pneumonia.errors", ("pneumonia.serving", "pneumonia.progress", "web", *BEYOND_SERVING)),
-    ("pneumonia.labels", ("pneumonia.serving", "pneumonia.progress", "web", *BEYOND_SERVING)),
+    ("pneumonia.errors", ("pneumonia.serving", "pneumonia.progress", WEB, *BEYOND_SERVING)),
+    ("pneumonia.labels", ("pneumonia.serving", "pneumonia.progress", WEB, *BEYOND_SERVING)),
     # the model at serving time: reading, errors, labels, progress and serving
-    ("pneumonia.serving", ("web", *BEYOND_SERVING)),
-    ("pneumonia.progress", ("web", *BEYOND_SERVING)),
+    ("pneumonia.serving", (WEB, *BEYOND_SERVING)),
+    ("pneumonia.progress", (WEB, *BEYOND_SERVING)),
     # the PACS client: reading, serving, errors and labels, as the web app
-    ("pneumonia.pacs", ("pneumonia.progress", "web", *BEYOND_SERVING)),
+    ("pneumonia.pacs", ("pneumonia.progress", WEB, *BEYOND_SERVING)),
     # what the web app takes of it (DICOM results): the result objects, never the client (requests and
     # dicomweb-client are not in the serving install)
     ("pneumonia.pacs.reports", PACS_CLIENT),
     # the Ray Data archive run: reading, serving, errors, labels and progress, never the command line
-    ("pneumonia.archive", ("web", *BEYOND_SERVING)),
+    ("pneumonia.archive", (WEB, *BEYOND_SERVING)),
     # training and evaluation: anything of the package but the command line and the studies (and
-    # not the web app, which is a client of the package, not part of it)
-    ("pneumonia.training", ("pneumonia.cli", "web", "studies", *ENTRY_POINTS)),
-    ("pneumonia.evaluation", ("pneumonia.cli", "web", "studies", *ENTRY_POINTS)),
+    # not the web app, which is a client of these layers, not one of them)
+    ("pneumonia.training", ("pneumonia.cli", WEB, "studies", *ENTRY_POINTS)),
+    ("pneumonia.evaluation", ("pneumonia.cli", WEB, "studies", *ENTRY_POINTS)),
     # thin commands over everything of the package (the web app too), never the studies
     ("pneumonia.cli", ("studies", *ENTRY_POINTS)),
     ("pneumonia.__main__", ("studies", "app", "gradcam")),
     # the web app and the top-level modules: reading, serving, errors, labels, web; the web app also
-    # pacs.reports for DICOM results (web/dicom_results.py), never the PACS client or the archive
-    ("web", ("pneumonia.progress", "pneumonia.archive", *PACS_CLIENT, *BEYOND_SERVING)),
+    # pacs.reports for DICOM results (pneumonia/web/dicom_results.py), never the PACS client or the archive
+    (WEB, ("pneumonia.progress", "pneumonia.archive", *PACS_CLIENT, *BEYOND_SERVING)),
     ("app", ("pneumonia.progress", *BEYOND_SERVING)),
     ("gradcam", ("pneumonia.progress", *BEYOND_SERVING)),
 ]
@@ -141,9 +143,14 @@ def test_the_cycle_finder_finds_a_ring():
 
 def test_the_graph_holds_the_subpackages_the_studies_and_the_top_level_modules():
     graph = import_graph()
-    for module in ("pneumonia.reading.decoding", "pneumonia.serving.classifier", "pneumonia.cli.predict", "web.api"):
+    for module in (
+        "pneumonia.reading.decoding",
+        "pneumonia.serving.classifier",
+        "pneumonia.cli.predict",
+        "pneumonia.web.api",
+    ):
         assert module in graph
-    assert graph["app"] == {"web"}
+    assert graph["app"] == {WEB}
     assert "pneumonia.serving.gradcam" in graph["gradcam"]
     assert "pneumonia.training.operating_points" in graph["studies.ensemble_proxy"]
 
@@ -159,17 +166,17 @@ def test_the_layer_checker_names_a_forbidden_import_on_a_synthetic_graph():
         "pneumonia.serving.screening": {"pneumonia.reading.decoding", "pneumonia.training.dataset"},
         "pneumonia.reading.decoding": {"pneumonia.errors"},
         "pneumonia.training.dataset": {"pneumonia.serving.preprocessing"},
-        "web.pages": {"pneumonia.serving.screening"},
-        "web.debug": {"studies.robustness"},
+        "pneumonia.web.pages": {"pneumonia.serving.screening"},
+        "pneumonia.web.debug": {"studies.robustness"},
         "studies.robustness": {"pneumonia.training.dataset", "pneumonia.cli"},
     }
     assert forbidden_imports(graph) == [
         "pneumonia.serving.screening imports pneumonia.training.dataset "
         "(pneumonia.serving must not import pneumonia.training)",
-        "web.debug imports studies.robustness (web must not import studies)",
+        "pneumonia.web.debug imports studies.robustness (pneumonia.web must not import studies)",
     ]
     # a prefix is a module and what lies under it, not a string prefix
-    assert forbidden_imports({"web.api": {"apply", "gradcam_tools"}}) == []
+    assert forbidden_imports({"pneumonia.web.api": {"apply", "gradcam_tools"}}) == []
 
 
 def test_every_module_falls_under_a_layer_rule_or_is_a_study():
@@ -192,7 +199,7 @@ def test_the_reading_modules_import_alone(module):
     probe = (
         f"import json, sys, {module}; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('pneumonia', 'web', 'studies', 'app', 'gradcam', 'tensorflow', 'keras'))))"
+        "('pneumonia', 'studies', 'app', 'gradcam', 'tensorflow', 'keras'))))"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

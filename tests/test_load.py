@@ -15,9 +15,9 @@ import pytest
 import requests
 from builders import REPO, gunicorn_serving, upload, xray_jpeg
 
-from web import create_app
-from web.capacity import ModelBusy, ModelCapacity
-from web.screening import Screener
+from pneumonia.web import create_app
+from pneumonia.web.capacity import ModelBusy, ModelCapacity
+from pneumonia.web.screening import Screener
 
 BODY_TIMEOUT = 3  # seconds, the server's total body deadline in these tests
 BODY_READ_TIMEOUT = 1.5  # seconds without a byte
@@ -135,7 +135,7 @@ def blocked_app(ungated_model_dir, monkeypatch):
         release.wait(10)
         return screen(self, *args, **kwargs)
 
-    monkeypatch.setattr("web.screening.Screener.screen", blocked)
+    monkeypatch.setattr("pneumonia.web.screening.Screener.screen", blocked)
     app = create_app(
         {"MODEL_PATH": str(ungated_model_dir), "TESTING": True, "MODEL_SLOTS": 1, "MODEL_QUEUE_SECONDS": 1.0}
     )
@@ -233,7 +233,9 @@ def test_model_capacity_bounds_the_line_and_the_wait():
 
 def test_threads_outnumber_model_slots_by_default(ungated_model_dir, monkeypatch):
     monkeypatch.delenv("GUNICORN_THREADS", raising=False)
-    settings = runpy.run_path(str(REPO / "web" / "gunicorn_conf.py"))  # executed afresh, not the imported module
+    settings = runpy.run_path(
+        str(REPO / "pneumonia" / "web" / "gunicorn_conf.py")
+    )  # executed afresh, not the imported module
     app = create_app({"MODEL_PATH": str(ungated_model_dir)})
     assert settings["threads"] >= 4 * app.config["MODEL_SLOTS"] and settings["worker_class"] == "gthread"
     assert app.config["BODY_TIMEOUT"] <= 30 and app.config["BODY_READ_TIMEOUT"] <= app.config["BODY_TIMEOUT"]

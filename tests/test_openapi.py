@@ -1,4 +1,4 @@
-"""The API's contract, web/openapi.json: a valid OpenAPI 3.1 document, served at /openapi.json with
+"""The API's contract, pneumonia/web/openapi.json: a valid OpenAPI 3.1 document, served at /openapi.json with
 this server's limits; it documents every JSON route the app has, and every status it documents for
 an operation is one the app really answers there (made to happen through app.test_client()), with
 a body and headers that conform to it."""
@@ -14,7 +14,7 @@ from builders import REAL_XRAYS, encode_image, upload
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from PIL import Image
 
-from web.openapi import DOCUMENT
+from pneumonia.web.openapi import DOCUMENT
 
 SPEC = json.loads(DOCUMENT.read_text())
 XRAY = REAL_XRAYS[0].read_bytes()
@@ -38,7 +38,7 @@ def contract():
 @pytest.fixture(scope="module")
 def not_ready_app(tmp_path_factory):
     """No model (the folder is empty); per-client limits on, 1 upload and 1 page a minute."""
-    from web import create_app
+    from pneumonia.web import create_app
 
     config = {"MODEL_PATH": str(tmp_path_factory.mktemp("no_model")), "TESTING": True, "RATE_LIMIT_ENABLED": True}
     return create_app({**config, "RATE_LIMIT_UPLOADS": "1 per minute", "RATE_LIMIT_PAGES": "1 per minute"})
@@ -124,7 +124,7 @@ def produce(case, shipped_app, not_ready_app, monkeypatch, request):
         request.getfixturevalue("without_highdicom")
         return client.post(f"{path}?result=dicom-sr", data=form)
     if status == 408:
-        monkeypatch.setattr(shipped_app.wsgi_app, "total_s", 0.0)  # web/uploads.py BodyDeadline: no time at all
+        monkeypatch.setattr(shipped_app.wsgi_app, "total_s", 0.0)  # pneumonia.web.uploads BodyDeadline: no time at all
     if status == 413:
         monkeypatch.setitem(shipped_app.config, "BATCH_MAX_FILES" if batch else "MAX_CONTENT_LENGTH", 1)
     if status == 500:

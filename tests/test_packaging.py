@@ -1,7 +1,7 @@
 """The wheel, installed as a user installs it: built from the working tree, put with its dependencies
 (requirements.txt, the slim serving set) into a fresh virtual environment, and run from `/` with no
 PYTHONPATH and no PNEUMONIA_* settings, so that nothing of the checkout can stand in for what the
-wheel lacks. `pneumonia predict` and `gunicorn app:app` must then find the shipped model, the
+wheel lacks. `pneumonia predict` and gunicorn on `pneumonia.web:create_app()` must then find the shipped model, the
 templates and the static files inside the installed packages.
 
 Slow (a ~60 MB wheel, a fresh venv and its ~20 packages: about a minute with pip's cache warm);
@@ -126,12 +126,10 @@ def xrays(tmp_path_factory) -> list[Path]:
 
 def test_the_wheel_carries_every_module_the_shipped_model_the_templates_and_the_static_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {
-        path.relative_to(REPO).as_posix() for folder in ("pneumonia", "web") for path in (REPO / folder).rglob("*.py")
-    }
+    expected = {path.relative_to(REPO).as_posix() for path in (REPO / "pneumonia").rglob("*.py")}
     expected |= {
         path.relative_to(REPO).as_posix()
-        for folder in ("web/templates", "web/static")
+        for folder in ("pneumonia/web/templates", "pneumonia/web/static")
         for path in (REPO / folder).iterdir()
     }
     expected |= {
@@ -139,8 +137,9 @@ def test_the_wheel_carries_every_module_the_shipped_model_the_templates_and_the_
         for p in SHIPPED_MODEL.rglob("*")
         if p.is_file()
     }
-    expected |= {"app.py", "gradcam.py"}
     assert sorted(expected - names) == [], "files of the checkout missing from the wheel (pyproject.toml)"
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"pneumonia"}, "the wheel installs one package; app.py and gradcam.py belong to the checkout"
     assert not [name for name in names if name.startswith(("studies/", "tests/", "bench/"))], (
         "the wheel ships no studies, tests or benchmarks"
     )
@@ -150,8 +149,9 @@ def test_the_wheel_carries_every_module_the_shipped_model_the_templates_and_the_
 
 def test_the_installed_package_is_the_wheels_and_finds_the_model_it_ships(venv):
     probe = (
-        "import pneumonia, web; from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, default_model_path; "
-        "print(pneumonia.__file__, web.__file__, SHIPPED_MODEL_DIR, default_model_path())"
+        "import pneumonia, pneumonia.web; "
+        "from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, default_model_path; "
+        "print(pneumonia.__file__, pneumonia.web.__file__, SHIPPED_MODEL_DIR, default_model_path())"
     )
     result = run([venv / "bin" / "python", "-c", probe])
     assert result.returncode == 0, result.stderr
@@ -220,8 +220,8 @@ def test_installed_web_app_serves_the_page_its_stylesheet_and_the_api_from_the_r
     port, log = free_port(), tmp_path / "gunicorn.log"
     url = f"http://127.0.0.1:{port}"
     # The shipped settings travel in the package (gthread, 32 threads, the timeout, the allocator tuning).
-    config = ["-c", "python:web.gunicorn_conf", "--bind", f"127.0.0.1:{port}", "--no-control-socket"]
-    command = [venv / "bin" / "gunicorn", *config, "app:app"]
+    config = ["-c", "python:pneumonia.web.gunicorn_conf", "--bind", f"127.0.0.1:{port}", "--no-control-socket"]
+    command = [venv / "bin" / "gunicorn", *config, "pneumonia.web:create_app()"]
     started = time.perf_counter()
     with open(log, "w") as log_file:
         process = subprocess.Popen(
@@ -230,7 +230,7 @@ def test_installed_web_app_serves_the_page_its_stylesheet_and_the_api_from_the_r
     try:
         health = wait_until_ready(process, url, log)
         assert "Using worker: gthread" in log.read_text()
-        print(f"\ngunicorn app:app ready in {time.perf_counter() - started:.1f} s")
+        print(f"\ngunicorn pneumonia.web:create_app() ready in {time.perf_counter() - started:.1f} s")
         assert health["ready"] is True and health["serving"]["runtime"] == "onnx", health
 
         page = requests.get(f"{url}/", timeout=30)

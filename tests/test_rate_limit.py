@@ -1,4 +1,4 @@
-"""Per-client rate limits (web/rate_limit.py): off by default; when on, a client over its limit gets
+"""Per-client rate limits (pneumonia/web/rate_limit.py): off by default; when on, a client over its limit gets
 429 with a Retry-After that is right (JSON for the API, a page for the form), other clients and
 /healthz are not affected, and behind a trusted proxy the client is the address it forwarded."""
 
@@ -9,7 +9,7 @@ import time
 import pytest
 from builders import upload
 
-from web import create_app
+from pneumonia.web import create_app
 
 JPEG_ISH = b"\xff\xd8\xff\xe0 not really"  # without a model, every upload let past the limits answers 503
 

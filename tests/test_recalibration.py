@@ -241,7 +241,7 @@ def test_split_reads_a_kaggle_layout_root(model_dir, site, tmp_path):
 
 
 def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):
-    from web import create_app
+    from pneumonia.web import create_app
 
     out, _ = recalibrated
     card = json.loads((out / "model.json").read_text())

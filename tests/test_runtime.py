@@ -41,7 +41,7 @@ def test_auto_serves_the_current_export_and_keras_without_one(ungated_model_dir,
 
 
 def test_both_runtimes_give_the_same_answers_through_the_app(ungated_model_dir):
-    from web import create_app
+    from pneumonia.web import create_app
 
     data = xray_jpeg(400, 320, seed=3)
     bodies = {}
@@ -69,7 +69,7 @@ def test_both_runtimes_give_the_same_answers_through_the_app(ungated_model_dir):
 def test_asking_for_onnx_with_a_bad_export_is_a_start_up_message_naming_export(
     ungated_model_dir, tmp_path, damage, message
 ):
-    from web import create_app
+    from pneumonia.web import create_app
 
     folder = copy_model(ungated_model_dir, tmp_path)
     damage(folder)

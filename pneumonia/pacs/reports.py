@@ -11,7 +11,7 @@
 Both copy from the source only what their modules require (patient and study identification, via
 highdicom's `from_ref_dataset` / SR evidence). Their series descriptions say "RESEARCH USE ONLY" and
 carry the model's name and fingerprint: that is how a later run finds what this model already did.
-`pacs screen` stores them; the web app answers them for a DICOM upload (web/dicom_results.py).
+`pacs screen` stores them; the web app answers them for a DICOM upload (pneumonia/web/dicom_results.py).
 """
 
 from __future__ import annotations

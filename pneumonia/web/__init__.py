@@ -13,30 +13,30 @@ import warnings
 from flask import Flask
 
 from pneumonia.serving.classifier import SHIPPED_MODEL_DIR
-from web.uploads import BodyDeadline, InMemoryRequest
+from pneumonia.web.uploads import BodyDeadline, InMemoryRequest
 
 DEFAULTS = {
     "MODEL_PATH": str(SHIPPED_MODEL_DIR),
     "RUNTIME": None,  # "onnx" or "keras"; None: onnx when the model's export is current (pneumonia/serving/runtime.py)
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # 413 above this
     "MAX_FORM_PARTS": 16,  # the forms' fields besides the files (a batch adds BATCH_MAX_FILES parts)
-    # Several files in one request (web/batch.py): at most this many, screened this many at a time
+    # Several files in one request (pneumonia/web/batch.py): at most this many, screened this many at a time
     # (a chunk's model work is the longest a single upload waits behind it: README, "Performance").
     "BATCH_MAX_FILES": 100,
     "BATCH_CHUNK_SIZE": 8,
     "OVERLAY_ALPHA": 0.5,
     "PAGE_IMAGE_MAX_SIDE": 1024,  # JPEGs in the result page
     "API_IMAGE_MAX_SIDE": 512,  # the PNG in the JSON answer: PNG encoding cost grows with area
-    # Slow clients (web/uploads.py): 408 when a body takes longer than this in all, or pauses this long.
+    # Slow clients (pneumonia/web/uploads.py): 408 when a body takes longer than this in all, or pauses this long.
     "BODY_TIMEOUT": 30,  # seconds; a PaaS router (Heroku's) gives up on a request after 30 s anyway
     "BODY_READ_TIMEOUT": 10,  # seconds without a byte of the body
-    # Model capacity (web/capacity.py): screenings at once per worker, and the longest expected
+    # Model capacity (pneumonia/web/capacity.py): screenings at once per worker, and the longest expected
     # wait for one before an upload is answered 503 with Retry-After. On ONNX Runtime with 2 threads
     # a call (pneumonia/serving/runtime.py), 2 slots keep both cores busy while one screening decodes or
     # encodes; slots x threads measured on 2 cores: README "Performance".
     "MODEL_SLOTS": 2,
     "MODEL_QUEUE_SECONDS": 5,
-    # Per-client rate limits (web/rate_limit.py), Flask-Limiter's notation, counted per worker in memory:
+    # Per-client rate limits (pneumonia/web/rate_limit.py), Flask-Limiter's notation, counted per worker in memory:
     # uploads are every POST (form and API), pages every GET; /healthz and static files never count.
     # Off by default: the client's address is only right when the app knows the proxies in front of it
     # (behind a PaaS router every client shares the router's address, so a limit on by default would
@@ -53,7 +53,7 @@ def create_app(config: dict | None = None) -> Flask:
     """Settings: DEFAULTS, then PNEUMONIA_* environment variables (PNEUMONIA_MODEL_PATH,
     PNEUMONIA_MAX_CONTENT_LENGTH, PNEUMONIA_BODY_TIMEOUT, PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RATE_LIMIT_ENABLED,
     ...), then `config`."""
-    app = Flask(__name__)  # web/templates and web/static, wherever the package is installed
+    app = Flask(__name__)  # pneumonia/web/templates and pneumonia/web/static, wherever the package is installed
     app.request_class = InMemoryRequest
     app.config.update(DEFAULTS)
     app.config.from_prefixed_env("PNEUMONIA")
@@ -61,8 +61,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from web import api, capacity, errors, pages, rate_limit, security
-    from web.screening import load_screener
+    from pneumonia.web import api, capacity, errors, pages, rate_limit, security
+    from pneumonia.web.screening import load_screener
 
     load_screener(app)
     capacity.register(app)
@@ -77,7 +77,7 @@ def create_app(config: dict | None = None) -> Flask:
 
 def _keep_dicom_tags_out_of_logs() -> None:
     """pydicom's log records and warnings can quote element values (patient name, ID); so could
-    highdicom's, which builds the DICOM results (web/dicom_results.py) from the upload's header."""
+    highdicom's, which builds the DICOM results (pneumonia/web/dicom_results.py) from the upload's header."""
     for library in ("pydicom", "highdicom"):
         logging.getLogger(library).propagate = False
     for module in ("pydicom", "highdicom", "pneumonia.reading.dicom"):

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the JSON API: web/openapi.json (carried in the wheel), served at
+"""The OpenAPI 3.1 document of the JSON API: pneumonia/web/openapi.json (carried in the wheel), served at
 /openapi.json with `info.x-limits` set to the limits this server enforces (its settings, not the
 defaults the document's prose names) and the batch's `maxItems` to its BATCH_MAX_FILES."""
 
@@ -17,7 +17,7 @@ def _document_text() -> str:
 
 
 def limits(config) -> dict:
-    """The limits a client meets, from the app's settings (web/__init__.py DEFAULTS)."""
+    """The limits a client meets, from the app's settings (pneumonia/web/__init__.py DEFAULTS)."""
     return {
         "max_content_length_bytes": int(config["MAX_CONTENT_LENGTH"]),
         "max_form_parts": int(config["MAX_FORM_PARTS"]),

@@ -2,7 +2,7 @@
 
 Limits: at most BATCH_MAX_FILES files (default 100) per request, and MAX_CONTENT_LENGTH (20 MB)
 for the request body as a whole, which must arrive within the body deadline as a single upload
-must (web/uploads.py). Both are settings (PNEUMONIA_BATCH_MAX_FILES, PNEUMONIA_BATCH_CHUNK_SIZE in
+must (pneumonia/web/uploads.py). Both are settings (PNEUMONIA_BATCH_MAX_FILES, PNEUMONIA_BATCH_CHUNK_SIZE in
 the environment). Each file is checked for an accepted type before any decoder sees it, as a
 single upload is, and answered on its own: one bad file does not fail the others.
 
@@ -12,7 +12,7 @@ it (and a display copy of at most BATCH_IMAGE_MAX_SIDE px when images are shown,
 encoded). A 100-file request holds its raw uploads (at most MAX_CONTENT_LENGTH) and at most one
 decoded full-size image.
 
-Capacity: each chunk takes a model slot (web/capacity.py) for its own work only, and records its
+Capacity: each chunk takes a model slot (pneumonia/web/capacity.py) for its own work only, and records its
 time per image, so single uploads waiting in line get the slot between chunks and the capacity's
 estimate stays that of one screening. When the first chunk finds the model too busy the request is
 answered 503 with Retry-After, as a single upload is; when a later chunk does, the files already
@@ -34,9 +34,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from pneumonia.reading.decoding import ACCEPTED_TYPES, sniff_format
 from pneumonia.serving.results import csv_text
 from pneumonia.serving.screening import ScreenedImage, chunked
-from web.capacity import ModelBusy
-from web.screening import ood_json
-from web.uploads import UploadError
+from pneumonia.web.capacity import ModelBusy
+from pneumonia.web.screening import ood_json
+from pneumonia.web.uploads import UploadError
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table
 THUMBNAIL_SIDE = 128
@@ -90,7 +90,7 @@ def read_uploads(request) -> list:
 
 
 def _bytes_of(upload) -> bytes:
-    # The in-memory part itself, not a copy (web/uploads.py InMemoryRequest keeps every part in a BytesIO).
+    # The in-memory part itself, not a copy (pneumonia/web/uploads.py InMemoryRequest keeps every part in a BytesIO).
     return upload.stream.getvalue() if isinstance(upload.stream, io.BytesIO) else upload.read()
 
 

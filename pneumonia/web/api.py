@@ -1,6 +1,6 @@
 """JSON: POST /api/predict, POST /api/predict/batch, GET /healthz and GET /openapi.json, the document
-of all four (web/openapi.json: status codes, bodies, parameters, limits). POST /api/predict answers DICOM
-instead when asked (`?result=`, web/dicom_results.py)."""
+of all four (pneumonia/web/openapi.json: status codes, bodies, parameters, limits). POST /api/predict answers DICOM
+instead when asked (`?result=`, pneumonia/web/dicom_results.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from web.batch import Rendering, entry_json, read_uploads, screen_uploads
-from web.capacity import model_slot
-from web.dicom_results import dicom_results, result_form
-from web.openapi import document
-from web.screening import current_screener, ood_json
-from web.uploads import UploadError, read_upload
+from pneumonia.web.batch import Rendering, entry_json, read_uploads, screen_uploads
+from pneumonia.web.capacity import model_slot
+from pneumonia.web.dicom_results import dicom_results, result_form
+from pneumonia.web.openapi import document
+from pneumonia.web.screening import current_screener, ood_json
+from pneumonia.web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)
 
@@ -35,7 +35,7 @@ def overlay_format() -> tuple[str, str]:
 @bp.post("/api/predict")
 def predict():
     """multipart field `file`; `?gradcam=0` skips rendering the overlay, `?overlay=jpeg` encodes it as JPEG;
-    `?result=dicom-sr` or `?result=dicom` answers DICOM objects instead (web/dicom_results.py)."""
+    `?result=dicom-sr` or `?result=dicom` answers DICOM objects instead (pneumonia/web/dicom_results.py)."""
     started = time.perf_counter()
     screener = current_screener()
     if (form := result_form()) != "json":
@@ -75,7 +75,7 @@ def predict():
 @bp.post("/api/predict/batch")
 def predict_batch():
     """Several multipart fields `file` -> a JSON list, one entry per file in upload order, each with
-    its own status and error (web/batch.py has the limits); `?gradcam=1` adds each overlay as PNG."""
+    its own status and error (pneumonia/web/batch.py has the limits); `?gradcam=1` adds each overlay as PNG."""
     screener = current_screener()
     uploads = read_uploads(request)
     if not uploads:

@@ -20,8 +20,8 @@ from flask import Response, request
 
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.dicom import is_dicom
-from web.capacity import model_slot
-from web.uploads import UploadError, read_upload
+from pneumonia.web.capacity import model_slot
+from pneumonia.web.uploads import UploadError, read_upload
 
 DICOM = "application/dicom"
 RESULT_FORMS = ("json", "dicom-sr", "dicom")

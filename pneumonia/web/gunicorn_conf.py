@@ -1,5 +1,5 @@
 """gunicorn settings, read from the environment a PaaS provides (gunicorn.conf.py in the repository
-imports them; an installed package: `gunicorn -c python:web.gunicorn_conf app:app`).
+imports them; an installed package: `gunicorn -c python:pneumonia.web.gunicorn_conf 'pneumonia.web:create_app()'`).
 
 PORT               port to listen on (default 8000)
 WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model (~210 MiB
@@ -14,7 +14,7 @@ uploads are screened at once, and how long one may wait for that, are the app's 
 (PNEUMONIA_MODEL_SLOTS, default 2, and PNEUMONIA_MODEL_QUEUE_SECONDS, default 5: beyond that
 an upload is answered 503 with Retry-After); how long a client may take to send its body is
 PNEUMONIA_BODY_TIMEOUT (default 30 s in all) and PNEUMONIA_BODY_READ_TIMEOUT (default 10 s
-without a byte), beyond which it is answered 408. See web/capacity.py and web/uploads.py.
+without a byte), beyond which it is answered 408. See pneumonia/web/capacity.py and pneumonia/web/uploads.py.
 """
 
 import ctypes

@@ -3,11 +3,11 @@
 client address in a moving window. /healthz and static files are never limited.
 
 Over a limit the answer is 429 with Retry-After (seconds until the window lets one more in):
-JSON under /api/, the too_many.html page for the form (web/errors.py).
+JSON under /api/, the too_many.html page for the form (pneumonia/web/errors.py).
 
 The counts live in each worker's memory ("memory://"): nothing to run beside the app, but a
 client whose requests gunicorn spreads over WEB_CONCURRENCY workers gets up to that many times
-the limit, and a restarted worker starts from zero. The model's capacity (web/capacity.py, 503)
+the limit, and a restarted worker starts from zero. The model's capacity (pneumonia/web/capacity.py, 503)
 protects the server from overload whatever the limits; these keep one client from taking all of it.
 
 The client's address: `request.remote_addr`, or, behind RATE_LIMIT_PROXY_HOPS trusted proxies
@@ -47,7 +47,7 @@ def register(app) -> None:
         ],
         storage_uri="memory://",
         strategy="moving-window",
-        headers_enabled=False,  # its headers would add a Retry-After to every answer; web/errors.py sets 429's
+        headers_enabled=False,  # its headers would add a Retry-After to every answer; errors.py sets 429's
         enabled=bool(config["RATE_LIMIT_ENABLED"]),
     )
     limiter.request_filter(lambda: request.endpoint in EXEMPT_ENDPOINTS)

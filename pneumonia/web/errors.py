@@ -12,10 +12,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from pneumonia.errors import XrayReadError
 from pneumonia.serving.gate import EXPECTED, OutOfDistribution
-from web.capacity import ModelBusy
-from web.rate_limit import retry_after_s
-from web.screening import ModelNotReady, current_screener, ood_json
-from web.uploads import UploadError
+from pneumonia.web.capacity import ModelBusy
+from pneumonia.web.rate_limit import retry_after_s
+from pneumonia.web.screening import ModelNotReady, current_screener, ood_json
+from pneumonia.web.uploads import UploadError
 
 HTTP_MESSAGES = {
     404: "There is no page at this address.",
@@ -62,7 +62,7 @@ def _busy(err: ModelBusy):
 
 
 def _too_many(err: RateLimitExceeded):
-    """429 with Retry-After: this client is over a per-client limit (web/rate_limit.py)."""
+    """429 with Retry-After: this client is over a per-client limit (pneumonia/web/rate_limit.py)."""
     retry_after = retry_after_s()
     headers = {"Retry-After": str(retry_after)}
     if request.method == "POST":  # the upload was refused unread: do not read it to keep the connection

@@ -8,10 +8,10 @@ import time
 from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
 
 from pneumonia.reading.decoding import ACCEPTED_TYPES
-from web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
-from web.capacity import model_slot
-from web.screening import current_screener
-from web.uploads import read_upload
+from pneumonia.web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
+from pneumonia.web.capacity import model_slot
+from pneumonia.web.screening import current_screener
+from pneumonia.web.uploads import read_upload
 
 bp = Blueprint("pages", __name__)
 
