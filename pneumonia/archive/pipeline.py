@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from pneumonia.archive import results
 from pneumonia.archive.sources import (
@@ -57,11 +57,7 @@ class Options:
 
 
 @dataclass
-class Summary:
-    files: int = 0
-    screened: int = 0
-    refused: int = 0
-    failed: int = 0
+class Summary(results.Tally):  # the counts over every source file, and what this run did
     already_done: int = 0  # rows found under DIR before this run
     screened_now: int = 0  # rows this run wrote
     skipped: int = 0  # files under the folders that are not images
@@ -69,7 +65,6 @@ class Summary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     actors: dict = field(default_factory=dict)  # actor -> {node, blocks, rows, loaded_mb, peak_rss_mb}
-    errors: list = field(default_factory=list)  # the first unreadable files: path, error
 
 
 def check_reachable(address: str) -> None:
@@ -213,13 +208,7 @@ def run_archive(options: Options, inputs: Inputs | None = None) -> Summary:
     if missing:
         run_on_ray(missing, options, summary)
     counts = results.tally(results.read_results(options.out, results.TALLIED), set(inputs.paths))
-    summary.files, summary.screened, summary.refused, summary.failed = (
-        counts.files,
-        counts.screened,
-        counts.refused,
-        counts.failed,
-    )
-    summary.errors = counts.errors
+    summary = replace(summary, **vars(counts))
     write_summary(options.out, summary)
     return summary
 
