@@ -5,8 +5,9 @@ chosen on a model's validation part (and its shift set), then scored on what did
         --originals ../shared/samples/original-val --out reports/threshold-rules
 
 Scored on: the originals (a NORMAL series the validation part has few of, at full resolution), the
-shifts no rule is chosen on (HELD_OUT_SHIFTS), and, for a rule chosen on one shift set, the shifts of
-the other sets. Writes rules.json and rules.md (the table in model/report/levers.md).
+shifts no rule is chosen on (HELD_OUT_SHIFTS), for a rule chosen on one shift set the shifts of the
+other sets, and for a model trained with `--hold-out-series` the NORMAL images of the series it never
+saw, in training or in choosing a threshold. Writes rules.json and rules.md (the table in model/report/levers.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from pneumonia.errors import ModelLoadError
 from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, XrayClassifier
 from pneumonia.training.config import HELD_OUT_SHIFTS, RULES, SHIFT_SETS
-from pneumonia.training.dataset import DataError, validation_part
+from pneumonia.training.dataset import DataError, SplitFiles, scan_split, split_off_series, validation_part
 from pneumonia.training.shifts import BASELINE
 from pneumonia.training.threshold_rules import rates_at, thresholds_by_rule
 from studies.robustness import (
@@ -53,7 +54,10 @@ def over_shifts(labels, probs_by_shift: dict, names, thresholds: dict) -> dict:
     }
 
 
-def score_rules(labels, probs_by_shift: dict, originals: tuple | None, target: float) -> list[dict]:
+def score_rules(
+    labels, probs_by_shift: dict, originals: tuple | None, target: float, unseen_normals=None
+) -> list[dict]:
+    """One row per rule; `unseen_normals`: the probabilities of a held-out series' NORMAL images, or None."""
     rows = []
     for rule in RULES:
         thresholds = thresholds_by_rule(labels, probs_by_shift, rule, target)
@@ -67,6 +71,11 @@ def score_rules(labels, probs_by_shift: dict, originals: tuple | None, target: f
         }
         if originals is not None:
             row["originals"] = {name: rates(*originals, t) for name, t in thresholds.items()}
+        if unseen_normals is not None:
+            normal = np.zeros(len(unseen_normals), int)
+            row["held_out_series"] = {
+                name: rates(normal, unseen_normals, t)["specificity"] for name, t in thresholds.items()
+            }
         rows.append(row)
     return rows
 
@@ -76,12 +85,14 @@ def _f(value) -> str:
 
 
 def to_markdown(rows: list[dict], model: str) -> str:
+    unseen = all("held_out_series" in row for row in rows)
     lines = [
         f"Threshold rules for `{model}` (chosen on the validation part and the rule's shift set; scored elsewhere)",
         "",
         "| rule | default / screening | originals: spec / recall @ default; spec / recall @ screening "
-        "| held-out shifts: spec / recall / J @ default; spec / worst recall @ screening | other sets: J @ default |",
-        "|---|---|---|---|---|",
+        "| held-out shifts: spec / recall / J @ default; spec / worst recall @ screening | other sets: J @ default |"
+        + (" held-out series: spec @ default / screening |" if unseen else ""),
+        "|---|---|---|---|---|" + ("---|" if unseen else ""),
     ]
     for row in rows:
         held, original, other = row["held_out_shifts"], row.get("originals"), row["other_sets"]
@@ -96,8 +107,19 @@ def to_markdown(rows: list[dict], model: str) -> str:
             f"| {originals_cell} | {_f(held['default_specificity'])} / {_f(held['default_recall'])} / "
             f"{_f(held['default_j'])}; {_f(held['screening_specificity'])} / {_f(held['screening_worst_recall'])} "
             f"| {_f(other['default_j']) if other else '–'} |"
+            + (
+                f" {_f(row['held_out_series']['default'])} / {_f(row['held_out_series']['screening'])} |"
+                if unseen
+                else ""
+            )
         )
     return "\n".join(lines) + "\n"
+
+
+def unseen_series(data_dir: str, card) -> SplitFiles | None:
+    """The NORMAL images of the series the model was trained without (its card's hold_out_series), or None."""
+    series = card.training.config.get("hold_out_series")
+    return split_off_series(scan_split(data_dir, "train"), series)[1] if series else None
 
 
 def run(data_dir: str, model: str, originals: str | None, log=print) -> list[dict]:
@@ -118,7 +140,12 @@ def run(data_dir: str, model: str, originals: str | None, log=print) -> list[dic
             [originals_set.labels[originals_set.paths.index(p)] for p in paths],
             probabilities_of(classifier, originals_decoded, paths),
         )
-    return score_rules(labels, probs_by_shift, scored, classifier.card.thresholds.target_sensitivity)
+    unseen, unseen_probs = unseen_series(data_dir, classifier.card), None
+    if unseen is not None:
+        unseen_decoded = decode_all(unseen.paths, log=log)
+        unseen_probs = probabilities_of(classifier, unseen_decoded, [p for p in unseen.paths if p in unseen_decoded])
+    target = classifier.card.thresholds.target_sensitivity
+    return score_rules(labels, probs_by_shift, scored, target, unseen_probs)
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from builders import write_synthetic_dataset
 
 from pneumonia.training.config import HELD_OUT_SHIFTS, RULES, SHIFT_SETS
 from pneumonia.training.shifts import BASELINE
@@ -46,3 +49,29 @@ def test_score_rules_scores_each_rule_outside_its_own_set(shifted):
             assert row["other_sets"] is None  # chosen on every set: nothing left to score it on
     table = study.to_markdown(rows, "model")
     assert all(f"| {rule.name} |" in table for rule in RULES)
+
+
+def test_a_held_out_series_is_scored_at_each_rules_thresholds(shifted):
+    labels, probs = shifted
+    unseen = np.linspace(0.05, 0.95, 19)
+    rows = study.score_rules(labels, probs, None, target=0.95, unseen_normals=unseen)
+    for row in rows:
+        for name, threshold in row["thresholds"].items():
+            assert row["held_out_series"][name] == pytest.approx(float((unseen < threshold).mean()))
+    assert "held-out series: spec @ default / screening" in study.to_markdown(rows, "model")
+    assert "held-out series" not in study.to_markdown(study.score_rules(labels, probs, None, 0.95), "model")
+
+
+def test_the_unseen_series_is_the_normal_images_of_the_cards_held_out_series(tmp_path):
+    write_synthetic_dataset(tmp_path, per_class=4)
+    normal = tmp_path / "train" / "NORMAL"
+    for i in range(3):
+        (normal / f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg").write_bytes((normal / "IM-0000-0001.jpeg").read_bytes())
+
+    def card(series):
+        return SimpleNamespace(training=SimpleNamespace(config={"hold_out_series": series}))
+
+    unseen = study.unseen_series(str(tmp_path), card("NORMAL2-IM"))
+    assert sorted(p.name for p in unseen.paths) == [f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg" for i in range(3)]
+    assert unseen.labels == [0, 0, 0]
+    assert study.unseen_series(str(tmp_path), card(None)) is None
