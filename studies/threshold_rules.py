@@ -22,7 +22,7 @@ import numpy as np
 from pneumonia.errors import ModelLoadError
 from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, XrayClassifier
 from pneumonia.training.config import HELD_OUT_SHIFTS, RULES, SHIFT_SETS
-from pneumonia.training.dataset import DataError, SplitFiles, scan_split, split_off_series, validation_part
+from pneumonia.training.dataset import DataError, unseen_series, validation_part
 from pneumonia.training.shifts import BASELINE
 from pneumonia.training.threshold_rules import rates_at, thresholds_by_rule
 from studies.robustness import (
@@ -114,12 +114,6 @@ def to_markdown(rows: list[dict], model: str) -> str:
             )
         )
     return "\n".join(lines) + "\n"
-
-
-def unseen_series(data_dir: str, card) -> SplitFiles | None:
-    """The NORMAL images of the series the model was trained without (its card's hold_out_series), or None."""
-    series = card.training.config.get("hold_out_series")
-    return split_off_series(scan_split(data_dir, "train"), series)[1] if series else None
 
 
 def run(data_dir: str, model: str, originals: str | None, log=print) -> list[dict]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from builders import write_synthetic_dataset
 from PIL import Image
 
 from pneumonia.serving.classifier import find_card
@@ -275,3 +277,18 @@ def test_validation_reconstruction_matches_the_card_fingerprint(tiny_model_dir, 
 
     with pytest.raises(dataset.DataError, match="no train/NORMAL or train/PNEUMONIA"):
         dataset.validation_part(synthetic_data_dir / "missing", card)
+
+
+def test_the_unseen_series_is_the_normal_images_of_the_cards_held_out_series(tmp_path):
+    write_synthetic_dataset(tmp_path, per_class=4)
+    normal = tmp_path / "train" / "NORMAL"
+    for i in range(3):
+        (normal / f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg").write_bytes((normal / "IM-0000-0001.jpeg").read_bytes())
+
+    def card(series):
+        return SimpleNamespace(training=SimpleNamespace(config={"hold_out_series": series}))
+
+    unseen = dataset.unseen_series(str(tmp_path), card("NORMAL2-IM"))
+    assert sorted(p.name for p in unseen.paths) == [f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg" for i in range(3)]
+    assert unseen.labels == [0, 0, 0]
+    assert dataset.unseen_series(str(tmp_path), card(None)) is None

@@ -292,7 +292,10 @@ def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(c
     classifier = XrayClassifier(tmp_path / "run")
     probs = np.array([classifier.predict_source(p) for p in sorted((data / "train" / "NORMAL").glob("NORMAL2-*"))])
     assert held["normal_mean_p"] == pytest.approx(probs.mean(), abs=1e-5)
-    assert held["specificity"]["default"] == pytest.approx((probs < card.thresholds.default).mean())
+    # at the card's thresholds, those the threshold rule chose last (not the validation part's first pick)
+    assert held["thresholds"] == {"default": card.thresholds.default, "screening": card.thresholds.screening}
+    for name in ("default", "screening"):
+        assert held["specificity"][name] == pytest.approx((probs < held["thresholds"][name]).mean())
     _, info = dataset.validation_part(data, card)
     assert info["fingerprint_matches"], info
 

@@ -28,6 +28,7 @@ from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import normalize, xray_pixels
 from pneumonia.training import dataset
 from pneumonia.training.operating_points import choose_thresholds, fit_platt
+from pneumonia.training.threshold_rules import rates_at
 
 SIZE = 32
 OPACITY = 50  # a faint blob: the classes overlap a little, so thresholds matter
@@ -92,6 +93,9 @@ def model_dir(tmp_path_factory):
         thresholds=Thresholds(**thresholds, target_sensitivity=0.98, chosen_on="unshifted validation images"),
         validation=evaluate_predictions(labels, probs, thresholds, "blob_detector", "validation"),
         data=dataclasses.replace(card.data, validation={"NORMAL": 60, "PNEUMONIA": 60}),
+        # figures taken at these thresholds, as apply_threshold_rule records them (here on the clean images)
+        expectations={"framing": {"crop_90": rates_at(labels, probs, thresholds)}},
+        held_out_series={"series": "NORMAL2-IM", "n_normal": 60, "thresholds": thresholds},
     )
     write_card(out, card)
     (out / "report").mkdir()
@@ -159,7 +163,11 @@ def test_card_keeps_the_previous_values_and_records_the_site_sample(model_dir, s
     old = json.loads((model_dir / "model.json").read_text())
     card = json.loads((out / "model.json").read_text())
     recal = card["recalibration"]
-    assert recal["previous"] == {"calibration": old["calibration"], "thresholds": old["thresholds"]}
+    assert recal["previous"] == {
+        name: old[name] for name in ("calibration", "thresholds", "expectations", "held_out_series")
+    }
+    # measured at the old thresholds: kept with them, not shown beside the new ones
+    assert "expectations" not in card and "held_out_series" not in card
     assert card["calibration"]["slope"] != old["calibration"]["slope"]
     assert card["thresholds"]["default"] > old["thresholds"]["default"]  # brighter NORMALs -> higher threshold
     assert card["thresholds"]["screening"] <= card["thresholds"]["default"]
@@ -176,7 +184,7 @@ def test_card_keeps_the_previous_values_and_records_the_site_sample(model_dir, s
     assert recal["command"].startswith("python -m pneumonia calibrate site-a --model ")
     assert str(site) not in json.dumps(card)  # no absolute paths of the site sample
     # Everything else is the old card's.
-    changed = ("calibration", "thresholds", "recalibration")
+    changed = ("calibration", "thresholds", "recalibration", *recalibration.MEASURED_AT_THE_THRESHOLDS)
     assert {k: v for k, v in card.items() if k not in changed} == {k: v for k, v in old.items() if k not in changed}
     assert json.loads((out / "report" / "site" / "metrics.json").read_text()) == recal["metrics"]
 
@@ -266,5 +274,8 @@ def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):
         assert f"{previous[name]:.3f}" in page and f"{card['thresholds'][name]:.3f}" in page
     assert "small site sample" in page  # the warning
 
+    assert 'id="expect-crop_90"' not in page
+
     original = create_app({"MODEL_PATH": str(model_dir), "TESTING": True}).test_client().get("/model")
     assert original.status_code == 200 and 'id="recalibration"' not in original.get_data(as_text=True)
+    assert 'id="expect-crop_90"' in original.get_data(as_text=True)

@@ -130,6 +130,11 @@ def command_line(site_dir, model, out, split: str | None) -> str:
     return shlex.join(args + (["--split", split] if split else []))
 
 
+# Card figures measured at the thresholds (what the proxies expect at a new site, the unseen series):
+# a recalibration keeps them with the old thresholds under `previous`, not beside the new ones.
+MEASURED_AT_THE_THRESHOLDS = ("expectations", "held_out_series")
+
+
 def recalibrated_card(
     card: ModelCard,
     calibration: dict,
@@ -147,6 +152,7 @@ def recalibrated_card(
     counts = files.counts()
     n = sum(counts.values())
     previous = {"calibration": asdict(card.calibration), "thresholds": asdict(card.thresholds)}
+    previous.update({name: getattr(card, name) for name in MEASURED_AT_THE_THRESHOLDS if getattr(card, name)})
     if card.recalibration:  # a recalibrated model recalibrated again keeps its history
         previous["recalibration"] = card.recalibration
     new_calibration = Calibration(
@@ -179,7 +185,13 @@ def recalibrated_card(
         "note": "metrics are on the same sample the calibration and thresholds were fitted on: optimistic; "
         "the model weights are unchanged",
     }
-    return replace(card, calibration=new_calibration, thresholds=new_thresholds, recalibration=recalibration)
+    return replace(
+        card,
+        calibration=new_calibration,
+        thresholds=new_thresholds,
+        recalibration=recalibration,
+        **dict.fromkeys(MEASURED_AT_THE_THRESHOLDS),
+    )
 
 
 def write_model_folder(keras_path: Path, card: ModelCard, out: Path, metrics: dict) -> None:

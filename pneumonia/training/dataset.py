@@ -110,6 +110,12 @@ def split_off_series(files: SplitFiles, series: str | None) -> tuple[SplitFiles,
     return files.subset([i for i in range(len(files.paths)) if i not in held_set]), files.subset(held)
 
 
+def unseen_series(data_dir: str | Path, card: ModelCard) -> SplitFiles | None:
+    """The NORMAL images of the series the model was trained without (train --hold-out-series), or None."""
+    series = card.training.config.get("hold_out_series")
+    return split_off_series(scan_split(data_dir, "train"), series)[1] if series else None
+
+
 def training_parts(
     files: SplitFiles, val_fraction: float, seed: int, hold_out_series: str | None = None
 ) -> tuple[SplitFiles, SplitFiles, SplitFiles]:

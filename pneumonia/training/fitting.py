@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from pneumonia.evaluation.metrics import write_metrics
 from pneumonia.evaluation.plots import plot_history, save_plots
 from pneumonia.labels import CLASS_NAMES
-from pneumonia.serving.card import CARD_NAME, DataRecord, Gradcam, ModelCard, Run, Training, platt, write_card
+from pneumonia.serving.card import CARD_NAME, DataRecord, Gradcam, ModelCard, Run, Training, write_card
 from pneumonia.serving.keras_graphs import features_and_logit_model, gradcam_layer_for
 from pneumonia.serving.preprocessing import normalize_contrast, preprocessing_spec
 from pneumonia.training import dataset
@@ -98,8 +98,6 @@ class TrainingData:
     val_y: np.ndarray
     train_files: dataset.SplitFiles
     val_files: dataset.SplitFiles
-    held_out_x: np.ndarray  # the NORMAL images of a held-out series (empty without one)
-    held_out_files: dataset.SplitFiles
 
 
 def load_training_data(config: TrainConfig, log=print) -> TrainingData:
@@ -112,7 +110,6 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     )
     train_x, train_y, train_files = dataset.load_pixels(train_files, config.image_size, config.cache_dir, log)
     val_x, val_y, val_files = dataset.load_pixels(val_files, config.image_size, config.cache_dir, log)
-    held_x, _, held_out = dataset.load_pixels(held_out, config.image_size, config.cache_dir, log)
     log(dataset.describe("training part", train_files))
     log(dataset.describe("validation part (patient-grouped, from train/)", val_files))
     if config.hold_out_series:
@@ -125,8 +122,6 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
         val_y,
         train_files,
         val_files,
-        normalize_contrast(held_x, config.contrast),
-        held_out,
     )
 
 
@@ -221,30 +216,6 @@ def lineage(init: dict, training: Training, train_fingerprint: str) -> list[Run]
     return [*earlier, run]
 
 
-def held_out_record(config: TrainConfig, model, data: TrainingData, point: OperatingPoint, log=print) -> dict | None:
-    """How the NORMAL images of the held-out series fare: the specificity a new site's normal
-    X-rays would get at the thresholds chosen without them."""
-    if not config.hold_out_series:
-        return None
-    normalization = normalization_for(config.arch)
-    batches = make_dataset(data.held_out_x, np.zeros(len(data.held_out_x), int), normalization, config.batch_size, 0)
-    probs = platt(logits_of(model, batches), point.calibration.slope, point.calibration.intercept)
-    record = {
-        "series": config.hold_out_series,
-        "n_normal": len(probs),
-        "normal_mean_p": float(probs.mean()),
-        "specificity": {
-            name: float((probs < getattr(point.thresholds, name)).mean()) for name in ("default", "screening")
-        },
-    }
-    log(
-        f"held-out series {config.hold_out_series}: {len(probs)} NORMAL images, mean p {record['normal_mean_p']:.3f}, "
-        f"specificity {record['specificity']['default']:.3f} @ default, {record['specificity']['screening']:.3f} "
-        "@ screening"
-    )
-    return record
-
-
 def data_record(config: TrainConfig, data: TrainingData) -> DataRecord:
     return DataRecord(
         source=str(Path(config.data_dir).name),
@@ -302,7 +273,6 @@ def model_card(
     point: OperatingPoint,
     paths: dict,
     started: float,
-    log=print,
 ) -> ModelCard:
     layer = gradcam_layer_for(best)
     training = training_record(config, list(csv.DictReader(paths["history"].open())), started)
@@ -322,7 +292,6 @@ def model_card(
         lineage=lineage(init, training, record.train_fingerprint),
         gradcam=Gradcam(layer, [int(n) for n in best.get_layer(layer).output.shape[1:3]]),
         versions=versions(),
-        held_out_series=held_out_record(config, best, data, point, log),
     )
 
 
@@ -356,7 +325,7 @@ def train(config: TrainConfig, log=print) -> ModelCard:
     point = operating_point(data.val_y, logits_of(best, val_ds), config.arch, config.target_sensitivity)
     write_metrics(point.metrics, paths["report"])
     save_plots(data.val_y, point.probabilities, point.metrics, paths["report"])
-    card = model_card(config, init, data, best, point, paths, started, log)
+    card = model_card(config, init, data, best, point, paths, started)
     best.save(out / card.file)
     card_path = write_card(out, card)
     log(f"wrote {out / card.file} and {card_path}")

@@ -110,11 +110,19 @@ def apply_threshold_rule(model_dir: Path, data_dir: str | Path, rule: ThresholdR
         rule_name=rule.name,
     )
     metrics = evaluate_predictions(files.labels, probs[BASELINE], chosen, card.name, card.validation["split"])
+    held_out = unseen_series_record(data_dir, classifier, chosen)
+    if held_out:
+        log(
+            f"held-out series {held_out['series']}: {held_out['n_normal']} NORMAL images, mean p "
+            f"{held_out['normal_mean_p']:.3f}, specificity {held_out['specificity']['default']:.3f} @ default, "
+            f"{held_out['specificity']['screening']:.3f} @ screening"
+        )
     card = replace(
         card,
         thresholds=thresholds,
         validation=metrics,
         expectations=site_expectations(data_dir, classifier, probs, files, chosen),
+        held_out_series=held_out,
     )
     write_card(model_dir, card)
     write_metrics(metrics, Path(model_dir) / "report")
@@ -134,3 +142,22 @@ def site_expectations(data_dir, classifier, probs: dict, files, thresholds: dict
         )[BASELINE]
         expected["originals"] = {"n": originals.counts(), **rates_at(originals.labels, originals_probs, thresholds)}
     return expected
+
+
+def unseen_series_record(data_dir, classifier, thresholds: dict) -> dict | None:
+    """How the NORMAL images of the series training held out fare at `thresholds` (chosen without
+    them): the specificity a new site's normal X-rays would get. None without a held-out series."""
+    unseen = dataset.unseen_series(data_dir, classifier.card)
+    if unseen is None:
+        return None
+    probs = probabilities_under_shifts(classifier.probabilities_from_pixels, unseen.paths, (), classifier.image_size)[
+        BASELINE
+    ]
+    rates = rates_at(unseen.labels, probs, thresholds)
+    return {
+        "series": classifier.card.training.config["hold_out_series"],
+        "n_normal": len(probs),
+        "normal_mean_p": float(probs.mean()),
+        "thresholds": {name: float(t) for name, t in thresholds.items()},
+        "specificity": {name: rates[name]["specificity"] for name in thresholds},
+    }

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-from builders import write_synthetic_dataset
 
 from pneumonia.training.config import HELD_OUT_SHIFTS, RULES, SHIFT_SETS
 from pneumonia.training.shifts import BASELINE
@@ -60,18 +57,3 @@ def test_a_held_out_series_is_scored_at_each_rules_thresholds(shifted):
             assert row["held_out_series"][name] == pytest.approx(float((unseen < threshold).mean()))
     assert "held-out series: spec @ default / screening" in study.to_markdown(rows, "model")
     assert "held-out series" not in study.to_markdown(study.score_rules(labels, probs, None, 0.95), "model")
-
-
-def test_the_unseen_series_is_the_normal_images_of_the_cards_held_out_series(tmp_path):
-    write_synthetic_dataset(tmp_path, per_class=4)
-    normal = tmp_path / "train" / "NORMAL"
-    for i in range(3):
-        (normal / f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg").write_bytes((normal / "IM-0000-0001.jpeg").read_bytes())
-
-    def card(series):
-        return SimpleNamespace(training=SimpleNamespace(config={"hold_out_series": series}))
-
-    unseen = study.unseen_series(str(tmp_path), card("NORMAL2-IM"))
-    assert sorted(p.name for p in unseen.paths) == [f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg" for i in range(3)]
-    assert unseen.labels == [0, 0, 0]
-    assert study.unseen_series(str(tmp_path), card(None)) is None
