@@ -95,7 +95,12 @@ def model_dir(tmp_path_factory):
         data=dataclasses.replace(card.data, validation={"NORMAL": 60, "PNEUMONIA": 60}),
         # figures taken at these thresholds, as apply_threshold_rule records them (here on the clean images)
         expectations={"framing": {"crop_90": rates_at(labels, probs, thresholds)}},
-        held_out_series={"series": "NORMAL2-IM", "n_normal": 60, "thresholds": thresholds},
+        held_out_series={
+            "series": "NORMAL2-IM",
+            "n_normal": 60,
+            "thresholds": thresholds,
+            "specificity": {name: r["specificity"] for name, r in rates_at(labels, probs, thresholds).items()},
+        },
     )
     write_card(out, card)
     (out / "report").mkdir()
@@ -274,8 +279,12 @@ def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):
         assert f"{previous[name]:.3f}" in page and f"{card['thresholds'][name]:.3f}" in page
     assert "small site sample" in page  # the warning
 
-    assert 'id="expect-crop_90"' not in page
+    assert 'id="expect-crop_90"' not in page and 'id="expect-held-out-series"' not in page
 
     original = create_app({"MODEL_PATH": str(model_dir), "TESTING": True}).test_client().get("/model")
     assert original.status_code == 200 and 'id="recalibration"' not in original.get_data(as_text=True)
-    assert 'id="expect-crop_90"' in original.get_data(as_text=True)
+    original = original.get_data(as_text=True)
+    assert 'id="expect-crop_90"' in original
+    held = json.loads((model_dir / "model.json").read_text())["held_out_series"]
+    row = original.split('id="expect-held-out-series"')[1].split("</tr>")[0]
+    assert "NORMAL2-IM" in row and f"{100 * held['specificity']['screening']:.0f} % / –" in row
