@@ -144,6 +144,8 @@ def test_result_page_shows_probability_labels_images_model_and_time(result_page,
         assert f"{name.capitalize()} threshold {card.thresholds.as_dict()[name]:.3f}" in html
         assert f'id="label-{name}"' in html
     assert "Balanced" in html and "false alarms" in html  # what each threshold means
+    default = card.validation["thresholds"]["default"]
+    assert f"On the validation set it found {100 * default['recall']:.1f} %" in html
     assert card.name in html and f"validation AUC {card.validation['auc']:.3f}" in html
     assert 'id="timing"' in html and "Processed in" in html
     assert f"Layer {card.gradcam.layer}, 8×8 cells" in html

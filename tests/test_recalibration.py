@@ -269,6 +269,12 @@ def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):
     }
     assert body["probability"] == pytest.approx(XrayClassifier(out).predict_source(data), abs=1e-6)
 
+    # the result page reads each threshold's figures where it was chosen: the site sample, not validation
+    result = client.post("/predict", data=upload(data, "x.jpeg")).get_data(as_text=True)
+    site_default = card["recalibration"]["metrics"]["thresholds"]["default"]
+    assert "(calibrated on the site sample)" in result and "validation set" not in result
+    assert f"On the site sample it found {100 * site_default['recall']:.1f} %" in result
+
     page = client.get("/model").get_data(as_text=True)
     sample = card["recalibration"]["site_sample"]
     assert 'id="recalibration"' in page and "recalibrated for a site" in page

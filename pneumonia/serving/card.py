@@ -207,6 +207,14 @@ class ModelCard:
         counts = (self.recalibration or {}).get("site_sample", {}).get("counts") or self.data.validation
         return math.ceil(100 / max(1, min(counts.values(), default=1))) / 100
 
+    @property
+    def metrics_at_thresholds(self) -> tuple[str, dict]:
+        """(where the thresholds were chosen, evaluate_predictions' figures there at them): the site sample's
+        after a recalibration (optimistic: the same images), else the validation part's."""
+        if self.recalibration:
+            return "site sample", self.recalibration["metrics"]
+        return "validation set", self.validation
+
     def shown_probability(self, probability: float) -> str:
         """The calibrated probability as a person should read it: "> 99 %" beyond what the data backs."""
         floor = self.probability_floor
