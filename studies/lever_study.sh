@@ -5,7 +5,7 @@
 # Runs already finished (model.json present) are skipped, so the study can be restarted.
 set -euo pipefail
 data=${1:?data dir}; originals=${2:?originals dir}; shift 2
-common=(--arch custom --image-size 120 --epochs 6 --patience 2 --seed 42)
+common=(--arch custom --image-size 120 --epochs 6 --seed 42)
 # The levers still in the product. The retired ones (CLAHE, label smoothing, weight averaging,
 # sharpness matching, framing augmentation, mixup) run from commit 9f89205 (model/report/levers.md).
 declare -A levers=(

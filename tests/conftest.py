@@ -73,7 +73,6 @@ def tiny_model_dir(synthetic_data_dir, tmp_path_factory):
         learning_rate=1e-3,
         val_fraction=0.25,
         seed=0,
-        patience=10,
         cache_dir=None,
     )
     train(config, log=lambda *_: None)

@@ -38,7 +38,6 @@ CUSTOM = dict(
     learning_rate=1e-3,
     val_fraction=0.25,
     seed=0,
-    patience=10,
     cache_dir=None,
 )
 CUSTOM_IMAGES_PER_CLASS = 400

@@ -53,14 +53,17 @@ def add(commands, shipped: str) -> None:
         f"(default: {per_arch(DEFAULT_INIT)})",
     )
     train.add_argument("--image-size", type=int, help=f"input side in pixels (default {per_arch(DEFAULT_IMAGE_SIZE)})")
-    for name in ("epochs", "batch_size", "learning_rate", "val_fraction", "seed", "target_sensitivity"):
+    helps = {
+        "epochs": "the schedule's length; the final epoch's weights are the model",
+        "learning_rate": "the peak rate, reached after the warm-up, then decayed along a cosine to 0",
+        "warmup_fraction": "the share of all steps over which the rate rises linearly to its peak",
+    }
+    for name in ("epochs", "batch_size", "learning_rate", "warmup_fraction", "val_fraction", "seed"):
         value = getattr(default, name)
-        train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    train.add_argument(
-        "--patience", type=int, default=default.patience, help="early stopping: epochs without a better validation AUC"
-    )
+        train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=helps.get(name))
+    train.add_argument("--target-sensitivity", type=float, default=default.target_sensitivity)
     _add_recipe(train, default)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras, at the step the schedule reached")
     train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
     train.add_argument("--no-cache", action="store_true")
     train.set_defaults(run=run)

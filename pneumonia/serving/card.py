@@ -142,7 +142,8 @@ class Training:
     wall_time_s: float
     optimizer: str
     loss: str
-    weights: str
+    weights: str  # which epoch's weights are the model
+    schedule: str | None = None  # the learning-rate schedule, when the run had one (training/schedule.py)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """`python -m pneumonia train`: data -> model, card and validation report in one folder.
 
 DIR/
-  <arch>.keras          best epoch by validation AUC
+  <arch>.keras          the final weights (the schedule ends at a rate of zero; no epoch is picked)
   model.json            the card
   report/               validation metrics.json, plots, history.csv, training_curves.png
-  checkpoints/          last.keras + state.json (for --resume), best.keras
+  checkpoints/          last.keras + state.json (for --resume)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pneumonia.training.config import RULES_BY_NAME, TrainConfig
 from pneumonia.training.export import export
 from pneumonia.training.gate_fitting import fit_ood, format_gate
 from pneumonia.training.operating_points import OperatingPoint, operating_point
+from pneumonia.training.schedule import WarmupCosine, describe, warmup_cosine
 from pneumonia.training.threshold_rules import apply_threshold_rule
 
 
@@ -67,25 +68,43 @@ def exact_val_auc_callback(val_ds, val_y):
     return ExactValidationAUC()
 
 
-def resume_state_callback(checkpoint_dir: Path, best_val_auc: float | None, started: float):
-    """Saves last.keras + state.json after every epoch, so --resume can continue.
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first step whose loss is not finite, so no NaN weights are checkpointed."""
+
+    def __init__(self):
+        super().__init__()
+        self.diverged_at: tuple[int, int] | None = None  # (epoch, step), 1-based
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is not None and not np.isfinite(float(logs.get("loss", 0.0))):
+            self.diverged_at = (self.epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+
+def resume_state_callback(checkpoint_dir: Path, started: float, guard: DivergenceGuard):
+    """Saves last.keras + state.json after every epoch that did not diverge, so --resume can continue.
 
     `started` is the clock time training would have begun had it never stopped, so the
     recorded wall time adds up across resumes.
     """
 
     class SaveResumeState(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.best = -np.inf if best_val_auc is None else best_val_auc
-
         def on_epoch_end(self, epoch, logs=None):
-            self.best = max(self.best, float(logs.get("val_auc", -np.inf)))
+            if guard.diverged_at is not None:
+                return
             self.model.save(checkpoint_dir / "last.keras")
-            state = {"epochs_done": epoch + 1, "best_val_auc": self.best, "wall_time_s": time.time() - started}
+            state = {"epochs_done": epoch + 1, "wall_time_s": time.time() - started}
             (checkpoint_dir / "state.json").write_text(json.dumps(state))
 
     return SaveResumeState()
+
+
+class DivergedError(SystemExit):
+    """A run whose loss became NaN or infinite; its last good checkpoint is kept."""
 
 
 @dataclass
@@ -125,7 +144,8 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     )
 
 
-def compile_for_training(model, learning_rate: float) -> None:
+def compile_for_training(model, learning_rate) -> None:
+    """Adam at `learning_rate`: a number, or a schedule of the step (schedule.WarmupCosine)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
@@ -139,56 +159,51 @@ class Progress:
 
     model: object
     initial_epoch: int = 0
-    best_val_auc: float | None = None
     earlier_wall_time_s: float = 0.0
 
 
-def model_to_fit(config: TrainConfig, init: dict, checkpoints: Path, log=print) -> Progress:
+def model_to_fit(config: TrainConfig, init: dict, schedule: WarmupCosine, checkpoints: Path, log=print) -> Progress:
+    """A fresh model compiled with the run's schedule, or (--resume) the last checkpoint, whose optimizer
+    carries the schedule and the global step it reached."""
     state_file = checkpoints / "state.json"
     if config.resume and state_file.exists():
         state = json.loads(state_file.read_text())
-        log(f"resuming after epoch {state['epochs_done']} (best validation AUC so far {state['best_val_auc']:.4f})")
-        return Progress(
-            keras.saving.load_model(checkpoints / "last.keras"),
-            state["epochs_done"],
-            state["best_val_auc"],
-            state.get("wall_time_s", 0.0),
-        )
+        model = keras.saving.load_model(checkpoints / "last.keras")
+        saved = model.optimizer.get_config()["learning_rate"]
+        if not isinstance(saved, dict) or saved.get("config") != schedule.get_config():
+            raise SystemExit(
+                f"--resume: the checkpoint in {checkpoints} follows another schedule ({saved}); resume with the "
+                "--epochs, --batch-size, --learning-rate and --warmup-fraction it was started with"
+            )
+        log(f"resuming after epoch {state['epochs_done']}, at step {int(model.optimizer.iterations)} of the schedule")
+        return Progress(model, state["epochs_done"], state.get("wall_time_s", 0.0))
     if config.resume:
         log("--resume: no checkpoint found, starting from scratch")
     model = build_model(config.arch, config.image_size, init)
-    compile_for_training(model, config.learning_rate)
+    compile_for_training(model, schedule)
     return Progress(model)
 
 
-def training_callbacks(config: TrainConfig, progress: Progress, val_ds, val_y, paths: dict, started: float) -> list:
+def training_callbacks(progress: Progress, val_ds, val_y, paths: dict, started: float, guard) -> list:
     return [
-        exact_val_auc_callback(val_ds, val_y),  # the callbacks below read its val_auc
-        keras.callbacks.ModelCheckpoint(
-            paths["best"],
-            monitor="val_auc",
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=progress.best_val_auc,
-        ),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6),
+        guard,
+        exact_val_auc_callback(val_ds, val_y),  # a report: it ranks no epoch (schedule.py says why)
         keras.callbacks.CSVLogger(paths["history"], append=progress.initial_epoch > 0),
-        resume_state_callback(paths["checkpoints"], progress.best_val_auc, started),
+        resume_state_callback(paths["checkpoints"], started, guard),
     ]
 
 
-def training_record(config: TrainConfig, history: list[dict], started: float) -> Training:
-    best_epoch = int(history[int(np.argmax([float(r["val_auc"]) for r in history]))]["epoch"]) + 1 if history else None
+def training_record(config: TrainConfig, schedule: WarmupCosine, history: list[dict], started: float) -> Training:
     return Training(
         config=asdict(config),
         epochs_run=len(history),
-        best_epoch=best_epoch,
+        best_epoch=None,
         command="python -m pneumonia " + shlex.join(sys.argv[1:]),
         wall_time_s=round(time.time() - started, 1),
         optimizer="Adam",
         loss="binary cross-entropy, balanced class weights",
-        weights="the best epoch's",
+        weights="the final epoch's",
+        schedule=describe(schedule),
     )
 
 
@@ -241,7 +256,6 @@ def run_paths(out: Path) -> dict[str, Path]:
     paths = {
         "checkpoints": out / "checkpoints",
         "report": out / "report",
-        "best": out / "checkpoints" / "best.keras",
         "history": out / "report" / "history.csv",
     }
     paths["checkpoints"].mkdir(parents=True, exist_ok=True)
@@ -250,32 +264,46 @@ def run_paths(out: Path) -> dict[str, Path]:
 
 
 def fit(config: TrainConfig, progress: Progress, data: TrainingData, train_ds, val_ds, paths: dict, started: float):
-    """Fits from where `progress` stands to `config.epochs`; the best epoch is left in paths["best"]."""
+    """Fits `progress.model` from where it stands to `config.epochs`; DivergedError if the loss stops being finite."""
     if progress.initial_epoch >= config.epochs:
         return
+    guard = DivergenceGuard()
     progress.model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
         initial_epoch=progress.initial_epoch,
         class_weight=class_weights(data.train_y),
-        callbacks=training_callbacks(config, progress, val_ds, data.val_y, paths, started),
+        callbacks=training_callbacks(progress, val_ds, data.val_y, paths, started, guard),
         verbose=1,
         shuffle=False,
     )  # train_ds shuffles itself; Keras warns about shuffle=True
+    if guard.diverged_at is not None:
+        epoch, step = guard.diverged_at
+        kept = paths["checkpoints"] / "last.keras"
+        raise DivergedError(
+            f"training diverged: the loss is not finite at epoch {epoch}, step {step}. "
+            + (
+                f"The last good checkpoint ({kept}, after epoch {epoch - 1}) is kept; "
+                if epoch > 1
+                else "No epoch finished, so there is no checkpoint; "
+            )
+            + "try a lower --learning-rate or a longer warm-up."
+        )
 
 
 def model_card(
     config: TrainConfig,
     init: dict,
     data: TrainingData,
-    best,
+    model,
+    schedule: WarmupCosine,
     point: OperatingPoint,
     paths: dict,
     started: float,
 ) -> ModelCard:
-    layer = gradcam_layer_for(best)
-    training = training_record(config, list(csv.DictReader(paths["history"].open())), started)
+    layer = gradcam_layer_for(model)
+    training = training_record(config, schedule, list(csv.DictReader(paths["history"].open())), started)
     record = data_record(config, data)
     return ModelCard(
         name=config.arch,
@@ -290,7 +318,7 @@ def model_card(
         data=record,
         training=training,
         lineage=lineage(init, training, record.train_fingerprint),
-        gradcam=Gradcam(layer, [int(n) for n in best.get_layer(layer).output.shape[1:3]]),
+        gradcam=Gradcam(layer, [int(n) for n in model.get_layer(layer).output.shape[1:3]]),
         versions=versions(),
     )
 
@@ -316,17 +344,19 @@ def train(config: TrainConfig, log=print) -> ModelCard:
     )
     val_ds = make_dataset(data.val_x, data.val_y, normalization, config.batch_size, config.seed)
 
-    progress = model_to_fit(config, init, paths["checkpoints"], log)
+    steps_per_epoch = -(-len(data.train_y) // config.batch_size)
+    schedule = warmup_cosine(config.learning_rate, config.epochs, steps_per_epoch, config.warmup_fraction)
+    progress = model_to_fit(config, init, schedule, paths["checkpoints"], log)
     started -= progress.earlier_wall_time_s  # the recorded wall time adds up across resumes
     fit(config, progress, data, train_ds, val_ds, paths, started)
     plot_history(paths["history"], paths["report"] / "training_curves.png")
 
-    best = keras.saving.load_model(paths["best"], compile=False)
-    point = operating_point(data.val_y, logits_of(best, val_ds), config.arch, config.target_sensitivity)
+    model = progress.model  # the final weights
+    point = operating_point(data.val_y, logits_of(model, val_ds), config.arch, config.target_sensitivity)
     write_metrics(point.metrics, paths["report"])
     save_plots(data.val_y, point.probabilities, point.metrics, paths["report"])
-    card = model_card(config, init, data, best, point, paths, started)
-    best.save(out / card.file)
+    card = model_card(config, init, data, model, schedule, point, paths, started)
+    model.save(out / card.file)
     card_path = write_card(out, card)
     log(f"wrote {out / card.file} and {card_path}")
     export(out, log)
