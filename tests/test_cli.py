@@ -57,7 +57,7 @@ def test_train_writes_the_model_its_card_and_a_report(densenet_cli_run):
     assert f"validation AUC {card['validation']['auc']:.4f}" in result.stdout
     assert f"screening {card['thresholds']['screening']:.3f}" in result.stdout
     assert (out / "densenet121.keras").is_file() and card["file"] == "densenet121.keras"
-    for name in ("best.keras", "last.keras", "state.json"):
+    for name in ("last.keras", "state.json"):
         assert (out / "checkpoints" / name).is_file()
     assert_plots(out / "report")
     assert (out / "report" / "training_curves.png").stat().st_size > 5_000

@@ -63,7 +63,9 @@ def add(commands, shipped: str) -> None:
         train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=helps.get(name))
     train.add_argument("--target-sensitivity", type=float, default=default.target_sensitivity)
     _add_recipe(train, default)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.keras, at the step the schedule reached")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoints/last.keras, at the schedule's step"
+    )
     train.add_argument("--cache-dir", default=default.cache_dir, help="where decoded, resized pixels are kept")
     train.add_argument("--no-cache", action="store_true")
     train.set_defaults(run=run)

@@ -68,25 +68,38 @@ def exact_val_auc_callback(val_ds, val_y):
     return ExactValidationAUC()
 
 
-class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at the first step whose loss is not finite, so no NaN weights are checkpointed."""
-
-    def __init__(self):
-        super().__init__()
-        self.diverged_at: tuple[int, int] | None = None  # (epoch, step), 1-based
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs is not None and not np.isfinite(float(logs.get("loss", 0.0))):
-            self.diverged_at = (self.epoch + 1, batch + 1)
-            self.model.stop_training = True
+class DivergedError(SystemExit):
+    """A run whose loss became NaN or infinite; its last good checkpoint is kept."""
 
 
-def resume_state_callback(checkpoint_dir: Path, started: float, guard: DivergenceGuard):
-    """Saves last.keras + state.json after every epoch that did not diverge, so --resume can continue.
+def divergence_guard(checkpoints: Path):
+    """Stops training at the first step whose loss is not finite, before the epoch's end could
+    checkpoint NaN weights; the message says what was kept."""
+
+    class DivergenceGuard(keras.callbacks.Callback):
+        epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch + 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            if logs is None or np.isfinite(float(logs.get("loss", 0.0))):
+                return
+            kept = (
+                f"The last good checkpoint ({checkpoints / 'last.keras'}, after epoch {self.epoch - 1}) is kept; "
+                if self.epoch > 1
+                else "No epoch finished, so there is no checkpoint; "
+            )
+            raise DivergedError(
+                f"training diverged: the loss is not finite at epoch {self.epoch}, step {batch + 1}. {kept}"
+                "try a lower --learning-rate or a longer warm-up (--warmup-fraction)."
+            )
+
+    return DivergenceGuard()
+
+
+def resume_state_callback(checkpoint_dir: Path, started: float):
+    """Saves last.keras + state.json after every epoch, so --resume can continue.
 
     `started` is the clock time training would have begun had it never stopped, so the
     recorded wall time adds up across resumes.
@@ -94,17 +107,11 @@ def resume_state_callback(checkpoint_dir: Path, started: float, guard: Divergenc
 
     class SaveResumeState(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if guard.diverged_at is not None:
-                return
             self.model.save(checkpoint_dir / "last.keras")
             state = {"epochs_done": epoch + 1, "wall_time_s": time.time() - started}
             (checkpoint_dir / "state.json").write_text(json.dumps(state))
 
     return SaveResumeState()
-
-
-class DivergedError(SystemExit):
-    """A run whose loss became NaN or infinite; its last good checkpoint is kept."""
 
 
 @dataclass
@@ -184,12 +191,12 @@ def model_to_fit(config: TrainConfig, init: dict, schedule: WarmupCosine, checkp
     return Progress(model)
 
 
-def training_callbacks(progress: Progress, val_ds, val_y, paths: dict, started: float, guard) -> list:
+def training_callbacks(progress: Progress, val_ds, val_y, paths: dict, started: float) -> list:
     return [
-        guard,
+        divergence_guard(paths["checkpoints"]),
         exact_val_auc_callback(val_ds, val_y),  # a report: it ranks no epoch (schedule.py says why)
         keras.callbacks.CSVLogger(paths["history"], append=progress.initial_epoch > 0),
-        resume_state_callback(paths["checkpoints"], started, guard),
+        resume_state_callback(paths["checkpoints"], started),
     ]
 
 
@@ -267,29 +274,16 @@ def fit(config: TrainConfig, progress: Progress, data: TrainingData, train_ds, v
     """Fits `progress.model` from where it stands to `config.epochs`; DivergedError if the loss stops being finite."""
     if progress.initial_epoch >= config.epochs:
         return
-    guard = DivergenceGuard()
     progress.model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
         initial_epoch=progress.initial_epoch,
         class_weight=class_weights(data.train_y),
-        callbacks=training_callbacks(progress, val_ds, data.val_y, paths, started, guard),
+        callbacks=training_callbacks(progress, val_ds, data.val_y, paths, started),
         verbose=1,
         shuffle=False,
     )  # train_ds shuffles itself; Keras warns about shuffle=True
-    if guard.diverged_at is not None:
-        epoch, step = guard.diverged_at
-        kept = paths["checkpoints"] / "last.keras"
-        raise DivergedError(
-            f"training diverged: the loss is not finite at epoch {epoch}, step {step}. "
-            + (
-                f"The last good checkpoint ({kept}, after epoch {epoch - 1}) is kept; "
-                if epoch > 1
-                else "No epoch finished, so there is no checkpoint; "
-            )
-            + "try a lower --learning-rate or a longer warm-up."
-        )
 
 
 def model_card(
