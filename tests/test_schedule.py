@@ -58,6 +58,7 @@ class Interrupted(Exception):
 def recording(monkeypatch, learning_rates: list, interrupt_after: int | None = None, on_epoch_begin=None):
     """Appends to train's callbacks one that records (global step, learning rate) before every step and,
     after the checkpoint of epoch `interrupt_after`, stops the run as a kill would."""
+
     class Record(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if on_epoch_begin:
