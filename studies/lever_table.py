@@ -29,7 +29,8 @@ def lever_row(model: dict) -> str:
         f" / {originals['screening']['specificity']:.3f}",
         f"{summary['mean_specificity_default']:.3f} / {summary['worst_specificity_default']:.3f}"
         f" ({summary['worst_shift']}) / {normal_p:.3f}",
-        f"{training.epochs_run} epochs (best {training.best_epoch}), {training.wall_time_s / 60:.0f} min",
+        f"{training.epochs_run} epochs ({f'best {training.best_epoch}' if training.best_epoch else 'final'}), "
+        f"{training.wall_time_s / 60:.0f} min",
     ]
     return "| " + " | ".join(cells) + " |"
 

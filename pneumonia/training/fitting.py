@@ -151,12 +151,14 @@ def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     )
 
 
-def compile_for_training(model, learning_rate) -> None:
-    """Adam at `learning_rate`: a number, or a schedule of the step (schedule.WarmupCosine)."""
+def compile_for_training(model, learning_rate, jit_compile: bool = False) -> None:
+    """Adam at `learning_rate`: a number, or a schedule of the step (schedule.WarmupCosine). XLA
+    (`jit_compile`) is off: bench/benchmark_training.py compares the two on this machine."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
     )
 
 
