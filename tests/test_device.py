@@ -43,6 +43,14 @@ def upscaled(path: Path, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
     return encode_image(image, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
+def rotated_with_exif(path: Path) -> bytes:
+    """A real X-ray stored on its side with EXIF orientation 6: upright only once the tag is applied."""
+    image = Image.open(path).convert("L").resize((1000, 820)).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encode_image(image, "JPEG", quality=90, exif=exif)
+
+
 def parity_cases() -> dict[str, bytes]:
     """name -> bytes: real X-rays (as stored, a PNG, two large JPEGs), synthetic ones, and non-X-rays."""
     normal, pneumonia = REAL_XRAYS
@@ -55,6 +63,10 @@ def parity_cases() -> dict[str, bytes]:
         "real-pneumonia-1400.jpeg": upscaled(pneumonia, (1600, 1400)),  # drafted at 1/2
         "real-normal-2200.jpeg": upscaled(normal, (2400, 2200)),  # drafted at 1/4
         "real-normal-1000.png": upscaled(normal, (1100, 1000), "PNG"),
+        "real-pneumonia-3000.jpeg": upscaled(pneumonia, (3000, 2600)),  # drafted at 1/4
+        "real-normal-exif.jpeg": rotated_with_exif(normal),
+        "real-pneumonia-rgb.jpeg": encode_image(Image.open(pneumonia).convert("RGB").resize((1200, 1000)), "JPEG"),
+        "real-normal-crop.jpeg": encode_image(Image.open(normal).crop((20, 20, 204, 204)).resize((900, 800)), "JPEG"),
         "synthetic-0.jpeg": xray_jpeg(640, 520, seed=20, label=0),  # saved as RGB: the colour path
         "synthetic-1.jpeg": xray_jpeg(700, 560, seed=21, label=1),
         "synthetic-1.png": encode_image(synthetic_xray(1, rng, 300), "PNG"),
