@@ -204,9 +204,13 @@
     // as decoding._to_greyscale composites them.
     const grey = new Uint8Array(rgba.length / 4);
     for (let i = 0, p = 0; i < grey.length; i++, p += 4) {
-      let [r, g, b] = [rgba[p], rgba[p + 1], rgba[p + 2]];
+      let r = rgba[p], g = rgba[p + 1], b = rgba[p + 2];
       const a = rgba[p + 3];
-      if (a !== 255) [r, g, b] = [r, g, b].map((c) => Math.round((c * a) / 255));
+      if (a !== 255) {
+        r = Math.round((r * a) / 255);
+        g = Math.round((g * a) / 255);
+        b = Math.round((b * a) / 255);
+      }
       grey[i] = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
     }
     return grey;
@@ -445,7 +449,8 @@
     // gradcam.display_image: greyscale, long side at most maxSide
     const context = canvas.getContext("2d", { willReadFrequently: true });
     const data = context.createImageData(canvas.width, canvas.height);
-    grey.forEach((v, i) => { data.data.set([v, v, v, 255], 4 * i); });
+    const words = new Uint32Array(data.data.buffer);  // one RGBA pixel a word (little-endian: A B G R)
+    grey.forEach((v, i) => { words[i] = 0xff000000 | (v << 16) | (v << 8) | v; });
     context.putImageData(data, 0, 0);
     const scale = Math.min(1, maxSide / Math.max(canvas.width, canvas.height));
     for (const target of [$("original"), $("overlay-base"), $("overlay")]) {
@@ -494,7 +499,10 @@
     ["read-error", "refused", "screened"].forEach((id) => { $(id).hidden = true; });
     result.dataset.file = name;
     result.dataset.verdict = outcome.probability === undefined ? "refused" : "screened";
-    result.dataset.ms = String(Math.round(performance.now() - outcome.timing.started));
+    const t = outcome.timing;
+    result.dataset.ms = String(Math.round(performance.now() - t.started));
+    result.dataset.decodeMs = t.decode ? String(Math.round(t.decode - t.started)) : "";
+    result.dataset.modelMs = t.model ? String(Math.round(t.model - t.decode)) : "";
     if (outcome.error) {
       result.dataset.reason = "unreadable";
       $("error-message").textContent = outcome.error;
