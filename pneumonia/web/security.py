@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flask import request
 
-from pneumonia.web import device_site
+from pneumonia.web.device_site import CONTENT_SECURITY_POLICY as DEVICE_POLICY
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -27,7 +27,7 @@ def register(app) -> None:
         # The in-browser screener compiles WebAssembly and fetches its model: its own, as strict otherwise.
         policy = CONTENT_SECURITY_POLICY
         if request.blueprint == "device":
-            policy = f"{device_site.CONTENT_SECURITY_POLICY}; frame-ancestors 'none'"
+            policy = f"{DEVICE_POLICY}; frame-ancestors 'none'"
         response.headers["Content-Security-Policy"] = policy
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
