@@ -271,6 +271,41 @@ def test_an_export_that_is_not_the_cards_is_refused(browser, site, tmp_path):
         assert not browser.find_element(By.ID, "file").is_enabled()
 
 
+@needs_chromium
+def test_a_card_without_contrast_normalisation_is_followed_too(browser, tmp_path):
+    """The next model may say contrast "none": the same export with such a card, screened both ways."""
+    import shutil
+
+    from pneumonia.serving.classifier import XrayClassifier
+    from pneumonia.serving.screening import BatchScreener
+
+    model = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, model, ignore=shutil.ignore_patterns("report"))
+    card = json.loads((model / "model.json").read_text())
+    card["preprocessing"]["contrast"] = "none"
+    (model / "model.json").write_text(json.dumps(card))
+    write_site(build_site(model), tmp_path / "site")
+    cases = {name: data for name, data in parity_cases().items() if name.startswith("real-")}
+    classifier = XrayClassifier(model)
+    rows = BatchScreener(classifier).screen_chunk(list(cases.items()), with_gradcam=True)
+    references, thresholds = {row.name: row for row in rows}, classifier.thresholds
+    for url in static_host(tmp_path / "site"):
+        assert open_page(browser, f"{url}/index.html") == "ready"
+        for name, data in list(cases.items())[:4]:
+            (tmp_path / name).write_bytes(data)
+            compare(name, screen_in_browser(browser, tmp_path / name), references[name], thresholds)
+
+
+def test_the_page_applies_every_contrast_a_card_may_name():
+    import re
+
+    from pneumonia.serving.card import CONTRASTS
+    from pneumonia.web.device_site import WEB
+
+    script = (WEB / "static" / "device.js").read_text()
+    assert json.loads(re.search(r"const CONTRASTS = (\[.*?\]);", script).group(1)) == list(CONTRASTS)
+
+
 def test_the_app_serves_the_page_with_isolation_and_its_policy(shipped_app):
     client = shipped_app.test_client()
     assert b'href="/device/"' in client.get("/").data

@@ -86,6 +86,9 @@
     const response = await fetch(base);
     if (!response.ok) throw new Error(`The model's parameters could not be downloaded (HTTP ${response.status})`);
     const params = await response.json();
+    if (!CONTRASTS.includes(params.preprocessing.contrast)) {  // a newer card than this page: no guessing
+      throw new Error(`This page cannot apply the model's contrast normalisation "${params.preprocessing.contrast}".`);
+    }
     const { explain, weights } = params.files;
     const downloads = [fetchChecked(explain.file, explain.sha256), fetchChecked(weights.file, weights.sha256)];
     if (params.gate) downloads.push(fetchChecked(params.gate.file, params.gate.sha256));
@@ -280,6 +283,7 @@
   }
 
   // --- the model's square: serving/preprocessing.py ----------------------------------------------
+  const CONTRASTS = ["none", "equalize"];  // serving/card.py: CONTRASTS, as modelInput applies them
   const PRECISION_BITS = 22;  // Pillow's Resample.c: 32 - 8 - 2
 
   function coefficients(inSize, outSize) {
@@ -359,7 +363,6 @@
   function modelInput(square, preprocessing) {
     // normalize_contrast, then normalize: (x * scale - mean) / std in float32, replicated to 3 channels.
     const pixels = preprocessing.contrast === "equalize" ? equalize(square) : square;
-    if (!["none", "equalize"].includes(preprocessing.contrast)) throw new Error(`unknown contrast ${preprocessing.contrast}`);
     const { scale, mean, std } = preprocessing.normalization;
     const f = Math.fround;
     const input = new Float32Array(pixels.length * 3);
@@ -408,7 +411,7 @@
     const timing = { started: performance.now() };
     const frame = readHeader(new Uint8Array(await file.arrayBuffer()), params.reading);
     const image = await decode(file);
-    let grey = greyscale(image.rgba);
+    const grey = greyscale(image.rgba);
     const side = params.reading.stats_sample_side;
     const stats = { pixels: frame.width * frame.height, chroma: meanChroma(image, frame.colour, side) };
     stats.aspect = Math.max(frame.width, frame.height) / Math.max(1, Math.min(frame.width, frame.height));
@@ -421,7 +424,6 @@
     const refused = params.gate ? pixelVerdict(stats, params.gate.bounds) : null;
     if (refused) return { verdict: refused, timing };
     const square = resize(reduced.grey, reduced.width, reduced.height, size);
-    grey = null;
     const input = new ort.Tensor("float32", modelInput(square, params.preprocessing), [1, size, size, 3]);
     const outputs = await model.session.run({ [model.session.inputNames[0]]: input });
     timing.model = performance.now();
