@@ -114,19 +114,24 @@ def app_site(shipped_app):
     yield from serve(shipped_app)
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def chromium(profile: Path, *extra_flags: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-device')}"]:
+    for flag in [*FLAGS, *extra_flags, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(120)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = chromium(tmp_path_factory.mktemp("chromium-device"))
     yield driver
     driver.quit()
 
@@ -304,6 +309,23 @@ def test_the_page_applies_every_contrast_a_card_may_name():
 
     script = (WEB / "static" / "device.js").read_text()
     assert json.loads(re.search(r"const CONTRASTS = (\[.*?\]);", script).group(1)) == list(CONTRASTS)
+
+
+@needs_chromium
+def test_a_browser_without_webassembly_is_told_and_sent_to_the_server(app_site, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver = chromium(tmp_path / "profile")
+    try:  # an old or locked-down browser: no WebAssembly object at all
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": "delete self.WebAssembly;"})
+        assert open_page(driver, f"{app_site}/device/") == "unavailable"
+        assert "WebAssembly" in driver.find_element(By.ID, "unavailable-reason").text
+        assert driver.find_element(By.ID, "unavailable").find_element(By.TAG_NAME, "a").get_attribute("href") == (
+            f"{app_site}/"
+        )
+        assert not driver.find_element(By.ID, "file").is_enabled()
+    finally:
+        driver.quit()
 
 
 def test_the_app_serves_the_page_with_isolation_and_its_policy(shipped_app):
