@@ -130,7 +130,8 @@ def test_the_wheel_carries_every_module_the_shipped_model_the_templates_and_the_
     expected |= {
         path.relative_to(REPO).as_posix()
         for folder in ("pneumonia/web/templates", "pneumonia/web/static")
-        for path in (REPO / folder).iterdir()
+        for path in (REPO / folder).rglob("*")
+        if path.is_file()
     }
     expected |= {
         f"pneumonia/shipped_model/{p.relative_to(SHIPPED_MODEL).as_posix()}"
@@ -179,6 +180,14 @@ def test_installed_predict_prints_a_probability_for_each_xray_from_the_root_fold
     assert f"{len(xrays)} file(s): {len(xrays)} screened, 0 refused" in result.stderr, result.stderr
     normal, pneumonia = (probability[p.name] for p in sorted(xrays, key=lambda p: not p.name.startswith("normal")))
     assert 0 <= normal < pneumonia <= 1, probability  # the shipped model, not some stand-in
+
+
+def test_installed_export_web_writes_the_static_site_without_node(venv, tmp_path):
+    """The in-browser screener from the wheel alone: onnxruntime-web is in it (static/vendor), no npm step."""
+    result = run([venv / "bin" / "pneumonia", "export-web", tmp_path / "site"], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("index.html", "model/screener.json", "model/weights.onnx.data", "static/vendor/ort.wasm.min.js"):
+        assert (tmp_path / "site" / name).is_file(), name
 
 
 def test_pneumonia_model_path_still_wins_over_the_shipped_model(venv, xrays, tmp_path):

@@ -61,7 +61,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from pneumonia.web import api, capacity, errors, pages, rate_limit, security
+    from pneumonia.web import api, capacity, device, errors, pages, rate_limit, security
     from pneumonia.web.screening import load_screener
 
     load_screener(app)
@@ -70,6 +70,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.wsgi_app = BodyDeadline(app.wsgi_app, app.config["BODY_TIMEOUT"], app.config["BODY_READ_TIMEOUT"])
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(device.bp)
     errors.register(app)
     security.register(app)
     return app

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from flask import request
 
+from pneumonia.web.device_site import CONTENT_SECURITY_POLICY as DEVICE_POLICY
+
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'none'",
@@ -22,7 +24,11 @@ CONTENT_SECURITY_POLICY = "; ".join(
 def register(app) -> None:
     @app.after_request
     def security_headers(response):
-        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        # The in-browser screener compiles WebAssembly and fetches its model: its own, as strict otherwise.
+        policy = CONTENT_SECURITY_POLICY
+        if request.blueprint == "device":
+            policy = f"{DEVICE_POLICY}; frame-ancestors 'none'"
+        response.headers["Content-Security-Policy"] = policy
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"
