@@ -1,0 +1,187 @@
+"""Small files that decode to a lot, and DICOM headers that lie (issue 33): each answered with a 4xx
+that says why, never a 500, and the memory budget (pneumonia/reading/budget.py) checked before the
+pixels are allocated. The conversion to 8 bits a strip at a time gives what the whole image would.
+Time and memory under a real 512 MiB limit: tests/test_dyno.py (slow) and `python -m bench.bombs`."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from builders import encode_image, upload
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+
+from bench.bombs import BOMBS, bad_header_dicom, build, oversized_pixel_data
+from pneumonia.errors import XrayReadError
+from pneumonia.reading.budget import MAX_DECODED_BYTES, STRIP_BYTES, range_to_uint8
+from pneumonia.reading.decoding import decode_xray
+
+REFUSED_OR_SCREENED = {400, 413, 415, 422}  # 413 only for a body over MAX_CONTENT_LENGTH
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, tuple[bytes, str]]:
+    return {name: build(name) for name in BOMBS}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_every_bomb_is_a_4xx_that_says_why(shipped_app, bombs, name):
+    data, query = bombs[name]
+    response = shipped_app.test_client().post(f"/api/predict?{query}", data=upload(data, "bomb"))
+    assert response.status_code in {400, 422}, response.get_json()
+    if response.status_code == 400:
+        assert "refused before" in response.get_json()["error"]
+
+
+def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch, bombs):
+    """The 16-bit PNG bomb never reaches Pillow's decoder (the budget is checked on its header)."""
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
+    with pytest.raises(XrayReadError, match="MiB one image may take"):
+        decode_xray(bombs["png 16-bit 7700x7700"][0], 224)
+
+
+def test_of_many_frames_only_the_first_is_decoded(bombs):
+    """20 RLE frames of 32 MB each: together 20 times the budget, one at a time within it."""
+    image, stats = decode_xray(bombs["dicom rle 20 frames"][0], 224)
+    assert image.size == (4000, 4000) and stats.pixels == 16_000_000
+    assert 20 * 4000 * 4000 * 2 > 9 * MAX_DECODED_BYTES
+
+
+@pytest.mark.parametrize(
+    ("data", "query", "message"),
+    [
+        (lambda: oversized_pixel_data(), "", None),  # pydicom read the extra bytes as frames: a 500
+        (lambda: bad_header_dicom(PatientBirthDate="99999999"), "result=dicom-sr", "PatientBirthDate"),
+        (lambda: bad_header_dicom(StudyInstanceUID="1.2.x.3"), "result=dicom", "StudyInstanceUID"),
+        (lambda: bad_header_dicom(StudyTime="256199"), "result=dicom-sr", "StudyTime"),
+    ],
+)
+def test_dicom_headers_that_were_500s_are_4xx(shipped_app, data, query, message):
+    response = shipped_app.test_client().post(f"/api/predict?{query}", data=upload(data(), "x.dcm"))
+    assert response.status_code in {400, 422}, response.get_data(as_text=True)[:300]
+    if message:
+        error = response.get_json()["error"]
+        assert response.status_code == 400 and message in error and "not a valid DICOM value" in error
+
+
+def test_the_value_of_an_invalid_tag_is_not_quoted(shipped_app):
+    data = bad_header_dicom(PatientBirthDate="19999999")
+    response = shipped_app.test_client().post("/api/predict?result=dicom-sr", data=upload(data, "x.dcm"))
+    assert response.status_code == 400 and "19999999" not in response.get_data(as_text=True)
+
+
+def test_too_many_file_parts_is_a_413_about_parts_not_size(shipped_app):
+    image = encode_image(Image.new("L", (64, 64)), "PNG")
+    form = {"file": [(io.BytesIO(image), f"{index}.png") for index in range(200)]}
+    response = shipped_app.test_client().post("/api/predict", data=form)
+    assert response.status_code == 413 and "too many parts" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(("path", "method", "heading"), [("/nowhere", "get", "Page not found"), ("/", "put", "Not")])
+def test_404_and_405_pages_do_not_speak_of_an_upload(shipped_app, path, method, heading):
+    page = getattr(shipped_app.test_client(), method)(path).get_data(as_text=True)
+    assert heading in page and "That upload could not be screened" not in page
+
+
+def test_the_strip_conversion_gives_what_the_whole_array_gives():
+    """Two passes over strips of STRIP_BYTES: the same uint8 as one float64 pass over the whole."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(100, 40_000, (3 * STRIP_BYTES // (8 * 700) + 5, 700)).astype(np.uint16)
+    whole = values.astype(np.float64)
+    expected = np.round((whole - whole.min()) * (255.0 / (whole.max() - whole.min()))).astype(np.uint8)
+    assert np.array_equal(range_to_uint8(values), expected)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "I;16"])
+def test_greyscale_by_strips_equals_pillows_whole_image_conversion(mode):
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (900, 2600, 4), dtype=np.uint8), "RGBA")  # several strips
+    image = (
+        rgba.convert(mode if mode != "P" else "RGB").convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(rng.integers(0, 60_000, (900, 2600), np.uint16))
+    )
+    if mode in ("RGBA", "LA"):
+        expected = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+    else:
+        expected = image.convert("RGB") if mode != "I;16" else None
+    grey, _ = decode_xray(encode_image(image, "TIFF" if mode in ("CMYK", "I;16") else "PNG"))
+    if expected is None:
+        expected = Image.fromarray(range_to_uint8(np.asarray(image)), "L")
+    assert np.array_equal(np.asarray(grey), np.asarray(expected.convert("L")))
+
+
+# --- DICOM headers, fuzzed ---------------------------------------------------------------------
+
+SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+]
+SIZES = st.sampled_from([0, 1, 7, 64, 300, 5_000, 65_535])
+
+
+def fuzzed_dicom(header: dict, syntax: str, pixel_bytes: int) -> bytes:
+    """A DICOM whose header says `header` and whose Pixel Data is `pixel_bytes` bytes (native) or a
+    100 x 80 JPEG whatever the header says (encapsulated)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta,
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientName = generate_uid(), generate_uid(), "DX", "A^B"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    if pydicom.uid.UID(syntax).is_compressed:
+        ds.PixelData = encapsulate([encode_image(Image.new("L", (100, 80), 90), "JPEG")])
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    else:
+        ds.PixelData = bytes(pixel_bytes)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+HEADERS = st.fixed_dictionaries(
+    {
+        "Rows": SIZES,
+        "Columns": SIZES,
+        "BitsAllocated": st.sampled_from([1, 8, 12, 16, 32, 64]),
+        "BitsStored": st.sampled_from([1, 8, 12, 16, 40]),
+        "HighBit": st.sampled_from([0, 7, 15]),
+        "NumberOfFrames": st.sampled_from([1, 2, 1000, 2**31 - 1]),
+        "PatientBirthDate": st.sampled_from(["", "19700101", "99999999", "1970"]),
+        "StudyDate": st.sampled_from(["20240229", "20230229", "x"]),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    header=HEADERS,
+    syntax=st.sampled_from(SYNTAXES),
+    pixel_bytes=st.sampled_from([0, 1, 4096, 8192, 100_000]),
+    result=st.sampled_from(["json", "dicom-sr", "dicom"]),
+)
+def test_fuzzed_dicom_headers_are_never_a_5xx(shipped_app, header, syntax, pixel_bytes, result):
+    data = fuzzed_dicom(header, syntax, pixel_bytes)
+    response = shipped_app.test_client().post(f"/api/predict?result={result}", data=upload(data, "x.dcm"))
+    assert response.status_code == 200 or response.status_code in REFUSED_OR_SCREENED, (
+        response.status_code,
+        response.get_data(as_text=True)[:300],
+    )
