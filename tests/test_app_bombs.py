@@ -6,11 +6,13 @@ Time and memory under a real 512 MiB limit: tests/test_dyno.py (slow) and `pytho
 from __future__ import annotations
 
 import io
+import socket
 
 import numpy as np
 import pydicom
 import pytest
-from builders import encode_image, upload
+import requests
+from builders import SHIPPED_MODEL, encode_image, gunicorn_serving, upload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -185,3 +187,47 @@ def test_fuzzed_dicom_headers_are_never_a_5xx(shipped_app, header, syntax, pixel
         response.status_code,
         response.get_data(as_text=True)[:300],
     )
+
+
+# --- what gunicorn answers itself --------------------------------------------------------------
+
+
+def raw_answer(url: str, request: bytes) -> bytes:
+    """The bytes gunicorn answers `request` with, sent as they are on a fresh connection, up to its
+    closing it (each of these answers closes it; a timeout fails the test)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+BAD_CHUNK = (
+    b"POST /api/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Type: multipart/form-data; boundary=b\r\n\r\nzz\r\n--b\r\n0\r\n\r\n"
+)
+HUGE_HEADER = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+MANY_HEADERS = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n"
+
+
+@pytest.mark.slow
+def test_http_errors_are_4xx_with_the_apps_security_headers():
+    """A bad chunk size (was a 500 logged as "Unexpected InvalidChunkSize") and headers over gunicorn's
+    limits: a 4xx that carries the Content-Security-Policy every answer of the app carries."""
+    with gunicorn_serving(SHIPPED_MODEL) as (_, url):
+        answers = {
+            name: raw_answer(url, request)
+            for name, request in [
+                ("bad chunk", BAD_CHUNK),
+                ("huge header", HUGE_HEADER),
+                ("many headers", MANY_HEADERS),
+            ]
+        }
+        healthy = requests.get(f"{url}/healthz", timeout=10).status_code
+    for name, answer in answers.items():
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.split()[1] in (b"400", b"431"), (name, answer[:300])
+        assert b"Content-Security-Policy: default-src 'none'" in rest, (name, answer[:600])
+    assert healthy == 200
