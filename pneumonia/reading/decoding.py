@@ -22,6 +22,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.budget import check_decoded_bytes, rows_to_uint8, strips
 from pneumonia.reading.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom
+from pneumonia.reading.dicom import declared_pixels as dicom_declared_pixels
 from pneumonia.reading.pixel_stats import PixelStats, grey_spread, mean_chroma
 
 Source = bytes | bytearray | str | Path
@@ -201,6 +202,18 @@ def decode_xray(source: Source, model_side: int | None = None) -> tuple[Image.Im
             raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
     # The pixel checks read the pixel count and the aspect ratio: the same whichever way up.
     return image, PixelStats(*stored_size, chroma, grey_spread(image))
+
+
+def declared_pixels(data: bytes) -> int:
+    """The pixels an upload's header declares, read without decoding anything (what a batch adds up
+    before it screens: pneumonia/web/batch.py); 0 when its header cannot be read (decoding refuses it)."""
+    if is_dicom(data):
+        return dicom_declared_pixels(data, MAX_IMAGE_PIXELS)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0
 
 
 def load_xray(source: Source, model_side: int | None = None) -> Image.Image:

@@ -78,6 +78,23 @@ def _check_inflated_size(data: bytes) -> None:
         )
 
 
+def declared_pixels(data: bytes, max_pixels: int) -> int:
+    """Rows x Columns as the header says (nothing inflated or decoded); `max_pixels` for a deflated
+    file, whose header is inside its deflated stream; 0 when the header cannot be read (decoding refuses it)."""
+    import pydicom
+
+    found = _dataset_offset(data)
+    if found is None:
+        return 0
+    if found[0] == DEFLATED:
+        return max_pixels
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return max(0, int(header.get("Rows", 0) or 0)) * max(0, int(header.get("Columns", 0) or 0))
+    except Exception:  # pydicom raises many types on damaged files
+        return 0
+
+
 def dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     """DICOM bytes -> PIL "L". Raises XrayReadError for what cannot or should not be decoded."""
     ds = read_dicom(data)

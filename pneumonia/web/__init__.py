@@ -24,6 +24,7 @@ DEFAULTS = {
     # (a chunk's model work is the longest a single upload waits behind it: README, "Performance").
     "BATCH_MAX_FILES": 100,
     "BATCH_CHUNK_SIZE": 8,
+    "BATCH_MAX_PIXELS": 1_000_000_000,  # declared by the files' headers in all (pneumonia/web/batch.py); else 413
     "OVERLAY_ALPHA": 0.5,
     "PAGE_IMAGE_MAX_SIDE": 1024,  # JPEGs in the result page
     "API_IMAGE_MAX_SIDE": 512,  # the PNG in the JSON answer: PNG encoding cost grows with area
