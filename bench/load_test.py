@@ -30,6 +30,7 @@ crash  N clients post real uploads back to back while a worker is killed with SI
 bombs  the small files of bench/bombs.py that decode to a lot (issue 33): each alone, then N clients
        sending them at once for R rounds, then a real upload. Prints each answer's status and
        seconds and the real upload's; with --memory-limit 512, whether a worker was killed.
+       --at-the-limit sends the largest inputs the memory budget lets through instead (decoded).
 
 Settings of the server come from the environment as in production (GUNICORN_THREADS,
 PNEUMONIA_MODEL_SLOTS, PNEUMONIA_BODY_TIMEOUT, ...); --env NAME=VALUE adds some for one run.
@@ -434,12 +435,13 @@ def flood(
     }
 
 
-def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2) -> dict:
-    """Each bomb of bench/bombs.py alone, then `clients` clients sending bombs at once for `rounds`
-    rounds (each client a different bomb), then a real upload: every answer's status and seconds."""
-    from bench.bombs import BOMBS, build
+def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2, at_the_limit: bool = False) -> dict:
+    """Each bomb of bench/bombs.py alone (or, `at_the_limit`, each of the largest inputs the budget lets
+    through), then `clients` clients sending them at once for `rounds` rounds (each client a different
+    one), then a real upload: every answer's status and seconds."""
+    from bench.bombs import AT_THE_LIMIT, BOMBS, build
 
-    bombs = {name: build(name) for name in BOMBS}
+    bombs = {name: build(name) for name in (AT_THE_LIMIT if at_the_limit else BOMBS)}
 
     def send(name: str) -> dict:
         data, query = bombs[name]
@@ -464,7 +466,7 @@ def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2)
 
 
 def run_bombs(server: Server, args, image: bytes) -> dict:
-    return bomb_rounds(server, image, args.clients, args.rounds)
+    return bomb_rounds(server, image, args.clients, args.rounds, args.at_the_limit)
 
 
 def run_flood(server: Server, args, image: bytes) -> dict:
@@ -637,6 +639,9 @@ def main() -> int:
     parser.add_argument("--junk-share", type=float, default=0.2, help="share of 19 MB junk uploads (flood, soak)")
     parser.add_argument("--oversize-share", type=float, default=0.05, help="share of uploads over the size limit")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --clients bombs at once (bombs)")
+    parser.add_argument(
+        "--at-the-limit", action="store_true", help="bombs: the largest inputs the memory budget lets through"
+    )
     parser.add_argument("--kills", type=int, default=3, help="workers killed with SIGKILL (crash)")
     parser.add_argument("--interval", type=float, default=15, help="seconds between kills (crash)")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of flood before the first kill (crash)")
