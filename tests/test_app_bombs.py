@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from builders import SHIPPED_MODEL, encode_image, gunicorn_serving, upload
+from builders import SHIPPED_MODEL, dicom_bytes, encode_image, gunicorn_serving, upload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from bench.bombs import BOMBS, bad_header_dicom, build, oversized_pixel_data
 from pneumonia.errors import XrayReadError
@@ -78,6 +78,26 @@ def test_the_value_of_an_invalid_tag_is_not_quoted(shipped_app):
     data = bad_header_dicom(PatientBirthDate="19999999")
     response = shipped_app.test_client().post("/api/predict?result=dicom-sr", data=upload(data, "x.dcm"))
     assert response.status_code == 400 and "19999999" not in response.get_data(as_text=True)
+
+
+def compressed_dicom(side: int, syntax, declared: int) -> bytes:
+    """A `side` x `side` 16-bit image compressed as `syntax` by pydicom, in a DICOM that declares
+    `declared` x `declared` pixels."""
+    pixels = np.random.default_rng(2).integers(0, 4000, (side, side)).astype(np.uint16)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(pixels, bits_stored=12)))
+    ds.compress(syntax)
+    ds.Rows = ds.Columns = declared
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless])
+def test_a_compressed_frame_larger_than_its_header_says_is_refused_undecoded(syntax):
+    assert decode_xray(compressed_dicom(96, syntax, 96))[0].size == (96, 96)  # as declared: decoded
+    if syntax != RLELossless:  # RLE is decoded to the declared size whatever its segments hold
+        with pytest.raises(XrayReadError, match="does not declare the 64x64 pixels"):
+            decode_xray(compressed_dicom(96, syntax, 64))
 
 
 def test_too_many_file_parts_is_a_413_about_parts_not_size(shipped_app):

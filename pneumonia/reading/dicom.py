@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import zlib
 
 import numpy as np
@@ -101,6 +102,7 @@ def dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     if "PixelData" not in ds:
         raise XrayReadError("The DICOM file holds no image (no Pixel Data).")
     rows, columns, samples = _checked_size(ds, max_pixels)
+    _check_codestream(ds, rows, columns, samples)
     pixels = _first_frame(ds)
     if pixels.shape[:2] != (rows, columns) or pixels.ndim != (2 if samples == 1 else 3):
         raise XrayReadError(
@@ -128,6 +130,42 @@ def _checked_size(ds, max_pixels: int) -> tuple[int, int, int]:
         raise XrayReadError(f"The DICOM image declares {columns}x{rows} pixels of {samples} samples: not an X-ray.")
     check_decoded_bytes("The DICOM image", columns, rows, samples * max(1, math.ceil(bits / 8)))
     return rows, columns, samples
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream's header declares, else None."""
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    if frame.startswith(b"\xff\xd8"):  # JPEG or JPEG-LS: its SOF segment
+        found = _get_jpg_parameters(frame)
+        return (found["width"], found["height"], found["components"]) if "width" in found else None
+    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SOC then SIZ (inside a JP2 box or not)
+    if start < 0 or len(frame) < start + 42:
+        return None
+    # SIZ (ISO/IEC 15444-1 A.5.1) after SOC: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, 4 tile sizes, Csiz.
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", frame[start + 8 : start + 24])
+    return xsiz - xosiz, ysiz - yosiz, struct.unpack(">H", frame[start + 40 : start + 42])[0]
+
+
+def _check_codestream(ds, rows: int, columns: int, samples: int) -> None:
+    """A JPEG-family frame is decoded at the size its own header declares, which may not be the
+    dataset's (a 9,000 x 9,000 JPEG in a 64 x 64 DICOM took 313 MiB before pydicom refused the result):
+    refuse one that declares more, or whose header cannot be read, before decoding it."""
+    from pydicom.encaps import generate_frames
+
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None or not syntax.is_encapsulated or syntax == "1.2.840.10008.1.2.5":  # RLE: decoded as declared
+        return
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        size = _codestream_size(next(generate_frames(ds.PixelData, number_of_frames=frames)))
+    except Exception:  # pydicom raises many types on damaged encapsulation
+        size = None
+    if size is None or size[0] * size[1] * size[2] > columns * rows * samples:
+        raise XrayReadError(
+            f"The DICOM image's compressed data does not declare the {columns}x{rows} pixels its header says; "
+            "refused before decoding."
+        )
 
 
 def _first_frame(ds) -> np.ndarray:
