@@ -79,11 +79,11 @@ def _explicit_le(ds) -> bytes:
     return buffer.getvalue()
 
 
-def deflated_dicom(rows: int = SIDE, columns: int = SIDE, frames: int = 1, **tags) -> bytes:
-    """A Deflated Explicit VR Little Endian DICOM of zero pixels: its pixel data inflates to
-    rows x columns x 2 x frames bytes."""
+def deflated_dicom(rows: int = SIDE, columns: int = SIDE, frames: int = 1, size: int | None = None, **tags) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM of zero pixels: its pixel data inflates to `size`
+    bytes, by default rows x columns x 2 x frames (what its header declares)."""
     ds = _dataset(rows, columns, frames, **tags)
-    size = rows * columns * 2 * frames
+    size = rows * columns * 2 * frames if size is None else size
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     parts = [deflate.compress(_explicit_le(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))]
     piece = b"\x00" * (1 << 20)

@@ -448,6 +448,7 @@ def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2,
         answer = post_upload(requests.Session(), server.url, data, query=query or "gradcam=1")
         return {"bomb": name, "status": answer["status"], "s": round(answer["ms"] / 1000, 2)}
 
+    rss_before = server.worker_rss_mib()
     alone = [send(name) for name in bombs]
     names = list(bombs)
     together = []
@@ -462,6 +463,7 @@ def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2,
         "slowest_s": max(answer["s"] for answer in alone + together),
         "statuses": dict(Counter(str(answer["status"]) for answer in alone + together)),
         "real_upload_after": {"status": after["status"], "s": round(after["ms"] / 1000, 2)},
+        "worker_rss_mib": {"before": round(rss_before, 1), "after": round(server.worker_rss_mib(), 1)},
     }
 
 
@@ -594,6 +596,7 @@ def report(scenario: str, result: dict) -> None:
         for answer in result["alone"] + result["together"]:
             print(f"  {answer['bomb']:<28}{answer['status']}  {answer['s']} s")
         print(f"slowest {result['slowest_s']} s; statuses {result['statuses']}; then {result['real_upload_after']}")
+        print(f"worker RSS MiB {result['worker_rss_mib']}")
         return
     print(
         f"{result['requests']} requests in {result['seconds']} s from {result['clients']} clients: {result['statuses']}"

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from bench.bombs import BOMBS, bad_header_dicom, build, oversized_pixel_data
+from bench.bombs import BOMBS, bad_header_dicom, build, deflated_dicom, oversized_pixel_data
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.budget import MAX_DECODED_BYTES, STRIP_BYTES, range_to_uint8
 from pneumonia.reading.decoding import decode_xray
@@ -55,6 +55,14 @@ def test_of_many_frames_only_the_first_is_decoded(bombs):
     image, stats = decode_xray(bombs["dicom rle 20 frames"][0], 224)
     assert image.size == (4000, 4000) and stats.pixels == 16_000_000
     assert 20 * 4000 * 4000 * 2 > 9 * MAX_DECODED_BYTES
+
+
+def test_a_deflated_dicom_that_lies_about_its_size_is_refused_once_it_inflates_past_the_cap():
+    """Its header declares 64 x 64 pixels; its Pixel Data inflates to 200 MB: inflated in pieces, and
+    refused at the cap (33 MiB) before pydicom would inflate the whole."""
+    with pytest.raises(XrayReadError, match="inflates to more than 33 MiB"):
+        decode_xray(deflated_dicom(64, 64, size=200_000_000))
+    assert decode_xray(deflated_dicom(64, 64))[0].size == (64, 64)  # one that says the truth is decoded
 
 
 @pytest.mark.parametrize(

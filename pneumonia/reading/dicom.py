@@ -65,8 +65,12 @@ def _check_inflated_size(data: bytes) -> None:
     if found is None or found[0] != DEFLATED:
         return
     cap = INFLATED_CAP
-    inflater, pending, size = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[found[1] :], 0
+    inflater, pending = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[found[1] :]
     try:
+        head = inflater.decompress(pending, INFLATE_PIECE)
+        # What the header declares: most bombs are refused on it at once, without inflating the rest.
+        size = max(len(head), _declared_pixel_bytes(head))
+        pending = inflater.unconsumed_tail
         while pending and size <= cap:
             size += len(inflater.decompress(pending, INFLATE_PIECE))
             pending = inflater.unconsumed_tail
@@ -93,6 +97,24 @@ def declared_pixels(data: bytes, max_pixels: int) -> int:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         return max(0, int(header.get("Rows", 0) or 0)) * max(0, int(header.get("Columns", 0) or 0))
     except Exception:  # pydicom raises many types on damaged files
+        return 0
+
+
+def _declared_pixel_bytes(head: bytes) -> int:
+    """Rows x Columns x samples x bytes per sample x frames as the dataset at the start of `head` (Explicit
+    VR Little Endian, read up to its Pixel Data) declares them; 0 when they cannot be read from it."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    def at_pixel_data(tag, vr, length) -> bool:
+        return tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float or Pixel Data
+
+    try:
+        ds = read_dataset(DicomBytesIO(head), False, True, stop_when=at_pixel_data)
+        keywords = ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames")
+        declared = [max(1, int(ds.get(keyword, 1) or 1)) for keyword in keywords]
+        return math.prod(declared) * max(1, math.ceil(int(ds.get("BitsAllocated", 8) or 8) / 8))
+    except Exception:  # pydicom raises many types on damaged files: the inflated size decides
         return 0
 
 
