@@ -3,6 +3,7 @@ the inputs `load_test.py --bomb-share`, tests/test_app_bombs.py and tests/test_d
 
     python -m bench.bombs            each bomb decoded alone in a fresh process: answer, seconds, peak RSS
     python -m bench.bombs --limit    the same for the largest inputs the budget lets through
+    python -m bench.bombs --batch    ten 16-bit PNG bombs in one batch request (Flask test client)
 
 Every one must be refused (or, for the one-frame-at-a-time RLE series, screened) within the
 memory budget of pneumonia/reading/budget.py; docs/uploads.md has the figures.
@@ -10,6 +11,7 @@ memory budget of pneumonia/reading/budget.py; docs/uploads.md has the figures.
 
 from __future__ import annotations
 
+import io
 import json
 import resource
 import struct
@@ -171,9 +173,35 @@ def _decode_one(name: str) -> dict:
     }
 
 
+def _batch_of_ten() -> dict:
+    """Ten 16-bit PNG bombs in one POST /api/predict/batch, through Flask's test client on the shipped model."""
+    from pathlib import Path
+
+    from pneumonia.web import create_app
+
+    app = create_app({"MODEL_PATH": str(Path(__file__).resolve().parent.parent / "model"), "TESTING": True})
+    data, _ = build("png 16-bit 7700x7700")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    form = {"file": [(io.BytesIO(data), f"{index}.png") for index in range(10)]}
+    response = app.test_client().post("/api/predict/batch", data=form)
+    return {
+        "status": response.status_code,
+        "files": [entry["status"] for entry in response.get_json()],
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mib": {
+            "before": round(before),
+            "after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        },
+    }
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print(json.dumps(_decode_one(sys.argv[2])))
+        return 0
+    if sys.argv[1:] == ["--batch"]:
+        print(json.dumps(_batch_of_ten()))
         return 0
     names = AT_THE_LIMIT if sys.argv[1:] == ["--limit"] else BOMBS
     for name in names:  # a fresh process each, so that each peak is its own
