@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.load_test flood --clients 16 --seconds 90
     .venv/bin/python -m bench.load_test soak  --clients 16 --minutes 10 --out bench-results/soak.json
     .venv/bin/python -m bench.load_test crash --clients 8 --seconds 60 --kills 3
+    .venv/bin/python -m bench.load_test bombs --clients 8 --rounds 2 --memory-limit 512
 
 It starts gunicorn itself as the Procfile does (`gunicorn app:app`, gunicorn.conf.py, PORT set to
 a free port), bound to 127.0.0.1 only, waits for /healthz, runs one scenario for a bounded time
@@ -26,6 +27,10 @@ crash  N clients post real uploads back to back while a worker is killed with SI
        uploads in flight and what they got (lost: not answered 200), how long until gunicorn had
        a new worker, until its model was loaded (the app's log line), and until an upload sent after
        the kill was answered 200 again (time to recover).
+bombs  the small files of bench/bombs.py that decode to a lot (issue 33): each alone, then N clients
+       sending them at once for R rounds, then a real upload. Prints each answer's status and
+       seconds and the real upload's; with --memory-limit 512, whether a worker was killed.
+       --at-the-limit sends the largest inputs the memory budget lets through instead (decoded).
 
 Settings of the server come from the environment as in production (GUNICORN_THREADS,
 PNEUMONIA_MODEL_SLOTS, PNEUMONIA_BODY_TIMEOUT, ...); --env NAME=VALUE adds some for one run.
@@ -62,6 +67,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -233,13 +239,15 @@ def multipart(data: bytes, filename: str = "xray.jpeg") -> tuple[bytes, str]:
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def post_upload(session: requests.Session, url: str, data: bytes, timeout: float = CLIENT_TIMEOUT_S) -> dict:
+def post_upload(
+    session: requests.Session, url: str, data: bytes, timeout: float = CLIENT_TIMEOUT_S, query: str = "gradcam=1"
+) -> dict:
     """One upload; status (or "timeout"/"connection error"), latency, Retry-After."""
     body, content_type = multipart(data)
     started = time.perf_counter()
     try:
         response = session.post(
-            f"{url}/api/predict?gradcam=1", data=body, headers={"Content-Type": content_type}, timeout=timeout
+            f"{url}/api/predict?{query}", data=body, headers={"Content-Type": content_type}, timeout=timeout
         )
         status = response.status_code
         retry_after = response.headers.get("Retry-After")
@@ -427,6 +435,42 @@ def flood(
     }
 
 
+def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2, at_the_limit: bool = False) -> dict:
+    """Each bomb of bench/bombs.py alone (or, `at_the_limit`, each of the largest inputs the budget lets
+    through), then `clients` clients sending them at once for `rounds` rounds (each client a different
+    one), then a real upload: every answer's status and seconds."""
+    from bench.bombs import AT_THE_LIMIT, BOMBS, build
+
+    bombs = {name: build(name) for name in (AT_THE_LIMIT if at_the_limit else BOMBS)}
+
+    def send(name: str) -> dict:
+        data, query = bombs[name]
+        answer = post_upload(requests.Session(), server.url, data, query=query or "gradcam=1")
+        return {"bomb": name, "status": answer["status"], "s": round(answer["ms"] / 1000, 2)}
+
+    rss_before = server.worker_rss_mib()
+    alone = [send(name) for name in bombs]
+    names = list(bombs)
+    together = []
+    for round_number in range(rounds):
+        picks = [names[(round_number + index) % len(names)] for index in range(clients)]
+        with ThreadPoolExecutor(clients) as pool:
+            together += list(pool.map(send, picks))
+    after = post_upload(requests.Session(), server.url, image)
+    return {
+        "alone": alone,
+        "together": together,
+        "slowest_s": max(answer["s"] for answer in alone + together),
+        "statuses": dict(Counter(str(answer["status"]) for answer in alone + together)),
+        "real_upload_after": {"status": after["status"], "s": round(after["ms"] / 1000, 2)},
+        "worker_rss_mib": {"before": round(rss_before, 1), "after": round(server.worker_rss_mib(), 1)},
+    }
+
+
+def run_bombs(server: Server, args, image: bytes) -> dict:
+    return bomb_rounds(server, image, args.clients, args.rounds, args.at_the_limit)
+
+
 def run_flood(server: Server, args, image: bytes) -> dict:
     before = server.worker_rss_mib()
     result = flood(server, args.clients, args.seconds, image, args.junk_share, args.oversize_share)
@@ -548,6 +592,12 @@ def report(scenario: str, result: dict) -> None:
             f"max {s['held_s']['max']}"
         )
         return
+    if scenario == "bombs":
+        for answer in result["alone"] + result["together"]:
+            print(f"  {answer['bomb']:<28}{answer['status']}  {answer['s']} s")
+        print(f"slowest {result['slowest_s']} s; statuses {result['statuses']}; then {result['real_upload_after']}")
+        print(f"worker RSS MiB {result['worker_rss_mib']}")
+        return
     print(
         f"{result['requests']} requests in {result['seconds']} s from {result['clients']} clients: {result['statuses']}"
     )
@@ -585,12 +635,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    parser.add_argument("scenario", choices=("slow", "flood", "soak", "crash"))
+    parser.add_argument("scenario", choices=("slow", "flood", "soak", "crash", "bombs"))
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (at most {MAX_CLIENTS})")
     parser.add_argument("--seconds", type=float, default=60, help="length of slow and flood")
     parser.add_argument("--minutes", type=float, default=10, help="length of soak")
     parser.add_argument("--junk-share", type=float, default=0.2, help="share of 19 MB junk uploads (flood, soak)")
     parser.add_argument("--oversize-share", type=float, default=0.05, help="share of uploads over the size limit")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --clients bombs at once (bombs)")
+    parser.add_argument(
+        "--at-the-limit", action="store_true", help="bombs: the largest inputs the memory budget lets through"
+    )
     parser.add_argument("--kills", type=int, default=3, help="workers killed with SIGKILL (crash)")
     parser.add_argument("--interval", type=float, default=15, help="seconds between kills (crash)")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of flood before the first kill (crash)")
@@ -646,7 +700,9 @@ def main() -> int:
             flush=True,
         )
         load_before = os.getloadavg()
-        run = {"slow": run_slow, "flood": run_flood, "soak": run_soak, "crash": run_crash}[args.scenario]
+        run = {"slow": run_slow, "flood": run_flood, "soak": run_soak, "crash": run_crash, "bombs": run_bombs}[
+            args.scenario
+        ]
         result = run(server, args, image)
         if cgroup:  # before stop: it removes the cgroup and the log
             result["memory"] = {**cgroup.figures(), "workers_killed": server.workers_killed()}

@@ -8,7 +8,7 @@ import pytest
 from builders import REAL_XRAYS, SHIPPED_MODEL, encode_image
 from PIL import Image
 
-from bench.load_test import CgroupUnavailable, MemoryCgroup, Server, flood
+from bench.load_test import CgroupUnavailable, MemoryCgroup, Server, bomb_rounds, flood
 
 DYNO_MIB = 512
 # Resident code and model pages of master and worker (RssFile, ~60 MiB measured): anonymous memory
@@ -48,4 +48,37 @@ def test_a_512_mib_dyno_survives_a_flood_of_uploads():
     # page cache (model files, libraries) without harm; only a kill, checked above, is a failure. What
     # cannot be reclaimed (no swap) is anonymous memory: it must leave room for the mapped files.
     # Sampled every 0.5 s, it is a lower bound; a spike past the limit would show as a kill.
+    assert memory["peak_rss_mib_sampled"] < DYNO_MIB - MAPPED_FILES_MIB, context
+
+
+@pytest.mark.slow
+def test_a_512_mib_dyno_refuses_bombs_alone_and_eight_at_a_time_without_a_kill():
+    """Issue 33: each small file of bench/bombs.py that decodes to a lot (a 115 kB 16-bit PNG of 7,700 x
+    7,700, deflated and RLE DICOMs) is answered with a 4xx (refused in under 2 s), alone and from 8 clients
+    at once, no worker is killed, and a real upload is answered normally afterwards."""
+    try:
+        cgroup = MemoryCgroup(DYNO_MIB)
+    except CgroupUnavailable as err:
+        pytest.skip(f"cannot put gunicorn under a memory limit here: {err}")
+    xray = encode_image(Image.open(REAL_XRAYS[0]).convert("L").resize((1600, 1200)), "JPEG", quality=90)
+    server = None
+    try:
+        server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)
+        server.wait_ready(60)
+        result = bomb_rounds(server, xray, clients=8, rounds=2)
+        memory, killed, log = cgroup.figures(), server.workers_killed(), server.log_tail()
+    finally:
+        if server is not None:
+            server.stop()
+        cgroup.remove()
+
+    context = f"{result}\n{memory}\n{log}"
+    print(f"bombs in a {DYNO_MIB} MiB cgroup: {memory}; slowest answer {result['slowest_s']} s")
+    assert killed == 0 and memory["oom_kills"] == 0, context
+    answers = result["alone"] + result["together"]
+    assert all(answer["status"] in (400, 422) for answer in answers), context
+    # Refused within 2 s even 8 at once; the 20-frame RLE series is not refused but screened (its one
+    # decoded frame is 32 MB), so its time is the model's and not bounded here.
+    assert max(answer["s"] for answer in answers if answer["status"] == 400) < 2, context
+    assert result["real_upload_after"]["status"] == 200, context
     assert memory["peak_rss_mib_sampled"] < DYNO_MIB - MAPPED_FILES_MIB, context

@@ -62,13 +62,41 @@ class UnreferableImage(ValueError):
     """A DICOM image without the UIDs its results must reference."""
 
 
+# Value representations whose invalid values highdicom refuses (a PatientBirthDate of 99999999 raised
+# its ValueError) or that would be copied into the results as they are (an invalid StudyInstanceUID).
+CHECKED_VRS = ("DA", "TM", "UI")
+
+
+def invalid_elements(source: Dataset, keywords) -> list[str]:
+    """The keywords among `keywords` whose value in `source` is not valid for its DA, TM or UI VR."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    invalid = []
+    for keyword in keywords:
+        element = source[keyword] if keyword in source else None
+        if element is None or not element.value or element.VR not in CHECKED_VRS:
+            continue
+        try:
+            validate_value(element.VR, element.value, config.RAISE)
+        except ValueError:
+            invalid.append(keyword)
+    return invalid
+
+
 def reference_dataset(source: Dataset) -> Dataset:
     """The source's identifiers the SR and the Secondary Capture must carry, and its UIDs;
-    UnreferableImage when it lacks one of REQUIRED_FROM_SOURCE."""
+    UnreferableImage when it lacks one of REQUIRED_FROM_SOURCE or one of them is invalid (the value
+    is not quoted: it may identify the patient)."""
     missing = [keyword for keyword in REQUIRED_FROM_SOURCE if not source.get(keyword)]
     if missing:
         raise UnreferableImage(
             f"The DICOM image has no {', '.join(missing)}: there is nothing its results could reference."
+        )
+    invalid = invalid_elements(source, (*COPIED_FROM_SOURCE, *REQUIRED_FROM_SOURCE))
+    if invalid:
+        raise UnreferableImage(
+            f"The DICOM image's {', '.join(invalid)} is not a valid DICOM value: its results cannot carry it."
         )
     reference = Dataset()
     for keyword in COPIED_FROM_SOURCE:

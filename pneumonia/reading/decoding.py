@@ -17,10 +17,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pneumonia.errors import XrayReadError
-from pneumonia.reading.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom, range_to_uint8
+from pneumonia.reading.budget import check_decoded_bytes, rows_to_uint8, strips
+from pneumonia.reading.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom
+from pneumonia.reading.dicom import declared_pixels as dicom_declared_pixels
 from pneumonia.reading.pixel_stats import PixelStats, grey_spread, mean_chroma
 
 Source = bytes | bytearray | str | Path
@@ -95,20 +97,55 @@ def _open_image(source: Source) -> Image.Image:
     return image
 
 
-def _to_greyscale(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit "L"; 16-bit and float data are scaled by their range, not clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(range_to_uint8(np.asarray(image)), mode="L")
-    if image.mode == "L":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+# Bytes Pillow allocates per pixel of a decoded image: 1 for "1", "L" and "P", 2 for 16-bit greyscale,
+# 4 for every other mode (it stores RGB in 32 bits a pixel).
+STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+RANGE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # scaled by their range to 8 bits, not clipped
+# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose).
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _strip_to_grey(strip: Image.Image) -> Image.Image:
+    """A colour strip to "L", as the whole image would be converted: each pixel on its own."""
+    if strip.mode in ("RGBA", "LA", "PA") or (strip.mode == "P" and "transparency" in strip.info):
         # Transparent pixels become black, the background of an X-ray.
-        rgba = image.convert("RGBA")
+        rgba = strip.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("L")
-    if image.mode == "RGB":
-        return image.convert("L")
-    return image.convert("RGB").convert("L")  # CMYK, YCbCr, palette, 1-bit: via RGB
+    if strip.mode == "RGB":
+        return strip.convert("L")
+    return strip.convert("RGB").convert("L")  # CMYK, YCbCr, palette, 1-bit: via RGB
+
+
+def _to_greyscale(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit "L"; 16-bit and float data are scaled by their range, not clipped. A
+    strip of rows at a time (budget.py): besides the decoded image, only the "L" result is full size."""
+    if image.mode == "L":
+        image.load()
+        return image
+    width, height = image.size
+    if image.mode in RANGE_MODES:
+        pixels = rows_to_uint8(lambda top, bottom: np.asarray(image.crop((0, top, width, bottom))), height, width)
+        return Image.fromarray(pixels, mode="L")
+    grey = Image.new("L", image.size)
+    for top, bottom in strips(height, width):
+        grey.paste(_strip_to_grey(image.crop((0, top, width, bottom))), (0, top))
+    return grey
+
+
+def _upright(grey: Image.Image, orientation: int | None) -> Image.Image:
+    """The greyscale image turned as its EXIF orientation says; the same as turning the stored image,
+    at a quarter of the memory for colour."""
+    method = ORIENTATIONS.get(orientation)
+    return grey if method is None else grey.transpose(method)
 
 
 def _dicom_bytes(source: Source) -> bytes | None:
@@ -151,19 +188,32 @@ def decode_xray(source: Source, model_side: int | None = None) -> tuple[Image.Im
         stored_size = opened.size
         _draft(opened, model_side)
         try:
-            upright = ImageOps.exif_transpose(opened)
-            chroma = mean_chroma(upright)
-            image = _to_greyscale(upright)
-            image.load()
+            check_decoded_bytes("The image", *opened.size, STORED_BYTES.get(opened.mode, 4))
+            orientation = opened.getexif().get(ExifTags.Base.Orientation)
+            chroma = mean_chroma(opened)
+            grey = _to_greyscale(opened)
+            if grey is not opened:
+                opened.close()  # the decoded pixels: only the greyscale copy is needed now
+            image = _upright(grey, orientation)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             opened.close()  # Pillow leaves the file open when decoding fails
             if isinstance(err, XrayReadError):
                 raise
             raise XrayReadError(f"The image is corrupt or truncated ({err}).") from None
-        if image is not opened:
-            opened.close()
     # The pixel checks read the pixel count and the aspect ratio: the same whichever way up.
     return image, PixelStats(*stored_size, chroma, grey_spread(image))
+
+
+def declared_pixels(data: bytes) -> int:
+    """The pixels an upload's header declares, read without decoding anything (what a batch adds up
+    before it screens: pneumonia/web/batch.py); 0 when its header cannot be read (decoding refuses it)."""
+    if is_dicom(data):
+        return dicom_declared_pixels(data, MAX_IMAGE_PIXELS)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0
 
 
 def load_xray(source: Source, model_side: int | None = None) -> Image.Image:

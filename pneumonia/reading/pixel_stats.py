@@ -40,7 +40,9 @@ def mean_chroma(image: Image.Image) -> float:
     """Mean (max - min) over the colour channels, in grey levels; 0 for a greyscale mode."""
     if image.mode in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return 0.0
-    sample = _sample(image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
+    # Sampled before any conversion, which acts on each pixel alone: no full-size RGB copy of a palette
+    # or CMYK image (the same pixels are picked either way).
+    sample = _sample(image)
     red, green, blue = (np.asarray(band, dtype=np.int16) for band in sample.convert("RGB").split())  # (h, w) each
     return float((np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)).mean())
 

@@ -12,6 +12,12 @@ it (and a display copy of at most BATCH_IMAGE_MAX_SIDE px when images are shown,
 encoded). A 100-file request holds its raw uploads (at most MAX_CONTENT_LENGTH) and at most one
 decoded full-size image.
 
+Decoding (issue 33): the files' headers are read first (nothing decoded) and a request whose files
+declare more than BATCH_MAX_PIXELS pixels in all (default 1,000 megapixels, a hundred 10-megapixel
+X-rays) is a 413; a chunk also ends before it would declare more than MAX_IMAGE_PIXELS (60 Mpx), so a
+chunk holds a model slot for the decoding of about one large image at most. Each decode is bounded by
+the memory budget of pneumonia/reading/budget.py.
+
 Capacity: each chunk takes a model slot (pneumonia/web/capacity.py) for its own work only, and records its
 time per image, so single uploads waiting in line get the slot between chunks and the capacity's
 estimate stays that of one screening. When the first chunk finds the model too busy the request is
@@ -31,9 +37,9 @@ from dataclasses import dataclass
 from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pneumonia.reading.decoding import ACCEPTED_TYPES, sniff_format
+from pneumonia.reading.decoding import ACCEPTED_TYPES, MAX_IMAGE_PIXELS, declared_pixels, sniff_format
 from pneumonia.serving.results import csv_text
-from pneumonia.serving.screening import ScreenedImage, chunked
+from pneumonia.serving.screening import ScreenedImage
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.screening import ood_json
 from pneumonia.web.uploads import UploadError
@@ -110,16 +116,44 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     return BatchEntry(index, filename, ScreenedImage(filename, error=problem[1]), status=problem[0]), None
 
 
+def pixel_chunks(pending: list[tuple[BatchEntry, bytes]], pixels: list[int], size: int) -> list[list]:
+    """`pending` in order, in chunks of at most `size` files and (but for a chunk of one) at most
+    MAX_IMAGE_PIXELS declared pixels: a chunk holds a model slot for about one large image's decode at most."""
+    chunks: list[list] = []
+    held = 0
+    for item, count in zip(pending, pixels):
+        if not chunks or len(chunks[-1]) == size or held + count > MAX_IMAGE_PIXELS:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(item)
+        held += count
+    return chunks
+
+
+def _declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> list[int]:
+    """Each file's declared pixels (headers only); 413 when together they are over BATCH_MAX_PIXELS."""
+    pixels = [declared_pixels(data) for _, data in pending]
+    limit = int(current_app.config["BATCH_MAX_PIXELS"])
+    if sum(pixels) > limit:
+        raise UploadError(
+            413,
+            f"The files hold {sum(pixels) / 1e6:,.0f} megapixels in all, more than the {limit / 1e6:,.0f} a batch "
+            "may hold: send them in smaller batches.",
+        )
+    return pixels
+
+
 def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) -> list[BatchEntry]:
     """One entry per upload, in order; the accepted ones screened a chunk at a time, each chunk
-    under a model slot. Raises ModelBusy (503) when the first chunk finds the model too busy."""
+    under a model slot. Raises ModelBusy (503) when the first chunk finds the model too busy, and
+    UploadError (413) when the files declare more than BATCH_MAX_PIXELS pixels in all."""
     entries, pending = [], []
     for index, upload in enumerate(uploads):
         entry, data = _checked(index, upload)
         entries.append(entry)
         if data is not None:
             pending.append((entry, data))
-    chunks = list(chunked(pending, int(current_app.config["BATCH_CHUNK_SIZE"])))
+    chunks = pixel_chunks(pending, _declared_pixels(pending), int(current_app.config["BATCH_CHUNK_SIZE"]))
     for number, chunk in enumerate(chunks):
         try:
             with _chunk_slot(len(chunk)):

@@ -14,12 +14,9 @@ answers 501. Built in memory: nothing is written or logged.
 
 from __future__ import annotations
 
-import io
-
 from flask import Response, request
 
-from pneumonia.errors import XrayReadError
-from pneumonia.reading.dicom import is_dicom
+from pneumonia.reading.dicom import is_dicom, read_dicom
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.uploads import UploadError, read_upload
 
@@ -63,33 +60,34 @@ def related_body(instances: list[bytes]) -> tuple[str, bytes]:
 
 
 def source_reference(data: bytes, reports):
-    """The upload's identifiers its results carry: 415 unless it is DICOM, 400 without its UIDs."""
-    import pydicom
-
-    if not is_dicom(data):
-        raise UploadError(
-            415, "DICOM results need a DICOM upload: a JPEG, PNG, BMP or TIFF has no study to attach them to."
-        )
+    """The upload's identifiers its results carry: 400 without its UIDs or with invalid ones. Its header
+    is read as a decode reads it (`read_dicom`: a deflated one inflated only within the memory budget)."""
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception as err:  # pydicom raises many types on damaged files; the message could quote it
-        raise XrayReadError(f"The DICOM file could not be parsed ({type(err).__name__}).") from None
-    try:
-        return reports.reference_dataset(header)
+        return reports.reference_dataset(read_dicom(data, stop_before_pixels=True))
     except reports.UnreferableImage as err:
         raise UploadError(400, str(err)) from None
 
 
 def dicom_results(screener, form: str) -> Response:
-    """The answer to result=dicom-sr or result=dicom."""
+    """The answer to result=dicom-sr or result=dicom. Reading the header, like decoding, is done holding
+    a model slot, so the slots bound its memory and time too."""
     reports = report_builders()
     data = read_upload(request)
-    source = source_reference(data, reports)
+    if not is_dicom(data):
+        raise UploadError(
+            415, "DICOM results need a DICOM upload: a JPEG, PNG, BMP or TIFF has no study to attach them to."
+        )
     with model_slot():
+        source = source_reference(data, reports)
         row = screener.screened_row(data, reports.GRADCAM_SIDE if form == "dicom" else None)
     identity, series = reports.ModelIdentity.of(screener.classifier), reports.RunSeries.new()
-    if form == "dicom-sr":
-        return Response(reports.part10(reports.structured_report(identity, source, row, series)), mimetype=DICOM)
-    sr, capture = reports.result_objects(identity, source, row, series, screener.overlay_alpha)
+    try:
+        if form == "dicom-sr":
+            return Response(reports.part10(reports.structured_report(identity, source, row, series)), mimetype=DICOM)
+        sr, capture = reports.result_objects(identity, source, row, series, screener.overlay_alpha)
+    except ValueError as err:  # highdicom refusing a value of the upload's header; its message may quote it
+        raise UploadError(
+            400, f"The DICOM results could not be built from this upload's header ({type(err).__name__})."
+        ) from None
     content_type, body = related_body([reports.part10(capture), reports.part10(sr)])
     return Response(body, content_type=content_type)

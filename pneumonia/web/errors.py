@@ -15,7 +15,7 @@ from pneumonia.serving.gate import EXPECTED, OutOfDistribution
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.rate_limit import retry_after_s
 from pneumonia.web.screening import ModelNotReady, current_screener, ood_json
-from pneumonia.web.uploads import UploadError
+from pneumonia.web.uploads import MalformedBody, UploadError
 
 HTTP_MESSAGES = {
     404: "There is no page at this address.",
@@ -33,12 +33,22 @@ def error_response(status: int, message: str):
     return render_template("error.html", status=status, message=message), status
 
 
+def _too_large_message() -> str:
+    """413: the body's size, or (a body within the size limit) its number of form parts."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if limit is not None and request.content_length is not None and request.content_length <= limit:
+        return (
+            f"The upload has too many parts (at most {request.max_form_parts}): send one X-ray as the form field "
+            '"file", or several to /api/predict/batch.'
+        )
+    return f"The upload is too large: the limit is {limit / (1024 * 1024):g} MB."
+
+
 def _http_error(err: HTTPException):
-    if err.code == 413:
-        limit_mb = current_app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-        body, status = error_response(413, f"The upload is too large: the limit is {limit_mb:g} MB.")
-        # The body was not read: the connection cannot carry another request, so say it closes
-        # (a keep-alive client would otherwise send its next upload into a closed socket).
+    if err.code == 413 or isinstance(err, MalformedBody):
+        body, status = error_response(err.code, _too_large_message() if err.code == 413 else err.description)
+        # The body was not read (or not to its end): the connection cannot carry another request, so
+        # say it closes (a keep-alive client would otherwise send its next upload into a closed socket).
         return body, status, {"Connection": "close"}
     body, status = error_response(err.code or 500, HTTP_MESSAGES.get(err.code, err.description or err.name))
     if isinstance(err, MethodNotAllowed) and err.valid_methods:  # RFC 9110: a 405 names the methods allowed

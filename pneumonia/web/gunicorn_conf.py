@@ -18,6 +18,7 @@ without a byte), beyond which it is answered 408. See pneumonia/web/capacity.py 
 """
 
 import ctypes
+import html
 import os
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -61,3 +62,36 @@ def post_fork(server, worker):
         mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
     if "MALLOC_ARENA_MAX" not in os.environ:
         mallopt(-8, 2)  # M_ARENA_MAX
+
+
+def security_headed_error(sock, status_int, reason, mesg):
+    """gunicorn's own answer to a request it cannot parse (400, 431 for headers over its limits, ...),
+    as `gunicorn.util.write_error` writes it, with the security headers the app sends on every answer."""
+    from gunicorn.util import write_nonblock
+
+    from pneumonia.web.security import CONTENT_SECURITY_POLICY
+
+    body = (
+        f"<html><head><title>{html.escape(reason)}</title></head>"
+        f"<body><h1>{html.escape(reason)}</h1><p>{html.escape(mesg)}</p></body></html>"
+    ).encode("latin-1", "replace")
+    headers = {
+        "Connection": "close",
+        "Content-Type": "text/html; charset=iso-8859-1",
+        "Content-Length": str(len(body)),
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+    head = f"HTTP/1.1 {status_int} {reason}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    write_nonblock(sock, head.encode("latin-1") + b"\r\n" + body)
+
+
+def post_worker_init(worker):
+    """gunicorn writes its error pages with `gunicorn.util.write_error` (workers/base.py calls it
+    through the module): this worker's carry the app's security headers (issue 33)."""
+    import gunicorn.util
+
+    gunicorn.util.write_error = security_headed_error

@@ -22,7 +22,7 @@ import threading
 import time
 
 from flask import Request
-from werkzeug.exceptions import RequestTimeout
+from werkzeug.exceptions import BadRequest, RequestTimeout
 
 from pneumonia.reading.decoding import ACCEPTED_TYPES, sniff_format  # anything else is refused undecoded
 
@@ -70,6 +70,25 @@ class BodyTimeout(RequestTimeout):
             else f"the upload did not arrive within {total_s:g} s"
         )
         super().__init__(f"The upload took too long: {what}. Check the connection and try again.")
+
+
+class MalformedBody(BadRequest):
+    """400: the body's chunked transfer coding is broken (gunicorn raised while reading it)."""
+
+    description = "The upload's chunked transfer coding is malformed, so the upload could not be read. Send it again."
+
+
+def _malformed_body_errors() -> tuple[type[Exception], ...]:
+    """What gunicorn raises when a body cannot be parsed (a bad chunk size, a missing chunk terminator);
+    nothing where gunicorn is not installed (the development server parses bodies itself)."""
+    try:
+        from gunicorn.http.errors import ParseException
+    except ImportError:
+        return ()
+    return (ParseException,)
+
+
+MALFORMED_BODY_ERRORS = _malformed_body_errors()
 
 
 class _Watch:
@@ -150,6 +169,8 @@ class DeadlineInput:
             raise BodyTimeout(self.total_s, self.read_timeout_s, stalled=False)
         try:
             data = method(size)
+        except MALFORMED_BODY_ERRORS:
+            raise MalformedBody() from None  # was a 500 ("Unexpected InvalidChunkSize")
         except OSError as err:  # socket.timeout is an OSError
             if self._timed_out():
                 raise BodyTimeout(self.total_s, self.read_timeout_s, stalled=False) from None

@@ -1,0 +1,214 @@
+"""Small files that decode to a lot (issue 33), built in memory without ever holding their pixels:
+the inputs `load_test.py --bomb-share`, tests/test_app_bombs.py and tests/test_dyno.py send.
+
+    python -m bench.bombs            each bomb decoded alone in a fresh process: answer, seconds, peak RSS
+    python -m bench.bombs --limit    the same for the largest inputs the budget lets through
+    python -m bench.bombs --batch    ten 16-bit PNG bombs in one batch request (Flask test client)
+
+Every one must be refused (or, for the one-frame-at-a-time RLE series, screened) within the
+memory budget of pneumonia/reading/budget.py; docs/uploads.md has the figures.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+SIDE = 7_700  # 59.3 Mpx: just under the 60 Mpx pixel limit, as an attacker would choose
+CHUNK_ROWS = 256
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_of_zeros(side: int = SIDE, bit_depth: int = 16, colour_type: int = 0) -> bytes:
+    """A PNG of side x side zero pixels (colour type 0 grey, 6 RGBA), deflated a few rows at a time."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    row = b"\x00" * (1 + side * channels * bit_depth // 8)  # filter byte "None", then the samples
+    deflate = zlib.compressobj(9)
+    rows = [deflate.compress(row * min(CHUNK_ROWS, side - top)) for top in range(0, side, CHUNK_ROWS)]
+    header = struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0)
+    idat = b"".join(rows) + deflate.flush()
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _dataset(rows: int, columns: int, frames: int, bits: int = 16, **tags):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Bomb^Test", "BOMB-1", "DX"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _part10(ds, syntax: str, body: bytes) -> bytes:
+    """Preamble, file meta for `syntax`, then `body` (the dataset, encoded as the syntax says)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue() + body
+
+
+def _explicit_le(ds) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def deflated_dicom(rows: int = SIDE, columns: int = SIDE, frames: int = 1, size: int | None = None, **tags) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM of zero pixels: its pixel data inflates to `size`
+    bytes, by default rows x columns x 2 x frames (what its header declares)."""
+    ds = _dataset(rows, columns, frames, **tags)
+    size = rows * columns * 2 * frames if size is None else size
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflate.compress(_explicit_le(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))]
+    piece = b"\x00" * (1 << 20)
+    parts += [deflate.compress(piece[: min(len(piece), size - done)]) for done in range(0, size, len(piece))]
+    return _part10(ds, "1.2.840.10008.1.2.1.99", b"".join(parts) + deflate.flush())
+
+
+def rle_dicom(rows: int, columns: int, frames: int) -> bytes:
+    """An RLE Lossless DICOM of `frames` zero 16-bit frames (PS3.5 G: two byte segments of runs of
+    at most 128 bytes; the runs cross rows, which decoders accept, to keep the file small)."""
+    ds = _dataset(rows, columns, frames)
+    size = rows * columns
+    segment = b"\x81\x00" * (size // 128) + (bytes([257 - size % 128, 0]) if size % 128 else b"")
+    header = struct.pack("<16I", 2, 64, 64 + len(segment), *[0] * 13)
+    frame = header + segment * 2
+    items = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(frame)) + frame for _ in range(frames))
+    pixel_data = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+    pixel_data += items + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return _part10(ds, "1.2.840.10008.1.2.5", _explicit_le(ds) + pixel_data)
+
+
+def oversized_pixel_data(rows: int = 100, columns: int = 100) -> bytes:
+    """Explicit VR Little Endian, 8-bit, with three times the Pixel Data its Rows x Columns need."""
+    ds = _dataset(rows, columns, 1, bits=8)
+    size = rows * columns * 3
+    body = _explicit_le(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, size) + b"\x10" * size
+    return _part10(ds, "1.2.840.10008.1.2.1", body)
+
+
+def bad_header_dicom(**tags) -> bytes:
+    """A small valid image whose header carries `tags` (e.g. PatientBirthDate="99999999")."""
+    ds = _dataset(64, 64, 1, bits=8, **tags)
+    size = 64 * 64
+    body = _explicit_le(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, size) + bytes(range(64)) * 64
+    return _part10(ds, "1.2.840.10008.1.2.1", body)
+
+
+# name -> (builder, query string): what `load_test.py` and the tests send.
+BOMBS = {
+    "png 16-bit 7700x7700": (lambda: png_of_zeros(), ""),
+    "png RGBA 7700x7700": (lambda: png_of_zeros(bit_depth=8, colour_type=6), ""),
+    "dicom deflated 7700x7700": (lambda: deflated_dicom(), ""),
+    "dicom deflated 300 MB sr": (lambda: deflated_dicom(6_000, 6_250, 4), "result=dicom-sr"),
+    "dicom deflated 4 frames": (lambda: deflated_dicom(4_000, 4_000, 4), ""),
+    "dicom rle 20 frames": (lambda: rle_dicom(4_000, 4_000, 20), ""),
+    "dicom rle 5900x5900": (lambda: rle_dicom(5_900, 5_900, 2), ""),
+}
+
+# The largest inputs the budget lets through, each the worst of its kind for memory: what a decode
+# at the limit costs (`python -m bench.bombs --limit`).
+AT_THE_LIMIT = {
+    "png 16-bit 5700x5700": (lambda: png_of_zeros(5_700), ""),
+    "png RGBA 4000x4000": (lambda: png_of_zeros(4_000, bit_depth=8, colour_type=6), ""),
+    "png grey 7700x7700": (lambda: png_of_zeros(bit_depth=8), ""),
+    "dicom deflated 4000x4000": (lambda: deflated_dicom(4_000, 4_000), ""),
+    "dicom rle 4000x4000": (lambda: rle_dicom(4_000, 4_000, 1), ""),
+}
+
+
+def build(name: str) -> tuple[bytes, str]:
+    """(the file, the query string to send it with)."""
+    builder, query = {**BOMBS, **AT_THE_LIMIT}[name]
+    return builder(), query
+
+
+def _decode_one(name: str) -> dict:
+    from pneumonia.errors import XrayReadError
+    from pneumonia.reading.decoding import decode_xray
+
+    data, _ = build(name)
+    started = time.perf_counter()
+    try:
+        image, _ = decode_xray(data, 224)
+        answer = f"decoded {image.size[0]}x{image.size[1]}"
+    except XrayReadError as err:
+        answer = f"refused: {err}"
+    seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "bomb": name,
+        "bytes": len(data),
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(peak_mib),
+        "answer": answer,
+    }
+
+
+def _batch_of_ten() -> dict:
+    """Ten 16-bit PNG bombs in one POST /api/predict/batch, through Flask's test client on the shipped model."""
+    from pathlib import Path
+
+    from pneumonia.web import create_app
+
+    app = create_app({"MODEL_PATH": str(Path(__file__).resolve().parent.parent / "model"), "TESTING": True})
+    data, _ = build("png 16-bit 7700x7700")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    form = {"file": [(io.BytesIO(data), f"{index}.png") for index in range(10)]}
+    response = app.test_client().post("/api/predict/batch", data=form)
+    return {
+        "status": response.status_code,
+        "files": [entry["status"] for entry in response.get_json()],
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mib": {
+            "before": round(before),
+            "after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        },
+    }
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(_decode_one(sys.argv[2])))
+        return 0
+    if sys.argv[1:] == ["--batch"]:
+        print(json.dumps(_batch_of_ten()))
+        return 0
+    names = AT_THE_LIMIT if sys.argv[1:] == ["--limit"] else BOMBS
+    for name in names:  # a fresh process each, so that each peak is its own
+        result = subprocess.run([sys.executable, "-m", "bench.bombs", "--one", name], capture_output=True, text=True)
+        print(result.stdout.strip() or result.stderr.strip()[-500:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The memory one decode may take, checked before its pixels are allocated, and the conversion to
+8 bits done a strip of rows at a time, so that no decode holds much more than its own pixels.
+
+A 115 kB PNG can hold 7,700 x 7,700 16-bit pixels (118 MB decoded) and a 300 kB deflated DICOM
+300 MB of pixel data: the file's size says nothing about what it costs (issue 33). What bounds a
+decode is its decoded size, width x height x samples x bytes per sample (of the one frame decoded;
+a deflated DICOM's whole inflated dataset), against MAX_DECODED_BYTES. docs/uploads.md says how
+the limit was chosen: with the app's model slots all decoding at the limit, a worker stays inside a
+512 MiB dyno.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from pneumonia.errors import XrayReadError
+
+MAX_DECODED_BYTES = 64 * 1024 * 1024
+# The float64 work of one strip of the 8-bit conversion (a 7,700-pixel row is 62 kB of float64).
+STRIP_BYTES = 4 * 1024 * 1024
+MIB = 1024 * 1024
+
+
+def check_decoded_bytes(name: str, width: int, height: int, bytes_per_pixel: int) -> None:
+    """XrayReadError unless `width` x `height` pixels of `bytes_per_pixel` fit MAX_DECODED_BYTES."""
+    needed = int(width) * int(height) * int(bytes_per_pixel)
+    if needed > MAX_DECODED_BYTES:
+        raise XrayReadError(
+            f"{name} is {width}x{height} pixels of {bytes_per_pixel} bytes: {needed / MIB:,.0f} MiB decoded, "
+            f"more than the {MAX_DECODED_BYTES // MIB} MiB one image may take; refused before decoding."
+        )
+
+
+def strips(height: int, width: int) -> list[tuple[int, int]]:
+    """(top, bottom) row ranges covering `height` rows, each at most STRIP_BYTES of float64."""
+    step = max(1, STRIP_BYTES // (8 * max(1, width)))
+    return [(top, min(top + step, height)) for top in range(0, height, step)]
+
+
+def rows_to_uint8(rows: Callable[[int, int], np.ndarray], height: int, width: int) -> np.ndarray:
+    """uint8 (height, width) with the values' own min at 0 and max at 255 (scaled, not clipped), where
+    `rows(top, bottom)` gives those rows' values. Two passes over strips in float64 (the range, then
+    the scaling): the same numbers as converting the whole array at once, without its float64 copy."""
+    bands = strips(height, width)
+    extremes = np.array([_extremes(rows(top, bottom)) for top, bottom in bands])
+    low, high = float(np.min(extremes[:, 0])), float(np.max(extremes[:, 1]))
+    span = high - low if high > low else 1.0
+    out = np.empty((height, width), np.uint8)
+    for top, bottom in bands:
+        out[top:bottom] = np.round((np.asarray(rows(top, bottom), np.float64) - low) * (255.0 / span))
+    return out
+
+
+def _extremes(values: np.ndarray) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    return float(values.min()), float(values.max())
+
+
+def range_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Any numeric (H, W) array -> uint8 with its own min at 0 and max at 255 (scaled, not clipped)."""
+    values = np.asarray(values)
+    return rows_to_uint8(lambda top, bottom: values[top:bottom], *values.shape)
