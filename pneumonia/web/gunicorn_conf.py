@@ -3,8 +3,9 @@ imports them; an installed package: `gunicorn -c python:pneumonia.web.gunicorn_c
 
 PORT               port to listen on (default 8000)
 WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model (~210 MiB
-                   on ONNX Runtime; set it yourself on a PaaS: Heroku's Python buildpack sets
-                   2 on a 512 MB dyno when the app does not)
+                   on ONNX Runtime); capped by the container's memory limit, one worker per
+                   WORKER_MEMORY (Heroku's Python buildpack sets 2 on a 512 MB dyno when the app
+                   does not: one is started there, and the log says so)
 GUNICORN_THREADS   threads per worker (default 32): connections a worker serves at once
 GUNICORN_TIMEOUT   seconds a worker may stay silent (default 120)
 
@@ -20,9 +21,45 @@ without a byte), beyond which it is answered 408. See pneumonia/web/capacity.py 
 import ctypes
 import html
 import os
+from pathlib import Path
 
+# What one worker may take: at the decode budget (pneumonia/reading/budget.py) with both model slots
+# busy, one worker peaked at 397 MiB in a 512 MiB cgroup and was never killed; two workers there were
+# killed twice (docs/uploads.md, `bench.load_test bombs --at-the-limit --memory-limit 512`).
+WORKER_MEMORY = 400 * 1024 * 1024
+
+
+def memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup (v2 or v1) in bytes, or None where there is none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            candidates.append(root / path.lstrip("/") / "memory.max")
+        elif "memory" in controllers.split(","):
+            candidates.append(root / "memory" / path.lstrip("/") / "memory.limit_in_bytes")
+    for candidate in candidates:
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 50:  # "max" or a huge number: no limit
+            return int(text)
+    return None
+
+
+def workers_that_fit(requested: int, limit: int | None) -> int:
+    """`requested` workers, fewer where the memory limit cannot hold them (never fewer than one)."""
+    return requested if limit is None else max(1, min(requested, limit // WORKER_MEMORY))
+
+
+requested_workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+workers = workers_that_fit(requested_workers, memory_limit())
 threads = int(os.environ.get("GUNICORN_THREADS", "32"))
 worker_class = "gthread"
 
@@ -42,6 +79,14 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 accesslog = "-"  # method, path, status and timing only: bodies and uploads are never logged
 errorlog = "-"
+
+
+def on_starting(server):
+    if workers < requested_workers:
+        server.log.info(
+            f"WEB_CONCURRENCY={requested_workers}, but the memory limit of {memory_limit() // 2**20} MiB holds "
+            f"{workers} worker(s) of {WORKER_MEMORY // 2**20} MiB: starting {workers}"
+        )
 
 
 def post_fork(server, worker):
