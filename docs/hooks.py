@@ -74,15 +74,23 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def cli_reference() -> str:
-    os.environ["COLUMNS"] = "100"  # argparse wraps at the terminal's width: fix it for the page
-    os.environ.pop("PNEUMONIA_MODEL_PATH", None)
     from pneumonia.cli import build_parser
     from pneumonia.serving.classifier import SHIPPED_MODEL_DIR
 
-    parts = []
-    for title, parser in _parsers(build_parser(), []):
-        text = parser.format_help().replace(str(SHIPPED_MODEL_DIR), "model/ (the shipped model)")
-        parts.append(f"### `{title}` {{#{title.replace(' ', '-')}}}\n\n```text\n{text.rstrip()}\n```\n")
+    saved = {name: os.environ.get(name) for name in ("COLUMNS", "PNEUMONIA_MODEL_PATH")}
+    os.environ["COLUMNS"] = "100"  # argparse wraps at the terminal's width: fix it for the page
+    os.environ.pop("PNEUMONIA_MODEL_PATH", None)  # the defaults shown are the shipped model's
+    try:
+        parts = []
+        for title, parser in _parsers(build_parser(), []):
+            text = parser.format_help().replace(str(SHIPPED_MODEL_DIR), "model/ (the shipped model)")
+            parts.append(f"### `{title}` {{#{title.replace(' ', '-')}}}\n\n```text\n{text.rstrip()}\n```\n")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return "\n".join(parts)
 
 
