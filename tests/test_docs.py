@@ -42,7 +42,7 @@ def test_the_readme_links_pages_of_the_site():
     nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
     for target in re.findall(r"\]\(docs/([^)#]+)", README):
         assert (REPO / "docs" / target).is_file(), target
-        assert target in nav, f"{target} is not in mkdocs.yml's nav"
+        assert not target.endswith(".md") or target in nav, f"{target} is not in mkdocs.yml's nav"
 
 
 def test_the_command_line_reference_covers_every_command(hooks):
