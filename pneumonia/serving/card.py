@@ -13,19 +13,18 @@ the proxies' expectations, why the model ships) stay JSON objects inside the typ
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from pneumonia.errors import ModelLoadError
+from pneumonia.serving.records import CardFieldError, as_json, optional, parsed_record
 
 CARD_NAME = "model.json"
 
@@ -43,15 +42,6 @@ def sigmoid(logits):
 def platt(logits, slope: float, intercept: float) -> np.ndarray:
     """Raw logits -> calibrated probabilities, as the card's `calibration` says."""
     return sigmoid(slope * np.asarray(logits, dtype=np.float64) + intercept)
-
-
-# A field that a card (or one of its records) leaves out when it has no value, as cards always have:
-# `to_dict` omits it, `load` reads its absence as None. Other fields that may be None are written as null.
-OMITTED_WHEN_NONE = "omitted when None"
-
-
-def optional():
-    return field(default=None, metadata={OMITTED_WHEN_NONE: True})
 
 
 # What a card's "contrast" may say. "equalize": global histogram equalisation of the model's square
@@ -175,6 +165,8 @@ class TrainConfig:
     threshold_rule: str = "worst:framing"
     hold_out_series: str | None = None  # one of dataset.NORMAL_SERIES: kept out of training and validation
 
+    RETIRED_FIELDS: ClassVar[dict[str, str]]  # RETIRED_OPTIONS below: accepted on load, dropped
+
 
 # Options older versions of `train` took and recorded in their cards (git log -p pneumonia/training/config.py):
 # a card that names one still loads, the option dropped (it no longer changes anything a reader of the card
@@ -187,6 +179,7 @@ RETIRED_OPTIONS = {
     "best_val_auc": "resume state, now kept in the checkpoint",
     "earlier_wall_time_s": "resume state, now kept in the checkpoint",
 }
+TrainConfig.RETIRED_FIELDS = RETIRED_OPTIONS
 
 
 # --- The validation metrics (evaluation/metrics.py: evaluate_predictions) -----------------------------
@@ -352,86 +345,7 @@ class ModelCard:
         return f"{100 * probability:.1f} %"
 
     def to_dict(self) -> dict:
-        return _as_json(self)
-
-
-class CardFieldError(ValueError):
-    """A field of a card that is missing, unknown or of the wrong type; the message names it."""
-
-
-def parsed_record(kind, content, where: str = ""):
-    """`content` (parsed JSON) as the record type `kind`, checked field by field; CardFieldError naming the
-    field (under `where`, the name of the record in its file)."""
-    return _typed(kind, content, where)
-
-
-def _typed(kind, value, where: str):
-    """`value` (parsed JSON) as `kind` (a card dataclass or a typing annotation), or CardFieldError."""
-    name = where or "the card"
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise CardFieldError(f"{name} should be an object")
-        fields = {f.name: f for f in dataclasses.fields(kind)}
-        unknown = sorted(set(value) - set(fields) - set(RETIRED_OPTIONS if kind is TrainConfig else ()))
-        if unknown:
-            raise CardFieldError(f"unknown field {_join(where, unknown[0])}")
-        hints = typing.get_type_hints(kind)
-        given = {}
-        for key, spec in fields.items():
-            if key in value:
-                given[key] = _typed(hints[key], value[key], _join(where, key))
-            elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise CardFieldError(f"field {_join(where, key)} is missing")
-        try:
-            return kind(**given)
-        except CardFieldError as err:  # a dataclass's own check (__post_init__)
-            raise CardFieldError(f"{name}: {err}") from None
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        return _typed(next(option for option in options if option is not type(None)), value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise CardFieldError(f"{name} should be a list")
-        (item,) = typing.get_args(kind)
-        return [_typed(item, entry, f"{where}[{i}]") for i, entry in enumerate(value)]
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict):
-            raise CardFieldError(f"{name} should be an object")
-        args = typing.get_args(kind)
-        return {k: _typed(args[1], v, _join(where, k)) for k, v in value.items()} if args else value
-    return _scalar(kind, value, name)
-
-
-def _as_json(value):
-    """A card or one of its records as parsed JSON, leaving out the OMITTED_WHEN_NONE fields without a value."""
-    if dataclasses.is_dataclass(value):
-        return {
-            spec.name: _as_json(getattr(value, spec.name))
-            for spec in dataclasses.fields(value)
-            if not (getattr(value, spec.name) is None and spec.metadata.get(OMITTED_WHEN_NONE))
-        }
-    if isinstance(value, dict):
-        return {key: _as_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_json(item) for item in value]
-    return value
-
-
-def _scalar(kind, value, name: str):
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (str, bool) and isinstance(value, kind):
-        return value
-    raise CardFieldError(f"{name} should be {kind.__name__}, not {json.dumps(value)[:40]}")
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+        return as_json(self)
 
 
 def file_sha256(path: str | Path) -> str:

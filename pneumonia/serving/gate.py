@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia.reading.pixel_stats import PixelStats
-from pneumonia.serving.card import CardFieldError, file_sha256, parsed_record
+from pneumonia.serving.card import file_sha256
+from pneumonia.serving.records import CardFieldError, parsed_record
 
 GATE_FILE = "ood.npz"
 REASONS = ("size", "shape", "colour", "blank", "features")
