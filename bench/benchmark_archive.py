@@ -79,7 +79,7 @@ def bench(work: Path, files: int, actors: list[int], rows_per_file: int, address
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="a folder of X-rays to repeat (default: tests/data)")
     parser.add_argument("--address", default="", help="archive's --address (default: a local Ray)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folder = args.images or REPO / "tests" / "data"
     originals = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm"))
     with tempfile.TemporaryDirectory() as scratch:
@@ -97,7 +97,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "archive.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

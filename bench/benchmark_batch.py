@@ -3,7 +3,7 @@
 
     .venv/bin/python -m bench.benchmark_batch --model model/ --files 100 --out bench-results/
 
-Files: the full-size JPEGs of ../shared/samples (Kaggle originals, 0.06 to 7.3 megapixels),
+Files: the full-size JPEGs of --images (default ../shared/samples: Kaggle originals, 0.06 to 7.3 megapixels),
 repeated to --files; without them, synthetic 2000x1600 JPEGs. Modes, all on the same files:
 
 - one at a time: BatchScreener with chunks of 1 (no batching), on the first --single files;
@@ -41,9 +41,9 @@ SAMPLES = REPO.parent / "shared" / "samples"
 MIB = 1024 * 1024
 
 
-def sample_files(count: int, scratch: Path) -> list[Path]:
-    """The ../shared/samples JPEGs repeated to `count`, else synthetic full-size ones."""
-    found = sorted(SAMPLES.glob("*/*/*.jpeg")) if SAMPLES.is_dir() else []
+def sample_files(count: int, scratch: Path, folder: Path = SAMPLES) -> list[Path]:
+    """The JPEGs under `folder` (../shared/samples) repeated to `count`, else synthetic full-size ones."""
+    found = sorted(folder.rglob("*.jpeg")) if folder.is_dir() else []
     if not found:
         from PIL import Image
 
@@ -209,17 +209,20 @@ def run_modes_apart(argv: list[str]) -> dict:
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"))
     parser.add_argument("--files", type=int, default=100)
     parser.add_argument("--single", type=int, default=25, help="files for the one-at-a-time modes")
     parser.add_argument("--out", default=str(REPO / "bench-results"))
+    parser.add_argument(
+        "--images", type=Path, default=SAMPLES, help="a folder of JPEGs to repeat (default: %(default)s)"
+    )
     parser.add_argument("--mode", choices=MODES, help="run one mode and print its JSON (default: all, each apart)")
     parser.add_argument("--runtime", choices=("onnx", "keras"), help="what runs the model (default: as the app picks)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     malloc_as_deployed()
-    files = sample_files(args.files, Path(args.out) / "batch-synthetic")
+    files = sample_files(args.files, Path(args.out) / "batch-synthetic", args.images)
     if args.mode:
         print(json.dumps(MODES[args.mode](args, files)))
         return 0
@@ -229,7 +232,7 @@ def main() -> int:
         "model": args.model,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "node": platform.node()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        **run_modes_apart(sys.argv[1:]),
+        **run_modes_apart(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(report, indent=2))
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -150,13 +150,13 @@ def timed_run(url: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100, help="CR images to store and screen (default 100)")
     parser.add_argument("--per-study", type=int, default=2, help="images per study (default 2: PA and lateral)")
     parser.add_argument("--xrays", type=Path, default=REPO / "tests" / "data", help="a folder of X-rays to repeat")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     xrays = sorted(p for p in args.xrays.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     with tempfile.TemporaryDirectory() as scratch, orthanc_server(Path(scratch)) as url:
         started = time.perf_counter()
@@ -175,7 +175,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pacs.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -57,14 +58,14 @@ def seconds_per_step(arch: str, image_size: int, batch_size: int, steps: int, ji
     return (time.perf_counter() - started) / steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=ARCHITECTURES, default="densenet121")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     steps_per_epoch = -(-TRAIN_IMAGES // args.batch_size)
     print(
         f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {os.cpu_count()} CPUs, {args.steps} timed "
@@ -78,7 +79,8 @@ def main() -> None:
             f"  {name:26s} {per_step:.3f} s/step, {per_step * steps_per_epoch:.0f} s per epoch "
             f"({per_step / baseline:.2f}x the first)"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ import http.server
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -133,11 +134,11 @@ def test_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from pneumonia.serving.classifier import default_model_path
     from pneumonia.web.device_site import build_site, write_site
 
@@ -157,7 +158,8 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,7 @@ def median_ms(run, repeats: int = 30) -> float:
     return 1000 * float(np.median(times))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from pneumonia.reading.decoding import decode_xray
     from pneumonia.serving.classifier import XrayClassifier
     from pneumonia.serving.preprocessing import model_input, resize_xray
@@ -38,7 +38,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"))
     parser.add_argument("--images", default=str(REPO.parent / "shared" / "samples"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     files = sorted(Path(args.images).rglob("*.jpeg"))
     if not files:
         print(f"no JPEGs under {args.images}", file=sys.stderr)

@@ -128,10 +128,10 @@ def measure() -> dict:
         }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the figures to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = measure()
     rows = [
         ("pip install -r requirements.txt", f"{result['pip_install_s']} s"),

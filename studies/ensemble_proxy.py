@@ -10,6 +10,7 @@ scores one model (the 8 + 8 originals and the validation part under every shift)
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -54,12 +55,12 @@ def print_row(name: str, row: dict) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir")
     parser.add_argument("--model", action="append", required=True, help="model folder (two or more)")
     parser.add_argument("--originals")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     splits = validation_splits(args.data_dir, args.model)
     if any(val.paths != splits[0][0].paths for val, _ in splits):
@@ -84,7 +85,8 @@ def main() -> None:
         calibrated = platt(averaged(member), fitted["slope"], fitted["intercept"])
         thresholds = {t: fitted[t] for t in ("default", "screening")}
         print_row("originals", score(np.asarray(originals.labels, dtype=int), calibrated, thresholds))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,7 +43,7 @@ def calibration_inputs(data_dir, classifier: XrayClassifier) -> np.ndarray:
     card = classifier.card
     config = card.training.config
     train, _, _ = training_parts(
-        scan_split(data_dir, "train"), card.data.val_fraction, int(config["seed"]), config.get("hold_out_series")
+        scan_split(data_dir, "train"), card.data.val_fraction, config.seed, config.hold_out_series
     )
     paths = sorted(train.paths)
     random.Random(0).shuffle(paths)

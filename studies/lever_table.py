@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pneumonia.serving.card import ModelCard
@@ -24,7 +25,7 @@ def lever_row(model: dict) -> str:
     training = card.training
     cells = [
         f"`{model['path']}`",
-        f"{card.validation['auc']:.4f}",
+        f"{card.validation.auc:.4f}",
         f"{originals['auc']:.3f} / {originals['normal_mean_p']:.3f} / {originals['default']['specificity']:.3f}"
         f" / {originals['screening']['specificity']:.3f}",
         f"{summary['mean_specificity_default']:.3f} / {summary['worst_specificity_default']:.3f}"
@@ -35,10 +36,10 @@ def lever_row(model: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="robustness.json files")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(
         "| model | validation AUC | originals: AUC / NORMAL mean p / specificity @ default / @ screening "
         "| shifts: specificity @ default mean / worst / NORMAL mean p | cost (2 CPU cores) |"
@@ -47,7 +48,8 @@ def main() -> None:
     for report in args.reports:
         for model in json.loads(Path(report).read_text())["models"]:
             print(lever_row(model))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -144,9 +144,9 @@ def test_result_page_shows_probability_labels_images_model_and_time(result_page,
         assert f"{name.capitalize()} threshold {card.thresholds.as_dict()[name]:.3f}" in html
         assert f'id="label-{name}"' in html
     assert "Balanced" in html and "false alarms" in html  # what each threshold means
-    default = card.validation["thresholds"]["default"]
-    assert f"On the validation set it found {100 * default['recall']:.1f} %" in html
-    assert card.name in html and f"validation AUC {card.validation['auc']:.3f}" in html
+    default = card.validation.thresholds["default"]
+    assert f"On the validation set it found {100 * default.recall:.1f} %" in html
+    assert card.name in html and f"validation AUC {card.validation.auc:.3f}" in html
     assert 'id="timing"' in html and "Processed in" in html
     assert f"Layer {card.gradcam.layer}, 8×8 cells" in html
     original, blended = data_uri_image(html, "original"), data_uri_image(html, "overlay")
@@ -216,7 +216,7 @@ def test_healthz_when_ready(client):
 def test_model_page_is_the_model_card(client, ungated_model_dir):
     html = client.get("/model").get_data(as_text=True)
     card = XrayClassifier(ungated_model_dir).card
-    assert f'<strong id="auc">{card.validation["auc"]:.3f}</strong>' in html
+    assert f'<strong id="auc">{card.validation.auc:.3f}</strong>' in html
     for name in ("Accuracy", "Sensitivity", "Specificity", "TN / FP / FN / TP", "Platt", "intercept"):
         assert name in html
     assert f'<code id="gradcam-layer">{card.gradcam.layer}</code>' in html and "8×8" in html

@@ -21,6 +21,29 @@ def test_the_shipped_card_loads_and_reads_as_attributes():
     assert card.lineage[1].init_sha256 and card.export.files["explain"].file == "explain.onnx"
 
 
+def test_the_shipped_card_is_typed_all_the_way_down_and_writes_back_in_its_shape():
+    """Its training options were recorded by an older `train` (with `patience`, retired): they load as a
+    TrainConfig without it; everything else writes back as it was read."""
+    card = ModelCard.load(SHIPPED_MODEL / CARD_NAME)
+    assert card.training.config.seed == 42 and card.training.config.contrast == "equalize"
+    assert card.validation.thresholds["default"].recall > 0.9 and card.validation.n["NORMAL"] == 135
+    written, stored = card.to_dict(), json.loads((SHIPPED_MODEL / CARD_NAME).read_text())
+    assert set(stored["training"]["config"]) - set(written["training"]["config"]) == {"patience"}
+    for section in set(stored) - {"training"}:
+        assert written[section] == stored[section], section
+
+
+def test_an_unknown_training_option_is_refused_but_a_retired_one_is_dropped(tmp_path):
+    stored = json.loads((SHIPPED_MODEL / CARD_NAME).read_text())
+    stored["training"]["config"] |= {"ema": True, "label_smoothing": 0.1}
+    (tmp_path / CARD_NAME).write_text(json.dumps(stored))
+    assert not hasattr(ModelCard.load(tmp_path / CARD_NAME).training.config, "ema")
+    stored["training"]["config"]["paitence"] = 2
+    (tmp_path / CARD_NAME).write_text(json.dumps(stored))
+    with pytest.raises(ModelLoadError, match="unknown field training.config.paitence"):
+        ModelCard.load(tmp_path / CARD_NAME)
+
+
 def test_a_written_card_loads_back_equal(tmp_path):
     card = minimal_card("m", "m.keras", 32, ("features", [8, 8]), Normalization(1 / 255, [0.0] * 3, [1.0] * 3))
     card = dataclasses.replace(card, ood={"file": "ood.npz"}, held_out_series={"series": "IM"})

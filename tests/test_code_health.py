@@ -1,5 +1,5 @@
 """What a maintainer checks by hand, made checkable: ruff's lint and format rules hold, and no
-function of the product code is longer than a screen."""
+function of the product code or of its scripts (bench/, studies/) is longer than a screen."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import pytest
 from builders import REPO
 
 PRODUCT_CODE = sorted((REPO / "pneumonia").rglob("*.py")) + [REPO / "app.py"]
+SCRIPTS = sorted((REPO / "bench").glob("*.py")) + sorted((REPO / "studies").glob("*.py"))
+# Being rewritten in issues 30 and 33 (their main functions are split there); the integrator drops this.
+SCRIPTS_BEING_REWRITTEN = {REPO / "bench" / "benchmark_upload.py", REPO / "bench" / "load_test.py"}
 MAX_FUNCTION_LINES = 60
 
 
@@ -56,6 +59,11 @@ def test_the_length_check_sees_a_long_function(tmp_path):
 
 def test_no_product_function_is_longer_than_60_lines():
     assert long_functions(PRODUCT_CODE, MAX_FUNCTION_LINES) == []
+
+
+def test_no_script_function_is_longer_than_60_lines():
+    scripts = [path for path in SCRIPTS if path not in SCRIPTS_BEING_REWRITTEN]
+    assert long_functions(scripts, MAX_FUNCTION_LINES) == []
 
 
 MAX_MODULE_LINES = 400  # a file a reader can hold

@@ -224,7 +224,7 @@ def test_equalisation_reaches_the_card_and_the_served_model(custom_run, tmp_path
     assert probs.std() > 0.01  # the loss below can tell one preprocessing from another
     served_loss = log_loss(val_files.labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
     # Batched training logits and one-image serving logits differ in float rounding only.
-    assert served_loss == pytest.approx(card.validation["loss"], rel=1e-3)
+    assert served_loss == pytest.approx(card.validation.loss, rel=1e-3)
     without_contrast = dataclasses.replace(card.preprocessing, contrast="none")
     unnormalised = np.array(
         [classifier.calibrated(classifier.logits(preprocess(p, without_contrast)[None]))[0] for p in val_files.paths]
@@ -232,7 +232,7 @@ def test_equalisation_reaches_the_card_and_the_served_model(custom_run, tmp_path
     assert np.abs(unnormalised - probs).max() > 1e-3  # the contrast step is not a no-op on these images
     skewed_loss = log_loss(val_files.labels, np.clip(unnormalised, 1e-7, 1 - 1e-7), labels=[0, 1])
     # Serving without the card's contrast step would miss the card's loss by far more than rounding.
-    assert abs(skewed_loss - card.validation["loss"]) > 10 * abs(served_loss - card.validation["loss"])
+    assert abs(skewed_loss - card.validation.loss) > 10 * abs(served_loss - card.validation.loss)
 
 
 def test_a_fine_tune_carries_the_lineage_of_the_model_it_started_from(custom_run, tmp_path):

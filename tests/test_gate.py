@@ -33,6 +33,7 @@ from pneumonia.serving.gate import (
     OodGate,
     feature_thresholds,
     fit_feature_density,
+    load_gate_for,
     pixel_bounds,
     pixel_verdict,
 )
@@ -329,3 +330,20 @@ def test_evaluate_reports_what_the_gate_refuses_and_metrics_on_accepted(tiny_mod
         assert gate["metrics_on_accepted"] is None or gate["metrics_on_accepted"]["split"].endswith(
             "(accepted by the gate)"
         )
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda meta: meta["bounds"].pop("min_spread"), "field meta.bounds.min_spread is missing"),
+        (lambda meta: meta["thresholds"].update(rejected="high"), "meta.thresholds.rejected should be float"),
+        (lambda meta: meta["info"].pop("model_sha256"), "field meta.info.model_sha256 is missing"),
+    ],
+)
+def test_a_gate_file_with_bad_metadata_is_refused_naming_the_file_and_the_field(tmp_path, change, named):
+    stored = dict(np.load(SHIPPED_MODEL / GATE_FILE))
+    meta = json.loads(str(stored["meta"]))
+    change(meta)
+    np.savez(tmp_path / GATE_FILE, **{**stored, "meta": np.array(json.dumps(meta))})
+    gate, reason = load_gate_for(tmp_path / "model.keras", "any sha256")
+    assert gate is None and reason.startswith(f"the gate file {tmp_path / GATE_FILE} is not valid") and named in reason

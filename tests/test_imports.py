@@ -1,7 +1,7 @@
 """The project's module graph, read from the source: no module imports one that imports it back (at
 module level or inside a function), so each can be read, tested and loaded on its own; and no layer
 imports one it must not (LAYER_RULES), so the serving install and the web app never need training,
-evaluation, the command line or the studies."""
+evaluation, the command line, the studies or the benchmarks."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ SOURCES = sorted(
     [
         *(REPO / "pneumonia").rglob("*.py"),
         *(REPO / "studies").rglob("*.py"),
+        *(REPO / "bench").rglob("*.py"),
         REPO / "app.py",
         REPO / "gradcam.py",
     ]
@@ -77,9 +78,12 @@ WEB = "pneumonia.web"
 # The entry points: `python -m pneumonia`, the WSGI module (importing it loads the model) and the
 # top-level Grad-CAM module import the layers, never the other way round.
 ENTRY_POINTS = ("pneumonia.__main__", "app", "gradcam")
+# The scripts run from a checkout (`python -m studies.NAME`, `python -m bench.NAME`): clients of the
+# package, never imported by it.
+SCRIPTS = ("studies", "bench")
 # What the serving install (requirements.txt) does not have: training and evaluation need TensorFlow,
 # and the command line imports them.
-BEYOND_SERVING = ("pneumonia.training", "pneumonia.evaluation", "pneumonia.cli", "studies", *ENTRY_POINTS)
+BEYOND_SERVING = ("pneumonia.training", "pneumonia.evaluation", "pneumonia.cli", *SCRIPTS, *ENTRY_POINTS)
 # The PACS client and its runs: they need dicomweb-client and requests, which the serving install lacks.
 PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.screening")
 
@@ -101,21 +105,22 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("pneumonia.pacs.reports", PACS_CLIENT),
     # the Ray Data archive run: reading, serving, errors, labels and progress, never the command line
     ("pneumonia.archive", (WEB, *BEYOND_SERVING)),
-    # training and evaluation: anything of the package but the command line and the studies (and
+    # training and evaluation: anything of the package but the command line and the scripts (and
     # not the web app, which is a client of these layers, not one of them)
-    ("pneumonia.training", ("pneumonia.cli", WEB, "studies", *ENTRY_POINTS)),
-    ("pneumonia.evaluation", ("pneumonia.cli", WEB, "studies", *ENTRY_POINTS)),
-    # thin commands over everything of the package (the web app too), never the studies
-    ("pneumonia.cli", ("studies", *ENTRY_POINTS)),
-    ("pneumonia.__main__", ("studies", "app", "gradcam")),
+    ("pneumonia.training", ("pneumonia.cli", WEB, *SCRIPTS, *ENTRY_POINTS)),
+    ("pneumonia.evaluation", ("pneumonia.cli", WEB, *SCRIPTS, *ENTRY_POINTS)),
+    # thin commands over everything of the package (the web app too), never the scripts
+    ("pneumonia.cli", (*SCRIPTS, *ENTRY_POINTS)),
+    ("pneumonia.__main__", (*SCRIPTS, "app", "gradcam")),
+    # the two kinds of script stand apart: a benchmark measures the product, a study the lever study's questions
+    ("studies", ("bench", *ENTRY_POINTS)),
+    ("bench", ("studies", *ENTRY_POINTS)),
     # the web app and the top-level modules: reading, serving, errors, labels, web; the web app also
     # pacs.reports for DICOM results (pneumonia/web/dicom_results.py), never the PACS client or the archive
     (WEB, ("pneumonia.progress", "pneumonia.archive", *PACS_CLIENT, *BEYOND_SERVING)),
     ("app", ("pneumonia.progress", *BEYOND_SERVING)),
     ("gradcam", ("pneumonia.progress", *BEYOND_SERVING)),
 ]
-# The modules no rule covers: the studies may import all of the package (and nothing imports them).
-UNRULED = ("studies",)
 
 
 def under(module: str, prefix: str) -> bool:
@@ -141,7 +146,7 @@ def test_the_cycle_finder_finds_a_ring():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_the_graph_holds_the_subpackages_the_studies_and_the_top_level_modules():
+def test_the_graph_holds_the_subpackages_the_scripts_and_the_top_level_modules():
     graph = import_graph()
     for module in (
         "pneumonia.reading.decoding",
@@ -153,6 +158,7 @@ def test_the_graph_holds_the_subpackages_the_studies_and_the_top_level_modules()
     assert graph["app"] == {WEB}
     assert "pneumonia.serving.gradcam" in graph["gradcam"]
     assert "pneumonia.training.operating_points" in graph["studies.ensemble_proxy"]
+    assert "pneumonia.pacs.screening" in graph["bench.benchmark_pacs"]
 
 
 def test_no_module_of_the_project_imports_itself_back():
@@ -179,8 +185,8 @@ def test_the_layer_checker_names_a_forbidden_import_on_a_synthetic_graph():
     assert forbidden_imports({"pneumonia.web.api": {"apply", "gradcam_tools"}}) == []
 
 
-def test_every_module_falls_under_a_layer_rule_or_is_a_study():
-    layers = [layer for layer, _ in LAYER_RULES] + list(UNRULED)
+def test_every_module_falls_under_a_layer_rule():
+    layers = [layer for layer, _ in LAYER_RULES]
     # the root package runs before any of its modules, so it must import nothing of the project
     loose = [module for module in import_graph() if module != "pneumonia" and not any(under(module, p) for p in layers)]
     assert loose == [], f"modules no rule in LAYER_RULES covers (give each a layer): {loose}"

@@ -104,7 +104,7 @@ def model_dir(tmp_path_factory):
     )
     write_card(out, card)
     (out / "report").mkdir()
-    (out / "report" / "metrics.json").write_text(json.dumps(card.validation))
+    (out / "report" / "metrics.json").write_text(json.dumps(card.to_dict()["validation"]))
     (out / "notes.txt").write_text("a sidecar file\n")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.keras").write_bytes(b"not a model")
@@ -248,9 +248,9 @@ def test_split_reads_a_kaggle_layout_root(model_dir, site, tmp_path):
     result = recalibration.recalibrate(
         model_dir, site, tmp_path / "out", split="site-a", log=lambda *_: None, warn=lambda *_: None
     )
-    sample = result.card.recalibration["site_sample"]
-    assert sample["path_name"] == "site-a" and sample["fingerprint"] == dataset.fingerprint(site_files(site / "site-a"))
-    assert "--split site-a" in result.card.recalibration["command"]
+    sample = result.card.recalibration.site_sample
+    assert sample.path_name == "site-a" and sample.fingerprint == dataset.fingerprint(site_files(site / "site-a"))
+    assert "--split site-a" in result.card.recalibration.command
 
 
 def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):

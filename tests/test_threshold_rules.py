@@ -76,8 +76,8 @@ def test_applying_a_rule_records_it_and_the_figures_at_its_thresholds(ruled_mode
     model_dir, card = ruled_model
     assert ModelCard.load(model_dir / "model.json") == card
     assert card.thresholds.rule_name == "worst:framing" and "crop_90, crop_80" in card.thresholds.chosen_on
-    assert card.validation["thresholds"]["default"]["threshold"] == card.thresholds.default
-    assert json.loads((model_dir / "report" / "metrics.json").read_text()) == card.validation
+    assert card.validation.thresholds["default"].threshold == card.thresholds.default
+    assert json.loads((model_dir / "report" / "metrics.json").read_text()) == card.to_dict()["validation"]
     for name in ("crop_90", "crop_80"):
         for threshold in ("default", "screening"):
             rates = card.expectations["framing"][name][threshold]

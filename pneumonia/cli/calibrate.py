@@ -18,14 +18,14 @@ def run(args) -> int:
     except (RecalibrationError, ModelLoadError) as err:
         return fail(err)
     recalibration = result.card.recalibration
-    print(format_operating_figures(recalibration["metrics"], recalibration["previous_metrics"]))
-    previous, new = recalibration["previous"]["thresholds"], result.card.thresholds
+    print(format_operating_figures(recalibration.metrics, recalibration.previous_metrics))
+    previous, new = recalibration.previous.thresholds, result.card.thresholds
     print(
-        f"thresholds (each on its own calibrated scale): default {previous['default']:.3f} -> {new.default:.3f}, "
-        f"screening {previous['screening']:.3f} -> {new.screening:.3f}"
+        f"thresholds (each on its own calibrated scale): default {previous.default:.3f} -> {new.default:.3f}, "
+        f"screening {previous.screening:.3f} -> {new.screening:.3f}"
     )
     print(
-        f"the model's thresholds came from the rule {previous['rule_name']!r} ({previous['chosen_on']}); "
+        f"the model's thresholds came from the rule {previous.rule_name!r} ({previous.chosen_on}); "
         f"they are now refitted on the site sample: {new.rule}"
     )
     print(f"wrote {result.out} (serve it with PNEUMONIA_MODEL_PATH={result.out})")

@@ -27,7 +27,7 @@ def run(args) -> int:
     except InitError as err:
         return fail(err)
     print(
-        f"validation AUC {card.validation['auc']:.4f}; thresholds: default {card.thresholds.default:.3f}, "
+        f"validation AUC {card.validation.auc:.4f}; thresholds: default {card.thresholds.default:.3f}, "
         f"screening {card.thresholds.screening:.3f}"
     )
     return 0

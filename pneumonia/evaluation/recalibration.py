@@ -30,13 +30,26 @@ import datetime as _dt
 import os
 import shlex
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pneumonia.evaluation.metrics import bootstrap_ci, evaluate_predictions, expected_calibration_error, write_metrics
-from pneumonia.serving.card import CARD_NAME, Calibration, ModelCard, Thresholds, platt, write_card
+from pneumonia.serving.card import (
+    CARD_NAME,
+    Calibration,
+    Metrics,
+    ModelCard,
+    Replaced,
+    SiteSample,
+    Thresholds,
+    platt,
+    write_card,
+)
+from pneumonia.serving.card import (
+    Recalibration as RecalibrationRecord,
+)
 from pneumonia.serving.classifier import XrayClassifier, find_card
 from pneumonia.training import dataset
 from pneumonia.training.operating_points import choose_thresholds, fit_platt
@@ -151,10 +164,12 @@ def recalibrated_card(
     """The old card with the new calibration and thresholds, the old ones under `recalibration`."""
     counts = files.counts()
     n = sum(counts.values())
-    previous = {"calibration": asdict(card.calibration), "thresholds": asdict(card.thresholds)}
-    previous.update({name: getattr(card, name) for name in MEASURED_AT_THE_THRESHOLDS if getattr(card, name)})
-    if card.recalibration:  # a recalibrated model recalibrated again keeps its history
-        previous["recalibration"] = card.recalibration
+    previous = Replaced(
+        calibration=card.calibration,
+        thresholds=card.thresholds,
+        recalibration=card.recalibration,  # a recalibrated model recalibrated again keeps its history
+        **{name: getattr(card, name) or None for name in MEASURED_AT_THE_THRESHOLDS},
+    )
     new_calibration = Calibration(
         slope=calibration["slope"],
         intercept=calibration["intercept"],
@@ -170,21 +185,16 @@ def recalibrated_card(
         chosen_on=f"site sample {site_name} ({n} images); calibrated probabilities",
         rule_name="site sample",
     )
-    recalibration = {
-        "previous": previous,
-        "site_sample": {
-            "path_name": site_name,
-            "counts": counts,
-            "fingerprint": dataset.fingerprint(files),
-            "date": _dt.date.today().isoformat(),
-        },
-        "metrics": metrics,
-        "previous_metrics": previous_metrics,
-        "warning": warning,
-        "command": command,
-        "note": "metrics are on the same sample the calibration and thresholds were fitted on: optimistic; "
+    recalibration = RecalibrationRecord(
+        previous=previous,
+        site_sample=SiteSample(site_name, counts, dataset.fingerprint(files), _dt.date.today().isoformat()),
+        metrics=Metrics.of(metrics),
+        previous_metrics=Metrics.of(previous_metrics),
+        warning=warning,
+        command=command,
+        note="metrics are on the same sample the calibration and thresholds were fitted on: optimistic; "
         "the model weights are unchanged",
-    }
+    )
     return replace(
         card,
         calibration=new_calibration,
@@ -284,31 +294,29 @@ def recalibrate(
     return Recalibration(card, out, warning)
 
 
-def format_operating_figures(metrics: dict, previous: dict | None = None) -> str:
+def format_operating_figures(metrics: Metrics, previous: Metrics | None = None) -> str:
     """AUC and, at each threshold, accuracy / sensitivity / specificity with 95 % bootstrap intervals."""
 
     def cell(value, interval) -> str:
         return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
-    ci = metrics["ci95_by_threshold"]
+    ci = metrics.ci95_by_threshold
     lines = [
-        f"{metrics['split']}: n = {sum(metrics['n'].values())} ("
-        + ", ".join(f"{k} {v}" for k, v in metrics["n"].items())
-        + ")",
-        f"AUC {cell(metrics['auc'], metrics['ci95']['auc'])}",
+        f"{metrics.split}: n = {sum(metrics.n.values())} (" + ", ".join(f"{k} {v}" for k, v in metrics.n.items()) + ")",
+        f"AUC {cell(metrics.auc, metrics.ci95['auc'])}",
         f"{'threshold':<18}{'accuracy':<22}{'sensitivity':<22}{'specificity':<22}",
     ]
-    for name, m in metrics["thresholds"].items():
+    for name, m in metrics.thresholds.items():
         lines.append(
-            f"{name + ' ' + format(m['threshold'], '.3f'):<18}{cell(m['accuracy'], ci[name]['accuracy']):<22}"
-            f"{cell(m['recall'], ci[name]['recall']):<22}{cell(m['specificity'], ci[name]['specificity']):<22}"
+            f"{name + ' ' + format(m.threshold, '.3f'):<18}{cell(m.accuracy, ci[name]['accuracy']):<22}"
+            f"{cell(m.recall, ci[name]['recall']):<22}{cell(m.specificity, ci[name]['specificity']):<22}"
         )
     if previous:
         lines.append("before (previous calibration and thresholds, same sample):")
-        for name, m in previous["thresholds"].items():
+        for name, m in previous.thresholds.items():
             lines.append(
-                f"{name + ' ' + format(m['threshold'], '.3f'):<18}{m['accuracy']:<22.3f}"
-                f"{m['recall']:<22.3f}{m['specificity']:<22.3f}"
+                f"{name + ' ' + format(m.threshold, '.3f'):<18}{m.accuracy:<22.3f}"
+                f"{m.recall:<22.3f}{m.specificity:<22.3f}"
             )
     lines.append("(95 % bootstrap intervals; measured on the sample the thresholds were chosen on, so optimistic)")
     return "\n".join(lines)

@@ -5,25 +5,26 @@ thresholds are.
 A card is a typed `ModelCard`: `train` builds one, `fit-ood`, `export` and `calibrate` change a
 copy (`dataclasses.replace`), `write_card` writes it, and `ModelCard.load` reads one back, checking
 every field once, so that the rest of the code reads attributes and a bad card is refused at
-start-up with the file and the field named. Sections that are reports (the validation metrics, the
-gate's fit, a recalibration's figures) stay JSON objects inside the typed card.
+start-up with the file and the field named: the training options (`TrainConfig`, which
+`pneumonia.training.config` re-exports: the serving layer may not import training), the validation
+metrics and a recalibration are records too. Sections that are free-form reports (the gate's fit,
+the proxies' expectations, why the model ships) stay JSON objects inside the typed card.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from pneumonia.errors import ModelLoadError
+from pneumonia.serving.records import CardFieldError, as_json, optional, parsed_record
 
 CARD_NAME = "model.json"
 
@@ -133,9 +134,127 @@ class Run:
             raise CardFieldError(f"started_from {self.started_from!r} is not one of {', '.join(STARTS)}")
 
 
+# --- What `train` was asked for ------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """What a training run can be asked for: the command line builds its parser from these names and
+    defaults (pneumonia/cli/train.py), `training.fitting.train` takes one, and the card records it."""
+
+    data_dir: str
+    arch: str = "densenet121"
+    out: str = "runs/densenet121"
+    init: str = "imagenet"
+    image_size: int = 128
+    # The schedule (training/schedule.py): warm-up over warmup_fraction of the steps to learning_rate, cosine
+    # to 0 over `epochs`. Batch 64 and 1e-3 as in the design check of issue 34 (README, "How it was trained").
+    epochs: int = 15
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1
+    val_fraction: float = 0.1
+    seed: int = 42
+    target_sensitivity: float = 0.98
+    resume: bool = False
+    cache_dir: str | None = "cache"
+    augment: str = "standard"  # one of training.config.AUGMENTATIONS
+    contrast: str = "none"  # one of CONTRASTS
+    # Of the rules in RULES, the one that served the shifts and the originals no rule was chosen on best
+    # (model/report/levers.md, "Threshold rules"): thresholds that hold when a chest is framed tighter.
+    threshold_rule: str = "worst:framing"
+    hold_out_series: str | None = None  # one of dataset.NORMAL_SERIES: kept out of training and validation
+
+    RETIRED_FIELDS: ClassVar[dict[str, str]]  # RETIRED_OPTIONS below: accepted on load, dropped
+
+
+# Options older versions of `train` took and recorded in their cards (git log -p pneumonia/training/config.py):
+# a card that names one still loads, the option dropped (it no longer changes anything a reader of the card
+# acts on); any other unknown option is refused, as a misspelt one would be.
+RETIRED_OPTIONS = {
+    "patience": "early stopping, replaced by the warm-up and cosine schedule over all epochs",
+    "ema": "weight averaging, a retired lever (model/report/levers.md)",
+    "label_smoothing": "a retired lever (model/report/levers.md)",
+    "initial_epoch": "resume state, now kept in the checkpoint",
+    "best_val_auc": "resume state, now kept in the checkpoint",
+    "earlier_wall_time_s": "resume state, now kept in the checkpoint",
+}
+TrainConfig.RETIRED_FIELDS = RETIRED_OPTIONS
+
+
+# --- The validation metrics (evaluation/metrics.py: evaluate_predictions) -----------------------------
+
+
+@dataclass(frozen=True)
+class ThresholdFigures:
+    """evaluation.metrics.metrics_at_threshold: the figures at one threshold."""
+
+    threshold: float
+    accuracy: float
+    precision: float
+    recall: float
+    specificity: float
+    f1: float
+    confusion_matrix: dict[str, int]  # tn, fp, fn, tp
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The metrics.json schema: AUC, AP, loss, the figures at each threshold, 95 % intervals."""
+
+    model: str
+    split: str
+    n: dict[str, int]  # images per class
+    auc: float
+    average_precision: float
+    loss: float
+    thresholds: dict[str, ThresholdFigures]  # "default", "screening"
+    ci95: dict[str, list[float]]  # at the default threshold: auc, accuracy, recall, specificity
+    # evaluation.recalibration.site_metrics: the intervals at each threshold as well
+    ci95_by_threshold: dict[str, dict[str, list[float]]] | None = optional()
+
+    @classmethod
+    def of(cls, metrics: dict) -> Metrics:
+        """evaluate_predictions' dict as a record (what the card holds)."""
+        return parsed_record(cls, metrics)
+
+
+# --- A recalibration (evaluation/recalibration.py) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteSample:
+    path_name: str  # the folder's last part (cards travel)
+    counts: dict[str, int]
+    fingerprint: str
+    date: str  # ISO
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """What a recalibration replaced: the operating point before it, and the figures measured there."""
+
+    calibration: Calibration
+    thresholds: Thresholds
+    expectations: dict | None = optional()
+    held_out_series: dict | None = optional()
+    recalibration: Recalibration | None = optional()  # a recalibrated model recalibrated again
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    previous: Replaced
+    site_sample: SiteSample
+    metrics: Metrics  # on the site sample, at the new thresholds (optimistic: fitted on it)
+    previous_metrics: Metrics  # on the site sample, at the previous thresholds
+    warning: str | None
+    command: str
+    note: str
+
+
 @dataclass(frozen=True)
 class Training:
-    config: dict  # training.config.TrainConfig as it was given (a record, not read back as options)
+    config: TrainConfig  # the options the run was given
     epochs_run: int
     best_epoch: int | None
     command: str
@@ -175,18 +294,18 @@ class ModelCard:
     preprocessing: Preprocessing
     calibration: Calibration
     thresholds: Thresholds
-    validation: dict  # evaluation.metrics.evaluate_predictions on the validation part
+    validation: Metrics  # evaluation.metrics.evaluate_predictions on the validation part
     data: DataRecord
     training: Training
     lineage: list[Run]  # every run from the first weights to these, oldest first
     gradcam: Gradcam
     versions: dict[str, str]
-    held_out_series: dict | None = None  # train --hold-out-series: the unseen series' specificity
-    selection: dict | None = None  # why this model ships (model/ only)
-    ood: dict | None = None  # the gate's fit (training/gate_fitting.py)
-    export: Export | None = None
-    recalibration: dict | None = None  # calibrate: the site sample's figures and what it replaced
-    expectations: dict | None = None  # what the proxies expect at a new site (training/threshold_rules.py)
+    held_out_series: dict | None = optional()  # train --hold-out-series: the unseen series' specificity
+    selection: dict | None = optional()  # why this model ships (model/ only)
+    ood: dict | None = optional()  # the gate's fit (training/gate_fitting.py)
+    export: Export | None = optional()
+    recalibration: Recalibration | None = optional()  # calibrate: the site sample's figures, what it replaced
+    expectations: dict | None = optional()  # what the proxies expect at a new site (training/threshold_rules.py)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -197,7 +316,7 @@ class ModelCard:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ModelLoadError(f"The model card {path} is unreadable: {err}") from None
         try:
-            return _typed(cls, content, "")
+            return parsed_record(cls, content)
         except CardFieldError as err:
             raise ModelLoadError(f"The model card {path} is not valid: {err}") from None
 
@@ -205,15 +324,15 @@ class ModelCard:
     def probability_floor(self) -> float:
         """The smallest probability (and 1 minus the largest) the calibration data can back: one image of
         the smaller class of the sample it was fitted on, rounded up to a whole percent."""
-        counts = (self.recalibration or {}).get("site_sample", {}).get("counts") or self.data.validation
+        counts = self.recalibration.site_sample.counts if self.recalibration else self.data.validation
         return math.ceil(100 / max(1, min(counts.values(), default=1))) / 100
 
     @property
-    def metrics_at_thresholds(self) -> tuple[str, dict]:
+    def metrics_at_thresholds(self) -> tuple[str, Metrics]:
         """(where the thresholds were chosen, evaluate_predictions' figures there at them): the site sample's
         after a recalibration (optimistic: the same images), else the validation part's."""
         if self.recalibration:
-            return "site sample", self.recalibration["metrics"]
+            return "site sample", self.recalibration.metrics
         return "validation set", self.validation
 
     def shown_probability(self, probability: float) -> str:
@@ -226,66 +345,7 @@ class ModelCard:
         return f"{100 * probability:.1f} %"
 
     def to_dict(self) -> dict:
-        card = dataclasses.asdict(self)
-        return {key: value for key, value in card.items() if value is not None}
-
-
-class CardFieldError(ValueError):
-    """A field of a card that is missing, unknown or of the wrong type; the message names it."""
-
-
-def _typed(kind, value, where: str):
-    """`value` (parsed JSON) as `kind` (a card dataclass or a typing annotation), or CardFieldError."""
-    name = where or "the card"
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise CardFieldError(f"{name} should be an object")
-        fields = {f.name: f for f in dataclasses.fields(kind)}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise CardFieldError(f"unknown field {_join(where, unknown[0])}")
-        hints = typing.get_type_hints(kind)
-        given = {}
-        for key, spec in fields.items():
-            if key in value:
-                given[key] = _typed(hints[key], value[key], _join(where, key))
-            elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise CardFieldError(f"field {_join(where, key)} is missing")
-        try:
-            return kind(**given)
-        except CardFieldError as err:  # a dataclass's own check (__post_init__)
-            raise CardFieldError(f"{name}: {err}") from None
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        return _typed(next(option for option in options if option is not type(None)), value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise CardFieldError(f"{name} should be a list")
-        (item,) = typing.get_args(kind)
-        return [_typed(item, entry, f"{where}[{i}]") for i, entry in enumerate(value)]
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict):
-            raise CardFieldError(f"{name} should be an object")
-        args = typing.get_args(kind)
-        return {k: _typed(args[1], v, _join(where, k)) for k, v in value.items()} if args else value
-    return _scalar(kind, value, name)
-
-
-def _scalar(kind, value, name: str):
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (str, bool) and isinstance(value, kind):
-        return value
-    raise CardFieldError(f"{name} should be {kind.__name__}, not {json.dumps(value)[:40]}")
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+        return as_json(self)
 
 
 def file_sha256(path: str | Path) -> str:

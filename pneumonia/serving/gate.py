@@ -26,6 +26,7 @@ import numpy as np
 
 from pneumonia.reading.pixel_stats import PixelStats
 from pneumonia.serving.card import file_sha256
+from pneumonia.serving.records import CardFieldError, parsed_record
 
 GATE_FILE = "ood.npz"
 REASONS = ("size", "shape", "colour", "blank", "features")
@@ -199,11 +200,59 @@ class OodGate:
 
     @classmethod
     def load(cls, path: str | Path) -> OodGate:
+        """The gate stored at `path`, its metadata and arrays checked; GateFileError naming the file and field."""
         with np.load(path, allow_pickle=False) as stored:
-            meta = json.loads(str(stored["meta"]))
+            meta = gate_metadata(path, _stored(path, stored, "meta"))
             # float32: half the memory traffic of the (d, d) product on every upload; ample precision for a distance
-            density = FeatureDensity(stored["means"], stored["precision"])
-        return cls(PixelBounds(**meta["bounds"]), density, meta["thresholds"], meta["info"])
+            density = FeatureDensity(_stored(path, stored, "means"), _stored(path, stored, "precision"))
+        if (
+            density.means.ndim != 2
+            or density.means.shape[0] != 2
+            or density.precision.shape != (density.means.shape[1],) * 2
+        ):
+            raise GateFileError(
+                f"the gate file {path} is not valid: means {density.means.shape} and precision "
+                f"{density.precision.shape} should be (2, d) and (d, d)"
+            )
+        return cls(meta.bounds, density, asdict(meta.thresholds), meta.info)
+
+
+class GateFileError(ValueError):
+    """An `ood.npz` whose metadata or arrays are missing or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    unusual: float
+    rejected: float
+
+
+@dataclass(frozen=True)
+class GateMetadata:
+    """`ood.npz`'s `meta` (JSON): the pixel bounds, the distance thresholds and the fit's report."""
+
+    bounds: PixelBounds
+    thresholds: GateThresholds
+    info: dict  # layer, model_sha256, validation and detection figures (what /model shows)
+
+
+def _stored(path, stored, name: str) -> np.ndarray:
+    if name not in stored.files:
+        raise GateFileError(f"the gate file {path} is not valid: field {name} is missing")
+    return stored[name]
+
+
+def gate_metadata(path, stored: np.ndarray) -> GateMetadata:
+    """The metadata array of `ood.npz` at `path`, checked field by field."""
+    try:
+        meta = parsed_record(GateMetadata, json.loads(str(stored)), "meta")
+    except json.JSONDecodeError as err:
+        raise GateFileError(f"the gate file {path} is not valid: field meta is not JSON ({err})") from None
+    except CardFieldError as err:
+        raise GateFileError(f"the gate file {path} is not valid: {err}") from None
+    if not isinstance(meta.info.get("model_sha256"), str):
+        raise GateFileError(f"the gate file {path} is not valid: field meta.info.model_sha256 is missing")
+    return meta
 
 
 def load_gate_for(keras_path: Path, keras_sha256: str | None = None) -> tuple[OodGate | None, str]:
@@ -213,7 +262,9 @@ def load_gate_for(keras_path: Path, keras_sha256: str | None = None) -> tuple[Oo
         return None, f"no {GATE_FILE} beside the model: fit one with `python -m pneumonia fit-ood`"
     try:
         gate = OodGate.load(path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except GateFileError as err:
+        return None, str(err)
+    except (OSError, ValueError) as err:  # not a zip archive, a truncated one
         return None, f"{path} is unreadable ({type(err).__name__})"
     if gate.info.get("model_sha256") != (keras_sha256 or file_sha256(keras_path)):
         return None, f"{path} was fitted for another model file: fit it again with `python -m pneumonia fit-ood`"

@@ -1,9 +1,12 @@
 """What a training run can be asked for, without importing Keras: the command line builds its
-parser from these names and defaults, and `fitting.train` takes a `TrainConfig`."""
+parser from these names and defaults, and `fitting.train` takes a `TrainConfig` (defined with the
+model card that records it, pneumonia/serving/card.py, as the serving layer may not import this one)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pneumonia.serving.card import TrainConfig
 
 ARCHITECTURES = ("densenet121", "custom")
 
@@ -17,32 +20,6 @@ AUGMENTATIONS = ("standard", "acquisition")
 # the seed's baseline at its own size.
 DEFAULT_IMAGE_SIZE = {"densenet121": 128, "custom": 320}
 DEFAULT_INIT = {"densenet121": "imagenet", "custom": "none"}  # the custom CNN has no pretrained weights
-
-
-@dataclass
-class TrainConfig:
-    data_dir: str
-    arch: str = "densenet121"
-    out: str = "runs/densenet121"
-    init: str = "imagenet"
-    image_size: int = 128
-    # The schedule (schedule.py): warm-up over warmup_fraction of the steps to learning_rate, cosine to 0
-    # over `epochs`. Batch 64 and 1e-3 as in the design check of issue 34 (README, "How it was trained").
-    epochs: int = 15
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_fraction: float = 0.1
-    val_fraction: float = 0.1
-    seed: int = 42
-    target_sensitivity: float = 0.98
-    resume: bool = False
-    cache_dir: str | None = "cache"
-    augment: str = "standard"  # one of AUGMENTATIONS
-    contrast: str = "none"  # one of serving.preprocessing.CONTRASTS
-    # Of the rules in RULES, the one that served the shifts and the originals no rule was chosen on best
-    # (model/report/levers.md, "Threshold rules"): thresholds that hold when a chest is framed tighter.
-    threshold_rule: str = "worst:framing"
-    hold_out_series: str | None = None  # one of dataset.NORMAL_SERIES: kept out of training and validation
 
 
 # The shift sets a rule may be chosen across: each a kind of difference between sites.
@@ -95,3 +72,5 @@ RULES = (
     ),
 )
 RULES_BY_NAME = {rule.name: rule for rule in RULES}
+
+__all__ = ["TrainConfig"]  # re-exported: `from pneumonia.training.config import TrainConfig`

@@ -112,7 +112,7 @@ def split_off_series(files: SplitFiles, series: str | None) -> tuple[SplitFiles,
 
 def unseen_series(data_dir: str | Path, card: ModelCard) -> SplitFiles | None:
     """The NORMAL images of the series the model was trained without (train --hold-out-series), or None."""
-    series = card.training.config.get("hold_out_series")
+    series = card.training.config.hold_out_series
     return split_off_series(scan_split(data_dir, "train"), series)[1] if series else None
 
 
@@ -230,7 +230,7 @@ def validation_part(data_dir: str | Path, card: ModelCard) -> tuple[SplitFiles, 
     files = scan_split(data_dir, "train")
     if files is None or not files.paths:
         raise DataError(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
-    _, val, _ = training_parts(files, card.data.val_fraction, int(config["seed"]), config.get("hold_out_series"))
+    _, val, _ = training_parts(files, card.data.val_fraction, config.seed, config.hold_out_series)
     expected = card.data.validation_fingerprint
     found = fingerprint(val)
     info = {

@@ -15,7 +15,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from pneumonia.evaluation.metrics import write_metrics
 from pneumonia.evaluation.plots import plot_history, save_plots
 from pneumonia.labels import CLASS_NAMES
-from pneumonia.serving.card import CARD_NAME, DataRecord, Gradcam, ModelCard, Run, Training, write_card
+from pneumonia.serving.card import CARD_NAME, DataRecord, Gradcam, Metrics, ModelCard, Run, Training, write_card
 from pneumonia.serving.keras_graphs import features_and_logit_model, gradcam_layer_for
 from pneumonia.serving.preprocessing import normalize_contrast, preprocessing_spec
 from pneumonia.training import dataset
@@ -204,7 +204,7 @@ def training_callbacks(progress: Progress, val_ds, val_y, paths: dict, started: 
 
 def training_record(config: TrainConfig, schedule: WarmupCosine, history: list[dict], started: float) -> Training:
     return Training(
-        config=asdict(config),
+        config=config,
         epochs_run=len(history),
         best_epoch=None,
         command="python -m pneumonia " + shlex.join(sys.argv[1:]),
@@ -310,7 +310,7 @@ def model_card(
         preprocessing=preprocessing_spec(config.image_size, normalization_for(config.arch), config.contrast),
         calibration=point.calibration,
         thresholds=point.thresholds,
-        validation=point.metrics,
+        validation=Metrics.of(point.metrics),
         data=record,
         training=training,
         lineage=lineage(init, training, record.train_fingerprint),

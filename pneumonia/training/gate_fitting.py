@@ -175,11 +175,11 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     """Fits, measures and stores the gate beside the model (`ood.npz`, and the card's `ood`)."""
     classifier = XrayClassifier(model_path, runtime="keras")  # fitting needs the Keras model's layer names
     config = classifier.card.training.config
-    val_fraction, seed = classifier.card.data.val_fraction, int(config["seed"])
+    val_fraction, seed = classifier.card.data.val_fraction, config.seed
     all_train = dataset.scan_split(data_dir, "train")
     if all_train is None or not all_train.paths:
         raise SystemExit(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
-    train_files, val_files, _ = dataset.training_parts(all_train, val_fraction, seed, config.get("hold_out_series"))
+    train_files, val_files, _ = dataset.training_parts(all_train, val_fraction, seed, config.hold_out_series)
     if classifier.card.data.validation_fingerprint != dataset.fingerprint(val_files):
         log(
             "warning: this validation part differs from the one in the model card (other data, or another split); "

@@ -19,7 +19,7 @@ import numpy as np
 from pneumonia.evaluation.metrics import evaluate_predictions, write_metrics
 from pneumonia.evaluation.plots import save_plots
 from pneumonia.reading.decoding import load_xray
-from pneumonia.serving.card import ModelCard, Thresholds, write_card
+from pneumonia.serving.card import Metrics, ModelCard, Thresholds, write_card
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import resize_xray
 from pneumonia.training import dataset
@@ -109,7 +109,7 @@ def apply_threshold_rule(model_dir: Path, data_dir: str | Path, rule: ThresholdR
         rule=rule.description,
         rule_name=rule.name,
     )
-    metrics = evaluate_predictions(files.labels, probs[BASELINE], chosen, card.name, card.validation["split"])
+    metrics = evaluate_predictions(files.labels, probs[BASELINE], chosen, card.name, card.validation.split)
     held_out = unseen_series_record(data_dir, classifier, chosen)
     if held_out:
         log(
@@ -120,7 +120,7 @@ def apply_threshold_rule(model_dir: Path, data_dir: str | Path, rule: ThresholdR
     card = replace(
         card,
         thresholds=thresholds,
-        validation=metrics,
+        validation=Metrics.of(metrics),
         expectations=site_expectations(data_dir, classifier, probs, files, chosen),
         held_out_series=held_out,
     )
@@ -155,7 +155,7 @@ def unseen_series_record(data_dir, classifier, thresholds: dict) -> dict | None:
     ]
     rates = rates_at(unseen.labels, probs, thresholds)
     return {
-        "series": classifier.card.training.config["hold_out_series"],
+        "series": classifier.card.training.config.hold_out_series,
         "n_normal": len(probs),
         "normal_mean_p": float(probs.mean()),
         "thresholds": {name: float(t) for name, t in thresholds.items()},

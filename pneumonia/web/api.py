@@ -57,7 +57,7 @@ def predict():
             "name": screener.classifier.name,
             "architecture": card.architecture,
             "input_size": screener.classifier.image_size,
-            "validation_auc": card.validation.get("auc"),
+            "validation_auc": card.validation.auc,
         },
         gradcam={
             "layer": screener.gradcam.layer,

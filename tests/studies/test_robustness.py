@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from builders import write_synthetic_dataset
 
-from studies import robustness
+from studies import lever_table, robustness
 
 SHIFT_NAMES = [s.name for s in robustness.SHIFTS]
 
@@ -65,6 +65,10 @@ def test_cli_writes_one_row_per_shift(tiny_model_dir, synthetic_data_dir, origin
     assert math.isfinite(originals["auc"])
     assert [s["series"] for s in first["series"]] == ["IM"] and first["series"][0]["n_train"] > 0
     assert "--hold-out-series" in markdown  # the notes say how to test transfer to an unseen series
+    # studies.lever_table: one row of levers.md per model of the report
+    assert lever_table.main([str(out / "robustness.json")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| `{tiny_model_dir}`")]
+    assert len(rows) == 2
 
 
 def test_cli_skips_missing_originals_with_a_message(tiny_model_dir, synthetic_data_dir, tmp_path, capsys):
