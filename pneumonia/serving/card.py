@@ -148,7 +148,7 @@ class TrainConfig:
     init: str = "imagenet"
     image_size: int = 128
     # The schedule (training/schedule.py): warm-up over warmup_fraction of the steps to learning_rate, cosine
-    # to 0 over `epochs`. Batch 64 and 1e-3 as in the design check of issue 34 (README, "How it was trained").
+    # to 0 over `epochs`. Batch 64 and 1e-3 as in the design check of issue 34 (docs/model.md, "How it was trained").
     epochs: int = 15
     batch_size: int = 64
     learning_rate: float = 1e-3

@@ -27,7 +27,7 @@ RUNTIME_ENV = "PNEUMONIA_RUNTIME"
 THREADS_ENV = "PNEUMONIA_RUNTIME_THREADS"
 # Threads ONNX Runtime gives one model call (PNEUMONIA_RUNTIME_THREADS): both cores of a small
 # instance. With the web app's 2 model slots, 2 threads cut an upload's model time by a quarter
-# against 1, for ~5 % fewer uploads/s from 8 clients (README, "Performance").
+# against 1, for ~5 % fewer uploads/s from 8 clients (docs/benchmarks.md).
 DEFAULT_THREADS = 2
 
 

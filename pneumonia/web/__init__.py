@@ -21,7 +21,7 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 20 * 1024 * 1024,  # 413 above this
     "MAX_FORM_PARTS": 16,  # the forms' fields besides the files (a batch adds BATCH_MAX_FILES parts)
     # Several files in one request (pneumonia/web/batch.py): at most this many, screened this many at a time
-    # (a chunk's model work is the longest a single upload waits behind it: README, "Performance").
+    # (a chunk's model work is the longest a single upload waits behind it: docs/benchmarks.md).
     "BATCH_MAX_FILES": 100,
     "BATCH_CHUNK_SIZE": 8,
     "BATCH_MAX_PIXELS": 1_000_000_000,  # declared by the files' headers in all (pneumonia/web/batch.py); else 413
@@ -34,7 +34,7 @@ DEFAULTS = {
     # Model capacity (pneumonia/web/capacity.py): screenings at once per worker, and the longest expected
     # wait for one before an upload is answered 503 with Retry-After. On ONNX Runtime with 2 threads
     # a call (pneumonia/serving/runtime.py), 2 slots keep both cores busy while one screening decodes or
-    # encodes; slots x threads measured on 2 cores: README "Performance".
+    # encodes; slots x threads measured on 2 cores: docs/benchmarks.md.
     "MODEL_SLOTS": 2,
     "MODEL_QUEUE_SECONDS": 5,
     # Per-client rate limits (pneumonia/web/rate_limit.py), Flask-Limiter's notation, counted per worker in memory:
