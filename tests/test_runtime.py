@@ -137,7 +137,7 @@ def test_the_app_serves_the_shipped_model_without_tensorflow():
         assert health["ready"] and health["serving"]["runtime"] == "onnx", health
         response = client.post("/api/predict", data=upload(open({str(REAL_XRAYS[1])!r}, "rb").read()))
         assert response.status_code == 200, response.get_data(as_text=True)
-        assert response.get_json()["gradcam_png"]
+        assert response.get_json()["gradcam_jpeg"]
         batch = client.post("/api/predict/batch", data={{"file": [(open({str(REAL_XRAYS[0])!r}, "rb"), "a.jpeg")]}})
         assert batch.status_code == 200 and batch.get_json()[0]["status"] == 200, batch.get_data(as_text=True)
         assert client.get("/model").status_code == 200
