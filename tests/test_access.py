@@ -10,7 +10,7 @@ import logging
 
 import pytest
 from builders import ACCESS_KEYS, upload, xray_jpeg
-from flask import Flask
+from flask import Flask, request
 
 from pneumonia.web import DEFAULTS, access
 from pneumonia.web.access import AccessKeyError
@@ -210,6 +210,20 @@ def test_wrong_keys_are_limited_per_client_and_a_missing_key_is_not_a_failure(ke
     for _ in range(5):  # a browser's first request carries no credential: it learns it must ask
         assert send(keyed_app, "GET", "/", None, "10.9.3.3").status_code == 401
     assert send(keyed_app, "GET", "/", basic(ACCESS_KEYS[1]), "10.9.3.3").status_code == 200
+
+
+def test_the_credential_leaves_the_request_once_read(keyed_app):
+    """gunicorn's access log prints the user name of a Basic header (`%(u)s`) from the WSGI environ the
+    app saw: a person who types the key as the user name must not find it there."""
+    from gunicorn.glogging import Logger
+
+    for path in ("/", "/healthz", "/static/style.css"):
+        headers = {"Authorization": basic("", user=ACCESS_KEYS[0])}
+        with keyed_app.test_request_context(path, headers=headers, environ_base={"REMOTE_ADDR": "10.9.4.1"}):
+            environ = request.environ  # the dict gunicorn logs from once the answer is sent
+            keyed_app.preprocess_request()
+            assert "HTTP_AUTHORIZATION" not in environ and Logger._get_user(None, environ) is None
+    assert Logger._get_user(None, {"HTTP_AUTHORIZATION": basic("", user=ACCESS_KEYS[0])}) == ACCESS_KEYS[0]
 
 
 def test_no_key_reaches_the_log(caplog, tmp_path):

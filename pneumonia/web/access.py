@@ -8,7 +8,9 @@ static files needs one of the keys; unset, the app is open and says so once at s
 Either form is accepted on every route (a browser that logged in to the pages sends Basic to the
 document they link). Keys are compared in constant time against every configured key, so the time
 taken says nothing about which key came near. A key travels only in the Authorization header, never
-in the URL: gunicorn's access log prints the path and query, never headers.
+in the URL (gunicorn's access log prints the path and query). The header is taken out of the request
+once read, so nothing after this check sees it: gunicorn's access log would print a Basic user name,
+and a person may type the key there.
 
 What is logged: at start-up, how many keys are required (never the keys); on a refused credential,
 the client's address and the path (never the credential). A client that presents wrong credentials
@@ -93,10 +95,15 @@ def configured_keys(config) -> list[bytes]:
     return keys
 
 
-def presented_key() -> bytes | None:
-    """The key the Authorization header carries (Bearer, or Basic's password); None without the header,
+def taken_authorization() -> str | None:
+    """The Authorization header, taken out of the request: gunicorn's access log prints the user name of
+    a Basic header from the same WSGI environ (its `%(u)s`), and a person may type the key there."""
+    return request.environ.pop("HTTP_AUTHORIZATION", None)
+
+
+def presented_key(header: str | None) -> bytes | None:
+    """The key an Authorization header carries (Bearer, or Basic's password); None without the header,
     b"" for one that cannot be read (it then fails like a wrong key)."""
-    header = request.headers.get("Authorization")
     if header is None:
         return None
     scheme, _, credentials = header.strip().partition(" ")
@@ -148,6 +155,7 @@ class AccessGuard:
 
     def check(self):
         """Before every request: None lets it through; otherwise the 401 or 429 answer."""
+        header = taken_authorization()  # from every request, the open routes' too: browsers send it there
         if request.endpoint in OPEN_ENDPOINTS:
             return None
         client = client_address()
@@ -155,7 +163,7 @@ class AccessGuard:
             retry_after = self.retry_after_s(client)
             message = f"Too many wrong access keys from this address. Please try again in {retry_after} s."
             return refusal(429, message, {"Retry-After": str(retry_after)})
-        presented = presented_key()
+        presented = presented_key(header)
         if presented is not None and key_matches(presented, self.keys):
             return None
         if presented is None:
