@@ -6,9 +6,11 @@ path; then requests per second with concurrent clients against gunicorn on loopb
 The bare pass is the model's explain graph (explain.onnx: logit, Grad-CAM and features) on ONNX
 Runtime in this process, 2 threads, nothing else: the floor an upload cannot go under. It runs
 before gunicorn starts and again after it stops, and its samples are pooled, so a change of the
-machine's load during the run weighs on both sides. Printed against it (issue 30's targets): the
-upload's p50 end to end / the bare p50 (at most 1.6), the uploads a second from --clients clients /
-the bare passes a second (at least 0.75), and the answer's size (at most 100 KB).
+machine's load during the run weighs on both sides. It runs twice, as ONNX Runtime comes (its pool
+threads spin between operators) and with spinning off (the app's default), and the faster of the two
+is the reference. Printed against it (issue 30's targets): the upload's p50 end to end / the bare p50
+(at most 1.6), the uploads a second from --clients clients / the bare passes a second (at least 0.75),
+and the largest answer (at most 100 KB).
 
 Stages of the fast path come from the server's own `timing_ms` (decode, preprocess, model +
 Grad-CAM, overlay + encode); "HTTP" is what the client measured minus the server's total.
@@ -352,7 +354,7 @@ def main() -> int:
             "latency_ms": percentiles(loaded),
         },
         "server_env": extra_env,
-        "ratios": ratios(bare, fast, len(loaded) / wall, sequential),
+        "ratios": ratios([bare, bare_no_spin], fast, len(loaded) / wall, sequential),
         "rss_mib_per_worker_idle": idle_rss,
         "rss_mib_per_worker": list(rss.values()),
         "gunicorn_startup_s": round(startup_s, 1),
@@ -379,10 +381,11 @@ def bare_summary(before: tuple[list[float], float], after: tuple[list[float], fl
     }
 
 
-def ratios(bare: dict, fast: dict, uploads_per_s: float, sequential: list) -> dict:
-    """Issue 30's three measures, each with its target and whether this run met it."""
-    latency = round(fast["end_to_end"]["p50"] / bare["latency_ms"]["p50"], 2)
-    throughput = round(uploads_per_s / bare["runs_per_s"], 2)
+def ratios(bares: list[dict], fast: dict, uploads_per_s: float, sequential: list) -> dict:
+    """Issue 30's three measures, each with its target and whether this run met it. The bare pass is
+    the faster of its two settings: spinning wins on an idle machine, loses when the cores are shared."""
+    latency = round(fast["end_to_end"]["p50"] / min(bare["latency_ms"]["p50"] for bare in bares), 2)
+    throughput = round(uploads_per_s / max(bare["runs_per_s"] for bare in bares), 2)
     answer_kb = round(max(body["_bytes"] for _, body in sequential) / 1000, 1)
     return {
         "end_to_end_p50_over_bare_p50": latency,
@@ -411,11 +414,11 @@ def print_ratios(results: dict) -> None:
             f"{bare['runs_per_s']} passes/s"
         )
     print(
-        f"upload p50 end to end / bare p50: {r['end_to_end_p50_over_bare_p50']}x "
+        f"upload p50 end to end / the faster bare p50: {r['end_to_end_p50_over_bare_p50']}x "
         f"(target <= {TARGETS['latency_ratio_max']}: {'met' if r['met']['latency'] else 'NOT met'})"
     )
     print(
-        f"uploads/s from {results['throughput']['clients']} clients / bare passes/s: "
+        f"uploads/s from {results['throughput']['clients']} clients / the faster bare passes/s: "
         f"{r['uploads_per_s_over_bare_per_s']}x "
         f"(target >= {TARGETS['throughput_ratio_min']}: {'met' if r['met']['throughput'] else 'NOT met'})"
     )

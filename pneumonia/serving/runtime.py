@@ -30,7 +30,10 @@ THREADS_ENV = "PNEUMONIA_RUNTIME_THREADS"
 # against 1, for ~5 % fewer uploads/s from 8 clients (README, "Performance").
 DEFAULT_THREADS = 2
 # Whether ONNX Runtime's pool threads spin waiting for work between a call's operators
-# (PNEUMONIA_RUNTIME_SPINNING=1 or 0): see SPINNING_DEFAULT.
+# (PNEUMONIA_RUNTIME_SPINNING=1 or 0). Off: spinning threads take the cores from the request threads'
+# decoding, and from each other; with the 2 cores shared, the bare explain pass took 121 ms (p50)
+# spinning against 63 ms not (bench/benchmark_upload.py, one run; docs/performance.md). On an idle
+# machine spinning may save a few ms a call: the benchmark prints both, measure on the instance.
 SPINNING_ENV = "PNEUMONIA_RUNTIME_SPINNING"
 SPINNING_DEFAULT = False
 

@@ -26,7 +26,7 @@ DEFAULTS = {
     "BATCH_CHUNK_SIZE": 8,
     "OVERLAY_ALPHA": 0.5,
     "PAGE_IMAGE_MAX_SIDE": 1024,  # JPEGs in the result page
-    "API_IMAGE_MAX_SIDE": 512,  # the PNG in the JSON answer: PNG encoding cost grows with area
+    "API_IMAGE_MAX_SIDE": 512,  # the overlay in the JSON answer (JPEG, or PNG on request: its cost grows with area)
     # Slow clients (pneumonia/web/uploads.py): 408 when a body takes longer than this in all, or pauses this long.
     "BODY_TIMEOUT": 30,  # seconds; a PaaS router (Heroku's) gives up on a request after 30 s anyway
     "BODY_READ_TIMEOUT": 10,  # seconds without a byte of the body
