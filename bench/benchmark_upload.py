@@ -260,6 +260,7 @@ def main() -> int:
         help="a setting of the server (PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RUNTIME_THREADS, PNEUMONIA_RUNTIME, ...)",
     )
     args = parser.parse_args()
+    load_before = os.getloadavg()  # the machine's load is part of every figure below
     extra_env = dict(item.split("=", 1) for item in args.env)
 
     import requests
@@ -334,7 +335,7 @@ def main() -> int:
         "overlay": args.overlay,
         "machine": {
             "cpus": os.cpu_count(),
-            "load_average_before": os.getloadavg(),
+            "load_average_before": load_before,
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
@@ -456,7 +457,8 @@ def print_table(results: dict) -> None:
     print(
         f"RSS per worker (MiB): idle {results['rss_mib_per_worker_idle']}, after the clients "
         f"{results['rss_mib_per_worker']}; ready {results['gunicorn_startup_s']} s after start; load average before: "
-        f"{results['machine']['load_average_before'][0]:.2f} on {results['machine']['cpus']} CPUs"
+        f"{results['machine']['load_average_before'][0]:.2f}, after: {results['load_average_after'][0]:.2f} "
+        f"on {results['machine']['cpus']} CPUs"
     )
     print_ratios(results)
 
