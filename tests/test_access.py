@@ -242,3 +242,12 @@ def test_no_key_reaches_the_log(caplog, tmp_path):
     logged = caplog.text + " ".join(str(record.args) for record in caplog.records)
     for secret_text in (*ACCESS_KEYS, WRONG_KEY, basic(WRONG_KEY).split()[1], basic(ACCESS_KEYS[1]).split()[1]):
         assert secret_text not in logged
+
+
+def test_a_refused_path_cannot_write_lines_into_the_log(caplog):
+    app = bare_app(ACCESS_KEYS=ACCESS_KEYS[0])
+    with caplog.at_level(logging.WARNING):
+        response = app.test_client().get("/api/x%0AAccess: 2 key(s)", headers={"Authorization": f"Bearer {WRONG_KEY}"})
+    assert response.status_code == 401
+    [record] = [record for record in caplog.records if record.getMessage().startswith("Access refused")]
+    assert "\n" not in record.getMessage() and "\\n" in record.getMessage()

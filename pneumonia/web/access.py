@@ -170,7 +170,8 @@ class AccessGuard:
             message = "This screening service needs an access key: ask whoever runs it for one."
         else:
             self.failures.hit(self.limit, "access", client)
-            current_app.logger.warning("Access refused: a wrong key from %s for %s", client, request.path)
+            # %r: a path's encoded line breaks stay escaped, so a request cannot write lines into the log
+            current_app.logger.warning("Access refused: a wrong key from %s for %r", client, request.path)
             message = "That access key is not valid here."
         return refusal(401, message, {"WWW-Authenticate": challenge()})
 
