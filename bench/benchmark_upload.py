@@ -1,7 +1,16 @@
-"""Latency of one upload, split by stage, against the naive keras.io Grad-CAM path; then
-requests per second with concurrent clients against gunicorn on loopback, and RSS per worker.
+"""Latency of one upload, split by stage, against the bare model pass and the naive keras.io Grad-CAM
+path; then requests per second with concurrent clients against gunicorn on loopback, and RSS per worker.
 
     .venv/bin/python -m bench.benchmark_upload --model model/ --out bench-results/
+
+The bare pass is the model's explain graph (explain.onnx: logit, Grad-CAM and features) on ONNX
+Runtime in this process, 2 threads, nothing else: the floor an upload cannot go under. It runs
+before gunicorn starts and again after it stops, and its samples are pooled, so a change of the
+machine's load during the run weighs on both sides. It runs twice, as ONNX Runtime comes (its pool
+threads spin between operators) and with spinning off (the app's default), and the faster of the two
+is the reference. Printed against it (issue 30's targets): the upload's p50 end to end / the bare p50
+(at most 1.6), the uploads a second from --clients clients / the bare passes a second (at least 0.75),
+and the largest answer (at most 100 KB).
 
 Stages of the fast path come from the server's own `timing_ms` (decode, preprocess, model +
 Grad-CAM, overlay + encode); "HTTP" is what the client measured minus the server's total.
@@ -33,6 +42,9 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO.parent / "shared" / "samples"
 TARGET_PIXELS = 2_000_000
+BARE_THREADS = 2
+# Issue 30: an upload's p50 at most 1.6x the bare pass's, uploads/s at least 0.75x its rate, answers <= 100 KB.
+TARGETS = {"latency_ratio_max": 1.6, "throughput_ratio_min": 0.75, "answer_kb_max": 100}
 
 
 def pick_image(path: str | None) -> tuple[bytes, str]:
@@ -57,7 +69,39 @@ def percentiles(values) -> dict[str, float]:
     return {"p50": round(float(np.percentile(values, 50)), 2), "p95": round(float(np.percentile(values, 95)), 2)}
 
 
-def naive_keras_io(model, layer: str, data: bytes, preprocessing: dict) -> dict[str, float]:
+def model_square(data: bytes, preprocessing) -> np.ndarray:
+    """The float32 (1, S, S, 3) input the app gives the model for these bytes (a card's Preprocessing)."""
+    from pneumonia.reading.decoding import decode_xray
+    from pneumonia.serving.preprocessing import model_input, resize_xray
+
+    xray, _ = decode_xray(data, preprocessing.image_size)
+    return model_input(resize_xray(xray, preprocessing.image_size), preprocessing)[None]
+
+
+def bare_session(explain_path: Path, spinning: bool = True):
+    """explain.onnx on ONNX Runtime's CPU provider with BARE_THREADS threads, its other options left as they
+    come (pool threads spinning between operators), or with spinning off as the app has it by default."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = BARE_THREADS
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(explain_path), options, providers=["CPUExecutionProvider"])
+
+
+def bare_pass(session, inputs: np.ndarray, repeats: int) -> tuple[list[float], float]:
+    """(milliseconds of each of `repeats` sequential explain passes, their wall-clock seconds)."""
+    session.run(None, {"xray": inputs})  # warm-up
+    times, started = [], time.perf_counter()
+    for _ in range(repeats):
+        begun = time.perf_counter()
+        session.run(None, {"xray": inputs})
+        times.append((time.perf_counter() - begun) * 1000)
+    return times, time.perf_counter() - started
+
+
+def naive_keras_io(model, layer: str, data: bytes, preprocessing) -> dict[str, float]:
     """The keras.io example's path, timed by stage; decode and preprocess as the fast path."""
     import keras
     import matplotlib
@@ -76,7 +120,7 @@ def naive_keras_io(model, layer: str, data: bytes, preprocessing: dict) -> dict[
 
     xray = load_xray(data)
     lap("decode")
-    img_array = model_input(resize_xray(xray, preprocessing["image_size"]), preprocessing)[None]
+    img_array = model_input(resize_xray(xray, preprocessing.image_size), preprocessing)[None]
     lap("preprocess")
     model.predict(img_array, verbose=0)
     grad_model = keras.models.Model(model.inputs, [model.get_layer(layer).output, model.output])
@@ -162,21 +206,22 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def post(session, url: str, data: bytes, overlay: str = "png") -> tuple[float, dict]:
+def post(session, url: str, data: bytes, overlay: str = "jpeg") -> tuple[float, dict]:
+    """(milliseconds, the JSON answer with its size in bytes as "_bytes")."""
     started = time.perf_counter()
     response = session.post(
         f"{url}/api/predict?overlay={overlay}", files={"file": ("xray.jpeg", data, "image/jpeg")}, timeout=120
     )
     elapsed = (time.perf_counter() - started) * 1000
     response.raise_for_status()
-    return elapsed, response.json()
+    return elapsed, {**response.json(), "_bytes": len(response.content)}
 
 
 def speedup(naive: dict, fast: dict, stage: str) -> float | None:
     return round(naive["total"]["p50"] / fast[stage]["p50"], 2) if naive else None
 
 
-def naive_path(keras_path, layer: str, data: bytes, preprocessing: dict, repeats: int) -> dict:
+def naive_path(keras_path, layer: str, data: bytes, preprocessing, repeats: int) -> dict:
     """The keras.io path's stages in this process (p50, p95), or {} with --naive-repeats 0."""
     if not repeats:
         return {}
@@ -205,7 +250,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=160, help="uploads in the throughput run")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn WEB_CONCURRENCY")
     parser.add_argument("--threads", type=int, default=4, help="gunicorn GUNICORN_THREADS")
-    parser.add_argument("--overlay", choices=("png", "jpeg"), default="png", help="the API's ?overlay= (default png)")
+    parser.add_argument("--overlay", choices=("png", "jpeg"), default="jpeg", help="the API's ?overlay= (default jpeg)")
+    parser.add_argument("--bare-repeats", type=int, default=100, help="bare explain passes before and after")
     parser.add_argument(
         "--env",
         action="append",
@@ -214,6 +260,7 @@ def main() -> int:
         help="a setting of the server (PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RUNTIME_THREADS, PNEUMONIA_RUNTIME, ...)",
     )
     args = parser.parse_args()
+    load_before = os.getloadavg()  # the machine's load is part of every figure below
     extra_env = dict(item.split("=", 1) for item in args.env)
 
     import requests
@@ -233,6 +280,11 @@ def main() -> int:
 
     layer = card.gradcam.layer
     naive = naive_path(keras_path, layer, data, card.preprocessing, args.naive_repeats)
+    explain_path = keras_path.parent / card.export.files["explain"].file
+    explain, explain_no_spin = bare_session(explain_path), bare_session(explain_path, spinning=False)
+    inputs = model_square(data, card.preprocessing)
+    bare_before = bare_pass(explain, inputs, args.bare_repeats)
+    no_spin_before = bare_pass(explain_no_spin, inputs, args.bare_repeats)
 
     # The app under gunicorn: sequential uploads, then concurrent clients.
     started = time.time()
@@ -267,6 +319,10 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(60)
+    no_spin_after = bare_pass(explain_no_spin, inputs, args.bare_repeats)
+    bare_after = bare_pass(explain, inputs, args.bare_repeats)
+    bare = bare_summary(bare_before, bare_after)
+    bare_no_spin = bare_summary(no_spin_before, no_spin_after)
 
     results = {
         "model": {
@@ -279,11 +335,14 @@ def main() -> int:
         "overlay": args.overlay,
         "machine": {
             "cpus": os.cpu_count(),
-            "load_average_before": os.getloadavg(),
+            "load_average_before": load_before,
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
+        "bare_explain_pass": bare,
+        "bare_explain_pass_no_spinning": bare_no_spin,
         "fast_path_http_ms": fast,
+        "answer_bytes": percentiles([body["_bytes"] for _, body in sequential]),
         "naive_keras_io_in_process_ms": naive,
         "speedup_end_to_end_vs_naive_p50": speedup(naive, fast, "end_to_end"),
         "speedup_server_vs_naive_p50": speedup(naive, fast, "total"),
@@ -296,6 +355,7 @@ def main() -> int:
             "latency_ms": percentiles(loaded),
         },
         "server_env": extra_env,
+        "ratios": ratios([bare, bare_no_spin], fast, len(loaded) / wall, sequential),
         "rss_mib_per_worker_idle": idle_rss,
         "rss_mib_per_worker": list(rss.values()),
         "gunicorn_startup_s": round(startup_s, 1),
@@ -308,6 +368,65 @@ def main() -> int:
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
+
+
+def bare_summary(before: tuple[list[float], float], after: tuple[list[float], float]) -> dict:
+    """The bare pass's latency (before and after pooled) and rate (passes a second, sequentially)."""
+    times = before[0] + after[0]
+    return {
+        "threads": BARE_THREADS,
+        "runs": len(times),
+        "latency_ms": percentiles(times),
+        "p50_before_after_ms": [round(float(np.median(before[0])), 2), round(float(np.median(after[0])), 2)],
+        "runs_per_s": round(len(times) / (before[1] + after[1]), 2),
+    }
+
+
+def ratios(bares: list[dict], fast: dict, uploads_per_s: float, sequential: list) -> dict:
+    """Issue 30's three measures, each with its target and whether this run met it. The bare pass is
+    the faster of its two settings: spinning wins on an idle machine, loses when the cores are shared."""
+    latency = round(fast["end_to_end"]["p50"] / min(bare["latency_ms"]["p50"] for bare in bares), 2)
+    throughput = round(uploads_per_s / max(bare["runs_per_s"] for bare in bares), 2)
+    answer_kb = round(max(body["_bytes"] for _, body in sequential) / 1000, 1)
+    return {
+        "end_to_end_p50_over_bare_p50": latency,
+        "uploads_per_s_over_bare_per_s": throughput,
+        "answer_kb_max": answer_kb,
+        "targets": TARGETS,
+        "met": {
+            "latency": latency <= TARGETS["latency_ratio_max"],
+            "throughput": throughput >= TARGETS["throughput_ratio_min"],
+            "answer": answer_kb <= TARGETS["answer_kb_max"],
+        },
+    }
+
+
+def print_ratios(results: dict) -> None:
+    r = results["ratios"]
+    print()
+    for name, key in (
+        ("bare explain pass", "bare_explain_pass"),
+        ("  without spinning", "bare_explain_pass_no_spinning"),
+    ):
+        bare = results[key]
+        print(
+            f"{name} ({bare['threads']} threads, {bare['runs']} runs): p50 {bare['latency_ms']['p50']} ms "
+            f"(before {bare['p50_before_after_ms'][0]}, after {bare['p50_before_after_ms'][1]}), "
+            f"{bare['runs_per_s']} passes/s"
+        )
+    print(
+        f"upload p50 end to end / the faster bare p50: {r['end_to_end_p50_over_bare_p50']}x "
+        f"(target <= {TARGETS['latency_ratio_max']}: {'met' if r['met']['latency'] else 'NOT met'})"
+    )
+    print(
+        f"uploads/s from {results['throughput']['clients']} clients / the faster bare passes/s: "
+        f"{r['uploads_per_s_over_bare_per_s']}x "
+        f"(target >= {TARGETS['throughput_ratio_min']}: {'met' if r['met']['throughput'] else 'NOT met'})"
+    )
+    print(
+        f"largest answer: {r['answer_kb_max']} KB "
+        f"(target <= {TARGETS['answer_kb_max']}: {'met' if r['met']['answer'] else 'NOT met'})"
+    )
 
 
 def print_table(results: dict) -> None:
@@ -338,8 +457,10 @@ def print_table(results: dict) -> None:
     print(
         f"RSS per worker (MiB): idle {results['rss_mib_per_worker_idle']}, after the clients "
         f"{results['rss_mib_per_worker']}; ready {results['gunicorn_startup_s']} s after start; load average before: "
-        f"{results['machine']['load_average_before'][0]:.2f} on {results['machine']['cpus']} CPUs"
+        f"{results['machine']['load_average_before'][0]:.2f}, after: {results['load_average_after'][0]:.2f} "
+        f"on {results['machine']['cpus']} CPUs"
     )
+    print_ratios(results)
 
 
 if __name__ == "__main__":

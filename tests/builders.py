@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "model"
 REAL_XRAYS = sorted((REPO / "tests" / "data").glob("*.jpeg"))
 SHARED_SAMPLES = REPO.parent / "shared" / "samples"
+# Two access keys (pneumonia/web/access.py), as a PaaS config var would hold them: both valid at once.
+ACCESS_KEYS = ("first-key-4f9c2a7e1b8d", "second-key-93d1e6b0c5a2")
 
 CENTRED_NORMALIZATION = Normalization(1 / 255, [0.45] * 3, [0.2] * 3)
 

@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 from builders import (
+    ACCESS_KEYS,
     CENTRED_NORMALIZATION,
     LEARNABLE,
     SHIPPED_MODEL,
@@ -127,6 +128,15 @@ def shipped_app():
     from pneumonia.web import create_app
 
     return create_app({"MODEL_PATH": str(SHIPPED_MODEL), "TESTING": True})
+
+
+@pytest.fixture(scope="session")
+def keyed_app(ungated_model_dir):
+    """The app on the tiny model with builders.ACCESS_KEYS set, 3 wrong keys a minute per client address."""
+    from pneumonia.web import create_app
+
+    config = {"MODEL_PATH": str(ungated_model_dir), "TESTING": True, "ACCESS_KEYS": ",".join(ACCESS_KEYS)}
+    return create_app({**config, "ACCESS_FAILURES_LIMIT": "3 per minute"})
 
 
 @pytest.fixture

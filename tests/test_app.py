@@ -195,15 +195,16 @@ def test_api_predict_returns_the_documented_json(client, ungated_model_dir):
     assert body["model"]["name"] == classifier.name and body["model"]["input_size"] == 32
     assert body["gradcam"]["layer"] == classifier.card.gradcam.layer and body["gradcam"]["map_size"] == [8, 8]
     assert body["gradcam"]["target"] == body["label"]
-    png = base64.b64decode(body["gradcam_png"])
-    assert png.startswith(b"\x89PNG") and decode(png).shape == (410, 512, 3)  # long side bounded, 5:4 kept
+    jpeg = base64.b64decode(body["gradcam_jpeg"])  # JPEG unless ?overlay=png
+    assert jpeg.startswith(b"\xff\xd8\xff") and decode(jpeg).shape == (410, 512, 3)  # long side bounded, 5:4 kept
+    assert "gradcam_png" not in body
     assert set(body["timing_ms"]) == {"decode", "preprocess", "model_gradcam", "overlay_encode", "total"}
     assert "not a medical device" in body["notice"]
 
 
 def test_api_predict_without_gradcam(client):
     body = client.post("/api/predict?gradcam=0", data=upload(xray_jpeg())).get_json()
-    assert body["gradcam_png"] is None and "overlay_encode" not in body["timing_ms"]
+    assert body["gradcam_jpeg"] is None and "overlay_encode" not in body["timing_ms"]
     assert 0 <= body["probability"] <= 1
 
 
@@ -324,7 +325,7 @@ def test_concurrent_requests_answer_as_sequential_ones(web_app):
     uploads = [xray_jpeg(300 + 20 * i, 260, seed=i, label=i % 2) for i in range(8)]
 
     def ask(data: bytes) -> tuple[float, str, np.ndarray]:
-        body = web_app.test_client().post("/api/predict", data=upload(data)).get_json()
+        body = web_app.test_client().post("/api/predict?overlay=png", data=upload(data)).get_json()
         return body["probability"], body["label"], decode(base64.b64decode(body["gradcam_png"]))
 
     sequential = [ask(data) for data in uploads]
@@ -373,13 +374,16 @@ def test_gunicorn_serves_the_app(ungated_model_dir):
     assert "Model custom loaded" in server.stderr.read().decode()
 
 
-def test_api_overlay_can_be_a_jpeg_and_an_unknown_format_is_named(client):
+def test_api_overlay_is_a_jpeg_unless_png_is_asked_and_an_unknown_format_is_named(client):
     data = xray_jpeg(400, 300, seed=2)
-    body = client.post("/api/predict?overlay=jpeg", data=upload(data)).get_json()
-    assert "gradcam_png" not in body
+    body = client.post("/api/predict", data=upload(data)).get_json()
+    asked = client.post("/api/predict?overlay=jpeg", data=upload(data)).get_json()
+    assert "gradcam_png" not in body and body["gradcam_jpeg"] == asked["gradcam_jpeg"]
     overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["gradcam_jpeg"]), np.uint8), cv2.IMREAD_COLOR)
     assert overlay.shape == (300, 400, 3)
-    png = client.post("/api/predict", data=upload(data)).get_json()
-    assert png["probability"] == body["probability"] and png["gradcam_png"]
+    png = client.post("/api/predict?overlay=PNG", data=upload(data)).get_json()
+    assert png["probability"] == body["probability"] and "gradcam_jpeg" not in png
+    lossless = cv2.imdecode(np.frombuffer(base64.b64decode(png["gradcam_png"]), np.uint8), cv2.IMREAD_COLOR)
+    assert lossless.shape == overlay.shape and np.abs(lossless.astype(int) - overlay).mean() < 8  # the same picture
     refused = client.post("/api/predict?overlay=gif", data=upload(data))
     assert refused.status_code == 400 and "overlay=gif: choose one of png, jpeg" in refused.get_json()["error"]

@@ -1,11 +1,14 @@
 """1,200 random and mutated uploads: only 200 (for images that really decode) or 4xx, never
 5xx, and the app still answers the same afterwards. Then schema-driven fuzzing (Schemathesis)
-of gunicorn serving the shipped model on loopback, from the document it serves at /openapi.json:
-no 5xx, and every answer conforms to the document."""
+of gunicorn serving the shipped model on loopback with access keys, from the document it serves at
+/openapi.json, sending a key: no 5xx, every answer conforms to the document, the key is enforced
+(Schemathesis's ignored_auth check probes each operation without it and with a wrong one), and no
+key reaches the server's log."""
 
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections import Counter
 
@@ -13,7 +16,16 @@ import numpy as np
 import pytest
 import requests
 import schemathesis
-from builders import REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, encode_image, gunicorn_serving, synthetic_xray, upload
+from builders import (
+    ACCESS_KEYS,
+    REAL_XRAYS,
+    SHIPPED_MODEL,
+    dicom_bytes,
+    encode_image,
+    gunicorn_serving,
+    synthetic_xray,
+    upload,
+)
 from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
 
@@ -119,9 +131,19 @@ FUZZ_CONFIG = {
 
 @pytest.fixture(scope="module")
 def shipped_server():
-    """gunicorn as the Procfile starts it, on loopback, serving the shipped model (gate included)."""
-    with gunicorn_serving(SHIPPED_MODEL) as (_, url):
+    """gunicorn as the Procfile starts it, on loopback, serving the shipped model (gate included) with
+    access keys; wrong keys are not limited, since every probe of ignored_auth is one from this address.
+    Its log, drained as it comes, must not hold a key."""
+    keys = {"PNEUMONIA_ACCESS_KEYS": ",".join(ACCESS_KEYS), "PNEUMONIA_ACCESS_FAILURES_LIMIT": "1000000 per minute"}
+    with gunicorn_serving(SHIPPED_MODEL, **keys) as (process, url):
+        log: list[bytes] = []
+        drain = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
+        drain.start()
         yield url
+    drain.join(30)
+    text = b"".join(log).decode(errors="replace")
+    assert "Access: 2 key(s)" in text and "Access refused" in text, text[-2000:]
+    assert not [key for key in ACCESS_KEYS if key in text]
 
 
 def fuzz_operation(operation, mode, url, session, deadline, statuses: Counter) -> None:
@@ -148,12 +170,16 @@ def fuzz_operation(operation, mode, url, session, deadline, statuses: Counter) -
 
 
 def test_schema_driven_fuzzing_gets_no_server_error_and_only_documented_answers(shipped_server):
-    served = requests.get(f"{shipped_server}/openapi.json", timeout=30).json()
+    session = requests.Session()
+    assert session.get(f"{shipped_server}/openapi.json", timeout=30).status_code == 401
+    session.headers["Authorization"] = f"Bearer {ACCESS_KEYS[1]}"
+    served = session.get(f"{shipped_server}/openapi.json", timeout=30).json()
+    assert served["security"] == [{"accessKey": []}, {"accessKeyBasic": []}]
     schema = schemathesis.openapi.from_dict(served, config=schemathesis.Config.from_dict(FUZZ_CONFIG))
     operations = {result.ok().label: result.ok() for result in schema.get_all_operations()}
     assert set(operations) == set(FUZZ_EXAMPLES)
     statuses: Counter = Counter()
-    session, started = requests.Session(), time.monotonic()
+    started = time.monotonic()
     for label, operation in operations.items():
         modes = [schemathesis.GenerationMode.POSITIVE]
         if label.startswith("POST"):  # the GETs take nothing that could be wrong

@@ -24,7 +24,7 @@ def reference_xray() -> np.ndarray:
 
 
 def gradcam_image(body: dict) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(base64.b64decode(body["gradcam_png"]), np.uint8), cv2.IMREAD_COLOR)
+    return cv2.imdecode(np.frombuffer(base64.b64decode(body["gradcam_jpeg"]), np.uint8), cv2.IMREAD_COLOR)
 
 
 def _greyscale_rgb(image: Image.Image) -> Image.Image:

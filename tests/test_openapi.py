@@ -10,7 +10,7 @@ import json
 
 import pytest
 import schemathesis
-from builders import REAL_XRAYS, encode_image, upload
+from builders import ACCESS_KEYS, REAL_XRAYS, encode_image, upload
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from PIL import Image
 
@@ -85,6 +85,16 @@ def test_the_pages_link_the_document(shipped_app):
 # --- every documented status, made to happen ------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def locked_app(tmp_path_factory):
+    """No model, and access keys: what a request without a key meets."""
+    from pneumonia.web import create_app
+
+    return create_app(
+        {"MODEL_PATH": str(tmp_path_factory.mktemp("locked")), "TESTING": True, "ACCESS_KEYS": ",".join(ACCESS_KEYS)}
+    )
+
+
 def _busy(app, monkeypatch):
     capacity = app.extensions["model_capacity"]
     monkeypatch.setattr(capacity, "running", capacity.slots)  # every slot taken...
@@ -112,6 +122,9 @@ def produce(case, shipped_app, not_ready_app, monkeypatch, request):
     batch = path.endswith("/batch")
     if path == "/healthz":
         return (client if status == 200 else not_ready_app.test_client()).get(path)
+    if status == 401:
+        locked = request.getfixturevalue("locked_app").test_client()
+        return locked.post(path, data=upload(XRAY)) if method == "POST" else locked.get(path)
     if status == 429:
         return _rate_limited(not_ready_app, not_ready_app.test_client(), path, method)
     if path == "/openapi.json":
@@ -165,11 +178,11 @@ def test_the_batch_entries_of_every_kind_conform(contract, shipped_app):
     contract["/api/predict/batch"]["POST"].validate_response(response)
 
 
-@pytest.mark.parametrize("query", ["?gradcam=0", "?overlay=JPEG", "?gradcam=no&overlay=jpeg"])
+@pytest.mark.parametrize("query", ["?gradcam=0", "?overlay=JPEG", "?overlay=png", "?gradcam=no&overlay=PNG"])
 def test_the_query_parameters_answer_as_documented(query, contract, shipped_app):
     response = shipped_app.test_client().post(f"/api/predict{query}", data=upload(XRAY))
     body = response.get_json()
-    field = "gradcam_jpeg" if "jpeg" in query.lower() else "gradcam_png"
+    field = "gradcam_png" if "png" in query.lower() else "gradcam_jpeg"
     assert response.status_code == 200 and field in body
     assert (body[field] is None) == ("gradcam=" in query)
     contract["/api/predict"]["POST"].validate_response(response)

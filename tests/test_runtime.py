@@ -14,7 +14,7 @@ import pytest
 from builders import REAL_XRAYS, REPO, SHIPPED_MODEL, upload, xray_jpeg
 
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
-from pneumonia.serving.runtime import RUNTIME_ENV, WEIGHTS_FILE
+from pneumonia.serving.runtime import RUNTIME_ENV, SPINNING_DEFAULT, SPINNING_ENV, WEIGHTS_FILE
 
 # What only training, evaluation plots and studies need: the serving path must not import them.
 TRAINING_ONLY = ("tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "scipy", "matplotlib", "h5py")
@@ -97,6 +97,20 @@ def test_an_export_onnx_runtime_cannot_load_is_a_start_up_message(ungated_model_
         XrayClassifier(folder, runtime="onnx")
 
 
+def test_spinning_is_a_setting_and_a_wrong_value_is_named(ungated_model_dir, monkeypatch):
+    monkeypatch.delenv(SPINNING_ENV, raising=False)
+    default = XrayClassifier(ungated_model_dir, runtime="onnx").runtime
+    assert default.spinning is SPINNING_DEFAULT
+    monkeypatch.setenv(SPINNING_ENV, "1" if not SPINNING_DEFAULT else "0")
+    other = XrayClassifier(ungated_model_dir, runtime="onnx").runtime
+    assert other.spinning is not SPINNING_DEFAULT
+    inputs = np.zeros((1, default.image_size, default.image_size, 3), np.float32)
+    assert default.explain(inputs)[0] == pytest.approx(other.explain(inputs)[0], abs=1e-6)
+    monkeypatch.setenv(SPINNING_ENV, "sometimes")
+    with pytest.raises(ModelLoadError, match="PNEUMONIA_RUNTIME_SPINNING=sometimes: say 1 or 0"):
+        XrayClassifier(ungated_model_dir, runtime="onnx")
+
+
 def test_an_unknown_runtime_is_named(ungated_model_dir):
     with pytest.raises(ModelLoadError, match="PNEUMONIA_RUNTIME=tpu: choose one of onnx, keras"):
         XrayClassifier(ungated_model_dir, runtime="tpu")
@@ -137,7 +151,7 @@ def test_the_app_serves_the_shipped_model_without_tensorflow():
         assert health["ready"] and health["serving"]["runtime"] == "onnx", health
         response = client.post("/api/predict", data=upload(open({str(REAL_XRAYS[1])!r}, "rb").read()))
         assert response.status_code == 200, response.get_data(as_text=True)
-        assert response.get_json()["gradcam_png"]
+        assert response.get_json()["gradcam_jpeg"]
         batch = client.post("/api/predict/batch", data={{"file": [(open({str(REAL_XRAYS[0])!r}, "rb"), "a.jpeg")]}})
         assert batch.status_code == 200 and batch.get_json()[0]["status"] == 200, batch.get_data(as_text=True)
         assert client.get("/model").status_code == 200

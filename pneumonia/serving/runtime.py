@@ -29,6 +29,13 @@ THREADS_ENV = "PNEUMONIA_RUNTIME_THREADS"
 # instance. With the web app's 2 model slots, 2 threads cut an upload's model time by a quarter
 # against 1, for ~5 % fewer uploads/s from 8 clients (docs/benchmarks.md).
 DEFAULT_THREADS = 2
+# Whether ONNX Runtime's pool threads spin waiting for work between a call's operators
+# (PNEUMONIA_RUNTIME_SPINNING=1 or 0). Off: spinning threads take the cores from the request threads'
+# decoding, and from each other; with the 2 cores shared, the bare explain pass took 121 ms (p50)
+# spinning against 63 ms not (bench/benchmark_upload.py, one run; docs/performance.md). On an idle
+# machine spinning may save a few ms a call: the benchmark prints both, measure on the instance.
+SPINNING_ENV = "PNEUMONIA_RUNTIME_SPINNING"
+SPINNING_DEFAULT = False
 
 
 def export_problem(keras_path: Path, card: ModelCard, keras_sha256: str) -> str | None:
@@ -53,14 +60,16 @@ class OnnxModel:
     name = "onnx"
     note = None  # why this runtime serves instead of the other, when it was not asked for
 
-    def __init__(self, folder: Path, section: Export, threads: int = DEFAULT_THREADS):
+    def __init__(
+        self, folder: Path, section: Export, threads: int = DEFAULT_THREADS, spinning: bool = SPINNING_DEFAULT
+    ):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Idle pool threads spinning for work would take the core from the request threads' decoding.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.spinning = spinning
         self.sessions = {}
         for name in ("explain", "forward"):
             path = folder / section.files[name].file
@@ -128,6 +137,16 @@ class KerasModel:
         return float(out["logit"][0]), out["cam"].numpy()[0], out["features"].numpy()[0]
 
 
+def spinning_setting() -> bool:
+    """PNEUMONIA_RUNTIME_SPINNING: 1/true/yes or 0/false/no; unset, SPINNING_DEFAULT."""
+    value = os.environ.get(SPINNING_ENV, "").strip().lower()
+    if value in ("", "default"):
+        return SPINNING_DEFAULT
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise ModelLoadError(f"{SPINNING_ENV}={value}: say 1 or 0 (or leave it unset)")
+    return value in ("1", "true", "yes")
+
+
 def load_runtime(keras_path: Path, card: ModelCard, keras_sha256: str, choice: str | None = None, threads=None):
     """The runtime `choice` (or PNEUMONIA_RUNTIME) names, loaded; ModelLoadError saying what to do when it cannot be."""
     choice = (choice or os.environ.get(RUNTIME_ENV) or "auto").lower()
@@ -143,7 +162,7 @@ def load_runtime(keras_path: Path, card: ModelCard, keras_sha256: str, choice: s
         except ImportError:
             raise ModelLoadError("The onnx runtime needs onnxruntime: pip install -r requirements.txt") from None
         threads = threads or int(os.environ.get(THREADS_ENV) or DEFAULT_THREADS)
-        return OnnxModel(keras_path.parent, card.export, threads)
+        return OnnxModel(keras_path.parent, card.export, threads, spinning_setting())
     try:
         import keras  # noqa: F401
     except ImportError:

@@ -27,7 +27,7 @@ DEFAULTS = {
     "BATCH_MAX_PIXELS": 1_000_000_000,  # declared by the files' headers in all (pneumonia/web/batch.py); else 413
     "OVERLAY_ALPHA": 0.5,
     "PAGE_IMAGE_MAX_SIDE": 1024,  # JPEGs in the result page
-    "API_IMAGE_MAX_SIDE": 512,  # the PNG in the JSON answer: PNG encoding cost grows with area
+    "API_IMAGE_MAX_SIDE": 512,  # the overlay in the JSON answer (JPEG, or PNG on request: its cost grows with area)
     # Slow clients (pneumonia/web/uploads.py): 408 when a body takes longer than this in all, or pauses this long.
     "BODY_TIMEOUT": 30,  # seconds; a PaaS router (Heroku's) gives up on a request after 30 s anyway
     "BODY_READ_TIMEOUT": 10,  # seconds without a byte of the body
@@ -47,6 +47,11 @@ DEFAULTS = {
     "RATE_LIMIT_UPLOADS": "30 per minute",  # a person uploading one X-ray at a time stays far below
     "RATE_LIMIT_PAGES": "300 per minute",  # a model card view is 6 requests (the page and its plots)
     "RATE_LIMIT_PROXY_HOPS": 0,  # trusted proxies that append to X-Forwarded-For (1 behind Heroku's router)
+    # Access keys (pneumonia/web/access.py): unset, the app is open. ACCESS_KEYS: comma-separated (a PaaS
+    # config var); ACCESS_KEYS_FILE: one key a line (a mounted secret); both may be set, every key is valid.
+    "ACCESS_KEYS": None,
+    "ACCESS_KEYS_FILE": None,
+    "ACCESS_FAILURES_LIMIT": "10 per minute",  # wrong keys per client address, then 429 (whatever it sends)
 }
 
 
@@ -62,12 +67,13 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from pneumonia.web import api, capacity, device, errors, pages, rate_limit, security
+    from pneumonia.web import access, api, capacity, device, errors, pages, rate_limit, security
     from pneumonia.web.screening import load_screener
 
     load_screener(app)
     capacity.register(app)
     rate_limit.register(app)
+    access.register(app)  # after the limits: a flood of wrong keys is counted by them too
     app.wsgi_app = BodyDeadline(app.wsgi_app, app.config["BODY_TIMEOUT"], app.config["BODY_READ_TIMEOUT"])
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)

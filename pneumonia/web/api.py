@@ -19,14 +19,16 @@ from pneumonia.web.uploads import UploadError, read_upload
 bp = Blueprint("api", __name__)
 
 NOTICE = "Research tool, not a medical device."
-# ?overlay=: the overlay's encoding. PNG stays the default (the documented field); JPEG is ~10x faster
-# to encode and ~7x smaller for this noisy image (python -m bench.benchmark_upload --overlay jpeg).
+# ?overlay=: the overlay's encoding. JPEG by default: for the 1,632x1,225 sample X-ray the PNG took
+# 9.4 ms of an upload's 60 ms and made most of its 359 KB answer, the JPEG 0.6 ms (issue 30;
+# docs/performance.md). PNG, lossless, on request.
 OVERLAY_FORMATS = {"png": ".png", "jpeg": ".jpg"}
+DEFAULT_OVERLAY = "jpeg"
 
 
 def overlay_format() -> tuple[str, str]:
-    """(field suffix, encoder extension) from ?overlay=png|jpeg; 400 for anything else."""
-    name = request.args.get("overlay", "png").lower()
+    """(field suffix, encoder extension) from ?overlay=jpeg|png; 400 for anything else."""
+    name = request.args.get("overlay", DEFAULT_OVERLAY).lower()
     if name not in OVERLAY_FORMATS:
         raise UploadError(400, f"overlay={name}: choose one of {', '.join(OVERLAY_FORMATS)}.")
     return name, OVERLAY_FORMATS[name]
@@ -34,7 +36,7 @@ def overlay_format() -> tuple[str, str]:
 
 @bp.post("/api/predict")
 def predict():
-    """multipart field `file`; `?gradcam=0` skips rendering the overlay, `?overlay=jpeg` encodes it as JPEG;
+    """multipart field `file`; `?gradcam=0` skips rendering the overlay, `?overlay=png` encodes it as PNG;
     `?result=dicom-sr` or `?result=dicom` answers DICOM objects instead (pneumonia/web/dicom_results.py)."""
     started = time.perf_counter()
     screener = current_screener()

@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of the JSON API: pneumonia/web/openapi.json (carried in the wheel), served at
 /openapi.json with `info.x-limits` set to the limits this server enforces (its settings, not the
-defaults the document's prose names) and the batch's `maxItems` to its BATCH_MAX_FILES."""
+defaults the document's prose names), the batch's `maxItems` to its BATCH_MAX_FILES, and the document's
+`security` (an access key, pneumonia/web/access.py) left out when this server has no keys: it is open."""
 
 from __future__ import annotations
 
@@ -32,7 +33,17 @@ def limits(config) -> dict:
             "pages": str(config["RATE_LIMIT_PAGES"]),
             "scope": "per client address, per worker process",
         },
+        "access": {
+            "keys_required": keys_required(config),
+            "failures_limit": str(config["ACCESS_FAILURES_LIMIT"]),
+            "scope": "per client address, per worker process",
+        },
     }
+
+
+def keys_required(config) -> bool:
+    """Whether this server asks for an access key (start-up refuses a set but empty key setting)."""
+    return config.get("ACCESS_KEYS") is not None or bool(config.get("ACCESS_KEYS_FILE"))
 
 
 def document(config) -> dict:
@@ -41,4 +52,6 @@ def document(config) -> dict:
     spec["info"]["x-limits"] = limits(config)
     batch = spec["paths"]["/api/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
     batch["schema"]["properties"]["file"]["maxItems"] = int(config["BATCH_MAX_FILES"])
+    if not keys_required(config):
+        del spec["security"]
     return spec
