@@ -235,8 +235,8 @@ def validation_part(data_dir: str | Path, card: ModelCard) -> tuple[SplitFiles, 
     found = fingerprint(val)
     info = {
         "val_fraction": card.data.val_fraction,
-        "seed": int(config["seed"]),
-        "hold_out_series": config.get("hold_out_series"),
+        "seed": config.seed,
+        "hold_out_series": config.hold_out_series,
         "fingerprint": found,
         "card_fingerprint": expected,
         "fingerprint_matches": found == expected,
