@@ -235,7 +235,7 @@ def naive_path(keras_path, layer: str, data: bytes, preprocessing, repeats: int)
     return {stage: percentiles([r[stage] for r in runs]) for stage in runs[0]}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"), help="model directory (default model/)")
     parser.add_argument(
@@ -259,7 +259,7 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="a setting of the server (PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RUNTIME_THREADS, PNEUMONIA_RUNTIME, ...)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     load_before = os.getloadavg()  # the machine's load is part of every figure below
     extra_env = dict(item.split("=", 1) for item in args.env)
 

@@ -11,6 +11,7 @@ memory budget of pneumonia/reading/budget.py; docs/uploads.md has the figures.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import resource
@@ -196,15 +197,20 @@ def _batch_of_ten() -> dict:
     }
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--one":
-        print(json.dumps(_decode_one(sys.argv[2])))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--limit", action="store_true", help="the largest inputs the budget lets through, not the bombs")
+    mode.add_argument("--batch", action="store_true", help="ten 16-bit PNG bombs in one batch request")
+    mode.add_argument("--one", metavar="NAME", help="decode the input NAME in this process (what each child runs)")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(_decode_one(args.one)))
         return 0
-    if sys.argv[1:] == ["--batch"]:
+    if args.batch:
         print(json.dumps(_batch_of_ten()))
         return 0
-    names = AT_THE_LIMIT if sys.argv[1:] == ["--limit"] else BOMBS
-    for name in names:  # a fresh process each, so that each peak is its own
+    for name in AT_THE_LIMIT if args.limit else BOMBS:  # a fresh process each, so that each peak is its own
         result = subprocess.run([sys.executable, "-m", "bench.bombs", "--one", name], capture_output=True, text=True)
         print(result.stdout.strip() or result.stderr.strip()[-500:])
     return 0

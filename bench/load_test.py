@@ -631,7 +631,7 @@ def report(scenario: str, result: dict) -> None:
         )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
@@ -661,7 +661,7 @@ def main() -> int:
         "--memory-limit", type=int, metavar="MIB", help="run gunicorn in a memory cgroup of MIB MiB (e.g. 512)"
     )
     parser.add_argument("--out", help="write the figures to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
         parser.error(f"--clients must be 1..{MAX_CLIENTS}")
     if min(args.seconds, args.minutes * 60) <= 0 or max(args.seconds, args.minutes * 60) > MAX_SECONDS:

@@ -234,9 +234,8 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
 
     def fake_train(config, log=print):
         configs.append(config)
-        return dataclasses.replace(
-            minimal_card("m", "m.keras", 32, ("f", [8, 8]), UNIT_NORMALIZATION), validation={"auc": 0.5}
-        )
+        card = minimal_card("m", "m.keras", 32, ("f", [8, 8]), UNIT_NORMALIZATION)
+        return dataclasses.replace(card, validation=dataclasses.replace(card.validation, auc=0.5))
 
     monkeypatch.setattr("pneumonia.training.fitting.train", fake_train)
     assert cli.main(["train", "d"]) == 0 and cli.main(["train", "d", "--arch", "custom"]) == 0

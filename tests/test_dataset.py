@@ -270,7 +270,7 @@ def test_validation_reconstruction_matches_the_card_fingerprint(tiny_model_dir, 
     assert dataset.fingerprint(val) == card.data.validation_fingerprint
     assert info["n"] == card.data.validation
 
-    config = {**card.training.config, "seed": card.training.config["seed"] + 1}
+    config = dataclasses.replace(card.training.config, seed=card.training.config.seed + 1)
     other_seed = dataclasses.replace(card, training=dataclasses.replace(card.training, config=config))
     _, info = dataset.validation_part(synthetic_data_dir, other_seed)
     assert not info["fingerprint_matches"] and "differs" in info["warning"]
@@ -286,7 +286,7 @@ def test_the_unseen_series_is_the_normal_images_of_the_cards_held_out_series(tmp
         (normal / f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg").write_bytes((normal / "IM-0000-0001.jpeg").read_bytes())
 
     def card(series):
-        return SimpleNamespace(training=SimpleNamespace(config={"hold_out_series": series}))
+        return SimpleNamespace(training=SimpleNamespace(config=SimpleNamespace(hold_out_series=series)))
 
     unseen = dataset.unseen_series(str(tmp_path), card("NORMAL2-IM"))
     assert sorted(p.name for p in unseen.paths) == [f"NORMAL2-IM-{1000 + i:04d}-0001.jpeg" for i in range(3)]

@@ -251,7 +251,7 @@ def test_an_image_the_reader_cannot_decode_fails_with_exit_1_and_nothing_is_stor
     with stub_pacs(pacs_routes(buffer.getvalue())) as (url, hits):
         result = run_cli("pacs", "screen", url, "--modality", "DX", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
-    assert "could not be decoded" in result.stdout and not [hit for hit in hits if hit[0] == "POST"]
+    assert "refused before decoding" in result.stdout and not [hit for hit in hits if hit[0] == "POST"]
 
 
 def test_a_5xx_on_the_search_exits_2_with_the_status(tmp_path):

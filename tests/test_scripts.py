@@ -27,9 +27,6 @@ RUN_ELSEWHERE = {
     "studies.robustness": "tests/studies/test_robustness.py",
     "studies.lever_table": "tests/studies/test_robustness.py",  # on the report the robustness test writes
 }
-# Their main reads sys.argv and they are being rewritten (issues 30 and 33); the integrator drops this.
-BEING_REWRITTEN = ("bench.benchmark_upload", "bench.load_test")
-REWRITTEN = pytest.mark.xfail(strict=False, reason="being rewritten in issues 30/33")
 XRAY_FOLDER = REAL_XRAYS[0].parent  # tests/data: two real X-ray JPEGs
 RUN_HERE: set[str] = set()
 
@@ -45,7 +42,7 @@ def run_main(module: str, argv: list, monkeypatch) -> int | None:
     argv = [str(arg) for arg in argv]
     monkeypatch.setattr(sys, "argv", [f"python -m {module}", *argv])
     main = importlib.import_module(module).main
-    return main() if module in BEING_REWRITTEN else main(argv)
+    return main(argv)
 
 
 def test_every_script_has_a_smoke_run():
@@ -177,7 +174,6 @@ def test_serving_footprint_installs_the_serving_requirements(tmp_path, monkeypat
 
 
 @runs("bench.benchmark_upload")
-@REWRITTEN
 @pytest.mark.slow  # gunicorn, and the naive Keras path
 def test_benchmark_upload_times_each_stage(tiny_model_dir, tmp_path, monkeypatch):
     argv = ["--model", tiny_model_dir, "--image", REAL_XRAYS[0], "--out", tmp_path / "upload.json"]
@@ -187,9 +183,17 @@ def test_benchmark_upload_times_each_stage(tiny_model_dir, tmp_path, monkeypatch
 
 
 @runs("bench.load_test")
-@REWRITTEN
 @pytest.mark.slow  # gunicorn under a flood of uploads
 def test_load_test_floods_the_app(tiny_model_dir, tmp_path, monkeypatch):
     argv = ["flood", "--clients", 1, "--seconds", 2, "--model", tiny_model_dir, "--image", REAL_XRAYS[0]]
     assert run_main("bench.load_test", [*argv, "--out", tmp_path / "flood.json"], monkeypatch) == 0
     assert json.loads((tmp_path / "flood.json").read_text())
+
+
+@runs("bench.bombs")
+def test_bombs_are_refused_in_a_batch_and_one_alone(monkeypatch, capsys):
+    assert run_main("bench.bombs", ["--batch"], monkeypatch) == 0
+    batch = json.loads(capsys.readouterr().out)
+    assert batch["status"] == 200 and batch["files"] == [400] * 10
+    assert run_main("bench.bombs", ["--one", "png 16-bit 7700x7700"], monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["answer"].startswith("refused: ")
