@@ -489,7 +489,11 @@ def readme_table(card: dict | None = None) -> str:
     """The README's two short results tables (`python docs/hooks.py readme-table`): the model beside the
     baseline trained the same way, then beside the seed's own figures."""
     card = card or load_card()
-    return card_baseline(card) + "\nBeside the seed's own figures, each row with what it was measured on:\n\n" + card_seed(card)
+    return (
+        card_baseline(card)
+        + "\nBeside the seed's own figures, each row with what it was measured on:\n\n"
+        + card_seed(card)
+    )
 
 
 CARD_SECTIONS = {
