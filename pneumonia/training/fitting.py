@@ -319,6 +319,14 @@ def model_card(
     )
 
 
+def save_for_serving(model, path: Path) -> None:
+    """The model without its optimizer: a compiled model's file carries Adam's two moments per weight
+    (85.6 MB against 29.7 MB for DenseNet121), which serving never reads and the slug would pay for.
+    Saved, loaded uncompiled and saved again: Keras writes no optimizer for an uncompiled model."""
+    model.save(path)
+    keras.saving.load_model(path, compile=False).save(path)
+
+
 def train(config: TrainConfig, log=print) -> ModelCard:
     """Data -> fitted model, calibration, thresholds, card, report and gate in `config.out`."""
     started = time.time()
@@ -352,7 +360,7 @@ def train(config: TrainConfig, log=print) -> ModelCard:
     write_metrics(point.metrics, paths["report"])
     save_plots(data.val_y, point.probabilities, point.metrics, paths["report"])
     card = model_card(config, init, data, model, schedule, point, paths, started)
-    model.save(out / card.file)
+    save_for_serving(model, out / card.file)
     card_path = write_card(out, card)
     log(f"wrote {out / card.file} and {card_path}")
     export(out, log)
