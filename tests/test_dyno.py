@@ -18,13 +18,18 @@ ANSWERS = {"200", "400", "413", "415", "422", "503"}  # anything else (5xx, time
 
 
 @pytest.mark.slow
-def test_a_512_mib_dyno_survives_a_flood_of_uploads():
+def dyno_and_xray():
+    """A 512 MiB memory cgroup (or a skip saying why there is none) and a real radiograph at 1600 x 1200
+    (the synthetic X-rays are refused by the shipped model's gate)."""
     try:
         cgroup = MemoryCgroup(DYNO_MIB)
     except CgroupUnavailable as err:
         pytest.skip(f"cannot put gunicorn under a memory limit here: {err}")
-    # A real radiograph at 1600 x 1200 (the synthetic X-rays are refused by the shipped model's gate).
-    xray = encode_image(Image.open(REAL_XRAYS[0]).convert("L").resize((1600, 1200)), "JPEG", quality=90)
+    return cgroup, encode_image(Image.open(REAL_XRAYS[0]).convert("L").resize((1600, 1200)), "JPEG", quality=90)
+
+
+def test_a_512_mib_dyno_survives_a_flood_of_uploads():
+    cgroup, xray = dyno_and_xray()
     server = None
     try:
         server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)  # the shipped default
@@ -56,11 +61,7 @@ def test_a_512_mib_dyno_refuses_bombs_alone_and_eight_at_a_time_without_a_kill()
     """Issue 33: each small file of bench/bombs.py that decodes to a lot (a 115 kB 16-bit PNG of 7,700 x
     7,700, deflated and RLE DICOMs) is answered with a 4xx (refused in under 2 s), alone and from 8 clients
     at once, no worker is killed, and a real upload is answered normally afterwards."""
-    try:
-        cgroup = MemoryCgroup(DYNO_MIB)
-    except CgroupUnavailable as err:
-        pytest.skip(f"cannot put gunicorn under a memory limit here: {err}")
-    xray = encode_image(Image.open(REAL_XRAYS[0]).convert("L").resize((1600, 1200)), "JPEG", quality=90)
+    cgroup, xray = dyno_and_xray()
     server = None
     try:
         server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)
