@@ -235,7 +235,7 @@ def naive_path(keras_path, layer: str, data: bytes, preprocessing, repeats: int)
     return {stage: percentiles([r[stage] for r in runs]) for stage in runs[0]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "model"), help="model directory (default model/)")
     parser.add_argument(
@@ -259,11 +259,96 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="a setting of the server (PNEUMONIA_MODEL_SLOTS, PNEUMONIA_RUNTIME_THREADS, PNEUMONIA_RUNTIME, ...)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def sequential_uploads(url: str, data: bytes, args: argparse.Namespace) -> tuple[list, dict]:
+    """(each (ms, answer) of --repeats uploads one after the other, their stages' p50/p95 with HTTP's share)."""
+    import requests
+
+    session = requests.Session()
+    sequential = [post(session, url, data, args.overlay) for _ in range(args.repeats)]
+    client_ms = [elapsed for elapsed, _ in sequential]
+    server_ms = [body["timing_ms"] for _, body in sequential]
+    stages = {
+        stage: percentiles([t[stage] for t in server_ms])
+        for stage in ("decode", "preprocess", "model_gradcam", "overlay_encode", "total")
+    }
+    stages["http"] = percentiles([c - t["total"] for c, t in zip(client_ms, server_ms)])
+    stages["end_to_end"] = percentiles(client_ms)
+    return sequential, stages
+
+
+def concurrent_uploads(url: str, data: bytes, args: argparse.Namespace) -> dict:
+    """--requests uploads from --clients clients at once, each on its own connection."""
+    import requests
+
+    def client(count: int) -> list[float]:
+        own = requests.Session()
+        return [post(own, url, data, args.overlay)[0] for _ in range(count)]
+
+    per_client = [args.requests // args.clients] * args.clients
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        loaded = [ms for result in pool.map(client, per_client) for ms in result]
+    wall = time.perf_counter() - started
+    return {
+        "clients": args.clients,
+        "requests": len(loaded),
+        "workers": args.workers,
+        "threads": args.threads,
+        "requests_per_s": round(len(loaded) / wall, 2),
+        "latency_ms": percentiles(loaded),
+    }
+
+
+def served_uploads(data: bytes, args: argparse.Namespace, extra_env: dict) -> dict:
+    """The app under gunicorn, as the Procfile starts it: sequential uploads, then concurrent clients."""
+    import requests
+
+    started = time.time()
+    server, url = start_gunicorn(args.model, args.workers, args.threads, extra_env)
+    try:
+        wait_ready(server, args.workers)
+        startup_s = time.time() - started
+        warm = requests.Session()
+        for _ in range(3):
+            post(warm, url, data, args.overlay)
+        idle_rss = [rss_mib(pid) for pid in worker_pids(server)]
+        sequential, stages = sequential_uploads(url, data, args)
+        throughput = concurrent_uploads(url, data, args)
+        rss = [rss_mib(pid) for pid in worker_pids(server)]
+    finally:
+        server.terminate()
+        server.wait(60)
+    return {
+        "sequential": sequential,
+        "fast_path_http_ms": stages,
+        "throughput": throughput,
+        "rss_mib_per_worker_idle": idle_rss,
+        "rss_mib_per_worker": rss,
+        "gunicorn_startup_s": round(startup_s, 1),
+    }
+
+
+def bare_passes(explain_path: Path, inputs: np.ndarray, repeats: int, between) -> tuple[dict, dict, object]:
+    """The bare explain pass spinning and not, each run before and after `between()` (whose result is
+    returned third), the after-runs in the reverse order, so a change of load weighs on both settings."""
+    explain, explain_no_spin = bare_session(explain_path), bare_session(explain_path, spinning=False)
+    spin_before = bare_pass(explain, inputs, repeats)
+    no_spin_before = bare_pass(explain_no_spin, inputs, repeats)
+    result = between()
+    no_spin_after = bare_pass(explain_no_spin, inputs, repeats)
+    spin_after = bare_pass(explain, inputs, repeats)
+    return bare_summary(spin_before, spin_after), bare_summary(no_spin_before, no_spin_after), result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     load_before = os.getloadavg()  # the machine's load is part of every figure below
     extra_env = dict(item.split("=", 1) for item in args.env)
 
-    import requests
+    from PIL import Image
 
     from pneumonia.serving.classifier import ModelLoadError, find_card
 
@@ -273,63 +358,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data, image_name = pick_image(args.image)
-    from PIL import Image
-
     width, height = Image.open(io.BytesIO(data)).size
     print(f"model {card.name} ({keras_path}), image {image_name}: {width}x{height}, {len(data) / 1e6:.2f} MB")
 
-    layer = card.gradcam.layer
-    naive = naive_path(keras_path, layer, data, card.preprocessing, args.naive_repeats)
+    naive = naive_path(keras_path, card.gradcam.layer, data, card.preprocessing, args.naive_repeats)
     explain_path = keras_path.parent / card.export.files["explain"].file
-    explain, explain_no_spin = bare_session(explain_path), bare_session(explain_path, spinning=False)
     inputs = model_square(data, card.preprocessing)
-    bare_before = bare_pass(explain, inputs, args.bare_repeats)
-    no_spin_before = bare_pass(explain_no_spin, inputs, args.bare_repeats)
-
-    # The app under gunicorn: sequential uploads, then concurrent clients.
-    started = time.time()
-    server, url = start_gunicorn(args.model, args.workers, args.threads, extra_env)
-    try:
-        session = requests.Session()
-        wait_ready(server, args.workers)
-        startup_s = time.time() - started
-        for _ in range(3):
-            post(session, url, data, args.overlay)
-        idle_rss = [rss_mib(pid) for pid in worker_pids(server)]
-        sequential = [post(session, url, data, args.overlay) for _ in range(args.repeats)]
-        client_ms = [elapsed for elapsed, _ in sequential]
-        server_ms = [body["timing_ms"] for _, body in sequential]
-        fast = {
-            stage: percentiles([t[stage] for t in server_ms])
-            for stage in ("decode", "preprocess", "model_gradcam", "overlay_encode", "total")
-        }
-        fast["http"] = percentiles([c - t["total"] for c, t in zip(client_ms, server_ms)])
-        fast["end_to_end"] = percentiles(client_ms)
-
-        def client(count: int) -> list[float]:
-            own = requests.Session()
-            return [post(own, url, data, args.overlay)[0] for _ in range(count)]
-
-        per_client = [args.requests // args.clients] * args.clients
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            loaded = [ms for result in pool.map(client, per_client) for ms in result]
-        wall = time.perf_counter() - started
-        rss = {pid: rss_mib(pid) for pid in worker_pids(server)}
-    finally:
-        server.terminate()
-        server.wait(60)
-    no_spin_after = bare_pass(explain_no_spin, inputs, args.bare_repeats)
-    bare_after = bare_pass(explain, inputs, args.bare_repeats)
-    bare = bare_summary(bare_before, bare_after)
-    bare_no_spin = bare_summary(no_spin_before, no_spin_after)
-
+    bare, bare_no_spin, served = bare_passes(
+        explain_path, inputs, args.bare_repeats, lambda: served_uploads(data, args, extra_env)
+    )
+    sequential, fast = served.pop("sequential"), served["fast_path_http_ms"]
     results = {
         "model": {
             "name": card.name,
             "path": str(keras_path),
             "input_size": card.preprocessing.image_size,
-            "gradcam_layer": layer,
+            "gradcam_layer": card.gradcam.layer,
         },
         "image": {"name": image_name, "size": [width, height], "bytes": len(data)},
         "overlay": args.overlay,
@@ -341,33 +385,25 @@ def main(argv: list[str] | None = None) -> int:
         },
         "bare_explain_pass": bare,
         "bare_explain_pass_no_spinning": bare_no_spin,
-        "fast_path_http_ms": fast,
         "answer_bytes": percentiles([body["_bytes"] for _, body in sequential]),
         "naive_keras_io_in_process_ms": naive,
         "speedup_end_to_end_vs_naive_p50": speedup(naive, fast, "end_to_end"),
         "speedup_server_vs_naive_p50": speedup(naive, fast, "total"),
-        "throughput": {
-            "clients": args.clients,
-            "requests": len(loaded),
-            "workers": args.workers,
-            "threads": args.threads,
-            "requests_per_s": round(len(loaded) / wall, 2),
-            "latency_ms": percentiles(loaded),
-        },
+        **served,
         "server_env": extra_env,
-        "ratios": ratios([bare, bare_no_spin], fast, len(loaded) / wall, sequential),
-        "rss_mib_per_worker_idle": idle_rss,
-        "rss_mib_per_worker": list(rss.values()),
-        "gunicorn_startup_s": round(startup_s, 1),
+        "ratios": ratios([bare, bare_no_spin], fast, served["throughput"]["requests_per_s"], sequential),
         "load_average_after": os.getloadavg(),
     }
     print_table(results)
-    out = Path(args.out)
+    write_results(results, Path(args.out))
+    return 0
+
+
+def write_results(results: dict, out: Path) -> None:
     path = out / "benchmark_upload.json" if out.suffix != ".json" else out
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
-    return 0
 
 
 def bare_summary(before: tuple[list[float], float], after: tuple[list[float], float]) -> dict:

@@ -104,6 +104,11 @@ def test_spinning_is_a_setting_and_a_wrong_value_is_named(ungated_model_dir, mon
     monkeypatch.setenv(SPINNING_ENV, "1" if not SPINNING_DEFAULT else "0")
     other = XrayClassifier(ungated_model_dir, runtime="onnx").runtime
     assert other.spinning is not SPINNING_DEFAULT
+    for runtime in (default, other):  # what ONNX Runtime was told: spin or not, and never between calls
+        for session in runtime.sessions.values():
+            options = session.get_session_options()
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(runtime.spinning))
+            assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     inputs = np.zeros((1, default.image_size, default.image_size, 3), np.float32)
     assert default.explain(inputs)[0] == pytest.approx(other.explain(inputs)[0], abs=1e-6)
     monkeypatch.setenv(SPINNING_ENV, "sometimes")

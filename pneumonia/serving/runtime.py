@@ -30,10 +30,13 @@ THREADS_ENV = "PNEUMONIA_RUNTIME_THREADS"
 # against 1, for ~5 % fewer uploads/s from 8 clients (docs/benchmarks.md).
 DEFAULT_THREADS = 2
 # Whether ONNX Runtime's pool threads spin waiting for work between a call's operators
-# (PNEUMONIA_RUNTIME_SPINNING=1 or 0). Off: spinning threads take the cores from the request threads'
-# decoding, and from each other; with the 2 cores shared, the bare explain pass took 121 ms (p50)
-# spinning against 63 ms not (bench/benchmark_upload.py, one run; docs/performance.md). On an idle
-# machine spinning may save a few ms a call: the benchmark prints both, measure on the instance.
+# (PNEUMONIA_RUNTIME_SPINNING=1 or 0). Off by default: with both cores to itself the app's model pass
+# took 12.0 ms spinning against 18.2 not (p50; a DenseNet121 pass is hundreds of short operators, each
+# waking the threads), but with the cores shared (other processes, as on a multi-tenant dyno) a
+# spinning thread burns the time its sibling waits for: 47 and 74 ms against 18 and 45 in alternate
+# runs, and 1.6-2.4x slower in seven earlier runs (bench/benchmark_upload.py, docs/performance.md).
+# Set it on an instance whose cores are the app's own. Spinning, the threads stop when a call returns
+# (session.force_spinning_stop), never between calls.
 SPINNING_ENV = "PNEUMONIA_RUNTIME_SPINNING"
 SPINNING_DEFAULT = False
 
@@ -69,6 +72,7 @@ class OnnxModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         self.spinning = spinning
         self.sessions = {}
         for name in ("explain", "forward"):

@@ -96,7 +96,12 @@ def post_fork(server, worker):
     which 20 MB upload buffers come from per-thread heaps that are seldom given back; with many
     threads the worker's RSS climbed by ~575 MiB in a 30 s flood of uploads. A fixed 1 MiB
     threshold (large buffers are mapped and unmapped) and two arenas held it to ~20 MiB.
-    The glibc variables MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX, when set, win.
+    Fixing the mmap threshold also fixes glibc's trim threshold at its 128 KiB default (it too stops
+    adapting), so every free at the top of a heap gave memory back and the next request faulted it in
+    again: an upload's overlay + encode took 4.7 ms against 1.8 ms in-process, its preprocessing 0.4 ms
+    more. A 4 MiB trim threshold keeps that much at the top of each heap (two arenas: at most 8 MiB)
+    and gave back ~2.1 ms (bench/benchmark_upload.py, docs/performance.md).
+    The glibc variables MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and MALLOC_ARENA_MAX, when set, win.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -105,6 +110,8 @@ def post_fork(server, worker):
         return  # not glibc
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(-1, 4 * 1024 * 1024)  # M_TRIM_THRESHOLD
     if "MALLOC_ARENA_MAX" not in os.environ:
         mallopt(-8, 2)  # M_ARENA_MAX
 
