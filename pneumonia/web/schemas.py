@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
 from pneumonia.web.dicom_results import RESULT_FORMS
@@ -122,7 +123,7 @@ class OodAccepted(BaseModel):
     verdict: Literal["ok", "unusual"]
     score: float
     thresholds: GateThresholds
-    warning: str = None
+    warning: str | SkipJsonSchema[None] = None  # absent, not null, when the verdict is ok
 
 
 class OodRejected(BaseModel):
