@@ -4,8 +4,9 @@ A page asks for a part with a marker line, `<!-- generated: NAME [ARGUMENT] -->`
 replaces at build time:
 
 - `cli`: every command's `--help`, from the package's argparse parsers (`pneumonia.cli.build_parser`);
-- `api`: the JSON API's paths, parameters, responses and schemas, from its OpenAPI document
-  (`pneumonia.web.openapi.document` with the app's default settings, what `/openapi.json` serves);
+- `api`: the JSON API's paths, parameters, responses and schemas, from its OpenAPI document as the app
+  generates it (`pneumonia.web.openapi.document` of the API's blueprint with the default settings, what
+  `/openapi.json` serves);
 - `card SECTION`: figures of the shipped model, from its card `model/model.json`;
 - `include PATH [LEVEL]`: a Markdown file of the repository (e.g. `model/report/levers.md`), its top
   heading at LEVEL (default 1).
@@ -110,9 +111,10 @@ def _parsers(parser, words: list[str]):
 
 def api_reference() -> str:
     from pneumonia.web import DEFAULTS
+    from pneumonia.web.api import bp
     from pneumonia.web.openapi import document
 
-    spec = document(DEFAULTS)
+    spec = document(DEFAULTS, bp)
     parts = [spec["info"].get("description", ""), _limits(spec["info"].get("x-limits", {}))]
     for path, item in spec["paths"].items():
         for method, operation in item.items():
@@ -194,7 +196,8 @@ def _type(schema: dict) -> str:
         return f"`{json.dumps(schema['const'])}`"
     for combinator in ("oneOf", "anyOf", "allOf"):
         if combinator in schema and "type" not in schema and "properties" not in schema:
-            return f"{combinator}: " + ", ".join(_type(option) for option in schema[combinator])
+            options = [_type(option) for option in schema[combinator]]
+            return " or ".join(options) if combinator == "anyOf" else f"{combinator}: " + ", ".join(options)
     kind = schema.get("type", "")
     kind = " or ".join(kind) if isinstance(kind, list) else kind
     if kind == "array" and "items" in schema:

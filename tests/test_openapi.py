@@ -1,22 +1,30 @@
-"""The API's contract, pneumonia/web/openapi.json: a valid OpenAPI 3.1 document, served at /openapi.json with
-this server's limits; it documents every JSON route the app has, and every status it documents for
-an operation is one the app really answers there (made to happen through app.test_client()), with
-a body and headers that conform to it."""
+"""The API's contract, the OpenAPI document generated from the operations of its views (pneumonia/web/openapi.py,
+operations.py, schemas.py): a valid OpenAPI 3.1 document whose examples conform to their schemas, served at
+/openapi.json with this server's limits; it documents every JSON route the app has and nothing else, and every
+status it documents for an operation is one the app really answers there (made to happen through
+app.test_client()), with a body and headers that conform to it. Its query flags are read as documented."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import schemathesis
 from builders import ACCESS_KEYS, REAL_XRAYS, encode_image, upload
+from flask import Blueprint
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from PIL import Image
+from schemathesis.core.failures import FailureGroup
 
-from pneumonia.web.openapi import DOCUMENT
+from pneumonia.web import DEFAULTS
+from pneumonia.web.api import bp
+from pneumonia.web.openapi import document, generated
+from pneumonia.web.queries import NO, YES
 
-SPEC = json.loads(DOCUMENT.read_text())
+SPEC = document(DEFAULTS, bp)  # as a server with the default settings serves it
 XRAY = REAL_XRAYS[0].read_bytes()
 COLOUR_PHOTO = encode_image(Image.new("RGB", (300, 300), (200, 30, 30)), "PNG")  # the gate refuses it (colour)
 
@@ -63,7 +71,7 @@ def test_the_served_document_is_valid_and_states_this_servers_limits(not_ready_a
     body = served["paths"]["/api/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert body["schema"]["properties"]["file"]["maxItems"] == 7
     body["schema"]["properties"]["file"]["maxItems"] = 100
-    assert served["paths"] == SPEC["paths"]  # nothing else differs from the file
+    assert served["paths"] == SPEC["paths"]  # nothing else differs from the default settings' document
 
 
 def test_every_json_route_of_the_app_is_documented_and_nothing_else(shipped_app):
@@ -75,6 +83,66 @@ def test_every_json_route_of_the_app_is_documented_and_nothing_else(shipped_app)
     }
     documented = {(path, method.upper()) for path, item in SPEC["paths"].items() for method in item}
     assert documented == json_routes
+
+
+def schema_errors(schema: dict, value) -> list[str]:
+    """How `value` fails `schema` (a schema of SPEC, its references resolved in SPEC's components)."""
+    validator = Draft202012Validator({**schema, "components": SPEC["components"]})
+    return [error.message for error in validator.iter_errors(value)]
+
+
+def examples() -> list[tuple[str, dict, object]]:
+    """(where, schema, value) of every example of the document: answers' and query parameters'."""
+    found = []
+    for path, item in SPEC["paths"].items():
+        for method, operation in item.items():
+            for status, answer in operation["responses"].items():
+                answer = (
+                    SPEC["components"]["responses"][answer["$ref"].rsplit("/", 1)[1]] if "$ref" in answer else answer
+                )
+                for media, content in answer.get("content", {}).items():
+                    for name, example in content.get("examples", {}).items():
+                        found.append((f"{method} {path} {status} {media} {name}", content["schema"], example["value"]))
+            for parameter in operation.get("parameters", []):
+                for value in parameter["schema"].get("examples", []):
+                    found.append((f"{method} {path} ?{parameter['name']}={value}", parameter["schema"], value))
+    return found
+
+
+def test_every_example_conforms_to_its_schema_and_a_wrong_one_does_not():
+    found = examples()
+    assert len(found) >= 20  # every answer with a body has one
+    assert [
+        (where, schema_errors(schema, value)) for where, schema, value in found if schema_errors(schema, value)
+    ] == []
+    where, schema, value = next(example for example in found if example[0].endswith("200 application/json normal"))
+    assert schema_errors(schema, {**value, "ood": {"verdict": "rejected", "reason": "colour"}})
+
+
+def test_a_route_of_the_api_without_an_operation_is_refused_by_the_generator():
+    undocumented = Blueprint("undocumented", __name__)
+    undocumented.get("/api/secret")(lambda: "")
+    with pytest.raises(ValueError, match=r"/api/secret \(undocumented.<lambda>\) has no @documented operation"):
+        generated(undocumented)
+
+
+@pytest.mark.parametrize("path", ["/api/predict", "/api/predict/batch"])
+def test_the_query_flags_take_the_documented_words_and_refuse_others_as_documented(path, contract, shipped_app):
+    (gradcam,) = [p for p in SPEC["paths"][path]["post"]["parameters"] if p["name"] == "gradcam"]
+    words = [*YES, *NO]
+    assert all(re.fullmatch(gradcam["schema"]["pattern"], w) for w in words + [w.upper() for w in words])
+    client = shipped_app.test_client()
+    for value, on in [("TRUE", True), ("Yes", True), ("1", True), ("False", False), ("no", False), ("0", False)]:
+        response = client.post(f"{path}?gradcam={value}&overlay=png", data=upload(XRAY))
+        body = response.get_json()
+        overlay = body[0].get("gradcam_png") if path.endswith("batch") else body["gradcam_png"]
+        assert response.status_code == 200 and (overlay is not None) == on, (value, response.status_code)
+    for value in ("maybe", "on", ""):
+        assert not re.fullmatch(gradcam["schema"]["pattern"], value)
+        response = client.post(f"{path}?gradcam={value}", data=upload(XRAY))
+        assert response.status_code == 400, value
+        assert response.get_json()["error"] == f"gradcam={value}: choose one of 1, true, yes, 0, false, no."
+        contract[path]["POST"].validate_response(response)
 
 
 def test_the_pages_link_the_document(shipped_app):
@@ -189,12 +257,13 @@ def test_the_query_parameters_answer_as_documented(query, contract, shipped_app)
 
 
 def test_a_wrong_answer_fails_the_contract(contract, shipped_app):
-    """The check can fail: a 200 without its probability, or with a refusing gate verdict, does not conform."""
+    """The check can fail: a 200 without its probability, or with a refusing gate verdict, does not conform
+    (a failure, or several at once: the verdict is also one the `ood` discriminator does not list)."""
     response = shipped_app.test_client().post("/api/predict?gradcam=0", data=upload(XRAY))
     contract["/api/predict"]["POST"].validate_response(response)
     body = response.get_json()
     refused = {"verdict": "rejected", "reason": "colour", "score": 1, "threshold": 0}
     for wrong in ({"probability": None}, {"ood": refused}):
         response.set_data(json.dumps({**body, **wrong}))
-        with pytest.raises(AssertionError):
+        with pytest.raises((AssertionError, FailureGroup)):
             contract["/api/predict"]["POST"].validate_response(response)

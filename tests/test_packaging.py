@@ -261,6 +261,8 @@ def test_installed_web_app_serves_the_page_its_stylesheet_and_the_api_from_the_r
         assert answer.headers["Content-Type"].startswith("application/json")
         probability = answer.json()["probability"]
         assert isinstance(probability, float) and 0 <= probability <= 1, answer.json()
+        document = requests.get(f"{url}/openapi.json", timeout=30).json()  # generated from the installed code
+        assert {"/api/predict", "/api/predict/batch", "/healthz", "/openapi.json"} == set(document["paths"])
     finally:
         process.terminate()
         try:

@@ -1,6 +1,6 @@
 """JSON: POST /api/predict, POST /api/predict/batch, GET /healthz and GET /openapi.json, the document
-of all four (pneumonia/web/openapi.json: status codes, bodies, parameters, limits). POST /api/predict answers DICOM
-instead when asked (`?result=`, pneumonia/web/dicom_results.py)."""
+of all four, generated from the operation each view carries (pneumonia/web/operations.py: status codes,
+bodies, parameters). POST /api/predict answers DICOM instead when asked (`?result=`, pneumonia/web/dicom_results.py)."""
 
 from __future__ import annotations
 
@@ -12,29 +12,18 @@ from flask import Blueprint, current_app, jsonify, request
 from pneumonia.web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.dicom_results import dicom_results, result_form
-from pneumonia.web.openapi import document
+from pneumonia.web.openapi import document, documented
+from pneumonia.web.operations import HEALTH, OPENAPI, PREDICT, PREDICT_BATCH
+from pneumonia.web.queries import flag, overlay_format
+from pneumonia.web.schemas import NOTICE
 from pneumonia.web.screening import current_screener, ood_json
 from pneumonia.web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)
 
-NOTICE = "Research tool, not a medical device."
-# ?overlay=: the overlay's encoding. JPEG by default: for the 1,632x1,225 sample X-ray the PNG took
-# 9.4 ms of an upload's 60 ms and made most of its 359 KB answer, the JPEG 0.6 ms (issue 30;
-# docs/performance.md). PNG, lossless, on request.
-OVERLAY_FORMATS = {"png": ".png", "jpeg": ".jpg"}
-DEFAULT_OVERLAY = "jpeg"
-
-
-def overlay_format() -> tuple[str, str]:
-    """(field suffix, encoder extension) from ?overlay=jpeg|png; 400 for anything else."""
-    name = request.args.get("overlay", DEFAULT_OVERLAY).lower()
-    if name not in OVERLAY_FORMATS:
-        raise UploadError(400, f"overlay={name}: choose one of {', '.join(OVERLAY_FORMATS)}.")
-    return name, OVERLAY_FORMATS[name]
-
 
 @bp.post("/api/predict")
+@documented(PREDICT)
 def predict():
     """multipart field `file`; `?gradcam=0` skips rendering the overlay, `?overlay=png` encodes it as PNG;
     `?result=dicom-sr` or `?result=dicom` answers DICOM objects instead (pneumonia/web/dicom_results.py)."""
@@ -44,7 +33,7 @@ def predict():
         return dicom_results(screener, form)
     name, extension = overlay_format()
     data = read_upload(request)
-    with_gradcam = request.args.get("gradcam", "1").lower() not in ("0", "false", "no")
+    with_gradcam = flag("gradcam", default=True)
     with model_slot():  # 503 with Retry-After when too many uploads wait for the model
         result = screener.screen(data, extension if with_gradcam else None, current_app.config["API_IMAGE_MAX_SIDE"])
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
@@ -75,6 +64,7 @@ def predict():
 
 
 @bp.post("/api/predict/batch")
+@documented(PREDICT_BATCH)
 def predict_batch():
     """Several multipart fields `file` -> a JSON list, one entry per file in upload order, each with
     its own status and error (pneumonia/web/batch.py has the limits); `?gradcam=1` adds each overlay as PNG."""
@@ -82,13 +72,14 @@ def predict_batch():
     uploads = read_uploads(request)
     if not uploads:
         raise UploadError(400, 'No file was uploaded: send one or more chest X-ray images as form fields "file".')
-    with_gradcam = request.args.get("gradcam", "0").lower() in ("1", "true", "yes")
+    with_gradcam = flag("gradcam", default=False)
     rendering = Rendering(".png", current_app.config["API_IMAGE_MAX_SIDE"]) if with_gradcam else None
     entries = screen_uploads(screener, uploads, rendering)
     return jsonify([dict(entry_json(entry, screener, with_gradcam), notice=NOTICE) for entry in entries])
 
 
 @bp.get("/healthz")
+@documented(HEALTH)
 def healthz():
     screener = current_app.extensions["screener"]
     if screener is None:
@@ -105,5 +96,6 @@ def healthz():
 
 
 @bp.get("/openapi.json")
+@documented(OPENAPI)
 def openapi_json():
-    return jsonify(document(current_app.config))
+    return jsonify(document(current_app.config, bp))

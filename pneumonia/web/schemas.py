@@ -1,0 +1,315 @@
+"""What the JSON API takes and answers, as pydantic models: the query parameters, the multipart uploads and
+every JSON body. They are written once, here; the OpenAPI document (pneumonia/web/openapi.py) is generated
+from them (JSON Schema 2020-12, the dialect of OpenAPI 3.1), and the tests hold the app's answers to it.
+Descriptions are the models' docstrings and their fields' `description`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+from typing_extensions import TypeAliasType
+
+from pneumonia.web.dicom_results import RESULT_FORMS
+from pneumonia.web.queries import DEFAULT_OVERLAY, NO, OVERLAY_FORMATS, YES, any_case
+
+NOTICE = "Research tool, not a medical device."
+Label = Literal["NORMAL", "PNEUMONIA"]
+Notice = Literal[NOTICE]
+# What an upload's part may say it is: the app judges a file by its bytes, whatever its part says.
+UPLOAD_TYPES = "application/octet-stream, image/jpeg, image/png, image/bmp, image/tiff, application/dicom"
+FLAG_PATTERN = any_case(YES + NO)
+FLAG_WORDS = ", ".join(f"`{word}`" for word in YES + NO)
+
+
+def binary(media_type: str, description: str | None = None):
+    """A field or body of raw bytes of `media_type`."""
+    return Field(description=description, json_schema_extra={"contentMediaType": media_type})
+
+
+def base64_image(media_type: str, description: str | None = None):
+    return Field(
+        None, description=description, json_schema_extra={"contentEncoding": "base64", "contentMediaType": media_type}
+    )
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class PredictQuery(BaseModel):
+    gradcam: str = Field(
+        "1",
+        pattern=FLAG_PATTERN,
+        examples=["0", "1"],
+        description=f"Whether to render the overlay, one of {FLAG_WORDS} (any case): off, `gradcam_png`/"
+        "`gradcam_jpeg` is null. Anything else is a 400.",
+    )
+    overlay: str = Field(
+        DEFAULT_OVERLAY,
+        pattern=any_case(OVERLAY_FORMATS),
+        examples=["png"],
+        description="The overlay's encoding, `jpeg` (the default) or `png` (any case): `png` answers `gradcam_png` "
+        "instead of `gradcam_jpeg`: lossless, but ~8x larger (359 against 46 kB of JSON for a 1,632 x 1,225 X-ray) "
+        "and slower to encode. Anything else is a 400.",
+    )
+    result: str = Field(
+        "json",
+        pattern=any_case(RESULT_FORMS),
+        examples=["dicom-sr", "dicom"],
+        description="What the answer is (any case): `json` (the default), `dicom-sr` (`application/dicom`: the "
+        'Structured Report alone) or `dicom` (`multipart/related; type="application/dicom"`: the Secondary '
+        "Capture, then the Structured Report; a body that STOW-RS takes as it is, at `studies/{StudyInstanceUID}` "
+        "of a PACS). Only for a DICOM upload (anything else is a 415), on a server installed with the pacs extra "
+        "(else 501). `gradcam` and `overlay` apply to `json` only. Anything else is a 400.",
+    )
+
+
+class BatchQuery(BaseModel):
+    gradcam: str = Field(
+        "0",
+        pattern=FLAG_PATTERN,
+        examples=["1"],
+        description=f"Whether to add each screened entry's overlay as `gradcam_png` (a Grad-CAM pass and ~340 kB "
+        f"of JSON per file), one of {FLAG_WORDS} (any case). Anything else is a 400.",
+    )
+
+
+class Upload(BaseModel):
+    file: bytes = binary(
+        "application/octet-stream",
+        "The X-ray: JPEG, PNG, BMP, TIFF or DICOM (judged by its bytes), at most PNEUMONIA_MAX_CONTENT_LENGTH "
+        "(default 20 MB).",
+    )
+
+
+class BatchUpload(BaseModel):
+    file: list[Annotated[bytes, binary("application/octet-stream")]] = Field(
+        min_length=1,
+        max_length=100,  # the default PNEUMONIA_BATCH_MAX_FILES; the served document states the server's
+        description="One part per X-ray, all named `file`; at most PNEUMONIA_BATCH_MAX_FILES (default 100) and "
+        "PNEUMONIA_MAX_CONTENT_LENGTH (default 20 MB) for the whole body.",
+    )
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+class Error(BaseModel):
+    """Every failure of a request as a whole: a sentence for a person and the HTTP status."""
+
+    error: str = Field(min_length=1)
+    status: int = Field(ge=400, le=599)
+
+
+class Thresholds(BaseModel):
+    """The model card's decision thresholds on the calibrated probability: `label` uses `default`,
+    `screening_label` uses `screening` (chosen for >= 98 % sensitivity on validation)."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float] = Field(init=False)
+    default: float
+    screening: float
+
+
+class GateThresholds(BaseModel):
+    unusual: float
+    rejected: float
+
+
+class OodAccepted(BaseModel):
+    """The gate accepted the image; `unusual` adds a `warning` sentence."""
+
+    verdict: Literal["ok", "unusual"]
+    score: float
+    thresholds: GateThresholds
+    warning: str | SkipJsonSchema[None] = None  # absent, not null, when the verdict is ok
+
+
+class OodRejected(BaseModel):
+    """The gate refused the image: `size`, `shape`, `colour`, `blank` (pixel checks) or `features` (unlike the
+    training X-rays)."""
+
+    verdict: Literal["rejected"]
+    reason: Literal["size", "shape", "colour", "blank", "features"]
+    score: float | None
+    threshold: float | None
+
+
+class OodUnchecked(BaseModel):
+    """The model has no gate: nothing was checked."""
+
+    verdict: Literal["unchecked"]
+    gate: Literal["off"]
+    detail: str | None
+
+
+Ood = TypeAliasType(
+    "Ood",
+    Annotated[
+        OodAccepted | OodRejected | OodUnchecked,
+        Field(discriminator="verdict", description="The out-of-distribution gate's verdict."),
+    ],
+)
+
+
+class Refused(Error):
+    """422: the upload decoded but the out-of-distribution gate says it is not a chest X-ray; no probability,
+    no heatmap."""
+
+    status: Literal[422]
+    ood: OodRejected
+
+
+class ModelFacts(BaseModel):
+    name: str
+    architecture: str
+    input_size: int = Field(ge=1)
+    validation_auc: float | None
+
+
+class GradcamFacts(BaseModel):
+    layer: str
+    map_size: list[int] = Field(min_length=2, max_length=2)
+    target: Label
+    localised: bool = Field(description="False when Grad-CAM found no positive evidence (an all-zero map).")
+
+
+class Timing(BaseModel):
+    """Milliseconds per step: decode, preprocess, model_gradcam, overlay_encode (with an overlay), total."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float] = Field(init=False)
+    total: float
+
+
+class Prediction(BaseModel):
+    """One X-ray screened; the overlay as `gradcam_jpeg`, or `gradcam_png` with `?overlay=png`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["gradcam_png"]}, {"required": ["gradcam_jpeg"]}]}
+    )
+    probability: float = Field(ge=0, le=1, description="Calibrated probability of PNEUMONIA, exact.")
+    probability_text: str = Field(
+        description='The probability as a person should read it, e.g. "37.2 %", or capped where the calibration '
+        'data stops: "< 1 %", "> 99 %".'
+    )
+    label: Label
+    screening_label: Label
+    thresholds: Thresholds
+    model: ModelFacts
+    gradcam: GradcamFacts
+    ood: Annotated[OodAccepted | OodUnchecked, Field(discriminator="verdict")]
+    gradcam_png: str | None = base64_image("image/png", "With ?overlay=png, instead of gradcam_jpeg.")
+    gradcam_jpeg: str | None = base64_image(
+        "image/jpeg",
+        "The Grad-CAM overlay as base64 JPEG, long side <= 512 px (PNEUMONIA_API_IMAGE_MAX_SIDE); null with "
+        "?gradcam=0. Present unless ?overlay=png.",
+    )
+    timing_ms: Timing
+    notice: Notice
+
+
+class BatchFile(BaseModel):
+    index: int = Field(ge=0)
+    filename: str = Field(max_length=255)
+    notice: Notice
+
+
+class BatchScreened(BatchFile):
+    """A file screened: what POST /api/predict answers, without the model, the Grad-CAM facts and the timings;
+    `gradcam_png` with `?gradcam=1`."""
+
+    status: Literal[200]
+    probability: float = Field(ge=0, le=1)
+    probability_text: str
+    label: Label
+    screening_label: Label
+    thresholds: Thresholds
+    ood: Ood
+    gradcam_png: str | None = base64_image("image/png")
+
+
+class BatchRefused(BatchFile):
+    """A file the gate refused (422), with its verdict."""
+
+    status: Literal[422]
+    probability: None
+    error: str
+    ood: OodRejected
+
+
+class BatchFailed(BatchFile):
+    """A file not screened: 400 empty or unreadable; 415 not an accepted type (refused before any decoder saw
+    it); 500 an unexpected failure on that file; 503 the service became too busy before this file's turn (send
+    it again)."""
+
+    status: Literal[400, 415, 500, 503]
+    probability: None
+    error: str
+
+
+BatchEntry = TypeAliasType(
+    "BatchEntry",
+    Annotated[
+        BatchScreened | BatchRefused | BatchFailed,
+        Field(
+            description="One file's answer, in upload order. `status` is what POST /api/predict would have "
+            "answered for that file alone."
+        ),
+    ],
+)
+
+
+class Serving(BaseModel):
+    runtime: Literal["onnx", "keras"]
+    keras_sha256: str | None
+    export_sha256: dict[str, str] | None
+    note: str | None
+
+
+class Health(BaseModel):
+    status: Literal["ready"]
+    ready: Literal[True]
+    model: str
+    gradcam_layer: str
+    gradcam_map_size: list[int] = Field(min_length=2, max_length=2)
+    ood_gate: str = Field(description='"on", or "off: <why>".')
+    serving: Serving
+
+
+class NotReady(BaseModel):
+    status: Literal["not ready"]
+    ready: Literal[False]
+    reason: str
+
+
+class Document(BaseModel):
+    """The OpenAPI 3.1 document."""
+
+    model_config = ConfigDict(extra="allow")
+    openapi: str
+    info: dict
+    paths: dict
+
+
+DicomReport = Annotated[
+    bytes,
+    binary(
+        "application/dicom",
+        "`result=dicom-sr`: the Structured Report as a DICOM Part 10 file (Comprehensive 3D SR holding a TID 1500 "
+        "Measurement Report): DCM Probability, each threshold and the label at it, the gate's verdict, the model "
+        "(name, version, card sha256), and the uploaded image as evidence; the patient and study identification "
+        "copied from the upload, the series described as RESEARCH USE ONLY.",
+    ),
+]
+DicomResults = Annotated[
+    bytes,
+    binary(
+        "multipart/related",
+        '`result=dicom`: `multipart/related; type="application/dicom"; boundary=...`, two parts of type '
+        "`application/dicom`: the Grad-CAM overlay as a Secondary Capture (RGB, DERIVED\\SECONDARY, its Source "
+        "Image Sequence the upload), then the Structured Report. Stored in this order, the SR comes last, as "
+        "`pacs screen` stores them.",
+    ),
+]
