@@ -187,6 +187,14 @@ def test_a_429_waits_as_long_as_its_retry_after_asks():
     assert len(hits) == 2 and gaps(times)[0] >= 1.0
 
 
+def test_a_retry_after_that_is_no_time_is_waited_as_the_backoff():
+    times: list[float] = []
+    unclear = [(503, "text/plain", b"", {"Retry-After": "soon"}), (200, "application/dicom+json", b"[]")]
+    with stub_pacs({("GET", "/dicom-web/instances"): unclear}, times=times) as (url, hits):
+        assert list(client(url, backoff_s=0.3).search_instances(None, {}, ())) == []
+    assert len(hits) == 2 and gaps(times)[0] >= 0.3
+
+
 @pytest.mark.parametrize("answer", [(503, "text/plain", b"busy"), DROP], ids=["503", "dropped"])
 def test_a_stow_the_pacs_may_have_received_is_never_sent_again(answer):
     with stub_pacs({("POST", "/dicom-web/studies/"): answer}) as (url, hits):

@@ -25,7 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, MaxRetryError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 LOG = logging.getLogger(__name__)
@@ -86,6 +86,14 @@ class Backoff(Retry):
 
     def get_backoff_time(self) -> float:
         return self.backoff_factor * 2 ** (len(self.history) - 1)
+
+    def get_retry_after(self, response) -> float | None:
+        """The wait a Retry-After asks for; None without one, or with one that is neither seconds nor a date
+        ("Retry-After: soon": urllib3 raises, and the request would fail instead of waiting the backoff)."""
+        try:
+            return super().get_retry_after(response)
+        except InvalidHeader:
+            return None
 
     def sleep(self, response=None) -> None:
         failed = self.history[-1]
