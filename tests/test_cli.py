@@ -319,15 +319,11 @@ def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_mod
 
 
 def test_predict_draws_a_progress_bar_on_a_terminal(gap_model_dir, mixed_folder, tmp_path, monkeypatch, capsys):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    terminal = Terminal()
+    terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     root, reported, _ = mixed_folder
     assert cli.main(["predict", str(root / "ward-b"), "--model", str(gap_model_dir), "--json"]) == 0
-    assert "\r1/2 [" in terminal.getvalue() and "\r2/2 [" in terminal.getvalue() and "images/s" in terminal.getvalue()
+    assert "| 2/2 [" in terminal.getvalue() and "image/s]" in terminal.getvalue()
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["path"] for line in lines] == reported[3:] and all(0 <= line["probability"] <= 1 for line in lines)
     (tmp_path / "empty").mkdir()
