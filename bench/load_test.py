@@ -379,10 +379,7 @@ def flood(
 ) -> dict:
     """`clients` threads posting back to back for `seconds`; `on_tick()` is called every 10 s. Each
     answer (status, ms, kind, `at`: time.monotonic() when it came) is appended to `record` when given."""
-    rng = np.random.default_rng(0)
-    junk = b"\xff\xd8\xff\xe0" + rng.bytes(JUNK_BYTES - 4)
-    oversize = b"\xff\xd8\xff\xe0" + rng.bytes(OVERSIZE_BYTES - 4)
-    bodies = {"real": image, "junk": junk, "oversize": oversize}
+    bodies = upload_bodies(image)
     stop_at = time.monotonic() + seconds
     results: list[dict] = [] if record is None else record
     lock = threading.Lock()
@@ -412,7 +409,20 @@ def flood(
             on_tick(time.monotonic() - started)
             next_tick += 10
         time.sleep(0.2)
-    wall = time.monotonic() - started
+    return flood_figures(results, clients, time.monotonic() - started)
+
+
+def upload_bodies(image: bytes) -> dict[str, bytes]:
+    """What a flood's clients send: the real upload, junk under the size limit (a JPEG's first bytes,
+    then noise) and junk over it."""
+    rng = np.random.default_rng(0)
+    junk = b"\xff\xd8\xff\xe0" + rng.bytes(JUNK_BYTES - 4)
+    oversize = b"\xff\xd8\xff\xe0" + rng.bytes(OVERSIZE_BYTES - 4)
+    return {"real": image, "junk": junk, "oversize": oversize}
+
+
+def flood_figures(results: list[dict], clients: int, wall: float) -> dict:
+    """A flood's answers in figures: statuses in all and by kind of upload, errors, rates and times."""
     by_kind = defaultdict(Counter)
     for r in results:
         by_kind[r["kind"]][str(r["status"])] += 1
@@ -631,7 +641,7 @@ def report(scenario: str, result: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
@@ -666,34 +676,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--clients must be 1..{MAX_CLIENTS}")
     if min(args.seconds, args.minutes * 60) <= 0 or max(args.seconds, args.minutes * 60) > MAX_SECONDS:
         parser.error(f"runs are bounded to {MAX_SECONDS} s")
-    extra_env = dict(item.split("=", 1) for item in args.env)
+    return args
 
-    cgroup = None
-    if args.memory_limit:
-        try:
-            cgroup = MemoryCgroup(args.memory_limit)
-        except CgroupUnavailable as err:
-            print(f"skipped: --memory-limit {args.memory_limit}: {err}")
-            skipped = {"scenario": args.scenario, "memory_limit_mib": args.memory_limit, "skipped": str(err)}
-            write_json(args.out, skipped)
-            return 0
+
+def server_settings(extra_env: dict[str, str]) -> dict[str, str]:
+    """The server settings of this run: those set in the environment, then `--env`'s."""
+    names = (
+        "GUNICORN_THREADS",
+        "WEB_CONCURRENCY",
+        "PNEUMONIA_MODEL_SLOTS",
+        "PNEUMONIA_MODEL_QUEUE_SECONDS",
+        "PNEUMONIA_BODY_TIMEOUT",
+        "PNEUMONIA_BODY_READ_TIMEOUT",
+    )
+    return {**{name: os.environ[name] for name in names if os.environ.get(name)}, **extra_env}
+
+
+def run_scenario(args: argparse.Namespace, extra_env: dict[str, str], cgroup: MemoryCgroup | None) -> dict:
+    """Starts gunicorn, runs `args.scenario` against it, stops it: the scenario's figures with the run's
+    settings, upload and load averages."""
     image, image_name = pick_image(args.image)
     server = Server(args.model, extra_env, cgroup)
     try:
         startup_s = server.wait_ready()
-        settings = {
-            name: os.environ.get(name)
-            for name in (
-                "GUNICORN_THREADS",
-                "WEB_CONCURRENCY",
-                "PNEUMONIA_MODEL_SLOTS",
-                "PNEUMONIA_MODEL_QUEUE_SECONDS",
-                "PNEUMONIA_BODY_TIMEOUT",
-                "PNEUMONIA_BODY_READ_TIMEOUT",
-            )
-            if os.environ.get(name)
-        }
-        settings.update(extra_env)
+        settings = server_settings(extra_env)
         print(
             f"gunicorn ready in {startup_s:.0f} s on {server.url}; upload {image_name} ({len(image) / 1e6:.2f} MB);"
             f" settings {settings or 'defaults'}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
@@ -708,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             result["memory"] = {**cgroup.figures(), "workers_killed": server.workers_killed()}
     finally:
         server.stop()
-    result = {
+    return {
         "scenario": args.scenario,
         "settings": settings,
         "image": image_name,
@@ -717,9 +723,24 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         **result,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    cgroup = None
+    if args.memory_limit:
+        try:
+            cgroup = MemoryCgroup(args.memory_limit)
+        except CgroupUnavailable as err:
+            print(f"skipped: --memory-limit {args.memory_limit}: {err}")
+            skipped = {"scenario": args.scenario, "memory_limit_mib": args.memory_limit, "skipped": str(err)}
+            write_json(args.out, skipped)
+            return 0
+    result = run_scenario(args, extra_env, cgroup)
     report(args.scenario, result)
     print(
-        f"load average before {load_before[0]:.2f}, after {result['load_average_after'][0]:.2f} "
+        f"load average before {result['load_average_before'][0]:.2f}, after {result['load_average_after'][0]:.2f} "
         f"on {os.cpu_count()} CPUs"
     )
     write_json(args.out, result)

@@ -149,6 +149,13 @@ def noise_png(seed: int = 0) -> bytes:
     return encode_image(Image.fromarray(values.astype(np.uint8)), "PNG")
 
 
+def app_on(model_dir, **config):
+    """The web app on `model_dir`, in testing mode, with `config` on top."""
+    from pneumonia.web import create_app
+
+    return create_app({"MODEL_PATH": str(model_dir), "TESTING": True, **config})
+
+
 def upload(data: bytes, name: str = "xray.jpg", content_type: str | None = None) -> dict:
     """The form of a one-file upload, for the Flask test client."""
     return {"file": (io.BytesIO(data), name, content_type)}

@@ -17,6 +17,7 @@ from builders import (
     CENTRED_NORMALIZATION,
     LEARNABLE,
     SHIPPED_MODEL,
+    app_on,
     build_gap_cnn,
     dicom_bytes,
     encode_image,
@@ -114,29 +115,40 @@ def ungated_model_dir(tiny_model_dir, tmp_path_factory):
     return copy
 
 
+# One app for the session serves the tests that only read it (creating one loads and traces its
+# model); a test that changes an app's settings, extensions or counters (the rate limits', the wrong
+# keys') takes one of its own, made for that test alone, so nothing it does reaches another test.
+
+
 @pytest.fixture(scope="session")
 def web_app(ungated_model_dir):
-    """The app on the tiny model, created once (model loading and tracing take seconds)."""
-    from pneumonia.web import create_app
+    """The app on the tiny model, shared: for tests that only read it."""
+    return app_on(ungated_model_dir)
 
-    return create_app({"MODEL_PATH": str(ungated_model_dir), "TESTING": True})
+
+@pytest.fixture
+def fresh_app(ungated_model_dir):
+    """The app on the tiny model, made for this test: to change as it likes."""
+    return app_on(ungated_model_dir)
 
 
 @pytest.fixture(scope="session")
 def shipped_app():
-    """The app on the shipped model (model/), gate included."""
-    from pneumonia.web import create_app
-
-    return create_app({"MODEL_PATH": str(SHIPPED_MODEL), "TESTING": True})
+    """The app on the shipped model (model/), gate included, shared: for tests that only read it."""
+    return app_on(SHIPPED_MODEL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
+def fresh_shipped_app():
+    """The app on the shipped model, made for this test: to change as it likes."""
+    return app_on(SHIPPED_MODEL)
+
+
+@pytest.fixture
 def keyed_app(ungated_model_dir):
-    """The app on the tiny model with builders.ACCESS_KEYS set, 3 wrong keys a minute per client address."""
-    from pneumonia.web import create_app
-
-    config = {"MODEL_PATH": str(ungated_model_dir), "TESTING": True, "ACCESS_KEYS": ",".join(ACCESS_KEYS)}
-    return create_app({**config, "ACCESS_FAILURES_LIMIT": "3 per minute"})
+    """The app on the tiny model with builders.ACCESS_KEYS set, 3 wrong keys a minute per client address,
+    made for this test: its count of wrong keys starts at nothing."""
+    return app_on(ungated_model_dir, ACCESS_KEYS=",".join(ACCESS_KEYS), ACCESS_FAILURES_LIMIT="3 per minute")
 
 
 @pytest.fixture

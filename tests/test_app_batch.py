@@ -84,8 +84,9 @@ def test_gradcam_overlays_on_request(client, web_app):
         assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == size and max(size) <= side
 
 
-def test_limits_are_answered_with_what_they_are(client, web_app, monkeypatch):
-    monkeypatch.setitem(web_app.config, "BATCH_MAX_FILES", 3)
+def test_limits_are_answered_with_what_they_are(fresh_app):
+    fresh_app.config["BATCH_MAX_FILES"] = 3
+    client = fresh_app.test_client()
     for path in ("/api/predict/batch", "/predict"):
         response = client.post(path, data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(4)]))
         assert response.status_code == 413
@@ -96,7 +97,7 @@ def test_limits_are_answered_with_what_they_are(client, web_app, monkeypatch):
     assert [e["status"] for e in three.get_json()] == [200, 200, 200]
     nothing = client.post("/api/predict/batch", data=upload(b"", ""))
     assert nothing.status_code == 400 and "No file was uploaded" in nothing.get_json()["error"]
-    monkeypatch.setitem(web_app.config, "MAX_CONTENT_LENGTH", 4096)
+    fresh_app.config["MAX_CONTENT_LENGTH"] = 4096
     large = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(3)]))
     assert large.status_code == 413 and "too large" in large.get_json()["error"]
 
@@ -119,32 +120,30 @@ class RecordingCapacity:
         self.capacity.release(elapsed_s)
 
 
-def test_each_chunk_takes_a_model_slot_and_records_its_time_per_image(client, web_app, monkeypatch):
-    recorder = RecordingCapacity(web_app.extensions["model_capacity"])
-    monkeypatch.setitem(web_app.extensions, "model_capacity", recorder)
-    monkeypatch.setitem(web_app.config, "BATCH_CHUNK_SIZE", 2)
-    response = client.post("/api/predict/batch", data=files(*MIXED))  # 3 files to screen, 3 refused before decoding
+def test_each_chunk_takes_a_model_slot_and_records_its_time_per_image(fresh_app):
+    recorder = RecordingCapacity(fresh_app.extensions["model_capacity"])
+    fresh_app.extensions["model_capacity"] = recorder
+    fresh_app.config["BATCH_CHUNK_SIZE"] = 2
+    response = fresh_app.test_client().post(
+        "/api/predict/batch", data=files(*MIXED)
+    )  # 3 files to screen, 3 refused before decoding
     assert [e["status"] for e in response.get_json()] == [200, 400, 415, 400, 200, 200]
     assert recorder.acquired == 2 and len(recorder.released) == 2
     assert all(0 < seconds < 5 for seconds in recorder.released)
     assert recorder.capacity.running == 0  # every slot was given back
 
 
-def test_a_busy_model_mid_batch_answers_the_rest_503(client, web_app, monkeypatch):
-    monkeypatch.setitem(web_app.config, "BATCH_CHUNK_SIZE", 2)
-    monkeypatch.setitem(
-        web_app.extensions, "model_capacity", RecordingCapacity(web_app.extensions["model_capacity"], refuse_at=2)
-    )
+def test_a_busy_model_mid_batch_answers_the_rest_503(fresh_app):
+    client = fresh_app.test_client()
+    fresh_app.config["BATCH_CHUNK_SIZE"] = 2
+    capacity = fresh_app.extensions["model_capacity"]
+    fresh_app.extensions["model_capacity"] = RecordingCapacity(capacity, refuse_at=2)
     entries = client.post(
         "/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)])
     ).get_json()
     assert [e["status"] for e in entries] == [200, 200, 503, 503, 503]
     assert all("busy" in e["error"] and e["probability"] is None for e in entries[2:])
-    monkeypatch.setitem(
-        web_app.extensions,
-        "model_capacity",
-        RecordingCapacity(web_app.extensions["model_capacity"].capacity, refuse_at=1),
-    )
+    fresh_app.extensions["model_capacity"] = RecordingCapacity(capacity, refuse_at=1)
     refused = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)]))
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
 

@@ -149,12 +149,12 @@ def test_greyscale_by_strips_equals_pillows_whole_image_conversion(mode):
     assert np.array_equal(np.asarray(grey), np.asarray(expected.convert("L")))
 
 
-def test_a_batch_declaring_too_many_pixels_is_a_413_before_any_decode(shipped_app, bombs, monkeypatch):
-    monkeypatch.setitem(shipped_app.config, "BATCH_MAX_PIXELS", 100_000_000)
+def test_a_batch_declaring_too_many_pixels_is_a_413_before_any_decode(fresh_shipped_app, bombs, monkeypatch):
+    fresh_shipped_app.config["BATCH_MAX_PIXELS"] = 100_000_000
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a file of a refused batch"))
     data = bombs["png 16-bit 7700x7700"][0]
     form = {"file": [(io.BytesIO(data), f"{index}.png") for index in range(2)]}  # 2 x 59.3 Mpx declared
-    response = shipped_app.test_client().post("/api/predict/batch", data=form)
+    response = fresh_shipped_app.test_client().post("/api/predict/batch", data=form)
     assert response.status_code == 413 and "119 megapixels" in response.get_json()["error"]
 
 

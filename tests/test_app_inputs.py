@@ -214,8 +214,9 @@ def test_bad_input_gets_a_human_message_in_json_and_in_the_page(client, monkeypa
     assert "Traceback" not in html and "not a medical device" in html
 
 
-def test_over_the_size_limit_is_413(client, web_app, monkeypatch):
-    monkeypatch.setitem(web_app.config, "MAX_CONTENT_LENGTH", 1024 * 1024)
+def test_over_the_size_limit_is_413(fresh_app):
+    fresh_app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    client = fresh_app.test_client()
     big = b"\xff\xd8\xff" + bytes(1_500_000)
     api = client.post("/api/predict", data=upload(big))
     page = client.post("/predict", data=upload(big))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import SHARED_SAMPLES, sample_photo, synthetic_xray, xray_jpeg
+from builders import SHARED_SAMPLES, app_on, sample_photo, synthetic_xray, xray_jpeg
 from PIL import Image
 
 SAMPLE = SHARED_SAMPLES / "original-train" / "PNEUMONIA" / "person279_bacteria_1315.jpeg"
@@ -45,8 +45,14 @@ def serve(app):
 
 
 @pytest.fixture(scope="module")
-def live_server(web_app):
-    yield from serve(web_app)
+def browser_app(ungated_model_dir):
+    """The app on the tiny model for this module's tests alone (one changes its batch limit)."""
+    return app_on(ungated_model_dir)
+
+
+@pytest.fixture(scope="module")
+def live_server(browser_app):
+    yield from serve(browser_app)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +157,7 @@ def _allow_downloads(browser, folder: Path) -> None:
         browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
 
 
-def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server, web_app, tmp_path, monkeypatch):
+def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server, browser_app, tmp_path, monkeypatch):
     import csv
     import time
 
@@ -167,12 +173,12 @@ def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server,
     downloads.mkdir()
     _allow_downloads(browser, downloads)
     browser.get_log("browser")  # drains what earlier tests left (a refused upload logs its 422)
-    monkeypatch.setitem(web_app.config, "BATCH_MAX_FILES", 2)  # over the limit: the form says so before sending
+    monkeypatch.setitem(browser_app.config, "BATCH_MAX_FILES", 2)  # over the limit: the form says so before sending
     browser.get(f"{live_server}/")
     browser.find_element(By.ID, "file").send_keys("\n".join(map(str, paths)))
     message = browser.execute_script("return document.getElementById('file').validationMessage;")
     assert message == "At most 2 files can be screened at once."
-    monkeypatch.setitem(web_app.config, "BATCH_MAX_FILES", 3)
+    monkeypatch.setitem(browser_app.config, "BATCH_MAX_FILES", 3)
     browser.get(f"{live_server}/")
     browser.find_element(By.ID, "file").send_keys("\n".join(map(str, paths)))
     assert browser.find_element(By.ID, "chosen").text == "3 files: xray-0.jpeg, xray-1.jpeg, xray-2.jpeg"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import shutil
 import sys
 
@@ -250,6 +251,23 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
 # --- predict on folders: CSV, Grad-CAM overlays, progress ----------------------------------
 
 
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_predict_draws_its_progress_on_a_terminal_between_the_lines_it_prints(gap_model_dir, mixed_folder, monkeypatch):
+    root, reported, _ = mixed_folder
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", terminal)  # one screen: each line printed where the bar was
+    assert cli.main(["predict", str(root), "--model", str(gap_model_dir)]) == 1  # one file is unreadable
+    drawn = terminal.getvalue()
+    for path in reported:  # the bar wiped, the line printed (the bar is drawn again after it)
+        assert re.search(r"\r +\r" + re.escape(path) + "\t", drawn), path
+    assert re.search(r"\r100%\|[^\r\n]*\| 5/5 \[[^\]]*image/s\]\n5 file\(s\): 4 screened", drawn), drawn[-500:]
+
+
 def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_model_dir, mixed_folder, tmp_path):
     """A corrupt file, a DICOM without an extension and a PNG named .txt: a row for each."""
     import csv
@@ -272,7 +290,7 @@ def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_mod
         cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr[-3000:]  # one file was unreadable
-    assert "\r" not in result.stderr and "images/s" not in result.stderr  # piped: no progress bar
+    assert "\r" not in result.stderr and "image/s" not in result.stderr  # piped: no progress bar
     assert "skipped 1 file(s)" in result.stderr and "notes.txt" in result.stderr
     assert "5 file(s): 4 screened, 0 refused by the gate, 1 unreadable" in result.stderr
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == reported
@@ -301,15 +319,11 @@ def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_mod
 
 
 def test_predict_draws_a_progress_bar_on_a_terminal(gap_model_dir, mixed_folder, tmp_path, monkeypatch, capsys):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    terminal = Terminal()
+    terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     root, reported, _ = mixed_folder
     assert cli.main(["predict", str(root / "ward-b"), "--model", str(gap_model_dir), "--json"]) == 0
-    assert "\r1/2 [" in terminal.getvalue() and "\r2/2 [" in terminal.getvalue() and "images/s" in terminal.getvalue()
+    assert "| 2/2 [" in terminal.getvalue() and "image/s]" in terminal.getvalue()
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["path"] for line in lines] == reported[3:] and all(0 <= line["probability"] <= 1 for line in lines)
     (tmp_path / "empty").mkdir()

@@ -91,19 +91,18 @@ PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.screening")
 # under it: "pneumonia.serving" is pneumonia/serving/__init__.py and every pneumonia.serving.* module.
 LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     # bytes -> pixels: only pneumonia.errors, pneumonia.labels and pneumonia.reading.*
-    ("pneumonia.reading", ("pneumonia.serving", "pneumonia.progress", WEB, *BEYOND_SERVING)),
+    ("pneumonia.reading", ("pneumonia.serving", WEB, *BEYOND_SERVING)),
     # what the reading modules import must keep to the same rule, or it would bring the rest in
-    ("pneumonia.errors", ("pneumonia.serving", "pneumonia.progress", WEB, *BEYOND_SERVING)),
-    ("pneumonia.labels", ("pneumonia.serving", "pneumonia.progress", WEB, *BEYOND_SERVING)),
-    # the model at serving time: reading, errors, labels, progress and serving
+    ("pneumonia.errors", ("pneumonia.serving", WEB, *BEYOND_SERVING)),
+    ("pneumonia.labels", ("pneumonia.serving", WEB, *BEYOND_SERVING)),
+    # the model at serving time: reading, errors, labels and serving
     ("pneumonia.serving", (WEB, *BEYOND_SERVING)),
-    ("pneumonia.progress", (WEB, *BEYOND_SERVING)),
     # the PACS client: reading, serving, errors and labels, as the web app
-    ("pneumonia.pacs", ("pneumonia.progress", WEB, *BEYOND_SERVING)),
+    ("pneumonia.pacs", (WEB, *BEYOND_SERVING)),
     # what the web app takes of it (DICOM results): the result objects, never the client (requests and
     # dicomweb-client are not in the serving install)
     ("pneumonia.pacs.reports", PACS_CLIENT),
-    # the Ray Data archive run: reading, serving, errors, labels and progress, never the command line
+    # the Ray Data archive run: reading, serving, errors and labels, never the command line
     ("pneumonia.archive", (WEB, *BEYOND_SERVING)),
     # training and evaluation: anything of the package but the command line and the scripts (and
     # not the web app, which is a client of these layers, not one of them)
@@ -117,9 +116,9 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("bench", ("studies", *ENTRY_POINTS)),
     # the web app and the top-level modules: reading, serving, errors, labels, web; the web app also
     # pacs.reports for DICOM results (pneumonia/web/dicom_results.py), never the PACS client or the archive
-    (WEB, ("pneumonia.progress", "pneumonia.archive", *PACS_CLIENT, *BEYOND_SERVING)),
-    ("app", ("pneumonia.progress", *BEYOND_SERVING)),
-    ("gradcam", ("pneumonia.progress", *BEYOND_SERVING)),
+    (WEB, ("pneumonia.archive", *PACS_CLIENT, *BEYOND_SERVING)),
+    ("app", BEYOND_SERVING),
+    ("gradcam", BEYOND_SERVING),
 ]
 
 

@@ -441,13 +441,17 @@ def test_a_pacs_that_goes_away_mid_run_exits_2_and_the_next_run_does_the_rest(or
     study = generate_uid()
     stow(orthanc, study, *(study_dicom(xray_pixels(i), study) for i in range(2)))
 
+    stows = []
+
     def gone_after_one_image(method, posts):  # its two STOWs go through, then nothing answers
+        stows.extend([posts] if method == "POST" else [])
         return "drop" if posts > 2 else None
 
     with proxy(orthanc, gone_after_one_image) as url:
         args = ("pacs", "screen", url, "--study", study, "--retries", "1", "--backoff", "0.01")
         cut = run_cli(*args, "--csv", tmp_path / "cut.csv", cwd=tmp_path)
-    assert cut.returncode == 2 and "unreachable after 2 tries" in cut.stderr, cut.stderr
+    assert cut.returncode == 2 and "store the results: the connection to the PACS" in cut.stderr, cut.stderr
+    assert "not sent again: the PACS may have received it" in cut.stderr and stows == [1, 2, 3]  # the 3rd sent once
     assert [r["status"] for r in csv_rows(tmp_path / "cut.csv")] == ["screened"]
     assert len(instances_of(orthanc, study, "SR")) == 1
 

@@ -1,7 +1,8 @@
 """The DICOMweb client (dicomweb-client, wrapped by pneumonia/pacs/dicomweb.py) and `pacs screen`'s
 failures against a small local stub PACS (an HTTP server in a thread that answers each path as a test
-says): retries with backoff for 5xx, no retry for 401, TLS settings and the timeout on every request,
-a STOW rejection, an answer that is not DICOM, an image the reader cannot decode. No Orthanc needed."""
+says): urllib3's retries with doubling backoff for 429 and 5xx, Retry-After, a STOW never sent twice, no
+retry for 401, TLS settings and the timeout on every request, a STOW rejection, an answer that is not
+DICOM, an image the reader cannot decode. No Orthanc needed."""
 
 from __future__ import annotations
 
@@ -23,19 +24,23 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from urllib3.fields import RequestField
 from urllib3.filepost import choose_boundary, encode_multipart_formdata
 
-from pneumonia.pacs.dicomweb import Connection, DicomWeb, PacsAuthError, PacsError
+from pneumonia.pacs.dicomweb import Connection, DicomWeb, PacsAuthError, PacsError, PacsUnreachable, first_value
 
 pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r requirements-pacs.txt")
 
 STUDY, SERIES = generate_uid(), generate_uid()
+DROP = "drop"
 
 
 class StubPacs(BaseHTTPRequestHandler):
-    """Answers (method, path prefix) from `routes`: (status, content type, body); 404 otherwise."""
+    """Answers (method, path prefix) from `routes`: (status, content type, body[, headers]), or a list of
+    them given in turn (the last one from then on), or DROP (the connection closed unanswered); 404
+    otherwise. `times` gets the monotonic time of each request."""
 
     routes: dict = {}
     hits: list = []
     accepts: list = []
+    times: list = []
 
     def _answer(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -43,18 +48,30 @@ class StubPacs(BaseHTTPRequestHandler):
             self.rfile.read(length)
         self.hits.append((self.command, self.path))
         self.accepts.append(self.headers.get("Accept"))
+        self.times.append(time.monotonic())
+        answer = self._route()
+        if answer == DROP:
+            self.close_connection = True
+            return
+        status, content_type, body, *headers = answer
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **dict(*headers)}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _route(self):
         path = self.path.split("?")[0]
         found = [
             answer
             for (method, prefix), answer in self.routes.items()
             if method == self.command and path.startswith(prefix)
         ]
-        status, content_type, body = found[0] if found else (404, "text/plain", b"no route")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        if not found:
+            return 404, "text/plain", b"no route"
+        if isinstance(found[0], list):
+            return found[0].pop(0) if len(found[0]) > 1 else found[0][0]
+        return found[0]
 
     do_GET = do_POST = _answer
 
@@ -63,12 +80,11 @@ class StubPacs(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def stub_pacs(routes: dict, accepts: list | None = None):
+def stub_pacs(routes: dict, accepts: list | None = None, times: list | None = None):
     """The stub on a free port: yields (DICOMweb root, the (method, path) of each request); `accepts`
-    gets each request's Accept header."""
-    handler = type(
-        "Routes", (StubPacs,), {"routes": routes, "hits": [], "accepts": accepts if accepts is not None else []}
-    )
+    gets each request's Accept header, `times` the time each arrived."""
+    settings = {"accepts": accepts if accepts is not None else [], "times": times if times is not None else []}
+    handler = type("Routes", (StubPacs,), {"routes": routes, "hits": [], **settings})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -79,9 +95,17 @@ def stub_pacs(routes: dict, accepts: list | None = None):
         server.server_close()
 
 
-def client(url: str, **settings) -> tuple[DicomWeb, list[float]]:
-    waits: list[float] = []
-    return DicomWeb(Connection(url, **{"retries": 2, "backoff_s": 0.5, **settings}), sleep=waits.append), waits
+def client(url: str, **settings) -> DicomWeb:
+    return DicomWeb(Connection(url, **{"retries": 2, "backoff_s": 0.05, **settings}))
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+def retries_logged(caplog) -> list[str]:
+    """pneumonia.pacs.dicomweb's line for each retry."""
+    return [r.getMessage() for r in caplog.records if r.name == "pneumonia.pacs.dicomweb"]
 
 
 def instance_json(instance: str) -> bytes:
@@ -131,20 +155,80 @@ def xray_dicom(**tags) -> bytes:
 # --- The client ---------------------------------------------------------------------------------
 
 
-def test_a_5xx_is_retried_with_doubling_backoff_then_reported_with_its_status():
-    with stub_pacs({("GET", "/dicom-web/instances"): (503, "text/plain", b"busy")}) as (url, hits):
-        pacs, waits = client(url)
-        with pytest.raises(PacsError, match="HTTP 503"):
-            list(pacs.search_instances(None, {}, ()))
-    assert len(hits) == 3 and waits == [0.5, 1.0]
+def test_a_5xx_is_retried_with_doubling_backoff_then_reported_with_its_status(caplog):
+    times: list[float] = []
+    with stub_pacs({("GET", "/dicom-web/instances"): (503, "text/plain", b"busy")}, times=times) as (url, hits):
+        with pytest.raises(PacsError, match="search for images: the PACS answered HTTP 503 Service Unavailable$"):
+            list(client(url, backoff_s=0.2).search_instances(None, {}, ()))
+    assert len(hits) == 3 and [line.rsplit(" in ", 1)[1] for line in retries_logged(caplog)] == ["0.2 s", "0.4 s"]
+    assert [gap >= wait for gap, wait in zip(gaps(times), (0.2, 0.4))] == [True, True]
+
+
+def test_a_pacs_failing_twice_then_answering_is_asked_three_times_and_its_answer_used(caplog):
+    failing = [
+        (502, "text/plain", b""),
+        (500, "text/plain", b""),
+        (200, "application/dicom+json", instance_json("1.2")),
+    ]
+    with stub_pacs({("GET", "/dicom-web/instances"): failing}) as (url, hits):
+        found = list(client(url).search_instances(None, {}, ()))
+    assert len(hits) == 3 and [first_value(item, "00080018") for item in found] == ["1.2"]
+    assert [line.split(";")[0] for line in retries_logged(caplog)] == [
+        "GET: try 1 of 3 failed (HTTP 502)",
+        "GET: try 2 of 3 failed (HTTP 500)",
+    ]
+
+
+def test_a_429_waits_as_long_as_its_retry_after_asks():
+    times: list[float] = []
+    limited = [(429, "text/plain", b"", {"Retry-After": "1"}), (200, "application/dicom+json", b"[]")]
+    with stub_pacs({("GET", "/dicom-web/instances"): limited}, times=times) as (url, hits):
+        assert list(client(url, backoff_s=0.01).search_instances(None, {}, ())) == []
+    assert len(hits) == 2 and gaps(times)[0] >= 1.0
+
+
+def test_a_retry_after_that_is_no_time_is_waited_as_the_backoff():
+    times: list[float] = []
+    unclear = [(503, "text/plain", b"", {"Retry-After": "soon"}), (200, "application/dicom+json", b"[]")]
+    with stub_pacs({("GET", "/dicom-web/instances"): unclear}, times=times) as (url, hits):
+        assert list(client(url, backoff_s=0.3).search_instances(None, {}, ())) == []
+    assert len(hits) == 2 and gaps(times)[0] >= 0.3
+
+
+@pytest.mark.parametrize("answer", [(503, "text/plain", b"busy"), DROP], ids=["503", "dropped"])
+def test_a_stow_the_pacs_may_have_received_is_never_sent_again(answer):
+    with stub_pacs({("POST", "/dicom-web/studies/"): answer}) as (url, hits):
+        with pytest.raises(PacsError) as raised:
+            client(url).store(STUDY, [small_dicom()])
+    assert hits == [("POST", f"/dicom-web/studies/{STUDY}")]
+    message = str(raised.value)
+    if answer == DROP:
+        assert isinstance(raised.value, PacsUnreachable) and message.endswith(
+            "not sent again: the PACS may have received it"
+        )
+    else:
+        assert message == "store the results: the PACS answered HTTP 503 Service Unavailable"
+
+
+def test_an_unreachable_pacs_is_tried_again_and_then_named_with_the_tries(caplog):
+    with socket.socket() as taken:  # a port nobody listens on: the connection is refused
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}/dicom-web"
+        with pytest.raises(PacsUnreachable) as raised:
+            client(url, backoff_s=0.1).store(STUDY, [small_dicom()])  # not yet sent: a STOW is tried again too
+    assert str(raised.value) == f"store the results: the PACS at {url} is unreachable after 3 tries (ConnectionError)"
+    assert retries_logged(caplog) == [
+        "POST: try 1 of 3 failed (NewConnectionError); retrying in 0.1 s",
+        "POST: try 2 of 3 failed (NewConnectionError); retrying in 0.2 s",
+    ]
 
 
 def test_a_401_is_not_retried_and_says_the_credentials_were_refused():
     with stub_pacs({("GET", "/dicom-web/instances"): (401, "text/plain", b"")}) as (url, hits):
-        pacs, waits = client(url, user="someone", password="secret")
+        pacs = client(url, user="someone", password="secret")
         with pytest.raises(PacsAuthError, match="refused the credentials") as raised:
             list(pacs.search_instances(None, {}, ()))
-    assert len(hits) == 1 and waits == [] and "secret" not in str(raised.value)
+    assert len(hits) == 1 and "secret" not in str(raised.value)
 
 
 def test_a_token_is_sent_as_a_bearer_and_tls_is_verified_by_default():
@@ -173,7 +257,7 @@ def test_an_image_is_asked_for_in_its_stored_transfer_syntax_and_read_from_its_m
     content_type, body = multipart(buffer.getvalue())
     accepts: list[str] = []
     with stub_pacs({("GET", "/dicom-web/studies/"): (200, content_type, body)}, accepts) as (url, _):
-        pacs, _ = client(url)
+        pacs = client(url)
         fetched = pacs.retrieve_instance(STUDY, SERIES, ds.SOPInstanceUID)
     assert accepts == ['multipart/related; type="application/dicom"; transfer-syntax=*']
     assert fetched.SOPInstanceUID == ds.SOPInstanceUID and fetched.file_meta.TransferSyntaxUID == JPEGLSLossless
@@ -190,14 +274,14 @@ def test_a_stow_failure_sequence_is_a_rejection_naming_the_reason():
         url,
         _,
     ):
-        pacs, _ = client(url, retries=0)
+        pacs = client(url, retries=0)
         with pytest.raises(PacsError, match="HTTP 409"):
             pacs.store(STUDY, [small_dicom()])
     with stub_pacs({("POST", "/dicom-web/studies/"): (202, "application/dicom+json", json.dumps(answer).encode())}) as (
         url,
         _,
     ):
-        pacs, _ = client(url, retries=0)
+        pacs = client(url, retries=0)
         with pytest.raises(PacsError, match="rejected 1 of 2 result object.*42752"):
             pacs.store(STUDY, [small_dicom(), small_dicom()])
 

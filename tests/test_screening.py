@@ -1,6 +1,5 @@
 """pneumonia/serving/screening.py, results.py and folders.py: files found by content, chunks through one
-model pass giving what one image at a time gives, bounded memory, a row for every file, CSV and the
-progress bar."""
+model pass giving what one image at a time gives, bounded memory, a row for every file and CSV."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, screen_one, xray_jpeg
 
-from pneumonia.progress import ProgressBar
 from pneumonia.serving import screening as batch_screening
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.folders import find_images
@@ -178,25 +176,6 @@ def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
         )
     )
     assert ungated[2][6] == "unchecked"
-
-
-class FakeTerminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_bar_on_a_terminal_and_silent_when_piped():
-    terminal, pipe = FakeTerminal(), io.StringIO()
-    for stream in (terminal, pipe):
-        bar = ProgressBar(4, stream)
-        for _ in range(4):
-            bar.clear()
-            bar.advance()
-        bar.finish()
-    assert pipe.getvalue() == ""
-    drawn = terminal.getvalue()
-    assert drawn.count("\r") >= 8 and "\r4/4 [" + "#" * ProgressBar.WIDTH + "]" in drawn and drawn.endswith("\n")
-    assert "2/4 [" + "#" * (ProgressBar.WIDTH // 2) + "." * (ProgressBar.WIDTH // 2) + "]" in drawn
 
 
 def test_overlay_file_names_are_unique_and_safe():

@@ -10,7 +10,8 @@ from pneumonia.cli import fail, load_classifier, positive_int
 
 
 def run(args) -> int:
-    from pneumonia.progress import ProgressBar
+    from tqdm import tqdm
+
     from pneumonia.serving.folders import find_images, screen_files
     from pneumonia.serving.results import CsvRows
     from pneumonia.serving.screening import BatchScreener
@@ -29,13 +30,13 @@ def run(args) -> int:
         csv_file = open(args.csv, "w", newline="", encoding="utf-8") if args.csv else None
     except OSError as err:
         return fail(f"cannot write {args.csv}: {err.strerror}")
-    progress = ProgressBar(len(found.files), sys.stderr)
-    with csv_file or contextlib.nullcontext():
+    # drawn on stderr, only when it is a terminal (disable=None)
+    progress = tqdm(total=len(found.files), unit="image", file=sys.stderr, disable=None)
+    with csv_file or contextlib.nullcontext(), progress:
         extra = ("gradcam",) if args.gradcam else ()
         gated = classifier.gate is not None
         table = CsvRows(csv_file, "path", classifier.thresholds, gated, extra) if csv_file else None
         counts = screen_files(BatchScreener(classifier), found.files, args, table, progress)
-    progress.finish()
     print(
         f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
         f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""),

@@ -4,9 +4,10 @@ wrapped for a screening run.
 
 What the wrapper adds: TLS verification that `--ca-bundle` / `--insecure` control even where
 $REQUESTS_CA_BUNDLE is set (`PacsSession`), retries with exponential backoff for what a retry can
-cure (connection errors, timeouts, 5xx; dicomweb-client's own are turned off), QIDO paging, and
-errors that are `PacsError`s whose messages name the operation and the HTTP status, never a
-response body (a PACS may quote patient data in it):
+cure (urllib3's `Retry` on the session: connection errors, timeouts, 429 and 5xx, after the wait a
+Retry-After asks for; dicomweb-client's own are turned off), QIDO paging, and errors that are
+`PacsError`s whose messages name the operation and the HTTP status, never a response body (a PACS
+may quote patient data in it):
 
     PacsUnreachable  the PACS cannot be reached (refused, DNS, TLS, timeouts after the retries)
     PacsAuthError    401 / 403: wrong or missing credentials
@@ -16,7 +17,6 @@ response body (a PACS may quote patient data in it):
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,10 +24,15 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, MaxRetryError, ReadTimeoutError
+from urllib3.util.retry import Retry
 
 LOG = logging.getLogger(__name__)
 
-RETRIED_STATUSES = frozenset({500, 502, 503, 504})
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+# urllib3's timeouts after the retries, named as requests names them when it raises them itself
+TIMEOUT_NAMES = {ReadTimeoutError: "ReadTimeout", ConnectTimeoutError: "ConnectTimeout"}
 QIDO_PAGE = 500  # results asked for per QIDO request (limit/offset paging)
 # dicomweb-client sends a STOW body over its chunk size chunked; a Content-Length goes through the
 # gateways and WSGI servers in front of some PACSs that refuse chunked uploads (Orthanc takes both)
@@ -75,9 +80,54 @@ class PacsSession(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
 
+class Backoff(Retry):
+    """urllib3's `Retry` waiting `backoff_factor` x 1, 2, 4, ... (urllib3's own waits nothing before the
+    first retry), and saying so on the log as each retry waits."""
+
+    def get_backoff_time(self) -> float:
+        return self.backoff_factor * 2 ** (len(self.history) - 1)
+
+    def get_retry_after(self, response) -> float | None:
+        """The wait a Retry-After asks for; None without one, or with one that is neither seconds nor a date
+        ("Retry-After: soon": urllib3 raises, and the request would fail instead of waiting the backoff)."""
+        try:
+            return super().get_retry_after(response)
+        except InvalidHeader:
+            return None
+
+    def sleep(self, response=None) -> None:
+        failed = self.history[-1]
+        cause = f"HTTP {failed.status}" if failed.status else type(failed.error).__name__
+        asked = self.get_retry_after(response) if response is not None else None
+        tries = len(self.history) + (self.total or 0) + 1
+        wait = self.get_backoff_time() if asked is None else asked
+        LOG.warning(
+            "%s: try %d of %d failed (%s); retrying in %.1f s", failed.method, len(self.history), tries, cause, wait
+        )
+        super().sleep(response)
+
+
+def retry_policy(connection: Connection) -> Backoff:
+    """`connection.retries` retries of connection errors, timeouts, 429 and 5xx. Only the idempotent
+    methods (GET: QIDO-RS, WADO-RS) are sent again once the PACS may have received them: a STOW-RS POST
+    is retried when its connection could not be made, never after a timeout, a dropped connection or an
+    answered status. The last answer of a status that is still failing is returned as it is (dicomweb-client
+    raises it, with its status); errors that are neither of a connection nor of a read (TLS) are not retried."""
+    return Backoff(
+        total=connection.retries,
+        other=0,
+        status_forcelist=RETRIED_STATUSES,
+        backoff_factor=connection.backoff_s,
+        raise_on_status=False,
+    )
+
+
 def session_of(connection: Connection) -> PacsSession:
     session = PacsSession()
     session.verify = connection.verify
+    adapter = HTTPAdapter(max_retries=retry_policy(connection))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
     if connection.token:
         session.headers["Authorization"] = f"Bearer {connection.token}"
     elif connection.user is not None:
@@ -88,8 +138,8 @@ def session_of(connection: Connection) -> PacsSession:
 class DicomWeb:
     """One PACS, one session. Not shared between threads."""
 
-    def __init__(self, connection: Connection, sleep=time.sleep):
-        self.connection, self.sleep = connection, sleep
+    def __init__(self, connection: Connection):
+        self.connection = connection
         self.session = session_of(connection)
         try:
             self.client = DICOMwebClient(
@@ -98,7 +148,7 @@ class DicomWeb:
         except ValueError:  # dicomweb-client's "Malformed URL"
             self.session.close()
             raise PacsError(f"{connection.url}: not a DICOMweb URL (http://HOST/PATH or https://HOST/PATH)") from None
-        self.client.set_http_retry_params(retry=False)  # retried here: connection errors and every 5xx too
+        self.client.set_http_retry_params(retry=False)  # retried by the session: connection errors and 5xx too
 
     def close(self) -> None:
         self.session.close()
@@ -168,34 +218,39 @@ class DicomWeb:
     # --- Every request ------------------------------------------------------------------------
 
     def _call(self, what: str, operation: Callable, *args, **kwargs):
-        """`operation` (a DICOMwebClient method) with retries for connection errors, timeouts and 5xx."""
-        tries = self.connection.retries + 1
-        for attempt in range(tries):
-            last = attempt == tries - 1
-            try:
-                return operation(*args, **kwargs)
-            except requests.exceptions.SSLError as err:
-                raise PacsUnreachable(f"{what}: TLS verification of {self.connection.url} failed ({err})") from None
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-                if last:
-                    raise PacsUnreachable(
-                        f"{what}: the PACS at {self.connection.url} is unreachable after {tries} tries "
-                        f"({self._failure(err)})"
-                    ) from None
-            except requests.HTTPError as err:  # dicomweb-client's raise_for_status
-                if err.response.status_code not in RETRIED_STATUSES or last:
-                    raise _status_error(what, err.response) from None
-            except (requests.RequestException, ValueError) as err:  # JSON or multipart it cannot parse, a bad UID
-                raise PacsError(f"{what}: the PACS's answer could not be read ({type(err).__name__})") from None
-            wait = self.connection.backoff_s * 2**attempt
-            LOG.warning("%s: try %d of %d failed; retrying in %.1f s", what, attempt + 1, tries, wait)
-            self.sleep(wait)
-        raise AssertionError("unreachable")  # the last try returns or raises
+        """`operation` (a DICOMwebClient method; the session retries it) with its failures as PacsErrors."""
+        try:
+            return operation(*args, **kwargs)
+        except requests.exceptions.SSLError as err:
+            raise PacsUnreachable(f"{what}: TLS verification of {self.connection.url} failed ({err})") from None
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+            raise self._unreachable(what, err) from None
+        except requests.HTTPError as err:  # dicomweb-client's raise_for_status
+            raise _status_error(what, err.response) from None
+        except (requests.RequestException, ValueError) as err:  # JSON or multipart it cannot parse, a bad UID
+            raise PacsError(f"{what}: the PACS's answer could not be read ({type(err).__name__})") from None
 
-    def _failure(self, err: requests.RequestException) -> str:
+    def _unreachable(self, what: str, err: requests.RequestException) -> PacsUnreachable:
+        """After the retries ran out, or a failure that was not retried: a POST the PACS may have received,
+        or an answer that broke off after its headers (requests reads the body past urllib3's retries)."""
+        exhausted = err.args[0] if err.args and isinstance(err.args[0], MaxRetryError) else None
+        failure = self._failure(err, exhausted.reason if exhausted else err)
+        if exhausted:
+            tries = self.connection.retries + 1
+            return PacsUnreachable(
+                f"{what}: the PACS at {self.connection.url} is unreachable after {tries} tries ({failure})"
+            )
+        posted = err.request is not None and err.request.method == "POST"
+        why = "not sent again: the PACS may have received it" if posted else "its answer broke off"
+        return PacsUnreachable(f"{what}: the connection to the PACS at {self.connection.url} failed ({failure}); {why}")
+
+    def _failure(self, err: requests.RequestException, cause: Exception) -> str:
         """What went wrong, in words: a timeout names the limit (--timeout), anything else its type."""
-        if isinstance(err, requests.Timeout):
-            return f"no answer within {self.connection.timeout_s:g} s: {type(err).__name__}"
+        timeout = TIMEOUT_NAMES.get(type(cause)) or (
+            type(cause).__name__ if isinstance(cause, requests.Timeout) else None
+        )
+        if timeout:
+            return f"no answer within {self.connection.timeout_s:g} s: {timeout}"
         return type(err).__name__
 
 

@@ -67,9 +67,9 @@ def screen_files(batch, files: list[str], options, table, progress, out=None) ->
         overlay_path = write_overlay(options.gradcam, index, row) if options.gradcam else None
         if table is not None:
             table.write(row, *([overlay_path or ""] if options.gradcam else []))
-        progress.clear()
-        print(prediction_line(row, batch.classifier, options.json), file=out, flush=True)
-        progress.advance()
+        with progress.external_write_mode(file=out):  # the bar (a tqdm) cleared for the line, then redrawn
+            print(prediction_line(row, batch.classifier, options.json), file=out, flush=True)
+        progress.update()
         kind = "screened" if row.probability is not None else "refused" if row.refused else "failed"
         counts[kind] += 1
     return counts

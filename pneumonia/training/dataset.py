@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pneumonia.errors import XrayReadError
 from pneumonia.labels import CLASS_NAMES, NORMAL, PNEUMONIA  # noqa: F401  (read as dataset.PNEUMONIA too)
-from pneumonia.progress import ProgressBar
 from pneumonia.serving.card import ModelCard
 from pneumonia.serving.preprocessing import xray_pixels
 
@@ -187,16 +187,15 @@ def load_pixels(
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
                 log(f"ignoring unreadable pixel cache {cache_file} ({type(err).__name__}); decoding again")
     pixels, kept = [], []
-    progress = ProgressBar(len(files.paths), sys.stderr)
-    for index, path in enumerate(files.paths):
-        try:
-            pixels.append(xray_pixels(path, image_size))
-            kept.append(index)
-        except XrayReadError as err:
-            progress.clear()
-            log(f"skipped unreadable image {path}: {err}")
-        progress.advance()
-    progress.finish()
+    with tqdm(total=len(files.paths), unit="image", file=sys.stderr, disable=None) as progress:  # on a terminal only
+        for index, path in enumerate(files.paths):
+            try:
+                pixels.append(xray_pixels(path, image_size))
+                kept.append(index)
+            except XrayReadError as err:
+                with progress.external_write_mode():
+                    log(f"skipped unreadable image {path}: {err}")
+            progress.update()
     kept_files = files.subset(kept)
     array = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size), np.uint8)
     labels = np.asarray(kept_files.labels, dtype=np.int64)
