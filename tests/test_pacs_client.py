@@ -210,6 +210,18 @@ def test_a_stow_the_pacs_may_have_received_is_never_sent_again(answer):
         assert message == "store the results: the PACS answered HTTP 503 Service Unavailable"
 
 
+def test_a_stow_refused_with_429_is_sent_again_after_its_retry_after():
+    times: list[float] = []
+    accepted = {"00081199": {"vr": "SQ", "Value": []}}
+    limited = [
+        (429, "text/plain", b"", {"Retry-After": "1"}),
+        (200, "application/dicom+json", json.dumps(accepted).encode()),
+    ]
+    with stub_pacs({("POST", "/dicom-web/studies/"): limited}, times=times) as (url, hits):
+        client(url, backoff_s=0.01).store(STUDY, [small_dicom()])
+    assert hits == [("POST", f"/dicom-web/studies/{STUDY}")] * 2 and gaps(times)[0] >= 1.0
+
+
 def test_an_unreachable_pacs_is_tried_again_and_then_named_with_the_tries(caplog):
     with socket.socket() as taken:  # a port nobody listens on: the connection is refused
         taken.bind(("127.0.0.1", 0))

@@ -95,6 +95,11 @@ class Backoff(Retry):
         except InvalidHeader:
             return None
 
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        """As urllib3 decides, and a 429 whatever the method: a PACS that answers "too many requests" has
+        refused the request, not received it (RFC 6585), so a STOW-RS POST may be sent again after it."""
+        return status_code == 429 or super().is_retry(method, status_code, has_retry_after)
+
     def sleep(self, response=None) -> None:
         failed = self.history[-1]
         cause = f"HTTP {failed.status}" if failed.status else type(failed.error).__name__
@@ -110,8 +115,8 @@ class Backoff(Retry):
 def retry_policy(connection: Connection) -> Backoff:
     """`connection.retries` retries of connection errors, timeouts, 429 and 5xx. Only the idempotent
     methods (GET: QIDO-RS, WADO-RS) are sent again once the PACS may have received them: a STOW-RS POST
-    is retried when its connection could not be made, never after a timeout, a dropped connection or an
-    answered status. The last answer of a status that is still failing is returned as it is (dicomweb-client
+    is retried when its connection could not be made or the PACS answered 429 (it refused the request),
+    never after a timeout, a dropped connection or another status. The last answer of a status that is still failing is returned as it is (dicomweb-client
     raises it, with its status); errors that are neither of a connection nor of a read (TLS) are not retried."""
     return Backoff(
         total=connection.retries,
