@@ -63,7 +63,7 @@ def fit_gate(
 
 def verdict_counts(gate: OodGate, stats: list, scores: np.ndarray) -> dict:
     """Shares of images refused (by pixel checks or features) and flagged unusual."""
-    verdicts = [gate.check_pixels(s) or gate.check_score(float(score)) for s, score in zip(stats, scores)]
+    verdicts = [gate.verdict(s, score) for s, score in zip(stats, scores)]
     refused_by: dict[str, int] = {}
     for v in verdicts:
         if not v.accepted:
@@ -158,9 +158,7 @@ def detection_figures(
         decoded = [decode_xray(data) for data in images]
         pixels = np.stack([resize_xray(xray, classifier.image_size) for xray, _ in decoded])  # (n, S, S)
         scores = gate.density.distance(classifier.features_and_logits_of_pixels(pixels)[0])  # one batch
-        verdicts = [
-            gate.check_pixels(stats) or gate.check_score(float(score)) for (_, stats), score in zip(decoded, scores)
-        ]
+        verdicts = [gate.verdict(stats, score) for (_, stats), score in zip(decoded, scores)]
         labels = np.r_[np.zeros(len(val_scores)), np.ones(len(scores))]
         figures[name] = {
             "n": len(images),
