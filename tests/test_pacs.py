@@ -491,3 +491,13 @@ def test_watch_screens_an_image_that_arrives_between_two_runs_and_skips_the_done
     assert watch(run_once, 5.0, 3, None, sleep=sleep) == 0
     assert runs == [["screened"], ["screened", "skipped"], ["skipped", "skipped"]] and waits == [5.0, 5.0]
     assert len(results_in(orthanc, study, "SR")) == 2
+
+
+def test_a_run_tally_counts_skipped_images_beside_the_outcomes():
+    from pneumonia.pacs.screening import RunTally
+
+    tally = RunTally()
+    for status in ("skipped", "screened", "failed"):
+        tally.count(status)
+    assert (tally.files, tally.skipped, tally.failed) == (3, 1, 1)
+    assert tally.summary() == "3 image(s): 1 screened, 1 skipped, 0 refused, 1 failed"

@@ -57,7 +57,7 @@ class Options:
 
 
 @dataclass
-class Summary(results.Tally):  # the counts over every source file, and what this run did
+class Summary(results.ArchiveTally):  # the counts over every source file, and what this run did
     already_done: int = 0  # rows found under DIR before this run
     screened_now: int = 0  # rows this run wrote
     skipped: int = 0  # files under the folders that are not images

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from pneumonia.archive.sources import PATH_COLUMN, file_system
-from pneumonia.serving.results import CSV_COLUMNS, SPREADSHEET_FORMULA_STARTS, csv_fields
+from pneumonia.serving.results import CSV_COLUMNS, SPREADSHEET_FORMULA_STARTS, csv_fields, stored_outcome
+from pneumonia.serving.screening import FAILED, Tally
 
 PART_PREFIX, PART_SUFFIX, TEMPORARY_PREFIX = "part-", ".parquet", ".tmp-"
 COLUMNS = (PATH_COLUMN, *CSV_COLUMNS)
@@ -107,30 +108,20 @@ TALLIED = (PATH_COLUMN, "probability", "ood_verdict", "error")
 
 
 @dataclass
-class Tally:
-    files: int = 0
-    screened: int = 0
-    refused: int = 0
-    failed: int = 0
+class ArchiveTally(Tally):
     errors: list[dict] = field(default_factory=list)  # the first few unreadable files: path, error
 
 
-def tally(table, wanted: set[str] | None = None, max_errors: int = 100) -> Tally:
-    """Counts as `predict` counts: screened (a probability), refused by the gate (a verdict, no
-    probability), unreadable (neither)."""
-    counts = Tally()
+def tally(table, wanted: set[str] | None = None, max_errors: int = 100) -> ArchiveTally:
+    """The outcomes of the rows under DIR (of the `wanted` paths), read back from their columns."""
+    counts = ArchiveTally()
     for path, probability, verdict, error in zip(*(table.column(c).to_pylist() for c in TALLIED)):
         if wanted is not None and path not in wanted:
             continue
-        counts.files += 1
-        if probability is not None:
-            counts.screened += 1
-        elif verdict:
-            counts.refused += 1
-        else:
-            counts.failed += 1
-            if len(counts.errors) < max_errors:
-                counts.errors.append({PATH_COLUMN: path, "error": error})
+        outcome = stored_outcome(probability, verdict)
+        counts.count(outcome)
+        if outcome == FAILED and len(counts.errors) < max_errors:
+            counts.errors.append({PATH_COLUMN: path, "error": error})
     return counts
 
 

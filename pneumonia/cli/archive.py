@@ -38,11 +38,7 @@ def report(summary, args) -> None:
             file=sys.stderr,
         )
     wrote = args.out + (f" and {args.csv}" if args.csv else "")
-    print(
-        f"{summary.files} file(s): {summary.screened} screened, {summary.refused} refused by the gate, "
-        f"{summary.failed} unreadable; wrote {wrote}",
-        file=sys.stderr,
-    )
+    print(f"{summary.summary()}; wrote {wrote}", file=sys.stderr)
 
 
 def run(args) -> int:

@@ -89,15 +89,14 @@ class Report:
 
 def screen_once(screener, filters, report) -> int:
     """One run: 0, 1 when an image failed; PacsUnreachable / PacsAuthError go to the caller."""
-    from pneumonia.pacs.screening import RunCounts
+    from pneumonia.pacs.screening import RunTally
 
-    counts = RunCounts()
+    tally = RunTally()
     for row in screener.run(filters):
-        counts.found += 1
-        counts.by_status[row.status] += 1
+        tally.count(row.status)
         report.write(row)
-    print(counts.summary(), file=sys.stderr, flush=True)
-    return 1 if counts.failed else 0
+    print(tally.summary(), file=sys.stderr, flush=True)
+    return 1 if tally.failed else 0
 
 
 def run(args) -> int:

@@ -34,14 +34,10 @@ def run(args) -> int:
         extra = ("gradcam",) if args.gradcam else ()
         gated = classifier.gate is not None
         table = CsvRows(csv_file, "path", classifier.thresholds, gated, extra) if csv_file else None
-        counts = screen_files(BatchScreener(classifier), found.files, args, table, progress)
+        tally = screen_files(BatchScreener(classifier), found.files, args, table, progress)
     progress.finish()
-    print(
-        f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
-        f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""),
-        file=sys.stderr,
-    )
-    return 1 if counts["failed"] else 0
+    print(tally.summary() + (f"; wrote {args.csv}" if args.csv else ""), file=sys.stderr)
+    return 1 if tally.failed else 0
 
 
 def add(commands, shipped: str) -> None:

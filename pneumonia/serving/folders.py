@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pneumonia.reading.decoding import SIGNATURE_BYTES, sniff_format
 from pneumonia.serving.results import prediction_line, write_overlay
+from pneumonia.serving.screening import Tally
 
 GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
 
@@ -53,10 +54,10 @@ def find_images(paths: Iterable[str | Path]) -> FoundImages:
     return found
 
 
-def screen_files(batch, files: list[str], options, table, progress, out=None) -> dict[str, int]:
+def screen_files(batch, files: list[str], options, table, progress, out=None) -> Tally:
     """Screens `files` a chunk at a time: a line each on `out` (stdout), a CSV row, an overlay PNG.
     `options`: batch_size, gradcam (a folder or None), json."""
-    counts = {"files": len(files), "screened": 0, "refused": 0, "failed": 0}
+    tally = Tally()
     rows = batch.screen(
         ((path, path) for path in files),
         options.batch_size,
@@ -70,6 +71,5 @@ def screen_files(batch, files: list[str], options, table, progress, out=None) ->
         progress.clear()
         print(prediction_line(row, batch.classifier, options.json), file=out, flush=True)
         progress.advance()
-        kind = "screened" if row.probability is not None else "refused" if row.refused else "failed"
-        counts[kind] += 1
-    return counts
+        tally.count(row.outcome)
+    return tally

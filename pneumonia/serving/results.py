@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from pneumonia.serving.screening import ScreenedImage
+from pneumonia.serving.screening import FAILED, REFUSED, SCREENED, ScreenedImage
 
 CSV_COLUMNS = (
     "probability",
@@ -39,9 +39,15 @@ def ood_verdict_name(row: ScreenedImage, gated: bool) -> str:
     return "unchecked" if not gated and row.error is None else ""
 
 
+def stored_outcome(probability: float | None, ood_verdict: str | None) -> str:
+    """A row's outcome read back from its columns: a probability when screened, the gate's verdict
+    without one when refused, neither when it failed."""
+    return SCREENED if probability is not None else REFUSED if ood_verdict == "rejected" else FAILED
+
+
 def csv_fields(row: ScreenedImage, thresholds: dict[str, float], gated: bool) -> list[str]:
     """The CSV_COLUMNS of one row (after the file's name)."""
-    screened = row.probability is not None
+    screened = row.probability is not None  # a PACS row screened but not stored keeps its values
     verdict = row.verdict
     score = "" if verdict is None or verdict.score is None else f"{verdict.score:.3f}"
     return [
@@ -112,9 +118,9 @@ def prediction_line(row, classifier, as_json: bool) -> str:
     """One output line: the probability and labels, or why the file was not screened."""
     image, verdict = row.name, row.verdict
     ood = None if verdict is None else {k: v for k, v in vars(verdict).items() if v is not None}
-    if row.probability is None and not row.refused:
+    if row.outcome == FAILED:
         return json.dumps({"path": image, "error": row.error}) if as_json else f"{image}\terror: {row.error}"
-    if row.refused:
+    if row.outcome == REFUSED:
         if as_json:
             return json.dumps({"path": image, "probability": None, "ood": ood, "error": verdict.message})
         return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"

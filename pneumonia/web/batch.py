@@ -39,7 +39,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from pneumonia.reading.decoding import ACCEPTED_TYPES, MAX_IMAGE_PIXELS, declared_pixels, sniff_format
 from pneumonia.serving.results import csv_text
-from pneumonia.serving.screening import ScreenedImage
+from pneumonia.serving.screening import REFUSED, SCREENED, ScreenedImage, Screening
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.screening import ood_json
 from pneumonia.web.uploads import UploadError
@@ -113,7 +113,8 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     )
     if problem is None:
         return BatchEntry(index, filename, ScreenedImage(filename)), data
-    return BatchEntry(index, filename, ScreenedImage(filename, error=problem[1]), status=problem[0]), None
+    failed = ScreenedImage(filename, Screening.failed(problem[1]))
+    return BatchEntry(index, filename, failed, status=problem[0]), None
 
 
 def pixel_chunks(pending: list[tuple[BatchEntry, bytes]], pixels: list[int], size: int) -> list[list]:
@@ -162,7 +163,7 @@ def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) 
             if number == 0:
                 raise
             for entry, _ in itertools.chain.from_iterable(chunks[number:]):
-                entry.status, entry.row = 503, ScreenedImage(entry.filename, error=BUSY_MESSAGE)
+                entry.status, entry.row = 503, ScreenedImage(entry.filename, Screening.failed(BUSY_MESSAGE))
             break
     return entries
 
@@ -183,11 +184,11 @@ def _screen_chunk(screener, chunk: list[tuple[BatchEntry, bytes]], rendering: Re
 
 
 def _status(row: ScreenedImage) -> int:
-    if row.probability is not None:
+    if row.outcome == SCREENED:
         return 200
-    if row.refused:
+    if row.outcome == REFUSED:
         return 422
-    return 500 if row.unexpected else 400
+    return 500 if row.screening.unexpected else 400
 
 
 @contextmanager
@@ -207,18 +208,18 @@ def entry_json(entry: BatchEntry, screener, with_gradcam: bool = False) -> dict:
     timings), with its index, file name and status; or its error, with the gate's verdict when refused."""
     row = entry.row
     answer = {"index": entry.index, "filename": entry.filename, "status": entry.status, "probability": row.probability}
-    if row.probability is not None:
+    if row.outcome == SCREENED:
         answer.update(
             probability_text=screener.card.shown_probability(row.probability),
             label=row.labels["default"],
             screening_label=row.labels["screening"],
             thresholds=screener.classifier.thresholds,
         )
-    if row.probability is not None or row.refused:
+    if row.outcome in (SCREENED, REFUSED):
         answer["ood"] = ood_json(row.verdict, screener)
     if row.error:
         answer["error"] = row.error
-    if with_gradcam and row.probability is not None:
+    if with_gradcam and row.outcome == SCREENED:
         answer["gradcam_png"] = base64.b64encode(entry.overlay).decode("ascii") if entry.overlay else None
     return answer
 

@@ -20,7 +20,7 @@ from pneumonia.serving.card import ModelCard
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
 from pneumonia.serving.gate import OutOfDistribution, Verdict
 from pneumonia.serving.gradcam import check_map_size, overlay
-from pneumonia.serving.screening import BatchScreener, ScreenedImage
+from pneumonia.serving.screening import FAILED, REFUSED, BatchScreener, ScreenedImage
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -72,10 +72,10 @@ class Screener:
         """One upload through the one screening pipeline, with Grad-CAM; raises XrayReadError for
         unreadable input and OutOfDistribution for what the gate refuses."""
         [row] = self.batch.screen_chunk([("the upload", data)], display_side=display_side, with_gradcam=True)
-        if row.probability is None:
-            if row.refused:
-                raise OutOfDistribution(row.verdict)
-            if row.unexpected:
+        if row.outcome == REFUSED:
+            raise OutOfDistribution(row.verdict)
+        if row.outcome == FAILED:
+            if row.screening.unexpected:
                 raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
             raise XrayReadError(row.error)
         return row
