@@ -247,3 +247,53 @@ def test_a_tally_counts_each_outcome_and_says_so():
         tally.count(outcome)
     assert (tally.files, tally.screened, tally.refused, tally.failed) == (4, 2, 1, 1)
     assert tally.summary() == "4 file(s): 2 screened, 1 refused by the gate, 1 unreadable"
+
+
+# --- One serialisation of a result -----------------------------------------------------------------
+
+
+def test_result_values_are_what_the_csv_parquet_and_sr_are_written_from():
+    from pneumonia.serving.results import result_values, text_cell
+
+    thresholds = {"default": 0.5, "screening": 0.25}
+    labels = {"default": "PNEUMONIA", "screening": "PNEUMONIA"}
+    screened = ScreenedImage("a", Screening.screened(0.1234567, labels, Verdict("unusual", None, 40.12345)))
+    values = result_values(screened, thresholds, gated=True)
+    assert values == {
+        "probability": 0.1234567,
+        "label_default": "PNEUMONIA",
+        "label_screening": "PNEUMONIA",
+        "threshold_default": 0.5,
+        "threshold_screening": 0.25,
+        "ood_verdict": "unusual",
+        "ood_reason": None,
+        "ood_score": 40.12345,
+        "error": None,
+    }
+    assert [text_cell(values[c], c) for c in ("probability", "ood_score", "ood_reason")] == ["0.123457", "40.123", ""]
+    failed = result_values(ScreenedImage("b", Screening.failed("=cmd|' /C calc'!A0")), thresholds, gated=False)
+    assert failed["probability"] is failed["label_default"] is failed["ood_verdict"] is None
+    assert text_cell(failed["error"], "error") == "'=cmd|' /C calc'!A0"  # a spreadsheet would run it
+    refused = Screening.refused(Verdict("rejected", "colour", 71.5, 16.0))
+    assert result_values(ScreenedImage("c", refused), thresholds, gated=True)["ood_verdict"] == "rejected"
+
+
+def test_result_json_says_per_outcome_what_the_api_answers():
+    from types import SimpleNamespace
+
+    from pneumonia.web.screening import result_json
+
+    screener = SimpleNamespace(
+        card=SimpleNamespace(shown_probability=lambda p: f"{100 * p:.0f} %"),
+        classifier=SimpleNamespace(thresholds={"default": 0.5, "screening": 0.25}, gate=None, gate_status="no ood.npz"),
+    )
+    labels = {"default": "NORMAL", "screening": "PNEUMONIA"}
+    assert result_json(Screening.screened(0.3, labels, None), screener) == {
+        "probability": 0.3,
+        "probability_text": "30 %",
+        "label": "NORMAL",
+        "screening_label": "PNEUMONIA",
+        "thresholds": {"default": 0.5, "screening": 0.25},
+        "ood": {"verdict": "unchecked", "gate": "off", "detail": "no ood.npz"},
+    }
+    assert result_json(Screening.failed("x is empty."), screener) == {"probability": None, "error": "x is empty."}

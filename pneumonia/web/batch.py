@@ -41,7 +41,7 @@ from pneumonia.reading.decoding import ACCEPTED_TYPES, MAX_IMAGE_PIXELS, declare
 from pneumonia.serving.results import csv_text
 from pneumonia.serving.screening import REFUSED, SCREENED, ScreenedImage, Screening
 from pneumonia.web.capacity import ModelBusy
-from pneumonia.web.screening import ood_json
+from pneumonia.web.screening import result_json
 from pneumonia.web.uploads import UploadError
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table
@@ -205,20 +205,10 @@ def _chunk_slot(images: int):
 
 def entry_json(entry: BatchEntry, screener, with_gradcam: bool = False) -> dict:
     """An entry of the API's list: what /api/predict answers for the file (without the model and
-    timings), with its index, file name and status; or its error, with the gate's verdict when refused."""
+    timings), with its index, file name and status."""
     row = entry.row
-    answer = {"index": entry.index, "filename": entry.filename, "status": entry.status, "probability": row.probability}
-    if row.outcome == SCREENED:
-        answer.update(
-            probability_text=screener.card.shown_probability(row.probability),
-            label=row.labels["default"],
-            screening_label=row.labels["screening"],
-            thresholds=screener.classifier.thresholds,
-        )
-    if row.outcome in (SCREENED, REFUSED):
-        answer["ood"] = ood_json(row.verdict, screener)
-    if row.error:
-        answer["error"] = row.error
+    answer = {"index": entry.index, "filename": entry.filename, "status": entry.status}
+    answer.update(result_json(row.screening, screener))
     if with_gradcam and row.outcome == SCREENED:
         answer["gradcam_png"] = base64.b64encode(entry.overlay).decode("ascii") if entry.overlay else None
     return answer
