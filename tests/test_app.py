@@ -24,7 +24,7 @@ from PIL import Image
 
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.web import create_app
-from pneumonia.web.screening import current_screener
+from pneumonia.web.screener import current_screener
 from pneumonia.web.uploads import InMemoryRequest
 
 DISCLAIMER = "research tool, not a medical device"
@@ -292,7 +292,7 @@ def test_unexpected_errors_give_a_500_without_traceback_and_log_without_the_imag
     def explode(self, data, *args, **kwargs):
         raise RuntimeError(f"bug while handling {data!r}")
 
-    monkeypatch.setattr("pneumonia.web.screening.Screener.screen", explode)
+    monkeypatch.setattr("pneumonia.web.screener.Screener.screen", explode)
     client = web_app.test_client()
     with caplog.at_level("ERROR"):
         page = client.post("/predict", data=upload(secret))

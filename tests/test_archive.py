@@ -22,10 +22,10 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from pneumonia import cli  # noqa: E402
-from pneumonia.archive.results import COLUMNS, part_files, read_results  # noqa: E402
+from pneumonia.archive.result_files import COLUMNS, part_files, read_results  # noqa: E402
 from pneumonia.archive.sources import find_inputs  # noqa: E402
 from pneumonia.cli.archive import actor_range  # noqa: E402
-from pneumonia.serving.results import DECIMALS  # noqa: E402
+from pneumonia.serving.result_formats import DECIMALS  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one worker holds the module's Ray
 

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from pyarrow import fs  # noqa: E402
 
 from pneumonia import cli  # noqa: E402
-from pneumonia.archive.results import COLUMNS, read_results  # noqa: E402
-from pneumonia.serving.results import DECIMALS  # noqa: E402
+from pneumonia.archive.result_files import COLUMNS, read_results  # noqa: E402
+from pneumonia.serving.result_formats import DECIMALS  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one worker holds a Ray at a time
 

@@ -12,7 +12,7 @@ from pneumonia.serving import gradcam
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.keras_graphs import explain_function
 from pneumonia.serving.preprocessing import normalize
-from pneumonia.web.screening import Screener
+from pneumonia.web.screener import Screener
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""pneumonia/runtime.py: which runtime serves, what a missing, stale or corrupt export says at
+"""pneumonia/serving/runtime.py: which runtime serves, what a missing, stale or corrupt export says at
 start-up (never a 500 on a request), the same answers on both, and serving without TensorFlow."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""pneumonia/serving/screening.py, results.py and folders.py: files found by content, chunks through one
-model pass giving what one image at a time gives, bounded memory, a row for every file, CSV and the
-progress bar."""
+"""pneumonia/serving/screening.py, result_formats.py and reading/image_files.py: files found by
+content, chunks through one model pass giving what one image at a time gives, bounded memory, a row
+for every file, its outcome and the tally, a result's values, CSV and JSON, and the progress bar."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, screen_one, xray_jpeg
 
 from pneumonia.progress import ProgressBar
+from pneumonia.reading.image_files import find_images
 from pneumonia.serving import screening as batch_screening
 from pneumonia.serving.classifier import XrayClassifier
-from pneumonia.serving.folders import find_images
 from pneumonia.serving.gate import Verdict
-from pneumonia.serving.results import CSV_COLUMNS, csv_text, overlay_file_name
+from pneumonia.serving.result_formats import CSV_COLUMNS, csv_text, overlay_file_name
 from pneumonia.serving.screening import REFUSED, BatchScreener, ScreenedImage, Screening
 
 
@@ -253,7 +253,7 @@ def test_a_tally_counts_each_outcome_and_says_so():
 
 
 def test_result_values_are_what_the_csv_parquet_and_sr_are_written_from():
-    from pneumonia.serving.results import result_values, text_cell
+    from pneumonia.serving.result_formats import result_values, text_cell
 
     thresholds = {"default": 0.5, "screening": 0.25}
     labels = {"default": "PNEUMONIA", "screening": "PNEUMONIA"}
@@ -281,7 +281,7 @@ def test_result_values_are_what_the_csv_parquet_and_sr_are_written_from():
 def test_result_json_says_per_outcome_what_the_api_answers():
     from types import SimpleNamespace
 
-    from pneumonia.web.screening import result_json
+    from pneumonia.web.screener import result_json
 
     screener = SimpleNamespace(
         card=SimpleNamespace(shown_probability=lambda p: f"{100 * p:.0f} %"),

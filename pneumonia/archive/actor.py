@@ -9,7 +9,7 @@ import resource
 import socket
 import time
 
-from pneumonia.archive.results import encode_part, record
+from pneumonia.archive.result_files import encode_part, record
 from pneumonia.archive.sources import PATH_COLUMN
 from pneumonia.serving.screening import OUTCOMES, ScreenedImage, Screening, Tally
 

@@ -47,7 +47,7 @@ def run(args) -> int:
     except ImportError:
         return fail("archive needs Ray: pip install -r requirements-archive.txt (or: pip install .[archive])")
     from pneumonia.archive.pipeline import ArchiveError, Options, run_archive
-    from pneumonia.archive.results import write_csv
+    from pneumonia.archive.result_files import write_csv
     from pneumonia.archive.sources import find_inputs
     from pneumonia.errors import XrayReadError
 

@@ -52,7 +52,7 @@ def connection_of(args):
 
 
 def filters_of(args):
-    from pneumonia.pacs.screening import Filters
+    from pneumonia.pacs.runs import Filters
 
     studies = tuple(uid for given in args.study or () for uid in word_list(given))
     return Filters(studies, args.since, args.modality, args.body_part or (), args.view or ())
@@ -63,7 +63,7 @@ class Report:
     thresholds, the gate's verdict, the error, the stored objects' UIDs; never a name."""
 
     def __init__(self, classifier, stream):
-        from pneumonia.serving.results import CSV_COLUMNS
+        from pneumonia.serving.result_formats import CSV_COLUMNS
 
         self.classifier, self.stream = classifier, stream
         self.writer = csv.writer(stream) if stream else None
@@ -71,7 +71,7 @@ class Report:
             self.writer.writerow([*CSV_HEAD, *CSV_COLUMNS, *CSV_TAIL])
 
     def write(self, row) -> None:
-        from pneumonia.serving.results import csv_fields, prediction_line
+        from pneumonia.serving.result_formats import csv_fields, prediction_line
 
         if row.status == "skipped":
             print(f"{row.candidate.instance}\tskipped: this model's result is already in the PACS", flush=True)
@@ -89,7 +89,7 @@ class Report:
 
 def screen_once(screener, filters, report) -> int:
     """One run: 0, 1 when an image failed; PacsUnreachable / PacsAuthError go to the caller."""
-    from pneumonia.pacs.screening import RunTally
+    from pneumonia.pacs.runs import RunTally
 
     tally = RunTally()
     for row in screener.run(filters):
@@ -103,7 +103,7 @@ def run(args) -> int:
 
     try:
         from pneumonia.pacs.dicomweb import DicomWeb, PacsError
-        from pneumonia.pacs.screening import PacsScreener
+        from pneumonia.pacs.runs import PacsScreener
     except ImportError as err:
         return fail(f"pacs needs {err.name}: pip install -r requirements-pacs.txt (or .[pacs])")
 
@@ -134,7 +134,7 @@ def watch_runs(screener, filters, report, args) -> int:
     """`watch`: a run every --interval seconds; an unreachable PACS is reported and tried again at the
     next poll (the status is then 2), refused credentials end the watch."""
     from pneumonia.pacs.dicomweb import PacsUnreachable
-    from pneumonia.pacs.screening import watch
+    from pneumonia.pacs.runs import watch
 
     def run_once() -> int:
         try:

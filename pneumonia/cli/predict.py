@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import TYPE_CHECKING
 
 from pneumonia.cli import fail, load_classifier, positive_int
+
+if TYPE_CHECKING:
+    from pneumonia.serving.screening import Tally
+
+GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
 
 
 def run(args) -> int:
     from pneumonia.progress import ProgressBar
-    from pneumonia.serving.folders import find_images, screen_files
-    from pneumonia.serving.results import CsvRows
+    from pneumonia.reading.image_files import find_images
+    from pneumonia.serving.result_formats import CsvRows
     from pneumonia.serving.screening import BatchScreener
 
     classifier = load_classifier(args.model, args.runtime)
@@ -38,6 +44,30 @@ def run(args) -> int:
     progress.finish()
     print(tally.summary() + (f"; wrote {args.csv}" if args.csv else ""), file=sys.stderr)
     return 1 if tally.failed else 0
+
+
+def screen_files(batch, files: list[str], options, table, progress, out=None) -> Tally:
+    """Screens `files` a chunk at a time: a line each on `out` (stdout), a CSV row, an overlay PNG.
+    `options`: batch_size, gradcam (a folder or None), json."""
+    from pneumonia.serving.result_formats import prediction_line, write_overlay
+    from pneumonia.serving.screening import Tally
+
+    tally = Tally()
+    rows = batch.screen(
+        ((path, path) for path in files),
+        options.batch_size,
+        display_side=GRADCAM_MAX_SIDE if options.gradcam else None,
+        with_gradcam=bool(options.gradcam),
+    )
+    for index, row in enumerate(rows, start=1):
+        overlay_path = write_overlay(options.gradcam, index, row) if options.gradcam else None
+        if table is not None:
+            table.write(row, *([overlay_path or ""] if options.gradcam else []))
+        progress.clear()
+        print(prediction_line(row, batch.classifier, options.json), file=out, flush=True)
+        progress.advance()
+        tally.count(row.outcome)
+    return tally
 
 
 def add(commands, shipped: str) -> None:

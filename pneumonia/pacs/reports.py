@@ -28,7 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumonia.labels import PNEUMONIA
-from pneumonia.serving.results import result_values
+from pneumonia.serving.result_formats import result_values
 
 MANUFACTURER = "pneumonia screening (research use only, not a medical device)"
 PRIVATE_SCHEME = "99PNEUMONIA"  # a private coding scheme (PS3.16 8.2: "99" prefix) for what has no code

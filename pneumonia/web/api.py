@@ -13,7 +13,7 @@ from pneumonia.web.batch import Rendering, entry_json, read_uploads, screen_uplo
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.dicom_results import dicom_results, result_form
 from pneumonia.web.openapi import document
-from pneumonia.web.screening import current_screener, result_json
+from pneumonia.web.screener import current_screener, result_json
 from pneumonia.web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)

@@ -37,10 +37,10 @@ from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from pneumonia.reading.decoding import MAX_IMAGE_PIXELS, declared_pixels
-from pneumonia.serving.results import csv_text
+from pneumonia.serving.result_formats import csv_text
 from pneumonia.serving.screening import REFUSED, SCREENED, ScreenedImage, Screening
 from pneumonia.web.capacity import ModelBusy
-from pneumonia.web.screening import result_json
+from pneumonia.web.screener import result_json
 from pneumonia.web.uploads import UploadError, checked_upload, upload_bytes
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table

@@ -11,7 +11,7 @@ from pneumonia.reading.decoding import ACCEPTED_TYPES
 from pneumonia.serving.screening import SCREENED
 from pneumonia.web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
-from pneumonia.web.screening import current_screener
+from pneumonia.web.screener import current_screener
 from pneumonia.web.uploads import read_upload
 
 bp = Blueprint("pages", __name__)

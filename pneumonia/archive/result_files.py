@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from pneumonia.archive.sources import PATH_COLUMN, file_system
-from pneumonia.serving.results import CSV_COLUMNS, DECIMALS, result_values, stored_outcome, text_cell
+from pneumonia.serving.result_formats import CSV_COLUMNS, DECIMALS, result_values, stored_outcome, text_cell
 from pneumonia.serving.screening import FAILED, Tally
 
 PART_PREFIX, PART_SUFFIX, TEMPORARY_PREFIX = "part-", ".parquet", ".tmp-"
