@@ -14,6 +14,7 @@ import pytest
 from builders import LEARNABLE, write_synthetic_dataset
 from sklearn.metrics import log_loss, roc_auc_score
 
+from pneumonia.errors import TrainingError
 from pneumonia.serving.card import ModelCard, file_sha256
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
@@ -274,7 +275,7 @@ def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(c
 
 def test_training_without_images_stops_with_a_message(tmp_path):
     (tmp_path / "train" / "NORMAL").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no train/NORMAL or train/PNEUMONIA images"):
+    with pytest.raises(TrainingError, match="no train/NORMAL or train/PNEUMONIA images"):
         train(TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "out"), **CUSTOM), log=lambda *_: None)
 
 

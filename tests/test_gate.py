@@ -365,3 +365,11 @@ def test_a_gate_file_with_bad_metadata_is_refused_naming_the_file_and_the_field(
     np.savez(tmp_path / GATE_FILE, **{**stored, "meta": np.array(json.dumps(meta))})
     gate, reason = load_gate_for(tmp_path / "model.keras", "any sha256")
     assert gate is None and reason.startswith(f"the gate file {tmp_path / GATE_FILE} is not valid") and named in reason
+
+
+def test_fit_ood_without_training_images_exits_2_saying_so(tiny_model_dir, tmp_path, capsys):
+    from pneumonia import cli
+
+    (tmp_path / "data" / "train" / "NORMAL").mkdir(parents=True)
+    assert cli.main(["fit-ood", str(tiny_model_dir), str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'data'} has no train/NORMAL or train/PNEUMONIA")

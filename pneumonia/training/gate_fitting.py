@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from pneumonia.errors import TrainingError
 from pneumonia.reading.decoding import decode_xray
 from pneumonia.serving.card import CARD_NAME, ModelCard, file_sha256, write_card
 from pneumonia.serving.classifier import XrayClassifier
@@ -176,7 +177,7 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     val_fraction, seed = classifier.card.data.val_fraction, config.seed
     all_train = dataset.scan_split(data_dir, "train")
     if all_train is None or not all_train.paths:
-        raise SystemExit(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
+        raise TrainingError(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
     train_files, val_files, _ = dataset.training_parts(all_train, val_fraction, seed, config.hold_out_series)
     if classifier.card.data.validation_fingerprint != dataset.fingerprint(val_files):
         log(
