@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from builders import REPO, encode_image, gunicorn_serving, synthetic_xray, upload, xray_jpeg
+from builders import REPO, encode_image, gunicorn_serving, probability_of, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
 from pneumonia.serving.classifier import XrayClassifier
@@ -187,7 +187,7 @@ def test_api_predict_returns_the_documented_json(client, ungated_model_dir):
     body = response.get_json()
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
     classifier = XrayClassifier(ungated_model_dir)
-    assert body["probability"] == pytest.approx(classifier.predict_source(data), abs=1e-6)
+    assert body["probability"] == pytest.approx(probability_of(classifier, data), abs=1e-6)
     assert body["thresholds"] == classifier.thresholds
     for key, threshold in (("label", "default"), ("screening_label", "screening")):
         expected = "PNEUMONIA" if body["probability"] >= body["thresholds"][threshold] else "NORMAL"
