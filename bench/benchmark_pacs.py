@@ -36,7 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumonia.pacs.dicomweb import Connection, DicomWeb
 from pneumonia.pacs.local_orthanc import orthanc_server
-from pneumonia.pacs.screening import Filters, PacsScreener
+from pneumonia.pacs.runs import Filters, PacsScreener
 
 REPO = Path(__file__).resolve().parent.parent
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"

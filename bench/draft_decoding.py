@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def probability(image) -> float:
         inputs = model_input(resize_xray(image, side), classifier.preprocessing)[None]
-        return float(classifier.calibrated(classifier.logits(inputs))[0])
+        return float(classifier.calibrated(classifier.features_and_logits(inputs)[1])[0])
 
     changes, flips, pixels = [], 0, {}
     for path in files:

@@ -59,6 +59,15 @@ PATIENT_NAME, PATIENT_ID = "Testpatient^Secretname", "PID-731-SECRET"
 # --- A reference for the screening pipeline ------------------------------------------------------
 
 
+def probability_of(classifier, source) -> float:
+    """One image's calibrated probability, the gate aside: the model pass the screening pipeline makes
+    (`features_and_logits`) on the one preprocessing path."""
+    from pneumonia.serving.preprocessing import preprocess
+
+    inputs = preprocess(source, classifier.preprocessing)[None]
+    return float(classifier.calibrated(classifier.features_and_logits(inputs)[1])[0])
+
+
 def screen_one(classifier, source) -> tuple[float | None, object | None]:
     """One image through the package's primitives, step by step, written apart from
     `pneumonia.serving.screening` so that tests can compare the pipeline with it:

@@ -19,12 +19,12 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from builders import REPO, encode_image, gunicorn_serving, synthetic_xray, upload, xray_jpeg
+from builders import REPO, encode_image, gunicorn_serving, probability_of, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.web import create_app
-from pneumonia.web.screening import current_screener
+from pneumonia.web.screener import current_screener
 from pneumonia.web.uploads import InMemoryRequest
 
 DISCLAIMER = "research tool, not a medical device"
@@ -187,7 +187,7 @@ def test_api_predict_returns_the_documented_json(client, ungated_model_dir):
     body = response.get_json()
     assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
     classifier = XrayClassifier(ungated_model_dir)
-    assert body["probability"] == pytest.approx(classifier.predict_source(data), abs=1e-6)
+    assert body["probability"] == pytest.approx(probability_of(classifier, data), abs=1e-6)
     assert body["thresholds"] == classifier.thresholds
     for key, threshold in (("label", "default"), ("screening_label", "screening")):
         expected = "PNEUMONIA" if body["probability"] >= body["thresholds"][threshold] else "NORMAL"
@@ -292,7 +292,7 @@ def test_unexpected_errors_give_a_500_without_traceback_and_log_without_the_imag
     def explode(self, data, *args, **kwargs):
         raise RuntimeError(f"bug while handling {data!r}")
 
-    monkeypatch.setattr("pneumonia.web.screening.Screener.screen", explode)
+    monkeypatch.setattr("pneumonia.web.screener.Screener.screen", explode)
     client = web_app.test_client()
     with caplog.at_level("ERROR"):
         page = client.post("/predict", data=upload(secret))

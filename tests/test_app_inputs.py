@@ -8,7 +8,7 @@ import base64
 import cv2
 import numpy as np
 import pytest
-from builders import PATIENT_ID, dicom_bytes, encode_image, png_bomb, synthetic_xray, upload, xray_jpeg
+from builders import PATIENT_ID, dicom_bytes, encode_image, png_bomb, probability_of, synthetic_xray, upload, xray_jpeg
 from PIL import Image
 
 from pneumonia.serving.classifier import XrayClassifier
@@ -59,7 +59,7 @@ def test_each_image_format_goes_through_the_package_path(client, ungated_model_d
     data = FORMATS[fmt](Image.fromarray(reference_xray()))
     api = client.post("/api/predict", data=upload(data, f"x.{fmt.split()[0].lower()}"))
     assert api.status_code == 200, api.get_json()
-    expected = XrayClassifier(ungated_model_dir).predict_source(data)
+    expected = probability_of(XrayClassifier(ungated_model_dir), data)
     assert api.get_json()["probability"] == pytest.approx(expected, abs=1e-6)
     assert gradcam_image(api.get_json()).shape == (128, 160, 3)
     assert client.post("/predict", data=upload(data)).status_code == 200

@@ -22,9 +22,10 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from pneumonia import cli  # noqa: E402
-from pneumonia.archive.results import COLUMNS, NUMBERS, part_files, read_results  # noqa: E402
+from pneumonia.archive.result_files import COLUMNS, part_files, read_results  # noqa: E402
 from pneumonia.archive.sources import find_inputs  # noqa: E402
 from pneumonia.cli.archive import actor_range  # noqa: E402
+from pneumonia.serving.result_formats import DECIMALS  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one worker holds the module's Ray
 
@@ -70,8 +71,8 @@ def test_rows_equal_predict_csv_on_the_same_files_and_a_corrupt_file_is_a_row(xr
     for path, expected in predicted.items():
         for column in COLUMNS[1:]:
             value = rows[path][column]
-            if column in NUMBERS and expected[column]:
-                assert abs(value - float(expected[column])) <= 10.0 ** -NUMBERS[column], (path, column)
+            if column in DECIMALS and expected[column]:
+                assert abs(value - float(expected[column])) <= 10.0 ** -DECIMALS[column], (path, column)
             else:
                 assert ("" if value is None else value) == expected[column], (path, column)
     assert rows[str(xray_folder / "corrupt.png")]["error"].endswith(

@@ -27,7 +27,7 @@ from builders import REAL_XRAYS, REPO, SHIPPED_MODEL
 ray = pytest.importorskip("ray", reason="the archive extra (requirements-archive.txt) is not installed")
 
 from pneumonia import cli  # noqa: E402
-from pneumonia.archive.results import read_results  # noqa: E402
+from pneumonia.archive.result_files import read_results  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one worker holds a Ray at a time: the 2 CPUs are the machine's
 RAY = Path(sys.executable).with_name("ray")

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from pyarrow import fs  # noqa: E402
 
 from pneumonia import cli  # noqa: E402
-from pneumonia.archive.results import COLUMNS, NUMBERS, read_results  # noqa: E402
+from pneumonia.archive.result_files import COLUMNS, read_results  # noqa: E402
+from pneumonia.serving.result_formats import DECIMALS  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one worker holds a Ray at a time
 
@@ -105,8 +106,8 @@ def assert_rows_equal_predict(rows: dict[str, dict], predicted: dict[str, dict])
             value = rows[name][column]
             if column == "error" and expected[column]:
                 assert value.split("/")[-1] == expected[column].split("/")[-1], name  # the name in the message
-            elif column in NUMBERS and expected[column]:
-                assert abs(value - float(expected[column])) <= 10.0 ** -NUMBERS[column], (name, column)
+            elif column in DECIMALS and expected[column]:
+                assert abs(value - float(expected[column])) <= 10.0 ** -DECIMALS[column], (name, column)
             else:
                 assert ("" if value is None else value) == expected[column], (name, column)
 

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from builders import probability_of
 
 from pneumonia.serving.card import sigmoid
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier, find_card
@@ -83,7 +84,7 @@ def test_keras_file_path_loads_with_the_card_beside_it(tiny_model_dir, classifie
     keras_path, card = find_card(tiny_model_dir)
     direct = XrayClassifier(keras_path)
     assert direct.keras_path == keras_path and direct.card == card
-    assert direct.predict_source(test_images[0]) == pytest.approx(classifier.predict_source(test_images[0]), abs=1e-7)
+    assert probability_of(direct, test_images[0]) == pytest.approx(probability_of(classifier, test_images[0]), abs=1e-7)
 
 
 def test_card_settings_are_used(classifier, tiny_model_dir):
@@ -97,11 +98,11 @@ def test_card_settings_are_used(classifier, tiny_model_dir):
     assert classifier.name == card["name"]
 
 
-def test_probabilities_from_pixels_equal_predict_source(classifier, test_images):
+def test_probabilities_from_pixels_equal_one_image_at_a_time(classifier, test_images):
     pixels = np.stack([xray_pixels(path, classifier.image_size) for path in test_images])
     batched = classifier.probabilities_from_pixels(pixels, batch_size=7)  # several batches, one partial
-    one_by_one = np.array([classifier.predict_source(path) for path in test_images])
-    from_bytes = np.array([classifier.predict_source(path.read_bytes()) for path in test_images[:4]])
+    one_by_one = np.array([probability_of(classifier, path) for path in test_images])
+    from_bytes = np.array([probability_of(classifier, path.read_bytes()) for path in test_images[:4]])
     assert batched.shape == (len(test_images),)
     assert ((batched > 0) & (batched < 1)).all()
     np.testing.assert_allclose(batched, one_by_one, rtol=0, atol=1e-6)
@@ -121,10 +122,12 @@ def test_probability_is_the_platt_calibrated_logit_from_the_card(tiny_model_dir,
     assert (soft.platt, shifted.platt) == ((0.4, 0.0), (4.0, -1.0))
 
     inputs = np.stack([preprocess(path, soft.preprocessing) for path in test_images])
-    logits = soft.logits(inputs)
+    logits = soft.features_and_logits(inputs)[1]
     assert np.ptp(logits) > 0
-    np.testing.assert_allclose([soft.predict_source(p) for p in test_images], sigmoid(0.4 * logits), atol=1e-6)
-    np.testing.assert_allclose([shifted.predict_source(p) for p in test_images], sigmoid(4.0 * logits - 1.0), atol=1e-6)
+    np.testing.assert_allclose([probability_of(soft, p) for p in test_images], sigmoid(0.4 * logits), atol=1e-6)
+    np.testing.assert_allclose(
+        [probability_of(shifted, p) for p in test_images], sigmoid(4.0 * logits - 1.0), atol=1e-6
+    )
     # the ranking of the images does not depend on the calibration (non-decreasing along the
     # logits' order; argsort of the tiny model's near-equal probabilities breaks ties arbitrarily)
     order = np.argsort(logits, kind="stable")

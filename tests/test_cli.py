@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from builders import minimal_card, run_cli
+from builders import minimal_card, probability_of, run_cli
 from sklearn.metrics import roc_auc_score
 
 from pneumonia import cli
@@ -86,7 +86,7 @@ def test_evaluate_writes_metrics_and_plots(evaluated, densenet_cli_run, learnabl
     # the numbers are those of the model on these images
     classifier = XrayClassifier(densenet_cli_run[0])
     files = dataset.scan_split(learnable_data_dir, "test")
-    probs = np.array([classifier.predict_source(path) for path in files.paths])
+    probs = np.array([probability_of(classifier, path) for path in files.paths])
     assert metrics["auc"] == pytest.approx(roc_auc_score(files.labels, probs), abs=1e-6)
     screening = classifier.thresholds["screening"]
     assert metrics["thresholds"]["screening"]["threshold"] == pytest.approx(screening)
@@ -164,7 +164,7 @@ def test_predict_prints_one_line_per_image(ungated_model_dir, images, tmp_path):
     for line, path in zip(lines, good):
         fields = line.split("\t")
         assert fields[0] == str(path)
-        probability = classifier.predict_source(path)
+        probability = probability_of(classifier, path)
         assert float(fields[1]) == pytest.approx(probability, abs=6e-5)
         labels = classifier.labels(probability)
         assert fields[2] == f"default({classifier.thresholds['default']:.3f}): {labels['default']}"
@@ -183,7 +183,7 @@ def test_predict_json_reports_a_bad_file_and_still_scores_the_others(ungated_mod
     classifier = XrayClassifier(ungated_model_dir)
     for row, path in ((rows[0], good[0]), (rows[2], good[1])):
         assert {"path", "probability", "label", "screening_label"} <= set(row) and "error" not in row
-        probability = classifier.predict_source(path)
+        probability = probability_of(classifier, path)
         assert row["probability"] == pytest.approx(probability, abs=1e-6)  # printed to 6 decimals
         expected = classifier.labels(probability)
         assert (row["label"], row["screening_label"]) == (expected["default"], expected["screening"])
@@ -220,7 +220,7 @@ def test_evaluate_on_one_class_says_so(tmp_path, tiny_model_dir, synthetic_data_
     assert "needs readable NORMAL and PNEUMONIA images" in err and "NORMAL 0, PNEUMONIA 12" in err
 
 
-def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monkeypatch):
+def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monkeypatch, capsys):
     """`--arch custom` without --init: no ImageNet download, no InitError."""
     import keras
 
@@ -229,8 +229,9 @@ def test_custom_cnn_trains_without_pretrained_weights_by_default(tmp_path, monke
 
     monkeypatch.setattr(keras.utils, "get_file", no_download)
     (tmp_path / "data" / "train" / "NORMAL").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no train/NORMAL or train/PNEUMONIA images"):
-        cli.main(["train", str(tmp_path / "data"), "--arch", "custom", "--out", str(tmp_path / "run"), "--no-cache"])
+    arguments = ["train", str(tmp_path / "data"), "--arch", "custom", "--out", str(tmp_path / "run"), "--no-cache"]
+    assert cli.main(arguments) == 2
+    assert "error: " in (err := capsys.readouterr().err) and "no train/NORMAL or train/PNEUMONIA images" in err
     configs = []
 
     def fake_train(config, log=print):
@@ -301,7 +302,7 @@ def test_predict_a_folder_writes_a_csv_row_and_an_overlay_for_every_file(gap_mod
     assert corrupt["probability"] == corrupt["gradcam"] == "" and "truncated" in corrupt["error"].lower()
     classifier = XrayClassifier(gap_model_dir)
     for row in rows[:1] + rows[2:]:
-        probability = classifier.predict_source(row["path"])
+        probability = probability_of(classifier, row["path"])
         assert float(row["probability"]) == pytest.approx(probability, abs=1e-5)
         labels = classifier.labels(probability)
         assert (row["label_default"], row["label_screening"]) == (labels["default"], labels["screening"])

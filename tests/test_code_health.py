@@ -73,3 +73,12 @@ def test_no_product_module_is_longer_than_a_reader_can_hold():
         if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     ]
     assert long_modules == []
+
+
+def test_no_two_package_modules_share_a_file_name_outside_the_command_line():
+    """A name says what a module is: two `screening.py` would each need their folder to be told apart."""
+    names: dict[str, list[str]] = {}
+    for path in PRODUCT_CODE:
+        if path.name != "__init__.py" and REPO / "pneumonia" / "cli" not in path.parents and path.parent != REPO:
+            names.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}

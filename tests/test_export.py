@@ -94,4 +94,6 @@ def test_calibrate_copies_the_export_and_the_copy_serves_on_onnx(gap_model_dir, 
     assert recalibrated.runtime.name == original.runtime.name == "onnx"
     assert recalibrated.platt != original.platt  # refitted, on the same weights:
     inputs = model_input(xray_pixels(REAL_XRAYS[0], original.image_size), original.preprocessing)[None]
-    assert recalibrated.logits(inputs)[0] == pytest.approx(original.logits(inputs)[0], abs=1e-6)
+    assert recalibrated.features_and_logits(inputs)[1][0] == pytest.approx(
+        original.features_and_logits(inputs)[1][0], abs=1e-6
+    )

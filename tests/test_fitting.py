@@ -11,9 +11,10 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from builders import LEARNABLE, write_synthetic_dataset
+from builders import LEARNABLE, probability_of, write_synthetic_dataset
 from sklearn.metrics import log_loss, roc_auc_score
 
+from pneumonia.errors import TrainingError
 from pneumonia.serving.card import ModelCard, file_sha256
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import IMAGENET_NORMALIZATION, UNIT_NORMALIZATION, preprocess
@@ -170,7 +171,7 @@ def test_saved_model_reproduces_the_validation_numbers(custom_run):
     classifier = XrayClassifier(out)
     all_train = dataset.scan_split(config.data_dir, "train")
     _, val_files = dataset.patient_grouped_split(all_train, config.val_fraction, config.seed)
-    probs = np.array([classifier.predict_source(p) for p in val_files.paths])
+    probs = np.array([probability_of(classifier, p) for p in val_files.paths])
     assert roc_auc_score(val_files.labels, probs) == pytest.approx(card["validation"]["auc"], abs=1e-9)
     # the screening threshold is one validation positive's own score; one image at a time (not in
     # batches, as in training) its probability can differ in the 7th decimal
@@ -220,14 +221,17 @@ def test_equalisation_reaches_the_card_and_the_served_model(custom_run, tmp_path
     _, val_files = dataset.patient_grouped_split(
         dataset.scan_split(config.data_dir, "train"), config.val_fraction, config.seed
     )
-    probs = np.array([classifier.predict_source(p) for p in val_files.paths])
+    probs = np.array([probability_of(classifier, p) for p in val_files.paths])
     assert probs.std() > 0.01  # the loss below can tell one preprocessing from another
     served_loss = log_loss(val_files.labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
     # Batched training logits and one-image serving logits differ in float rounding only.
     assert served_loss == pytest.approx(card.validation.loss, rel=1e-3)
     without_contrast = dataclasses.replace(card.preprocessing, contrast="none")
     unnormalised = np.array(
-        [classifier.calibrated(classifier.logits(preprocess(p, without_contrast)[None]))[0] for p in val_files.paths]
+        [
+            classifier.calibrated(classifier.features_and_logits(preprocess(p, without_contrast)[None])[1])[0]
+            for p in val_files.paths
+        ]
     )
     assert np.abs(unnormalised - probs).max() > 1e-3  # the contrast step is not a no-op on these images
     skewed_loss = log_loss(val_files.labels, np.clip(unnormalised, 1e-7, 1 - 1e-7), labels=[0, 1])
@@ -262,7 +266,7 @@ def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(c
     assert held["series"] == "NORMAL2-IM" and held["n_normal"] == 60
     assert card.data.train["NORMAL"] + card.data.validation["NORMAL"] == CUSTOM_IMAGES_PER_CLASS - 60
     classifier = XrayClassifier(tmp_path / "run")
-    probs = np.array([classifier.predict_source(p) for p in sorted((data / "train" / "NORMAL").glob("NORMAL2-*"))])
+    probs = np.array([probability_of(classifier, p) for p in sorted((data / "train" / "NORMAL").glob("NORMAL2-*"))])
     assert held["normal_mean_p"] == pytest.approx(probs.mean(), abs=1e-5)
     # at the card's thresholds, those the threshold rule chose last (not the validation part's first pick)
     assert held["thresholds"] == {"default": card.thresholds.default, "screening": card.thresholds.screening}
@@ -274,7 +278,7 @@ def test_a_held_out_series_is_neither_trained_nor_validated_on_and_is_reported(c
 
 def test_training_without_images_stops_with_a_message(tmp_path):
     (tmp_path / "train" / "NORMAL").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no train/NORMAL or train/PNEUMONIA images"):
+    with pytest.raises(TrainingError, match="no train/NORMAL or train/PNEUMONIA images"):
         train(TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "out"), **CUSTOM), log=lambda *_: None)
 
 

@@ -121,6 +121,24 @@ def test_density_fit_separates_far_points_and_thresholds_pass_the_validation_qua
     assert (far > thresholds["rejected"]).all()
 
 
+@pytest.mark.parametrize(
+    "stats, score, verdict, reason",
+    [
+        (PixelStats(60, 60, 0, 200), 0.5, "rejected", "size"),  # the pixel checks come first
+        (PixelStats(60, 60, 0, 200), 9.0, "rejected", "size"),
+        (PixelStats(1632, 1225, 0.0, 214), 9.0, "rejected", "features"),
+        (PixelStats(1632, 1225, 0.0, 214), 2.5, "unusual", None),
+        (PixelStats(1632, 1225, 0.0, 214), 0.5, "ok", None),
+    ],
+)
+def test_the_gate_verdict_checks_pixels_then_the_feature_distance(stats, score, verdict, reason):
+    gate = OodGate(
+        pixel_bounds(TRAIN_STATS), FeatureDensity(np.zeros((2, 3)), np.eye(3)), {"unusual": 2.0, "rejected": 3.0}, {}
+    )
+    answer = gate.verdict(stats, np.float32(score))
+    assert (answer.verdict, answer.reason) == (verdict, reason)
+
+
 def test_gate_round_trips_through_its_file(tmp_path):
     density = FeatureDensity(np.zeros((2, 3)), np.eye(3))
     gate = OodGate(pixel_bounds(TRAIN_STATS), density, {"unusual": 2.0, "rejected": 3.0}, {"model_sha256": "x"})
@@ -347,3 +365,11 @@ def test_a_gate_file_with_bad_metadata_is_refused_naming_the_file_and_the_field(
     np.savez(tmp_path / GATE_FILE, **{**stored, "meta": np.array(json.dumps(meta))})
     gate, reason = load_gate_for(tmp_path / "model.keras", "any sha256")
     assert gate is None and reason.startswith(f"the gate file {tmp_path / GATE_FILE} is not valid") and named in reason
+
+
+def test_fit_ood_without_training_images_exits_2_saying_so(tiny_model_dir, tmp_path, capsys):
+    from pneumonia import cli
+
+    (tmp_path / "data" / "train" / "NORMAL").mkdir(parents=True)
+    assert cli.main(["fit-ood", str(tiny_model_dir), str(tmp_path / "data"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'data'} has no train/NORMAL or train/PNEUMONIA")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from builders import build_gap_cnn, encode_image, synthetic_xray
+from builders import build_gap_cnn, encode_image, probability_of, synthetic_xray
 from PIL import Image
 
 from pneumonia.serving import gradcam
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.keras_graphs import explain_function
 from pneumonia.serving.preprocessing import normalize
-from pneumonia.web.screening import Screener
+from pneumonia.web.screener import Screener
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_map_has_the_card_layer_size_and_stays_in_range(tiny_screener, ungated_m
 
 def test_probability_matches_the_package_classifier(tiny_screener, ungated_model_dir):
     data = encode_image(_pneumonia_image(1).resize((200, 160)), "PNG")
-    expected = XrayClassifier(ungated_model_dir).predict_source(data)
+    expected = probability_of(XrayClassifier(ungated_model_dir), data)
     assert tiny_screener.screen(data).probability == pytest.approx(expected, abs=1e-6)
 
 

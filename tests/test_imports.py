@@ -85,7 +85,7 @@ SCRIPTS = ("studies", "bench")
 # and the command line imports them.
 BEYOND_SERVING = ("pneumonia.training", "pneumonia.evaluation", "pneumonia.cli", *SCRIPTS, *ENTRY_POINTS)
 # The PACS client and its runs: they need dicomweb-client and requests, which the serving install lacks.
-PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.screening")
+PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.runs")
 
 # (layer prefix, the prefixes its modules must not import). A prefix names a module and the modules
 # under it: "pneumonia.serving" is pneumonia/serving/__init__.py and every pneumonia.serving.* module.
@@ -157,7 +157,7 @@ def test_the_graph_holds_the_subpackages_the_scripts_and_the_top_level_modules()
     assert graph["app"] == {WEB}
     assert "pneumonia.serving.gradcam" in graph["gradcam"]
     assert "pneumonia.training.operating_points" in graph["studies.ensemble_proxy"]
-    assert "pneumonia.pacs.screening" in graph["bench.benchmark_pacs"]
+    assert "pneumonia.pacs.runs" in graph["bench.benchmark_pacs"]
 
 
 def test_no_module_of_the_project_imports_itself_back():

@@ -17,7 +17,7 @@ from builders import REPO, gunicorn_serving, upload, xray_jpeg
 
 from pneumonia.web import create_app
 from pneumonia.web.capacity import ModelBusy, ModelCapacity
-from pneumonia.web.screening import Screener
+from pneumonia.web.screener import Screener
 
 BODY_TIMEOUT = 3  # seconds, the server's total body deadline in these tests
 BODY_READ_TIMEOUT = 1.5  # seconds without a byte
@@ -135,7 +135,7 @@ def blocked_app(ungated_model_dir, monkeypatch):
         release.wait(10)
         return screen(self, *args, **kwargs)
 
-    monkeypatch.setattr("pneumonia.web.screening.Screener.screen", blocked)
+    monkeypatch.setattr("pneumonia.web.screener.Screener.screen", blocked)
     app = create_app(
         {"MODEL_PATH": str(ungated_model_dir), "TESTING": True, "MODEL_SLOTS": 1, "MODEL_QUEUE_SECONDS": 1.0}
     )

@@ -421,7 +421,7 @@ def test_a_result_is_all_in_the_pacs_or_failed_and_redone_by_the_next_run(orthan
     """The capture goes first, the SR (what marks an image done) last: whichever STOW fails, no SR is
     stored without its capture, the row says so, and the next run screens the image again."""
     from pneumonia.pacs.dicomweb import Connection, DicomWeb
-    from pneumonia.pacs.screening import Filters, PacsScreener
+    from pneumonia.pacs.runs import Filters, PacsScreener
 
     study = generate_uid()
     stow(orthanc, study, study_dicom(xray_pixels(1), study))
@@ -475,7 +475,7 @@ def test_watch_needs_a_bound_and_polls_max_runs_times(orthanc, tmp_path):
 
 def test_watch_screens_an_image_that_arrives_between_two_runs_and_skips_the_done_one(orthanc, shipped_classifier):
     from pneumonia.pacs.dicomweb import Connection, DicomWeb
-    from pneumonia.pacs.screening import Filters, PacsScreener, watch
+    from pneumonia.pacs.runs import Filters, PacsScreener, watch
 
     study = generate_uid()
     stow(orthanc, study, study_dicom(xray_pixels(0), study))
@@ -495,3 +495,13 @@ def test_watch_screens_an_image_that_arrives_between_two_runs_and_skips_the_done
     assert watch(run_once, 5.0, 3, None, sleep=sleep) == 0
     assert runs == [["screened"], ["screened", "skipped"], ["skipped", "skipped"]] and waits == [5.0, 5.0]
     assert len(results_in(orthanc, study, "SR")) == 2
+
+
+def test_a_run_tally_counts_skipped_images_beside_the_outcomes():
+    from pneumonia.pacs.runs import RunTally
+
+    tally = RunTally()
+    for status in ("skipped", "screened", "failed"):
+        tally.count(status)
+    assert (tally.files, tally.skipped, tally.failed) == (3, 1, 1)
+    assert tally.summary() == "3 image(s): 1 screened, 1 skipped, 0 refused, 1 failed"

@@ -373,7 +373,7 @@ def test_a_pacs_that_accepts_the_connection_and_never_answers_times_out_with_exi
 def test_watch_stops_at_until_and_never_sleeps_past_it():
     from datetime import datetime, timedelta
 
-    from pneumonia.pacs.screening import watch
+    from pneumonia.pacs.runs import watch
 
     clock = [datetime(2024, 3, 1, 12, 0, 0)]
     runs = []
@@ -388,7 +388,7 @@ def test_watch_stops_at_until_and_never_sleeps_past_it():
 
 
 def test_body_part_and_view_filters_match_case_blind_and_pass_an_image_that_lacks_the_attribute():
-    from pneumonia.pacs.screening import Filters
+    from pneumonia.pacs.runs import Filters
 
     chest_pa = Filters(body_parts=("CHEST",), views=("PA",))
     assert chest_pa.admits("chest", "PA") and chest_pa.admits(None, None)

@@ -17,7 +17,15 @@ import shutil
 
 import numpy as np
 import pytest
-from builders import CENTRED_NORMALIZATION, encode_image, run_cli, save_model_dir, synthetic_xray, upload
+from builders import (
+    CENTRED_NORMALIZATION,
+    encode_image,
+    probability_of,
+    run_cli,
+    save_model_dir,
+    synthetic_xray,
+    upload,
+)
 from PIL import Image
 
 from pneumonia import cli
@@ -82,7 +90,7 @@ def model_dir(tmp_path_factory):
     labels = np.arange(120) % 2
     pixels = [xray_pixels(encode_image(shifted_xray(int(y), rng, 0), "JPEG", quality=92), SIZE) for y in labels]
     classifier = XrayClassifier(out)
-    logits = classifier.logits(normalize(np.stack(pixels), CENTRED_NORMALIZATION))
+    logits = classifier.features_and_logits(normalize(np.stack(pixels), CENTRED_NORMALIZATION))[1]
     slope, intercept = fit_platt(labels, logits)
     probs = platt(logits, slope, intercept)
     thresholds = choose_thresholds(labels, probs, 0.98)
@@ -267,7 +275,7 @@ def test_the_app_serves_the_recalibrated_model(model_dir, recalibrated):
         "default": card["thresholds"]["default"],
         "screening": card["thresholds"]["screening"],
     }
-    assert body["probability"] == pytest.approx(XrayClassifier(out).predict_source(data), abs=1e-6)
+    assert body["probability"] == pytest.approx(probability_of(XrayClassifier(out), data), abs=1e-6)
 
     # the result page reads each threshold's figures where it was chosen: the site sample, not validation
     result = client.post("/predict", data=upload(data, "x.jpeg")).get_data(as_text=True)

@@ -1,4 +1,4 @@
-"""pneumonia/runtime.py: which runtime serves, what a missing, stale or corrupt export says at
+"""pneumonia/serving/runtime.py: which runtime serves, what a missing, stale or corrupt export says at
 start-up (never a 500 on a request), the same answers on both, and serving without TensorFlow."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from builders import REAL_XRAYS, REPO, SHIPPED_MODEL, upload, xray_jpeg
+from builders import REAL_XRAYS, REPO, SHIPPED_MODEL, probability_of, upload, xray_jpeg
 
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
 from pneumonia.serving.runtime import RUNTIME_ENV, SPINNING_DEFAULT, SPINNING_ENV, WEIGHTS_FILE
@@ -179,7 +179,7 @@ def test_predict_runs_without_tensorflow(tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == len(REAL_XRAYS) and all(0 <= line["probability"] <= 1 for line in lines)
     shipped = XrayClassifier(SHIPPED_MODEL, runtime="keras")
-    expected = [shipped.predict_source(path) for path in REAL_XRAYS]
+    expected = [probability_of(shipped, path) for path in REAL_XRAYS]
     np.testing.assert_allclose([line["probability"] for line in lines], expected, atol=1e-5)
     assert len(table.read_text().splitlines()) == len(REAL_XRAYS) + 1
 

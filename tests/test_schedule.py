@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from pneumonia.errors import TrainingError
 from pneumonia.training import fitting
 from pneumonia.training.config import TrainConfig
 from pneumonia.training.schedule import WarmupCosine, warmup_cosine
@@ -109,7 +110,7 @@ def test_resuming_with_another_schedule_is_refused(synthetic_data_dir, tmp_path,
     with pytest.raises(Interrupted):
         fitting.train(config, log=lambda *_: None)
     longer = TrainConfig(**{**vars(config), "epochs": config.epochs + 2, "resume": True})
-    with pytest.raises(SystemExit, match="--epochs, --batch-size, --learning-rate and --warmup-fraction"):
+    with pytest.raises(TrainingError, match="--epochs, --batch-size, --learning-rate and --warmup-fraction"):
         fitting.train(longer, log=lambda *_: None)
 
 

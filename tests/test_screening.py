@@ -1,5 +1,6 @@
-"""pneumonia/serving/screening.py, results.py and folders.py: files found by content, chunks through one
-model pass giving what one image at a time gives, bounded memory, a row for every file and CSV."""
+"""pneumonia/serving/screening.py, result_formats.py and reading/image_files.py: files found by
+content, chunks through one model pass giving what one image at a time gives, bounded memory, a row
+for every file, its outcome and the tally, a result's values, CSV and JSON."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import numpy as np
 import pytest
 from builders import REAL_XRAYS, SHIPPED_MODEL, noise_png, sample_photo, screen_one, xray_jpeg
 
+from pneumonia.reading.image_files import find_images
 from pneumonia.serving import screening as batch_screening
 from pneumonia.serving.classifier import XrayClassifier
-from pneumonia.serving.folders import find_images
 from pneumonia.serving.gate import Verdict
-from pneumonia.serving.results import CSV_COLUMNS, csv_text, overlay_file_name
-from pneumonia.serving.screening import BatchScreener, ScreenedImage
+from pneumonia.serving.result_formats import CSV_COLUMNS, csv_text, overlay_file_name
+from pneumonia.serving.screening import REFUSED, BatchScreener, ScreenedImage, Screening
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,11 @@ def test_batched_gate_verdicts_equal_one_image_at_a_time(shipped_screener, tmp_p
         probability, verdict = screen_one(shipped_screener.classifier, source)
         assert (row.verdict.verdict, row.verdict.reason) == (verdict.verdict, verdict.reason)
         assert row.verdict.score == pytest.approx(verdict.score, rel=1e-4)
-        assert row.probability == pytest.approx(probability, abs=1e-5) if probability is not None else row.refused
+        assert (
+            row.probability == pytest.approx(probability, abs=1e-5)
+            if probability is not None
+            else row.outcome == REFUSED
+        )
     assert [row.verdict.reason for row in rows[-2:]] == ["colour", "features"]
     assert all(row.probability is not None for row in rows[:-2])
 
@@ -109,7 +114,7 @@ def test_grad_cam_rows_carry_the_map_and_the_same_probability(screener):
     map_size = screener.classifier.runtime.map_size
     assert any(row.probability is not None for row in explained)
     for row, reference in zip(explained, plain):
-        assert row.refused == reference.refused
+        assert row.outcome == reference.outcome
         if row.probability is not None:
             assert row.probability == pytest.approx(reference.probability, abs=1e-5)
             assert row.heat.shape == map_size and 0 <= row.heat.min() and row.heat.max() <= 1
@@ -130,7 +135,7 @@ def test_a_decoder_failure_is_a_row_not_the_end_of_the_run(screener, monkeypatch
     monkeypatch.setattr(batch_screening, "decode_xray", failing)
     rows = list(screener.screen([("a", xray_jpeg()), ("b", b"boom"), ("c", xray_jpeg(seed=5))], 8))
     assert rows[0].probability is not None and rows[2].probability is not None
-    assert rows[1].unexpected and "RuntimeError" in rows[1].error and "Secretname" not in rows[1].error
+    assert rows[1].screening.unexpected and "RuntimeError" in rows[1].error and "Secretname" not in rows[1].error
     assert "Unexpected RuntimeError" in caplog.text and "Secretname" not in caplog.text  # logged for us, without it
 
 
@@ -139,12 +144,12 @@ def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
     rows = [
         ScreenedImage(
             "=HYPERLINK(x).png",
-            probability=0.7,
-            labels={"default": "PNEUMONIA", "screening": "PNEUMONIA"},
-            verdict=Verdict("unusual", None, 40.0),
+            Screening.screened(0.7, {"default": "PNEUMONIA", "screening": "PNEUMONIA"}, Verdict("unusual", None, 40.0)),
         ),
-        ScreenedImage("b.png", error="b.png is empty."),
-        ScreenedImage("c.png", verdict=Verdict("rejected", "colour", 71.5, 16.0), error="Not screened: colour"),
+        ScreenedImage("b.png", Screening.failed("b.png is empty.")),
+        ScreenedImage(
+            "c.png", Screening(REFUSED, verdict=Verdict("rejected", "colour", 71.5, 16.0), error="Not screened: colour")
+        ),
     ]
     table = list(csv.reader(io.StringIO(csv_text(rows, "file", thresholds, gated=True))))
     assert table[0] == ["file", *CSV_COLUMNS]
@@ -167,7 +172,7 @@ def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
             io.StringIO(
                 csv_text(
                     rows[:1]
-                    + [ScreenedImage("d", probability=0.1, labels={"default": "NORMAL", "screening": "NORMAL"})],
+                    + [ScreenedImage("d", Screening.screened(0.1, {"default": "NORMAL", "screening": "NORMAL"}, None))],
                     "path",
                     thresholds,
                     gated=False,
@@ -181,3 +186,94 @@ def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
 def test_overlay_file_names_are_unique_and_safe():
     assert overlay_file_name(3, "/data/ward b/IM 0001.dcm") == "00003-IM_0001.png"
     assert overlay_file_name(12, "../../etc/passwd") == "00012-passwd.png"
+
+
+# --- One outcome, one tally ------------------------------------------------------------------------
+
+
+def test_a_screening_carries_its_outcome_and_cannot_be_changed():
+    import dataclasses
+
+    labels = {"default": "NORMAL", "screening": "PNEUMONIA"}
+    screened = Screening.screened(0.2, labels, Verdict("ok", None, 1.0))
+    assert (screened.outcome, screened.probability, screened.labels, screened.error) == ("screened", 0.2, labels, None)
+    refused = Screening.refused(Verdict("rejected", "colour", 71.5, 16.0))
+    assert refused.outcome == REFUSED and refused.probability is None
+    assert refused.error.startswith("Not screened: ") and refused.verdict.reason == "colour"
+    failed = Screening.failed("x.png is empty.", unexpected=True)
+    assert (failed.outcome, failed.error, failed.unexpected, failed.verdict) == (
+        "failed",
+        "x.png is empty.",
+        True,
+        None,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        screened.outcome = "failed"
+
+
+def test_the_pipeline_decides_each_outcome_once(shipped_screener):
+    rows = shipped_screener.screen_chunk(
+        [("x", REAL_XRAYS[0].read_bytes()), ("photo", sample_photo("flower.jpg")), ("junk", b"not an image")]
+    )
+    assert [row.outcome for row in rows] == ["screened", "refused", "failed"]
+    assert rows[2].error == "the upload is not a supported image (JPEG, PNG, BMP, TIFF or DICOM)."
+    named = BatchScreener(shipped_screener.classifier, names_in_messages=True).screen_chunk([("junk.png", b"no")])
+    assert named[0].error == "junk.png is not a supported image (JPEG, PNG, BMP, TIFF or DICOM)."
+
+
+def test_a_tally_counts_each_outcome_and_says_so():
+    tally = batch_screening.Tally()
+    for outcome in ("screened", "failed", "screened", "refused"):
+        tally.count(outcome)
+    assert (tally.files, tally.screened, tally.refused, tally.failed) == (4, 2, 1, 1)
+    assert tally.summary() == "4 file(s): 2 screened, 1 refused by the gate, 1 unreadable"
+
+
+# --- One serialisation of a result -----------------------------------------------------------------
+
+
+def test_result_values_are_what_the_csv_parquet_and_sr_are_written_from():
+    from pneumonia.serving.result_formats import result_values, text_cell
+
+    thresholds = {"default": 0.5, "screening": 0.25}
+    labels = {"default": "PNEUMONIA", "screening": "PNEUMONIA"}
+    screened = ScreenedImage("a", Screening.screened(0.1234567, labels, Verdict("unusual", None, 40.12345)))
+    values = result_values(screened, thresholds, gated=True)
+    assert values == {
+        "probability": 0.1234567,
+        "label_default": "PNEUMONIA",
+        "label_screening": "PNEUMONIA",
+        "threshold_default": 0.5,
+        "threshold_screening": 0.25,
+        "ood_verdict": "unusual",
+        "ood_reason": None,
+        "ood_score": 40.12345,
+        "error": None,
+    }
+    assert [text_cell(values[c], c) for c in ("probability", "ood_score", "ood_reason")] == ["0.123457", "40.123", ""]
+    failed = result_values(ScreenedImage("b", Screening.failed("=cmd|' /C calc'!A0")), thresholds, gated=False)
+    assert failed["probability"] is failed["label_default"] is failed["ood_verdict"] is None
+    assert text_cell(failed["error"], "error") == "'=cmd|' /C calc'!A0"  # a spreadsheet would run it
+    refused = Screening.refused(Verdict("rejected", "colour", 71.5, 16.0))
+    assert result_values(ScreenedImage("c", refused), thresholds, gated=True)["ood_verdict"] == "rejected"
+
+
+def test_result_json_says_per_outcome_what_the_api_answers():
+    from types import SimpleNamespace
+
+    from pneumonia.web.screener import result_json
+
+    screener = SimpleNamespace(
+        card=SimpleNamespace(shown_probability=lambda p: f"{100 * p:.0f} %"),
+        classifier=SimpleNamespace(thresholds={"default": 0.5, "screening": 0.25}, gate=None, gate_status="no ood.npz"),
+    )
+    labels = {"default": "NORMAL", "screening": "PNEUMONIA"}
+    assert result_json(Screening.screened(0.3, labels, None), screener) == {
+        "probability": 0.3,
+        "probability_text": "30 %",
+        "label": "NORMAL",
+        "screening_label": "PNEUMONIA",
+        "thresholds": {"default": 0.5, "screening": 0.25},
+        "ood": {"verdict": "unchecked", "gate": "off", "detail": "no ood.npz"},
+    }
+    assert result_json(Screening.failed("x is empty."), screener) == {"probability": None, "error": "x is empty."}

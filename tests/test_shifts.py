@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import CENTRED_NORMALIZATION, synthetic_xray
+from builders import CENTRED_NORMALIZATION, probability_of, synthetic_xray
 
 from pneumonia.serving.card import Preprocessing
 from pneumonia.serving.classifier import XrayClassifier
@@ -87,12 +87,12 @@ def test_shifted_probability_equals_predicting_the_saved_file(gap_model_dir, xra
     classifier = XrayClassifier(gap_model_dir)
     images = [apply_shift(name, xray, seed=5) for name in ("blur_r2", "noise_s5", "crop_90")]
     batch = np.stack([model_pixels(image, classifier.image_size) for image in images])
-    logits = classifier.logits(normalize(batch, classifier.preprocessing.normalization))
+    logits = classifier.features_and_logits(normalize(batch, classifier.preprocessing.normalization))[1]
     batched = classifier.probabilities_from_pixels(batch)
     assert np.ptp(logits) > 0
     for index, (image, probability) in enumerate(zip(images, batched)):
         path = tmp_path / f"shifted{index}.png"
         image.save(path)
-        from_file = classifier.logits(preprocess(path, classifier.preprocessing)[None])
+        from_file = classifier.features_and_logits(preprocess(path, classifier.preprocessing)[None])[1]
         assert from_file[0] == pytest.approx(logits[index], abs=1e-5)
-        assert classifier.predict_source(path) == pytest.approx(probability, abs=1e-6)
+        assert probability_of(classifier, path) == pytest.approx(probability, abs=1e-6)

@@ -9,11 +9,9 @@ import resource
 import socket
 import time
 
-from pneumonia.archive.results import encode_part, record
+from pneumonia.archive.result_files import encode_part, record
 from pneumonia.archive.sources import PATH_COLUMN
-from pneumonia.serving.screening import ScreenedImage
-
-BYTES_NAME = "the upload"  # how decode_xray names bytes in its messages; a file's row names the file
+from pneumonia.serving.screening import OUTCOMES, ScreenedImage, Screening, Tally
 
 
 def peak_rss_mb() -> float:
@@ -33,7 +31,7 @@ class ScreeningActor:
 
         self.chunk_size = chunk_size
         self.classifier = XrayClassifier(model or default_model_path(), runtime, threads=threads)
-        self.screener = BatchScreener(self.classifier)
+        self.screener = BatchScreener(self.classifier, names_in_messages=True)  # a row's message names its file
         self.gated = self.classifier.gate is not None
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.node = ray.get_runtime_context().get_node_id()  # which raylet: how the pool spread over the cluster
@@ -46,12 +44,14 @@ class ScreeningActor:
         rows = self.screen(list(batch[PATH_COLUMN]), list(batch["content"]), list(batch["read_error"]))
         records = [record(row, self.classifier.thresholds, self.gated) for row in rows]
         part, content = encode_part(records)
-        kinds = ["screened" if r.probability is not None else "refused" if r.refused else "failed" for r in rows]
+        tally = Tally()
+        for row in rows:
+            tally.count(row.outcome)
         return {
             "part": np.asarray([part]),
             "content": np.asarray([content], dtype=object),
             "rows": np.asarray([len(rows)]),
-            **{kind: np.asarray([kinds.count(kind)]) for kind in ("screened", "refused", "failed")},
+            **{outcome: np.asarray([getattr(tally, outcome)]) for outcome in OUTCOMES},
             "seconds": np.asarray([time.perf_counter() - started]),
             "actor": np.asarray([self.actor]),
             "node": np.asarray([self.node]),
@@ -65,14 +65,12 @@ class ScreeningActor:
         readable = []
         for index, (path, content, error) in enumerate(zip(paths, contents, read_errors)):
             if error:
-                rows[index] = ScreenedImage(str(path), error=str(error))
+                rows[index] = ScreenedImage(str(path), Screening.failed(str(error)))
             else:
                 readable.append((index, str(path), bytes(content)))
         for start in range(0, len(readable), self.chunk_size):
             chunk = readable[start : start + self.chunk_size]
             screened = self.screener.screen_chunk([(name, content) for _, name, content in chunk])
-            for (index, name, _), row in zip(chunk, screened):
-                if row.error and row.error.startswith(BYTES_NAME):
-                    row.error = name + row.error[len(BYTES_NAME) :]
+            for (index, _, _), row in zip(chunk, screened):
                 rows[index] = row
         return [rows[index] for index in range(len(paths))]

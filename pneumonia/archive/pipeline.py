@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from pneumonia.archive import results
+from pneumonia.archive import result_files
 from pneumonia.archive.sources import (
     PATH_COLUMN,
     URI_COLUMN,
@@ -57,7 +57,7 @@ class Options:
 
 
 @dataclass
-class Summary(results.Tally):  # the counts over every source file, and what this run did
+class Summary(result_files.ArchiveTally):  # the counts over every source file, and what this run did
     already_done: int = 0  # rows found under DIR before this run
     screened_now: int = 0  # rows this run wrote
     skipped: int = 0  # files under the folders that are not images
@@ -151,7 +151,7 @@ def screening_dataset(paths: list[str], options: Options):
 
 def write_block(out_dir: str, stats: dict) -> None:
     try:
-        results.write_part(out_dir, str(stats["part"]), stats["content"])
+        result_files.write_part(out_dir, str(stats["part"]), stats["content"])
     except OSError as err:  # an unreachable endpoint, a full disk, no permission
         raise ArchiveError(f"cannot write under {out_dir}: {err}") from None
 
@@ -192,8 +192,8 @@ def run_on_ray(paths: list[str], options: Options, summary: Summary) -> None:
 def done_paths(out_dir: str) -> set[str]:
     """The paths already screened under DIR, once its half-written files are removed."""
     try:
-        results.remove_temporaries(out_dir)
-        return set(results.read_results(out_dir, [PATH_COLUMN]).column(PATH_COLUMN).to_pylist())
+        result_files.remove_temporaries(out_dir)
+        return set(result_files.read_results(out_dir, [PATH_COLUMN]).column(PATH_COLUMN).to_pylist())
     except OSError as err:  # an unreachable endpoint, a bucket that is not there, no permission
         raise ArchiveError(f"cannot read {out_dir}: {err}") from None
 
@@ -207,7 +207,7 @@ def run_archive(options: Options, inputs: Inputs | None = None) -> Summary:
     summary.already_done = len(inputs.paths) - len(missing)
     if missing:
         run_on_ray(missing, options, summary)
-    counts = results.tally(results.read_results(options.out, results.TALLIED), set(inputs.paths))
+    counts = result_files.tally(result_files.read_results(options.out, result_files.TALLIED), set(inputs.paths))
     summary = replace(summary, **vars(counts))
     write_summary(options.out, summary)
     return summary

@@ -68,7 +68,7 @@ def find_objects(uri: str):
     becomes a row with its error)."""
     from pyarrow import fs
 
-    from pneumonia.serving.folders import IMAGE_SUFFIXES, FoundImages
+    from pneumonia.reading.image_files import IMAGE_SUFFIXES, FoundImages
 
     system, inner = file_system(uri)
     try:
@@ -88,7 +88,7 @@ def find_objects(uri: str):
 def find_inputs(sources: Iterable[str]) -> Inputs:
     """Folders searched as `predict` searches them (folders on object storage by file name), manifests
     read, other paths kept as given (a missing one becomes a row with its error); each path once."""
-    from pneumonia.serving.folders import find_images
+    from pneumonia.reading.image_files import find_images
 
     inputs, seen = Inputs(), set()
     for source in map(str, sources):

@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
 
-COMMANDS = ("train", "evaluate", "predict", "gate", "export", "export_web", "calibrate", "pacs", "archive")
+COMMANDS = ("train", "evaluate", "predict", "fit_ood", "export", "export_web", "calibrate", "pacs", "archive")
 
 
 class CommandFailed(Exception):

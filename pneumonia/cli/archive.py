@@ -38,11 +38,7 @@ def report(summary, args) -> None:
             file=sys.stderr,
         )
     wrote = args.out + (f" and {args.csv}" if args.csv else "")
-    print(
-        f"{summary.files} file(s): {summary.screened} screened, {summary.refused} refused by the gate, "
-        f"{summary.failed} unreadable; wrote {wrote}",
-        file=sys.stderr,
-    )
+    print(f"{summary.summary()}; wrote {wrote}", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -51,7 +47,7 @@ def run(args) -> int:
     except ImportError:
         return fail("archive needs Ray: pip install -r requirements-archive.txt (or: pip install .[archive])")
     from pneumonia.archive.pipeline import ArchiveError, Options, run_archive
-    from pneumonia.archive.results import write_csv
+    from pneumonia.archive.result_files import write_csv
     from pneumonia.archive.sources import find_inputs
     from pneumonia.errors import XrayReadError
 

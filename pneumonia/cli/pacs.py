@@ -52,7 +52,7 @@ def connection_of(args):
 
 
 def filters_of(args):
-    from pneumonia.pacs.screening import Filters
+    from pneumonia.pacs.runs import Filters
 
     studies = tuple(uid for given in args.study or () for uid in word_list(given))
     return Filters(studies, args.since, args.modality, args.body_part or (), args.view or ())
@@ -63,7 +63,7 @@ class Report:
     thresholds, the gate's verdict, the error, the stored objects' UIDs; never a name."""
 
     def __init__(self, classifier, stream):
-        from pneumonia.serving.results import CSV_COLUMNS
+        from pneumonia.serving.result_formats import CSV_COLUMNS
 
         self.classifier, self.stream = classifier, stream
         self.writer = csv.writer(stream) if stream else None
@@ -71,7 +71,7 @@ class Report:
             self.writer.writerow([*CSV_HEAD, *CSV_COLUMNS, *CSV_TAIL])
 
     def write(self, row) -> None:
-        from pneumonia.serving.results import csv_fields, prediction_line
+        from pneumonia.serving.result_formats import csv_fields, prediction_line
 
         if row.status == "skipped":
             print(f"{row.candidate.instance}\tskipped: this model's result is already in the PACS", flush=True)
@@ -89,22 +89,21 @@ class Report:
 
 def screen_once(screener, filters, report) -> int:
     """One run: 0, 1 when an image failed; PacsUnreachable / PacsAuthError go to the caller."""
-    from pneumonia.pacs.screening import RunCounts
+    from pneumonia.pacs.runs import RunTally
 
-    counts = RunCounts()
+    tally = RunTally()
     for row in screener.run(filters):
-        counts.found += 1
-        counts.by_status[row.status] += 1
+        tally.count(row.status)
         report.write(row)
-    print(counts.summary(), file=sys.stderr, flush=True)
-    return 1 if counts.failed else 0
+    print(tally.summary(), file=sys.stderr, flush=True)
+    return 1 if tally.failed else 0
 
 
 def run(args) -> int:
 
     try:
         from pneumonia.pacs.dicomweb import DicomWeb, PacsError
-        from pneumonia.pacs.screening import PacsScreener
+        from pneumonia.pacs.runs import PacsScreener
     except ImportError as err:
         return fail(f"pacs needs {err.name}: pip install -r requirements-pacs.txt (or .[pacs])")
 
@@ -135,7 +134,7 @@ def watch_runs(screener, filters, report, args) -> int:
     """`watch`: a run every --interval seconds; an unreachable PACS is reported and tried again at the
     next poll (the status is then 2), refused credentials end the watch."""
     from pneumonia.pacs.dicomweb import PacsUnreachable
-    from pneumonia.pacs.screening import watch
+    from pneumonia.pacs.runs import watch
 
     def run_once() -> int:
         try:

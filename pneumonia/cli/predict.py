@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import TYPE_CHECKING
 
 from pneumonia.cli import fail, load_classifier, positive_int
+
+if TYPE_CHECKING:
+    from pneumonia.serving.screening import Tally
+
+GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    from pneumonia.serving.folders import find_images, screen_files
-    from pneumonia.serving.results import CsvRows
+    from pneumonia.reading.image_files import find_images
+    from pneumonia.serving.result_formats import CsvRows
     from pneumonia.serving.screening import BatchScreener
 
     classifier = load_classifier(args.model, args.runtime)
@@ -36,13 +42,33 @@ def run(args) -> int:
         extra = ("gradcam",) if args.gradcam else ()
         gated = classifier.gate is not None
         table = CsvRows(csv_file, "path", classifier.thresholds, gated, extra) if csv_file else None
-        counts = screen_files(BatchScreener(classifier), found.files, args, table, progress)
-    print(
-        f"{counts['files']} file(s): {counts['screened']} screened, {counts['refused']} refused by the gate, "
-        f"{counts['failed']} unreadable" + (f"; wrote {args.csv}" if args.csv else ""),
-        file=sys.stderr,
+        tally = screen_files(BatchScreener(classifier), found.files, args, table, progress)
+    print(tally.summary() + (f"; wrote {args.csv}" if args.csv else ""), file=sys.stderr)
+    return 1 if tally.failed else 0
+
+
+def screen_files(batch, files: list[str], options, table, progress, out=None) -> Tally:
+    """Screens `files` a chunk at a time: a line each on `out` (stdout), a CSV row, an overlay PNG.
+    `options`: batch_size, gradcam (a folder or None), json; `progress`: a tqdm bar."""
+    from pneumonia.serving.result_formats import prediction_line, write_overlay
+    from pneumonia.serving.screening import Tally
+
+    tally = Tally()
+    rows = batch.screen(
+        ((path, path) for path in files),
+        options.batch_size,
+        display_side=GRADCAM_MAX_SIDE if options.gradcam else None,
+        with_gradcam=bool(options.gradcam),
     )
-    return 1 if counts["failed"] else 0
+    for index, row in enumerate(rows, start=1):
+        overlay_path = write_overlay(options.gradcam, index, row) if options.gradcam else None
+        if table is not None:
+            table.write(row, *([overlay_path or ""] if options.gradcam else []))
+        with progress.external_write_mode(file=out):  # the bar cleared for the line, then redrawn
+            print(prediction_line(row, batch.classifier, options.json), file=out, flush=True)
+        progress.update()
+        tally.count(row.outcome)
+    return tally
 
 
 def add(commands, shipped: str) -> None:

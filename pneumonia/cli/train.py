@@ -8,6 +8,7 @@ from pneumonia.cli import fail
 
 
 def run(args) -> int:
+    from pneumonia.errors import TrainingError
     from pneumonia.training.architectures import InitError
     from pneumonia.training.config import DEFAULT_IMAGE_SIZE, DEFAULT_INIT, TrainConfig
     from pneumonia.training.fitting import train
@@ -24,7 +25,7 @@ def run(args) -> int:
     )
     try:
         card = train(config)
-    except InitError as err:
+    except (InitError, TrainingError) as err:
         return fail(err)
     print(
         f"validation AUC {card.validation.auc:.4f}; thresholds: default {card.thresholds.default:.3f}, "

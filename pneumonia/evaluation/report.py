@@ -51,7 +51,7 @@ def gate_on_split(classifier, files, features, labels, probs, split: str, log=pr
     stats = pixel_stats_of(files)
     scores = gate.density.distance(features)
     counts = verdict_counts(gate, stats, scores)
-    accepted = np.array([(gate.check_pixels(s) or gate.check_score(float(d))).accepted for s, d in zip(stats, scores)])
+    accepted = np.array([gate.verdict(s, d).accepted for s, d in zip(stats, scores)])
     log(
         f"out-of-distribution gate: refused {100 * counts['refused_fraction']:.1f} % "
         f"({sum(counts['refused_by'].values())} of {counts['images']}: {counts['refused_by'] or 'none'}), "

@@ -28,6 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumonia.labels import PNEUMONIA
+from pneumonia.serving.result_formats import result_values
 
 MANUFACTURER = "pneumonia screening (research use only, not a medical device)"
 PRIVATE_SCHEME = "99PNEUMONIA"  # a private coding scheme (PS3.16 8.2: "99" prefix) for what has no code
@@ -158,18 +159,19 @@ def _group(identity: ModelIdentity, source: Dataset, row) -> hd.sr.MeasurementsA
     algorithm = hd.sr.AlgorithmIdentification(
         identity.name, identity.version, parameters=[*parameters, f"card_sha256={identity.fingerprint}"]
     )
-    measurements = [hd.sr.Measurement(codes.DCM.Probability, row.probability, NO_UNITS, algorithm_id=algorithm)]
-    for key, value in thresholds.items():
+    values = result_values(row, thresholds, gated=row.verdict is not None)  # a screened row: a verdict when gated
+    measurements = [hd.sr.Measurement(codes.DCM.Probability, values["probability"], NO_UNITS, algorithm_id=algorithm)]
+    for key in thresholds:
         name = private_code(f"threshold-{key}", f"Threshold {key}")
-        measurements.append(hd.sr.Measurement(name, value, NO_UNITS, algorithm_id=algorithm))
-    finding = PNEUMONIA_CODE if row.labels["default"] == PNEUMONIA else NORMAL_CODE
+        measurements.append(hd.sr.Measurement(name, values[f"threshold_{key}"], NO_UNITS, algorithm_id=algorithm))
+    finding = PNEUMONIA_CODE if values["label_default"] == PNEUMONIA else NORMAL_CODE
     evaluations = [hd.sr.QualitativeEvaluation(codes.DCM.Finding, finding)]
-    for key, label in row.labels.items():
-        value = PNEUMONIA_CODE if label == PNEUMONIA else NORMAL_CODE
+    for key in thresholds:
+        value = PNEUMONIA_CODE if values[f"label_{key}"] == PNEUMONIA else NORMAL_CODE
         evaluations.append(
             hd.sr.QualitativeEvaluation(private_code(f"label-{key}", f"Label at {key} threshold"), value)
         )
-    verdict = row.verdict.verdict if row.verdict is not None else "unchecked"
+    verdict = values["ood_verdict"]
     evaluations.append(
         hd.sr.QualitativeEvaluation(
             private_code("ood-gate", "Out-of-distribution gate verdict"), private_code(f"ood-{verdict}", verdict)

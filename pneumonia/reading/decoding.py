@@ -60,13 +60,13 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def _open_image(source: Source) -> Image.Image:
+def _open_image(source: Source, bytes_name: str) -> Image.Image:
     """Opens without decoding pixels, so size checks happen before any large allocation."""
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise XrayReadError("The file is empty.")
         stream = io.BytesIO(source)
-        name = "the upload"
+        name = bytes_name
     else:
         path = Path(source)
         if not path.is_file():
@@ -174,17 +174,19 @@ def _draft(image: Image.Image, model_side: int | None) -> None:
             return
 
 
-def decode_xray(source: Source, model_side: int | None = None) -> tuple[Image.Image, PixelStats]:
+def decode_xray(
+    source: Source, model_side: int | None = None, bytes_name: str = "the upload"
+) -> tuple[Image.Image, PixelStats]:
     """Decodes bytes or a file (JPEG, PNG, BMP, TIFF or DICOM) into an upright 8-bit greyscale image,
     and what the gate's pixel checks measure: the size as stored, the colour before the greyscale
     conversion and the grey-level spread after it. With `model_side`, a large JPEG is decoded at a
-    reduced DCT scale (`_draft`); otherwise at its own size."""
+    reduced DCT scale (`_draft`); otherwise at its own size. Messages call bytes `bytes_name`, a file its path."""
     dicom = _dicom_bytes(source)
     if dicom is not None:
         image, chroma = dicom_to_image(dicom, MAX_IMAGE_PIXELS), 0.0
         stored_size = image.size
     else:
-        opened = _open_image(source)
+        opened = _open_image(source, bytes_name)
         stored_size = opened.size
         _draft(opened, model_side)
         try:

@@ -15,10 +15,9 @@ import numpy as np
 
 from pneumonia.errors import ModelLoadError
 from pneumonia.labels import NORMAL, PNEUMONIA
-from pneumonia.reading.decoding import Source
 from pneumonia.serving.card import CARD_NAME, ModelCard, file_sha256, platt
 from pneumonia.serving.gate import load_gate_for
-from pneumonia.serving.preprocessing import model_input, preprocess
+from pneumonia.serving.preprocessing import model_input
 from pneumonia.serving.runtime import load_runtime
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -52,7 +51,7 @@ def find_card(model_path: str | Path) -> tuple[Path, ModelCard]:
 
 
 class XrayClassifier:
-    """Loads once; `features_and_logits` and `explain` take model inputs, `predict_source` raw images.
+    """Loads once; `features_and_logits` and `explain` take model inputs, `features_and_logits_of_pixels` model squares.
     `runtime` ("onnx" or "keras") overrides PNEUMONIA_RUNTIME. Safe to call from several threads."""
 
     def __init__(self, model_path: str | Path = SHIPPED_MODEL_DIR, runtime: str | None = None, threads=None):
@@ -94,10 +93,6 @@ class XrayClassifier:
         """float32 (1, S, S, 3) -> (raw logit, signed Grad-CAM (h, w), pooled features (d,)): one pass."""
         return self.runtime.explain(inputs)
 
-    def logits(self, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """float32 (N, S, S, 3) -> raw logits (N,)."""
-        return self.features_and_logits(inputs, batch_size)[1]
-
     def features_and_logits_of_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S) from `xray_pixels` -> (N, d), (N,); normalised a batch at a time."""
         parts = [
@@ -111,11 +106,6 @@ class XrayClassifier:
     def probabilities_from_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 (N, S, S) from `xray_pixels` -> calibrated probabilities (N,)."""
         return self.calibrated(self.features_and_logits_of_pixels(pixels, batch_size)[1])
-
-    def predict_source(self, source: Source) -> float:
-        """One image (bytes or path) -> calibrated probability, whatever the gate would say."""
-        inputs = preprocess(source, self.preprocessing)[None]
-        return float(self.calibrated(self.logits(inputs))[0])
 
     def labels(self, probability: float) -> dict[str, str]:
         """The class at each threshold."""

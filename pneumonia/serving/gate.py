@@ -185,6 +185,11 @@ class OodGate:
             return Verdict("rejected", "features", score, self.thresholds["rejected"])
         return Verdict("unusual" if score > self.thresholds["unusual"] else "ok", None, score)
 
+    def verdict(self, stats: PixelStats, score: float) -> Verdict:
+        """The gate's answer for an image whose pixel statistics and feature distance are both known:
+        the pixel checks first, as the screening pipeline applies them."""
+        return self.check_pixels(stats) or self.check_score(float(score))
+
     def summary(self) -> dict:
         """What the card, /model and /healthz show."""
         return {"thresholds": self.thresholds, "pixel_bounds": asdict(self.bounds), **self.info}

@@ -4,7 +4,7 @@
         decode_xray ──gate pixel check──> resize_xray (S, S) [+ a display copy for overlays]
         (the full-size image is dropped here, before the next file is decoded)
     ──> the chunk's squares: model_input (N, S, S, 3) ──one compiled pass──> features, logits
-    ──> gate feature check, Platt calibration, labels: one ScreenedImage per file
+    ──> gate feature check, Platt calibration, labels: one ScreenedImage (its Screening) per file
 
 Memory: at most one full-size decoded image at a time, whatever the number of files; a chunk
 holds N model squares (and N display copies when Grad-CAM is wanted). A file that cannot be
@@ -43,30 +43,94 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-@dataclass
-class ScreenedImage:
-    """One file's row: a probability and labels, or the error that stopped it."""
+SCREENED, REFUSED, FAILED = "screened", "refused", "failed"
+OUTCOMES = (SCREENED, REFUSED, FAILED)
 
-    name: str
+
+@dataclass(frozen=True)
+class Screening:
+    """What became of one image, decided once, by the pipeline: screened (a probability and labels),
+    refused by the gate (its verdict, and the refusal as `error`) or failed (unreadable: the message)."""
+
+    outcome: str  # one of OUTCOMES (a PACS run adds skipped: pneumonia/pacs)
     probability: float | None = None
     labels: dict[str, str] | None = None  # threshold name -> class
     verdict: Verdict | None = None  # the gate's; None without a gate, or when the file was unreadable
     error: str | None = None  # unreadable, or the gate's refusal ("Not screened: ...")
     unexpected: bool = False  # the error is a failure of ours, not of the file
+
+    @classmethod
+    def screened(cls, probability: float, labels: dict[str, str], verdict: Verdict | None) -> Screening:
+        return cls(SCREENED, probability, labels, verdict)
+
+    @classmethod
+    def refused(cls, verdict: Verdict) -> Screening:
+        return cls(REFUSED, verdict=verdict, error=str(OutOfDistribution(verdict)))
+
+    @classmethod
+    def failed(cls, error: str, unexpected: bool = False) -> Screening:
+        return cls(FAILED, error=error, unexpected=unexpected)
+
+
+@dataclass
+class ScreenedImage:
+    """One file's row: its Screening, and the pipeline's images and timings for it."""
+
+    name: str
+    screening: Screening | None = None  # None until the pipeline has decided
     heat: np.ndarray | None = None  # Grad-CAM of the default label's class, (h, w) in [0, 1]
     display: np.ndarray | None = None  # uint8 (H, W), long side <= display_side, for thumbnails and overlays
     timing_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, model (its share of a chunk)
 
+    # Read through to the Screening: what every reader of a row asks.
     @property
-    def refused(self) -> bool:
-        return self.verdict is not None and not self.verdict.accepted
+    def outcome(self) -> str:
+        return self.screening.outcome
+
+    @property
+    def probability(self) -> float | None:
+        return self.screening.probability
+
+    @property
+    def labels(self) -> dict[str, str] | None:
+        return self.screening.labels
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return self.screening.verdict
+
+    @property
+    def error(self) -> str | None:
+        return self.screening.error
+
+
+@dataclass
+class Tally:
+    """How many images came to each outcome (a subclass adds the outcomes of its own path)."""
+
+    files: int = 0
+    screened: int = 0
+    refused: int = 0
+    failed: int = 0
+
+    def count(self, outcome: str) -> None:
+        self.files += 1
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+    def summary(self) -> str:
+        return (
+            f"{self.files} file(s): {self.screened} screened, {self.refused} refused by the gate, "
+            f"{self.failed} unreadable"
+        )
 
 
 class BatchScreener:
     """A classifier for many images (or one). Safe to call from several threads."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, names_in_messages: bool = False):
         self.classifier = classifier
+        # Decoding messages call bytes by their row's name (the archive's files), else "the upload".
+        self.names_in_messages = names_in_messages
 
     def screen(
         self,
@@ -98,12 +162,13 @@ class BatchScreener:
         row = ScreenedImage(name)
         started = time.perf_counter()
         try:
-            xray, stats = decode_xray(source, self.classifier.image_size)
+            named = {"bytes_name": name} if self.names_in_messages else {}
+            xray, stats = decode_xray(source, self.classifier.image_size, **named)
         except XrayReadError as err:
-            row.error = str(err)
+            row.screening = Screening.failed(str(err))
             return row, None
         except Exception as err:  # a decoder bug must not end the run; its message could quote the file
-            row.error, row.unexpected = f"It could not be read ({type(err).__name__}).", True
+            row.screening = Screening.failed(f"It could not be read ({type(err).__name__}).", unexpected=True)
             LOG.error(
                 "Unexpected %s while decoding a file (message withheld: it may quote the file)\n%s",
                 type(err).__name__,
@@ -119,7 +184,7 @@ class BatchScreener:
         gate = self.classifier.gate
         refused = gate.check_pixels(stats) if gate is not None else None
         if refused is not None:
-            _refuse(row, refused)
+            row.screening = Screening.refused(refused)
             return row, None
         square = resize_xray(xray, self.classifier.image_size)
         row.timing_ms["preprocess"] = _ms(time.perf_counter() - decoded)
@@ -143,28 +208,19 @@ class BatchScreener:
         for row, pixels in squares:
             started = time.perf_counter()
             logit, cam, features = self.classifier.explain(model_input(pixels, self.classifier.preprocessing)[None])
-            if self._score(row, logit, gate.check_features(features) if gate is not None else None):
+            self._score(row, logit, gate.check_features(features) if gate is not None else None)
+            if row.outcome == SCREENED:
                 row.heat = heatmap(cam, for_pneumonia=row.labels["default"] == PNEUMONIA)
             row.timing_ms["model_gradcam"] = _ms(time.perf_counter() - started)
 
-    def _score(self, row: ScreenedImage, logit: float, verdict: Verdict | None) -> bool:
-        """Fills the probability and labels, or the refusal; True when the image was accepted."""
+    def _score(self, row: ScreenedImage, logit: float, verdict: Verdict | None) -> None:
+        """The row's Screening once the model has seen it: screened, or refused by the feature check."""
         if verdict is not None and not verdict.accepted:
-            _refuse(row, verdict)
-            return False
-        row.verdict = verdict
-        row.probability = float(self.classifier.calibrated(logit))
-        row.labels = self.classifier.labels(row.probability)
-        return True
+            row.screening = Screening.refused(verdict)
+            return
+        probability = float(self.classifier.calibrated(logit))
+        row.screening = Screening.screened(probability, self.classifier.labels(probability), verdict)
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
-
-
-def _refuse(row: ScreenedImage, verdict: Verdict) -> None:
-    row.verdict = verdict
-    row.error = str(OutOfDistribution(verdict))
-
-
-# --- CSV --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
+from pneumonia.errors import TrainingError
 from pneumonia.evaluation.metrics import write_metrics
 from pneumonia.evaluation.plots import plot_history, save_plots
 from pneumonia.labels import CLASS_NAMES
@@ -68,7 +69,7 @@ def exact_val_auc_callback(val_ds, val_y):
     return ExactValidationAUC()
 
 
-class DivergedError(SystemExit):
+class DivergedError(TrainingError):
     """A run whose loss became NaN or infinite; its last good checkpoint is kept."""
 
 
@@ -129,7 +130,7 @@ class TrainingData:
 def load_training_data(config: TrainConfig, log=print) -> TrainingData:
     all_train = dataset.scan_split(config.data_dir, "train")
     if all_train is None or not all_train.paths:
-        raise SystemExit(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
+        raise TrainingError(f"{config.data_dir} has no train/NORMAL or train/PNEUMONIA images")
     log(dataset.describe("train/ (all)", all_train))
     train_files, val_files, held_out = dataset.training_parts(
         all_train, config.val_fraction, config.seed, config.hold_out_series
@@ -180,7 +181,7 @@ def model_to_fit(config: TrainConfig, init: dict, schedule: WarmupCosine, checkp
         model = keras.saving.load_model(checkpoints / "last.keras")
         saved = model.optimizer.get_config()["learning_rate"]
         if not isinstance(saved, dict) or saved.get("config") != schedule.get_config():
-            raise SystemExit(
+            raise TrainingError(
                 f"--resume: the checkpoint in {checkpoints} follows another schedule ({saved}); resume with the "
                 "--epochs, --batch-size, --learning-rate and --warmup-fraction it was started with"
             )

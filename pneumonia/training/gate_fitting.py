@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from pneumonia.errors import TrainingError
 from pneumonia.reading.decoding import decode_xray
 from pneumonia.serving.card import CARD_NAME, ModelCard, file_sha256, write_card
 from pneumonia.serving.classifier import XrayClassifier
@@ -63,7 +64,7 @@ def fit_gate(
 
 def verdict_counts(gate: OodGate, stats: list, scores: np.ndarray) -> dict:
     """Shares of images refused (by pixel checks or features) and flagged unusual."""
-    verdicts = [gate.check_pixels(s) or gate.check_score(float(score)) for s, score in zip(stats, scores)]
+    verdicts = [gate.verdict(s, score) for s, score in zip(stats, scores)]
     refused_by: dict[str, int] = {}
     for v in verdicts:
         if not v.accepted:
@@ -158,9 +159,7 @@ def detection_figures(
         decoded = [decode_xray(data) for data in images]
         pixels = np.stack([resize_xray(xray, classifier.image_size) for xray, _ in decoded])  # (n, S, S)
         scores = gate.density.distance(classifier.features_and_logits_of_pixels(pixels)[0])  # one batch
-        verdicts = [
-            gate.check_pixels(stats) or gate.check_score(float(score)) for (_, stats), score in zip(decoded, scores)
-        ]
+        verdicts = [gate.verdict(stats, score) for (_, stats), score in zip(decoded, scores)]
         labels = np.r_[np.zeros(len(val_scores)), np.ones(len(scores))]
         figures[name] = {
             "n": len(images),
@@ -178,7 +177,7 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     val_fraction, seed = classifier.card.data.val_fraction, config.seed
     all_train = dataset.scan_split(data_dir, "train")
     if all_train is None or not all_train.paths:
-        raise SystemExit(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
+        raise TrainingError(f"{data_dir} has no train/NORMAL or train/PNEUMONIA images")
     train_files, val_files, _ = dataset.training_parts(all_train, val_fraction, seed, config.hold_out_series)
     if classifier.card.data.validation_fingerprint != dataset.fingerprint(val_files):
         log(

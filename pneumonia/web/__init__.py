@@ -67,8 +67,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from pneumonia.web import access, api, capacity, device, errors, pages, rate_limit, security
-    from pneumonia.web.screening import load_screener
+    from pneumonia.web import access, api, capacity, device, error_responses, pages, rate_limit, security
+    from pneumonia.web.screener import load_screener
 
     load_screener(app)
     capacity.register(app)
@@ -78,7 +78,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(device.bp)
-    errors.register(app)
+    error_responses.register(app)
     security.register(app)
     return app
 

@@ -40,7 +40,7 @@ from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from pneumonia.web.errors import wants_json
+from pneumonia.web.error_responses import wants_json
 from pneumonia.web.rate_limit import client_address
 
 OPEN_ENDPOINTS = {"api.healthz", "static"}

@@ -16,7 +16,7 @@ from pneumonia.web.openapi import document, documented
 from pneumonia.web.operations import HEALTH, OPENAPI, PREDICT, PREDICT_BATCH
 from pneumonia.web.queries import flag, overlay_format
 from pneumonia.web.schemas import NOTICE
-from pneumonia.web.screening import current_screener, ood_json
+from pneumonia.web.screener import current_screener, result_json
 from pneumonia.web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)
@@ -39,11 +39,7 @@ def predict():
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     card = screener.card
     return jsonify(
-        probability=result.probability,
-        probability_text=screener.card.shown_probability(result.probability),
-        label=result.labels["default"],
-        screening_label=result.labels["screening"],
-        thresholds=screener.classifier.thresholds,
+        **result_json(result.screening, screener),
         model={
             "name": screener.classifier.name,
             "architecture": card.architecture,
@@ -56,7 +52,6 @@ def predict():
             "target": result.gradcam_target,
             "localised": result.localised,
         },
-        ood=ood_json(result.ood, screener),
         **{f"gradcam_{name}": base64.b64encode(result.overlay).decode("ascii") if result.overlay else None},
         timing_ms=result.timing_ms,
         notice=NOTICE,

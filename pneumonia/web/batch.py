@@ -28,7 +28,6 @@ screened keep their results and the rest are each answered with status 503.
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import time
 from contextlib import contextmanager
@@ -37,12 +36,12 @@ from dataclasses import dataclass
 from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pneumonia.reading.decoding import ACCEPTED_TYPES, MAX_IMAGE_PIXELS, declared_pixels, sniff_format
-from pneumonia.serving.results import csv_text
-from pneumonia.serving.screening import ScreenedImage
+from pneumonia.reading.decoding import MAX_IMAGE_PIXELS, declared_pixels
+from pneumonia.serving.result_formats import csv_text
+from pneumonia.serving.screening import REFUSED, SCREENED, ScreenedImage, Screening
 from pneumonia.web.capacity import ModelBusy
-from pneumonia.web.screening import ood_json
-from pneumonia.web.uploads import UploadError
+from pneumonia.web.screener import result_json
+from pneumonia.web.uploads import UploadError, checked_upload, upload_bytes
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table
 THUMBNAIL_SIDE = 128
@@ -89,31 +88,21 @@ def read_uploads(request) -> list:
         if size_limit is not None and (request.content_length is None or request.content_length > size_limit):
             raise  # (possibly) the body's size: the 413 page or JSON that names the size limit
         raise UploadError(413, f"Too many files: at most {limit} can be screened at once.") from None
-    chosen = [part for part in parts if part.filename or _bytes_of(part)]
+    chosen = [part for part in parts if part.filename or upload_bytes(part)]
     if len(chosen) > limit:
         raise UploadError(413, f"Too many files: {len(chosen)} were sent, at most {limit} can be screened at once.")
     return chosen
 
 
-def _bytes_of(upload) -> bytes:
-    # The in-memory part itself, not a copy (pneumonia/web/uploads.py InMemoryRequest keeps every part in a BytesIO).
-    return upload.stream.getvalue() if isinstance(upload.stream, io.BytesIO) else upload.read()
-
-
 def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     """The entry, and the bytes when they are an accepted image type (else the entry holds the error)."""
     filename = (upload.filename or f"file {index + 1}")[:MAX_FILENAME_CHARS]
-    data = _bytes_of(upload)
-    problem = (
-        (400, "The uploaded file is empty.")
-        if not data
-        else (415, f"Not a supported image type. Upload a {ACCEPTED_TYPES} file.")
-        if sniff_format(data) is None
-        else None
-    )
-    if problem is None:
-        return BatchEntry(index, filename, ScreenedImage(filename)), data
-    return BatchEntry(index, filename, ScreenedImage(filename, error=problem[1]), status=problem[0]), None
+    try:
+        data = checked_upload(upload)
+    except UploadError as err:
+        failed = ScreenedImage(filename, Screening.failed(err.message))
+        return BatchEntry(index, filename, failed, status=err.status), None
+    return BatchEntry(index, filename, ScreenedImage(filename)), data
 
 
 def pixel_chunks(pending: list[tuple[BatchEntry, bytes]], pixels: list[int], size: int) -> list[list]:
@@ -162,7 +151,7 @@ def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) 
             if number == 0:
                 raise
             for entry, _ in itertools.chain.from_iterable(chunks[number:]):
-                entry.status, entry.row = 503, ScreenedImage(entry.filename, error=BUSY_MESSAGE)
+                entry.status, entry.row = 503, ScreenedImage(entry.filename, Screening.failed(BUSY_MESSAGE))
             break
     return entries
 
@@ -183,11 +172,11 @@ def _screen_chunk(screener, chunk: list[tuple[BatchEntry, bytes]], rendering: Re
 
 
 def _status(row: ScreenedImage) -> int:
-    if row.probability is not None:
+    if row.outcome == SCREENED:
         return 200
-    if row.refused:
+    if row.outcome == REFUSED:
         return 422
-    return 500 if row.unexpected else 400
+    return 500 if row.screening.unexpected else 400
 
 
 @contextmanager
@@ -204,21 +193,11 @@ def _chunk_slot(images: int):
 
 def entry_json(entry: BatchEntry, screener, with_gradcam: bool = False) -> dict:
     """An entry of the API's list: what /api/predict answers for the file (without the model and
-    timings), with its index, file name and status; or its error, with the gate's verdict when refused."""
+    timings), with its index, file name and status."""
     row = entry.row
-    answer = {"index": entry.index, "filename": entry.filename, "status": entry.status, "probability": row.probability}
-    if row.probability is not None:
-        answer.update(
-            probability_text=screener.card.shown_probability(row.probability),
-            label=row.labels["default"],
-            screening_label=row.labels["screening"],
-            thresholds=screener.classifier.thresholds,
-        )
-    if row.probability is not None or row.refused:
-        answer["ood"] = ood_json(row.verdict, screener)
-    if row.error:
-        answer["error"] = row.error
-    if with_gradcam and row.probability is not None:
+    answer = {"index": entry.index, "filename": entry.filename, "status": entry.status}
+    answer.update(result_json(row.screening, screener))
+    if with_gradcam and row.outcome == SCREENED:
         answer["gradcam_png"] = base64.b64encode(entry.overlay).decode("ascii") if entry.overlay else None
     return answer
 

@@ -12,7 +12,7 @@ from flask import Blueprint, abort, current_app, send_file
 
 from pneumonia.errors import ModelLoadError
 from pneumonia.web.device_site import PAGE, DeviceSite, build_site
-from pneumonia.web.errors import error_response
+from pneumonia.web.error_responses import error_response
 
 bp = Blueprint("device", __name__)
 

@@ -3,7 +3,7 @@
 client address in a moving window. /healthz and static files are never limited.
 
 Over a limit the answer is 429 with Retry-After (seconds until the window lets one more in):
-JSON under /api/, the too_many.html page for the form (pneumonia/web/errors.py).
+JSON under /api/, the too_many.html page for the form (pneumonia/web/error_responses.py).
 
 The counts live in each worker's memory ("memory://"): nothing to run beside the app, but a
 client whose requests gunicorn spreads over WEB_CONCURRENCY workers gets up to that many times

@@ -44,13 +44,15 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-def read_upload(request: Request) -> bytes:
-    """The bytes of the multipart field `file`, or an UploadError saying what is wrong."""
-    upload = request.files.get("file")
-    if upload is None:
-        raise UploadError(400, 'No file was uploaded: choose a chest X-ray image (form field "file").')
-    # The in-memory part itself, not a copy: an upload may be 20 MB.
-    data = upload.stream.getvalue() if isinstance(upload.stream, io.BytesIO) else upload.read()
+def upload_bytes(upload) -> bytes:
+    """The in-memory part itself, not a copy (an upload may be 20 MB; InMemoryRequest keeps every part in a BytesIO)."""
+    return upload.stream.getvalue() if isinstance(upload.stream, io.BytesIO) else upload.read()
+
+
+def checked_upload(upload) -> bytes:
+    """The bytes of one uploaded file when they are an accepted image type, else an UploadError saying
+    what is wrong: a single upload's answer, and a batch's for each of its files."""
+    data = upload_bytes(upload)
     if not data:
         if not upload.filename:
             raise UploadError(400, "No file was chosen: choose a chest X-ray image to upload.")
@@ -58,6 +60,14 @@ def read_upload(request: Request) -> bytes:
     if sniff_format(data) is None:
         raise UploadError(415, f"The upload is not a supported image type. Upload a {ACCEPTED_TYPES} file.")
     return data
+
+
+def read_upload(request: Request) -> bytes:
+    """The bytes of the multipart field `file`, or an UploadError saying what is wrong."""
+    upload = request.files.get("file")
+    if upload is None:
+        raise UploadError(400, 'No file was uploaded: choose a chest X-ray image (form field "file").')
+    return checked_upload(upload)
 
 
 class BodyTimeout(RequestTimeout):

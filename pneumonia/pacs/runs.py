@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from pneumonia.pacs.dicomweb import DicomWeb, PacsAuthError, PacsError, PacsUnreachable, first_value
@@ -32,7 +32,15 @@ from pneumonia.pacs.reports import (
     referenced_instances,
     result_objects,
 )
-from pneumonia.serving.screening import BatchScreener, ScreenedImage
+from pneumonia.serving.screening import (
+    FAILED,
+    REFUSED,
+    SCREENED,
+    BatchScreener,
+    ScreenedImage,
+    Screening,
+    Tally,
+)
 
 STUDY, SERIES, INSTANCE, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
 BODY_PART, VIEW, SERIES_DESCRIPTION = "00180015", "00185101", "0008103E"
@@ -64,30 +72,36 @@ class Candidate:
     instance: str
 
 
+SKIPPED = "skipped"  # the outcome a PACS run adds: this model's result is already in the PACS
+
+
 @dataclass
 class PacsRow:
-    """One image of a run: screened (and stored), skipped (the PACS has this model's result),
-    refused (by the gate), failed (unreadable, or not fetched or stored)."""
+    """One image of a run, its status the outcome of its screening: screened (and stored), skipped (the
+    PACS has this model's result), refused (by the gate), failed (unreadable, or not fetched or stored)."""
 
     candidate: Candidate
-    status: str
     screened: ScreenedImage
     stored: tuple[str, str] = ("", "")  # SOP Instance UIDs of the SR and the Secondary Capture
 
+    @property
+    def status(self) -> str:
+        return self.screened.outcome
+
 
 @dataclass
-class RunCounts:
-    found: int = 0
-    by_status: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(("screened", "skipped", "refused", "failed"), 0)
-    )
+class RunTally(Tally):
+    """A run's images by status: a screening's outcomes, and skipped."""
 
-    @property
-    def failed(self) -> int:
-        return self.by_status["failed"]
+    skipped: int = 0
 
     def summary(self) -> str:
-        return f"{self.found} image(s): " + ", ".join(f"{count} {status}" for status, count in self.by_status.items())
+        counts = {SCREENED: self.screened, SKIPPED: self.skipped, REFUSED: self.refused, FAILED: self.failed}
+        return f"{self.files} image(s): " + ", ".join(f"{count} {status}" for status, count in counts.items())
+
+
+def failed_row(candidate: Candidate, error: str) -> PacsRow:
+    return PacsRow(candidate, ScreenedImage(candidate.instance, Screening.failed(error)))
 
 
 def find_candidates(pacs: DicomWeb, filters: Filters) -> list[Candidate]:
@@ -133,7 +147,7 @@ class PacsScreener:
                     set() if self.force else screened_instances(self.pacs, self.identity, candidate.study)
                 )
             if candidate.instance in done[candidate.study]:
-                yield PacsRow(candidate, "skipped", ScreenedImage(candidate.instance))
+                yield PacsRow(candidate, ScreenedImage(candidate.instance, Screening(SKIPPED)))
                 continue
             row = self.screen_one(candidate, filters, series.setdefault(candidate.study, RunSeries.new()))
             if row is not None:
@@ -146,22 +160,22 @@ class PacsScreener:
         except (PacsUnreachable, PacsAuthError):
             raise
         except PacsError as err:
-            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=str(err)))
+            return failed_row(candidate, str(err))
         if not filters.admits(image.get("BodyPartExamined"), image.get("ViewPosition")):
             return None
         try:
             source = reference_dataset(image)
             data = part10(image)  # the bytes `predict` would read: the one decoder, pixel handlers included
         except UnreferableImage as err:
-            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=str(err)))
+            return failed_row(candidate, str(err))
         except Exception as err:  # pydicom raises many types on odd data; the message could quote it
             error = f"The PACS sent an image that is not writable DICOM ({type(err).__name__})."
-            return PacsRow(candidate, "failed", ScreenedImage(candidate.instance, error=error))
+            return failed_row(candidate, error)
         del image
         row = self.batch.screen_chunk([(candidate.instance, data)], GRADCAM_SIDE, with_gradcam=True)[0]
         del data
-        if row.probability is None:
-            return PacsRow(candidate, "refused" if row.refused else "failed", row)
+        if row.outcome != SCREENED:
+            return PacsRow(candidate, row)
         return self._store(candidate, source, row, series)
 
     def _store(self, candidate: Candidate, source, row: ScreenedImage, series: RunSeries) -> PacsRow:
@@ -178,9 +192,10 @@ class PacsScreener:
             raise
         except PacsError as err:
             done = "its Grad-CAM image went in, its SR did not (the next run redoes it): " if stored else ""
-            row.error = f"Screened but not stored: {done}{err}"
-            return PacsRow(candidate, "failed", row, ("", stored))
-        return PacsRow(candidate, "screened", row, (sr.SOPInstanceUID, capture.SOPInstanceUID))
+            # Failed in this run, the probability kept: the CSV row shows what was not stored.
+            row.screening = replace(row.screening, outcome=FAILED, error=f"Screened but not stored: {done}{err}")
+            return PacsRow(candidate, row, ("", stored))
+        return PacsRow(candidate, row, (sr.SOPInstanceUID, capture.SOPInstanceUID))
 
 
 def watch(

@@ -6,12 +6,12 @@ from pneumonia.cli import fail
 
 
 def run(args) -> int:
-    from pneumonia.errors import ModelLoadError
+    from pneumonia.errors import ModelLoadError, TrainingError
     from pneumonia.training.gate_fitting import fit_ood, format_gate
 
     try:
         gate = fit_ood(args.model, args.data_dir, args.cache_dir)
-    except ModelLoadError as err:
+    except (ModelLoadError, TrainingError) as err:
         return fail(err)
     print(format_gate(gate))
     return 0

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from pneumonia.serving.screening import ScreenedImage
+from pneumonia.serving.screening import FAILED, REFUSED, SCREENED, ScreenedImage
 
 CSV_COLUMNS = (
     "probability",
@@ -25,10 +25,17 @@ CSV_COLUMNS = (
     "error",
 )
 SPREADSHEET_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+DECIMALS = {"probability": 6, "threshold_default": 6, "threshold_screening": 6, "ood_score": 3}  # in a CSV cell
 
 
-def _text_cell(text: str) -> str:
-    """A spreadsheet runs a cell that starts with = + - @ as a formula: such text gets a leading quote."""
+def text_cell(value, column: str | None = None) -> str:
+    """A value as a CSV cell: empty for None, a number at its column's DECIMALS, and text that a
+    spreadsheet would run as a formula (starting with = + - @) with a leading quote."""
+    if value is None:
+        return ""
+    if column in DECIMALS:
+        return f"{value:.{DECIMALS[column]}f}"
+    text = str(value)
     return f"'{text}" if text.startswith(SPREADSHEET_FORMULA_STARTS) else text
 
 
@@ -39,22 +46,34 @@ def ood_verdict_name(row: ScreenedImage, gated: bool) -> str:
     return "unchecked" if not gated and row.error is None else ""
 
 
+def stored_outcome(probability: float | None, ood_verdict: str | None) -> str:
+    """A row's outcome read back from its values: a probability when screened, the gate's verdict
+    without one when refused, neither when it failed."""
+    return SCREENED if probability is not None else REFUSED if ood_verdict == "rejected" else FAILED
+
+
+def result_values(row: ScreenedImage, thresholds: dict[str, float], gated: bool) -> dict:
+    """One row's CSV_COLUMNS as values: numbers as numbers at full precision, None where there is none.
+    What the CSV (`text_cell`), the archive's Parquet and the DICOM SR are written from."""
+    screened = row.probability is not None  # a PACS row screened but not stored keeps its values
+    verdict = row.verdict
+    return {
+        "probability": row.probability,
+        "label_default": row.labels["default"] if screened else None,
+        "label_screening": row.labels["screening"] if screened else None,
+        "threshold_default": float(thresholds["default"]),
+        "threshold_screening": float(thresholds["screening"]),
+        "ood_verdict": ood_verdict_name(row, gated) or None,
+        "ood_reason": verdict.reason if verdict is not None else None,
+        "ood_score": None if verdict is None or verdict.score is None else float(verdict.score),
+        "error": row.error,
+    }
+
+
 def csv_fields(row: ScreenedImage, thresholds: dict[str, float], gated: bool) -> list[str]:
     """The CSV_COLUMNS of one row (after the file's name)."""
-    screened = row.probability is not None
-    verdict = row.verdict
-    score = "" if verdict is None or verdict.score is None else f"{verdict.score:.3f}"
-    return [
-        f"{row.probability:.6f}" if screened else "",
-        row.labels["default"] if screened else "",
-        row.labels["screening"] if screened else "",
-        f"{thresholds['default']:.6f}",
-        f"{thresholds['screening']:.6f}",
-        ood_verdict_name(row, gated),
-        (verdict.reason or "") if verdict is not None else "",
-        score,
-        _text_cell(row.error or ""),
-    ]
+    values = result_values(row, thresholds, gated)
+    return [text_cell(values[column], column) for column in CSV_COLUMNS]
 
 
 class CsvRows:
@@ -75,7 +94,7 @@ class CsvRows:
         self.writer.writerow([name_column, *CSV_COLUMNS, *extra_columns])
 
     def write(self, row: ScreenedImage, *extra: str) -> None:
-        self.writer.writerow([_text_cell(row.name), *csv_fields(row, self.thresholds, self.gated), *extra])
+        self.writer.writerow([text_cell(row.name), *csv_fields(row, self.thresholds, self.gated), *extra])
         self.stream.flush()
 
 
@@ -112,9 +131,9 @@ def prediction_line(row, classifier, as_json: bool) -> str:
     """One output line: the probability and labels, or why the file was not screened."""
     image, verdict = row.name, row.verdict
     ood = None if verdict is None else {k: v for k, v in vars(verdict).items() if v is not None}
-    if row.probability is None and not row.refused:
+    if row.outcome == FAILED:
         return json.dumps({"path": image, "error": row.error}) if as_json else f"{image}\terror: {row.error}"
-    if row.refused:
+    if row.outcome == REFUSED:
         if as_json:
             return json.dumps({"path": image, "probability": None, "ood": ood, "error": verdict.message})
         return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"

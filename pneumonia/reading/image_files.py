@@ -1,6 +1,5 @@
-"""Screening what is on disk: the image files under folders (found by their content), through the one
-screening pipeline a chunk at a time, each row printed, written to the CSV and, with Grad-CAM, as an
-overlay file as soon as it is screened."""
+"""The image files under folders, found by their content or their name, in walk order (what `predict`
+screens)."""
 
 from __future__ import annotations
 
@@ -10,9 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumonia.reading.decoding import SIGNATURE_BYTES, sniff_format
-from pneumonia.serving.results import prediction_line, write_overlay
-
-GRADCAM_MAX_SIDE = 1024  # overlays written by `predict --gradcam`, as on the result page
 
 # In a folder, a file is screened when its content is an accepted image, or when its name says it
 # is one: a corrupt X-ray is then reported as a row with its error instead of being skipped unseen.
@@ -51,25 +47,3 @@ def find_images(paths: Iterable[str | Path]) -> FoundImages:
                     path = os.path.join(folder, name)
                     (found.files if _is_image_file(Path(path)) else found.skipped).append(path)
     return found
-
-
-def screen_files(batch, files: list[str], options, table, progress, out=None) -> dict[str, int]:
-    """Screens `files` a chunk at a time: a line each on `out` (stdout), a CSV row, an overlay PNG.
-    `options`: batch_size, gradcam (a folder or None), json."""
-    counts = {"files": len(files), "screened": 0, "refused": 0, "failed": 0}
-    rows = batch.screen(
-        ((path, path) for path in files),
-        options.batch_size,
-        display_side=GRADCAM_MAX_SIDE if options.gradcam else None,
-        with_gradcam=bool(options.gradcam),
-    )
-    for index, row in enumerate(rows, start=1):
-        overlay_path = write_overlay(options.gradcam, index, row) if options.gradcam else None
-        if table is not None:
-            table.write(row, *([overlay_path or ""] if options.gradcam else []))
-        with progress.external_write_mode(file=out):  # the bar (a tqdm) cleared for the line, then redrawn
-            print(prediction_line(row, batch.classifier, options.json), file=out, flush=True)
-        progress.update()
-        kind = "screened" if row.probability is not None else "refused" if row.refused else "failed"
-        counts[kind] += 1
-    return counts

@@ -14,32 +14,22 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from pneumonia.archive.sources import PATH_COLUMN, file_system
-from pneumonia.serving.results import CSV_COLUMNS, SPREADSHEET_FORMULA_STARTS, csv_fields
+from pneumonia.serving.result_formats import CSV_COLUMNS, DECIMALS, result_values, stored_outcome, text_cell
+from pneumonia.serving.screening import FAILED, Tally
 
 PART_PREFIX, PART_SUFFIX, TEMPORARY_PREFIX = "part-", ".parquet", ".tmp-"
 COLUMNS = (PATH_COLUMN, *CSV_COLUMNS)
-NUMBERS = {"probability": 6, "threshold_default": 6, "threshold_screening": 6, "ood_score": 3}  # CSV decimals
 
 
 def schema():
     import pyarrow as pa
 
-    return pa.schema([(name, pa.float64() if name in NUMBERS else pa.string()) for name in COLUMNS])
+    return pa.schema([(name, pa.float64() if name in DECIMALS else pa.string()) for name in COLUMNS])
 
 
 def record(row, thresholds: dict[str, float], gated: bool) -> dict:
-    """One ScreenedImage as a Parquet row: csv_fields' cells, the numbers unrounded."""
-    cells = dict(zip(CSV_COLUMNS, csv_fields(row, thresholds, gated)))
-    values = {name: (text or None) for name, text in cells.items()}
-    verdict = row.verdict
-    values.update(
-        probability=row.probability,
-        threshold_default=float(thresholds["default"]),
-        threshold_screening=float(thresholds["screening"]),
-        ood_score=None if verdict is None or verdict.score is None else float(verdict.score),
-        error=row.error,
-    )
-    return {PATH_COLUMN: row.name, **values}
+    """One ScreenedImage as a Parquet row: its result values, the numbers unrounded."""
+    return {PATH_COLUMN: row.name, **result_values(row, thresholds, gated)}
 
 
 def part_name(paths: Iterable[str]) -> str:
@@ -107,40 +97,21 @@ TALLIED = (PATH_COLUMN, "probability", "ood_verdict", "error")
 
 
 @dataclass
-class Tally:
-    files: int = 0
-    screened: int = 0
-    refused: int = 0
-    failed: int = 0
+class ArchiveTally(Tally):
     errors: list[dict] = field(default_factory=list)  # the first few unreadable files: path, error
 
 
-def tally(table, wanted: set[str] | None = None, max_errors: int = 100) -> Tally:
-    """Counts as `predict` counts: screened (a probability), refused by the gate (a verdict, no
-    probability), unreadable (neither)."""
-    counts = Tally()
+def tally(table, wanted: set[str] | None = None, max_errors: int = 100) -> ArchiveTally:
+    """The outcomes of the rows under DIR (of the `wanted` paths), read back from their columns."""
+    counts = ArchiveTally()
     for path, probability, verdict, error in zip(*(table.column(c).to_pylist() for c in TALLIED)):
         if wanted is not None and path not in wanted:
             continue
-        counts.files += 1
-        if probability is not None:
-            counts.screened += 1
-        elif verdict:
-            counts.refused += 1
-        else:
-            counts.failed += 1
-            if len(counts.errors) < max_errors:
-                counts.errors.append({PATH_COLUMN: path, "error": error})
+        outcome = stored_outcome(probability, verdict)
+        counts.count(outcome)
+        if outcome == FAILED and len(counts.errors) < max_errors:
+            counts.errors.append({PATH_COLUMN: path, "error": error})
     return counts
-
-
-def _cell(value, column: str) -> str:
-    if value is None:
-        return ""
-    if column in NUMBERS:
-        return f"{value:.{NUMBERS[column]}f}"
-    text = str(value)
-    return f"'{text}" if text.startswith(SPREADSHEET_FORMULA_STARTS) else text
 
 
 def write_csv(out_dir: str, stream: IO[str], wanted: set[str] | None = None) -> int:
@@ -154,6 +125,6 @@ def write_csv(out_dir: str, stream: IO[str], wanted: set[str] | None = None) -> 
         table = pq.read_table(name, filesystem=system, schema=schema())
         for values in zip(*(table.column(c).to_pylist() for c in COLUMNS)):
             if wanted is None or values[0] in wanted:
-                writer.writerow([_cell(v, c) for v, c in zip(values, COLUMNS)])
+                writer.writerow([text_cell(v, c) for v, c in zip(values, COLUMNS)])
                 written += 1
     return written

@@ -20,7 +20,7 @@ from pneumonia.serving.card import ModelCard
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
 from pneumonia.serving.gate import OutOfDistribution, Verdict
 from pneumonia.serving.gradcam import check_map_size, overlay
-from pneumonia.serving.screening import BatchScreener, ScreenedImage
+from pneumonia.serving.screening import FAILED, REFUSED, SCREENED, BatchScreener, ScreenedImage, Screening
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -38,15 +38,27 @@ ENCODE_PARAMS = {
 
 
 @dataclass
-class Screening:
-    probability: float
-    labels: dict[str, str]  # threshold name -> class
+class UploadResult:
+    """One upload's screening (screened: the other outcomes are raised) and its Grad-CAM images."""
+
+    screening: Screening
     gradcam_target: str  # the class whose evidence the heatmap shows
     localised: bool  # False when Grad-CAM found no positive evidence (an all-zero map)
-    ood: Verdict | None = None  # None when the model has no gate
     overlay: bytes | None = None  # encoded, display size
     original: bytes | None = None  # encoded JPEG, display size
     timing_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def probability(self) -> float:
+        return self.screening.probability
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.screening.labels
+
+    @property
+    def ood(self) -> Verdict | None:  # None when the model has no gate
+        return self.screening.verdict
 
 
 class Screener:
@@ -72,28 +84,23 @@ class Screener:
         """One upload through the one screening pipeline, with Grad-CAM; raises XrayReadError for
         unreadable input and OutOfDistribution for what the gate refuses."""
         [row] = self.batch.screen_chunk([("the upload", data)], display_side=display_side, with_gradcam=True)
-        if row.probability is None:
-            if row.refused:
-                raise OutOfDistribution(row.verdict)
-            if row.unexpected:
+        if row.outcome == REFUSED:
+            raise OutOfDistribution(row.verdict)
+        if row.outcome == FAILED:
+            if row.screening.unexpected:
                 raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
             raise XrayReadError(row.error)
         return row
 
     def screen(
         self, data: bytes, overlay_format: str | None = None, max_side: int = 1024, with_original: bool = False
-    ) -> Screening:
-        """Image bytes -> Screening. `overlay_format` ".jpg" or ".png" renders the overlay
+    ) -> UploadResult:
+        """Image bytes -> UploadResult. `overlay_format` ".jpg" or ".png" renders the overlay
         (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
         OutOfDistribution for what the gate refuses."""
         row = self.screened_row(data, max_side if overlay_format else None)
-        result = Screening(
-            row.probability,
-            row.labels,
-            row.labels["default"],
-            localised=bool(row.heat.max() > 0),
-            ood=row.verdict,
-            timing_ms=row.timing_ms,
+        result = UploadResult(
+            row.screening, row.labels["default"], localised=bool(row.heat.max() > 0), timing_ms=row.timing_ms
         )
         if overlay_format:
             started = time.perf_counter()
@@ -119,6 +126,25 @@ class Screener:
         scale = min(1.0, thumbnail_side / max(row.display.shape))
         size = (max(1, round(row.display.shape[1] * scale)), max(1, round(row.display.shape[0] * scale)))
         return encoded, _encode(cv2.resize(row.display, size, interpolation=cv2.INTER_AREA), ".jpg")
+
+
+def result_json(screening: Screening, screener: Screener) -> dict:
+    """A screening as the API answers it, for one upload or a batch's file: the probability (null
+    unless screened), its shown text, the labels and thresholds when screened; the gate's `ood` when
+    screened or refused; the error when it was not screened."""
+    answer: dict = {"probability": screening.probability}
+    if screening.outcome == SCREENED:
+        answer.update(
+            probability_text=screener.card.shown_probability(screening.probability),
+            label=screening.labels["default"],
+            screening_label=screening.labels["screening"],
+            thresholds=screener.classifier.thresholds,
+        )
+    if screening.outcome in (SCREENED, REFUSED):
+        answer["ood"] = ood_json(screening.verdict, screener)
+    if screening.error:
+        answer["error"] = screening.error
+    return answer
 
 
 def ood_json(verdict: Verdict | None, screener: Screener) -> dict:

@@ -14,7 +14,7 @@ from pneumonia.errors import XrayReadError
 from pneumonia.serving.gate import EXPECTED, OutOfDistribution
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.rate_limit import retry_after_s
-from pneumonia.web.screening import ModelNotReady, current_screener, ood_json
+from pneumonia.web.screener import ModelNotReady, current_screener, ood_json
 from pneumonia.web.uploads import MalformedBody, UploadError
 
 HTTP_MESSAGES = {
