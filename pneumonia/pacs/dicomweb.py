@@ -116,8 +116,9 @@ def retry_policy(connection: Connection) -> Backoff:
     """`connection.retries` retries of connection errors, timeouts, 429 and 5xx. Only the idempotent
     methods (GET: QIDO-RS, WADO-RS) are sent again once the PACS may have received them: a STOW-RS POST
     is retried when its connection could not be made or the PACS answered 429 (it refused the request),
-    never after a timeout, a dropped connection or another status. The last answer of a status that is still failing is returned as it is (dicomweb-client
-    raises it, with its status); errors that are neither of a connection nor of a read (TLS) are not retried."""
+    never after a timeout, a dropped connection or another status. The last answer of a status that is still
+    failing is returned as it is (dicomweb-client raises it, with its status); errors that are neither of a
+    connection nor of a read (TLS) are not retried."""
     return Backoff(
         total=connection.retries,
         other=0,

@@ -220,9 +220,13 @@ BATCH_EXAMPLE = [
     {"index": 1, "filename": "b.png", "status": 422, "probability": None, "ood": COLOUR_VERDICT}
     | {"error": COLOUR_REFUSAL, "notice": NOTICE},
     {"index": 2, "filename": "c.txt", "status": 415, "probability": None}
-    | {"error": "Not a supported image type. Upload a JPEG, PNG, BMP, TIFF or DICOM file.", "notice": NOTICE},
+    | {"error": "The upload is not a supported image type. Upload a JPEG, PNG, BMP, TIFF or DICOM file."}
+    | {"notice": NOTICE},
     {"index": 3, "filename": "d.jpeg", "status": 400, "probability": None}
-    | {"error": "the upload could not be read as an image: Truncated File Read", "notice": NOTICE},
+    | {
+        "error": "The image is corrupt or truncated (image file is truncated (7 bytes not processed)).",
+        "notice": NOTICE,
+    },
 ]
 
 PREDICT_BATCH = Operation(
