@@ -30,12 +30,13 @@ pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r re
 
 STUDY, SERIES = generate_uid(), generate_uid()
 DROP = "drop"
+BROKEN = "broken"  # headers and half the body, then the connection closed
 
 
 class StubPacs(BaseHTTPRequestHandler):
     """Answers (method, path prefix) from `routes`: (status, content type, body[, headers]), or a list of
     them given in turn (the last one from then on), or DROP (the connection closed unanswered); 404
-    otherwise. `times` gets the monotonic time of each request."""
+    otherwise; BROKEN (a 200 whose body breaks off). `times` gets the monotonic time of each request."""
 
     routes: dict = {}
     hits: list = []
@@ -50,8 +51,14 @@ class StubPacs(BaseHTTPRequestHandler):
         self.accepts.append(self.headers.get("Accept"))
         self.times.append(time.monotonic())
         answer = self._route()
-        if answer == DROP:
+        if answer in (DROP, BROKEN):
             self.close_connection = True
+            if answer == BROKEN:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b"[{")
             return
         status, content_type, body, *headers = answer
         self.send_response(status)
@@ -220,6 +227,17 @@ def test_a_stow_refused_with_429_is_sent_again_after_its_retry_after():
     with stub_pacs({("POST", "/dicom-web/studies/"): limited}, times=times) as (url, hits):
         client(url, backoff_s=0.01).store(STUDY, [small_dicom()])
     assert hits == [("POST", f"/dicom-web/studies/{STUDY}")] * 2 and gaps(times)[0] >= 1.0
+
+
+def test_an_answer_that_breaks_off_is_asked_for_again_and_then_named(caplog):
+    found = [BROKEN, (200, "application/dicom+json", instance_json("1.2"))]
+    with stub_pacs({("GET", "/dicom-web/instances"): found}) as (url, hits):
+        assert [first_value(item, "00080018") for item in client(url).search_instances(None, {}, ())] == ["1.2"]
+    assert len(hits) == 2 and retries_logged(caplog)[0].startswith("GET: try 1 failed (its answer broke off)")
+    with stub_pacs({("GET", "/dicom-web/instances"): BROKEN}) as (url, hits):
+        with pytest.raises(PacsUnreachable, match="search for images: .*ChunkedEncodingError.*; its answer broke off$"):
+            list(client(url).search_instances(None, {}, ()))
+    assert len(hits) == 3  # the first try and --retries 2 more
 
 
 def test_an_unreachable_pacs_is_tried_again_and_then_named_with_the_tries(caplog):

@@ -17,6 +17,7 @@ may quote patient data in it):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -71,12 +72,27 @@ class Connection:
 
 
 class PacsSession(requests.Session):
-    """A session that passes its `verify` with every request. dicomweb-client passes none, and requests
-    then lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE replace the session's own: --ca-bundle and --insecure
-    would do nothing wherever they are set. (An explicit True still takes the environment's bundle.)"""
+    """A session that asks again for a GET whose answer broke off after its headers (requests reads the
+    body after urllib3's retries are done, so they never see it), as often and with the waits of the
+    adapter's `Retry` (`retry`); and that passes its `verify` with every request: dicomweb-client passes
+    none, and requests then lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE replace the session's own, so
+    --ca-bundle and --insecure would do nothing wherever they are set. (An explicit True still takes the
+    environment's bundle.)"""
+
+    retry: Retry = Retry(0)  # session_of gives it the connection's policy
 
     def request(self, method, url, *args, **kwargs):
         kwargs.setdefault("verify", self.verify)
+        if method != "GET":
+            return super().request(method, url, *args, **kwargs)
+        retry = self.retry
+        for broken in range(retry.total or 0):
+            try:
+                return super().request(method, url, *args, **kwargs)
+            except requests.exceptions.ChunkedEncodingError:
+                wait = retry.backoff_factor * 2**broken
+                LOG.warning("GET: try %d failed (its answer broke off); retrying in %.1f s", broken + 1, wait)
+                time.sleep(wait)
         return super().request(method, url, *args, **kwargs)
 
 
@@ -131,7 +147,8 @@ def retry_policy(connection: Connection) -> Backoff:
 def session_of(connection: Connection) -> PacsSession:
     session = PacsSession()
     session.verify = connection.verify
-    adapter = HTTPAdapter(max_retries=retry_policy(connection))
+    session.retry = retry_policy(connection)
+    adapter = HTTPAdapter(max_retries=session.retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     if connection.token:
@@ -238,7 +255,7 @@ class DicomWeb:
 
     def _unreachable(self, what: str, err: requests.RequestException) -> PacsUnreachable:
         """After the retries ran out, or a failure that was not retried: a POST the PACS may have received,
-        or an answer that broke off after its headers (requests reads the body past urllib3's retries)."""
+        or an answer that broke off after its headers every time it was asked for (`PacsSession`)."""
         exhausted = err.args[0] if err.args and isinstance(err.args[0], MaxRetryError) else None
         failure = self._failure(err, exhausted.reason if exhausted else err)
         if exhausted:
