@@ -11,10 +11,10 @@ from flask import Blueprint, current_app, jsonify, request
 
 from pneumonia.web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
-from pneumonia.web.dicom_results import dicom_results, result_form
+from pneumonia.web.dicom_results import dicom_results
 from pneumonia.web.openapi import document, documented
 from pneumonia.web.operations import HEALTH, OPENAPI, PREDICT, PREDICT_BATCH
-from pneumonia.web.queries import flag, overlay_format
+from pneumonia.web.queries import flag, overlay_format, result_form
 from pneumonia.web.schemas import NOTICE
 from pneumonia.web.screener import current_screener, result_json
 from pneumonia.web.uploads import UploadError, read_upload

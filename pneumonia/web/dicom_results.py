@@ -21,16 +21,7 @@ from pneumonia.web.capacity import model_slot
 from pneumonia.web.uploads import UploadError, read_upload
 
 DICOM = "application/dicom"
-RESULT_FORMS = ("json", "dicom-sr", "dicom")
 PACS_EXTRA = "pip install .[pacs] (or pip install -r requirements-pacs.txt)"
-
-
-def result_form() -> str:
-    """?result=json (the default), dicom-sr or dicom; 400 for anything else."""
-    form = request.args.get("result", "json").lower()
-    if form not in RESULT_FORMS:
-        raise UploadError(400, f"result={form}: choose one of {', '.join(RESULT_FORMS)}.")
-    return form
 
 
 def report_builders():

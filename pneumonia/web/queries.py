@@ -16,6 +16,7 @@ NO = ("0", "false", "no")
 # docs/performance.md). PNG, lossless, on request.
 OVERLAY_FORMATS = {"png": ".png", "jpeg": ".jpg"}
 DEFAULT_OVERLAY = "jpeg"
+RESULT_FORMS = ("json", "dicom-sr", "dicom")
 
 
 def flag(name: str, default: bool) -> bool:
@@ -28,12 +29,23 @@ def flag(name: str, default: bool) -> bool:
     return value.lower() in YES
 
 
+def choice(name: str, choices, default: str) -> str:
+    """?name= as one of `choices`, any case; `default` when absent; 400 for anything else."""
+    value = request.args.get(name, default).lower()
+    if value not in choices:
+        raise UploadError(400, f"{name}={value}: choose one of {', '.join(choices)}.")
+    return value
+
+
 def overlay_format() -> tuple[str, str]:
-    """(field suffix, encoder extension) from ?overlay=jpeg|png; 400 for anything else."""
-    name = request.args.get("overlay", DEFAULT_OVERLAY).lower()
-    if name not in OVERLAY_FORMATS:
-        raise UploadError(400, f"overlay={name}: choose one of {', '.join(OVERLAY_FORMATS)}.")
+    """(field suffix, encoder extension) from ?overlay=jpeg|png."""
+    name = choice("overlay", OVERLAY_FORMATS, DEFAULT_OVERLAY)
     return name, OVERLAY_FORMATS[name]
+
+
+def result_form() -> str:
+    """?result=json (the default), dicom-sr or dicom (pneumonia/web/dicom_results.py answers the DICOM ones)."""
+    return choice("result", RESULT_FORMS, "json")
 
 
 def any_case(words) -> str:

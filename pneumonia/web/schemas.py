@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
-from pneumonia.web.dicom_results import RESULT_FORMS
-from pneumonia.web.queries import DEFAULT_OVERLAY, NO, OVERLAY_FORMATS, YES, any_case
+from pneumonia.web.queries import DEFAULT_OVERLAY, NO, OVERLAY_FORMATS, RESULT_FORMS, YES, any_case
 
 NOTICE = "Research tool, not a medical device."
 Label = Literal["NORMAL", "PNEUMONIA"]
