@@ -124,6 +124,111 @@ def bad_header_dicom(**tags) -> bytes:
     return _part10(ds, "1.2.840.10008.1.2.1", body)
 
 
+def _jpeg(image, **options) -> bytes:
+    from PIL import Image  # noqa: F401  (the caller's image is a PIL image)
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a JPEG, an SOS segment running to the end of its
+    entropy-coded data (to the next marker that is neither a stuffed 0xFF00 nor a restart marker)."""
+    segments, position = [], 2
+    while position + 2 <= len(data):
+        marker = data[position + 1]
+        if marker == 0xD9:  # EOI
+            segments.append((marker, position, position + 2))
+            break
+        end = position + 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+        if marker == 0xDA:
+            while True:
+                end = data.index(b"\xff", end)
+                if data[end + 1] not in (0x00, *range(0xD0, 0xD8)):
+                    break
+                end += 2
+        segments.append((marker, position, end))
+        position = end
+    return segments
+
+
+def jpeg_declaring(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG `data` with its SOF segment declaring `width` x `height`: the scans stay those of the
+    real, small image, so the file is as small as before (the 795-byte coefficient-buffer bomb)."""
+    for marker, start, _ in jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[: start + 5] + struct.pack(">HH", height, width) + data[start + 9 :]
+    raise ValueError("no SOF segment")
+
+
+def progressive_jpeg_declaring(side: int = SIDE) -> bytes:
+    """A 64 x 64 progressive 4:4:4 colour JPEG whose SOF declares side x side: libjpeg allocates the
+    coefficient buffer of the whole declared image before it reads a scan."""
+    from PIL import Image
+
+    small = Image.new("RGB", (64, 64), (120, 60, 200))
+    return jpeg_declaring(_jpeg(small, progressive=True, subsampling=0, quality=50), side, side)
+
+
+def large_progressive_jpeg(side: int = 7_000) -> bytes:
+    """A real side x side progressive RGB JPEG (a smooth gradient, so it stays under a megabyte): drafted
+    to an eighth it still needs its full-size coefficient buffer."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    grey = ((ramp[:, None] + ramp[None, :]) / 2).astype(np.uint8)  # (side, side)
+    image = Image.fromarray(np.stack([grey, grey[::-1], grey.T], axis=-1), "RGB")
+    return _jpeg(image, progressive=True, quality=30)
+
+
+def repeated_scan_jpeg(scans: int = 10_000, side: int = 2_048) -> bytes:
+    """A side x side progressive greyscale JPEG whose last scan is repeated `scans` times: each
+    repetition is a few bytes, each costs the decoder a pass over the whole image."""
+    from PIL import Image
+
+    image = Image.linear_gradient("L").resize((side, side))
+    data = _jpeg(image, progressive=True, quality=50)
+    *_, (_, start, end), (_, eoi, _) = jpeg_segments(data)
+    return data[:end] + data[start:end] * (scans - 1) + data[eoi:]
+
+
+def tiff_with_one_tile(side: int = 4_096, tile: int = 16_384) -> bytes:
+    """A 16-bit greyscale LZW TIFF of side x side pixels stored as one tile x tile tile: about a kilobyte,
+    and the tile's buffer is what the decoder allocates (512 MiB at 16,384 px)."""
+    entries = [  # (tag, type, value): type 3 SHORT, 4 LONG
+        (256, 4, side), (257, 4, side), (258, 3, 16), (259, 3, 5), (262, 3, 1), (277, 3, 1),
+        (322, 4, tile), (323, 4, tile), (324, 4, 0), (325, 4, 0),
+    ]  # fmt: skip
+    data_offset = 8 + 2 + 12 * len(entries) + 4
+    strip = b"\x80\x00" + b"\x00" * 1000  # an LZW clear code, then little else: decoding runs out of data
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = {324: data_offset, 325: len(strip)}.get(tag, value)
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip
+
+
+def png_with_chunk(kind: bytes = b"zTXt", inflated: int = 2 * 1024 * 1024) -> bytes:
+    """A small valid greyscale PNG carrying an ancillary `kind` chunk (zTXt, iTXt or iCCP) whose
+    compressed text or profile inflates to `inflated` bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 100).save(buffer, "PNG")
+    plain = buffer.getvalue()
+    packed = zlib.compress(b"\x00" * inflated, 9)
+    payload = {
+        b"zTXt": b"Comment\x00\x00" + packed,
+        b"iTXt": b"Comment\x00\x01\x00\x00\x00" + packed,
+        b"iCCP": b"profile\x00\x00" + packed,
+    }[kind]
+    ihdr_end = 8 + 25  # signature, then IHDR (length, type, 13 bytes, CRC)
+    return plain[:ihdr_end] + _png_chunk(kind, payload) + plain[ihdr_end:]
+
+
 # name -> (builder, query string): what `load_test.py` and the tests send.
 BOMBS = {
     "png 16-bit 7700x7700": (lambda: png_of_zeros(), ""),
@@ -135,20 +240,32 @@ BOMBS = {
     "dicom rle 5900x5900": (lambda: rle_dicom(5_900, 5_900, 2), ""),
 }
 
+# What the decoders' own buffers and loops take, past any header check (issue 39): what the decoding
+# sandbox must bound (pneumonia/serving/sandbox.py).
+DECODER_BOMBS = {
+    "jpeg progressive declaring 7700x7700": (lambda: progressive_jpeg_declaring(), ""),
+    "tiff 16-bit one 16384 px tile": (lambda: tiff_with_one_tile(), ""),
+    "jpeg progressive 7000x7000": (lambda: large_progressive_jpeg(), ""),
+    "jpeg one scan 10000 times": (lambda: repeated_scan_jpeg(), ""),
+    "png zTXt inflating to 2 MB": (lambda: png_with_chunk(b"zTXt"), ""),
+    "png iTXt inflating to 2 MB": (lambda: png_with_chunk(b"iTXt"), ""),
+    "png iCCP inflating to 2 MB": (lambda: png_with_chunk(b"iCCP"), ""),
+}
+
 # The largest inputs the budget lets through, each the worst of its kind for memory: what a decode
 # at the limit costs (`python -m bench.bombs --limit`).
 AT_THE_LIMIT = {
-    "png 16-bit 5700x5700": (lambda: png_of_zeros(5_700), ""),
-    "png RGBA 4000x4000": (lambda: png_of_zeros(4_000, bit_depth=8, colour_type=6), ""),
-    "png grey 7700x7700": (lambda: png_of_zeros(bit_depth=8), ""),
-    "dicom deflated 4000x4000": (lambda: deflated_dicom(4_000, 4_000), ""),
+    "png 16-bit 5000x5000": (lambda: png_of_zeros(5_000), ""),
+    "png RGBA 3500x3500": (lambda: png_of_zeros(3_500, bit_depth=8, colour_type=6), ""),
+    "png grey 7000x7000": (lambda: png_of_zeros(7_000, bit_depth=8), ""),
+    "dicom deflated 3500x3500": (lambda: deflated_dicom(3_500, 3_500), ""),
     "dicom rle 4000x4000": (lambda: rle_dicom(4_000, 4_000, 1), ""),
 }
 
 
 def build(name: str) -> tuple[bytes, str]:
     """(the file, the query string to send it with)."""
-    builder, query = {**BOMBS, **AT_THE_LIMIT}[name]
+    builder, query = {**BOMBS, **AT_THE_LIMIT, **DECODER_BOMBS}[name]
     return builder(), query
 
 

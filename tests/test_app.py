@@ -198,7 +198,14 @@ def test_api_predict_returns_the_documented_json(client, ungated_model_dir):
     jpeg = base64.b64decode(body["gradcam_jpeg"])  # JPEG unless ?overlay=png
     assert jpeg.startswith(b"\xff\xd8\xff") and decode(jpeg).shape == (410, 512, 3)  # long side bounded, 5:4 kept
     assert "gradcam_png" not in body
-    assert set(body["timing_ms"]) == {"decode", "preprocess", "model_gradcam", "overlay_encode", "total"}
+    assert set(body["timing_ms"]) == {
+        "decoder_wait",
+        "decode",
+        "preprocess",
+        "model_gradcam",
+        "overlay_encode",
+        "total",
+    }
     assert "not a medical device" in body["notice"]
 
 
@@ -292,7 +299,7 @@ def test_unexpected_errors_give_a_500_without_traceback_and_log_without_the_imag
     def explode(self, data, *args, **kwargs):
         raise RuntimeError(f"bug while handling {data!r}")
 
-    monkeypatch.setattr("pneumonia.web.screener.Screener.screen", explode)
+    monkeypatch.setattr("pneumonia.web.screener.Screener.prepare", explode)
     client = web_app.test_client()
     with caplog.at_level("ERROR"):
         page = client.post("/predict", data=upload(secret))

@@ -24,7 +24,6 @@ from bench.bombs import BOMBS, bad_header_dicom, build, deflated_dicom, oversize
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.budget import MAX_DECODED_BYTES, STRIP_BYTES, range_to_uint8
 from pneumonia.reading.decoding import decode_xray
-from pneumonia.web.batch import pixel_chunks
 
 REFUSED_OR_SCREENED = {400, 413, 415, 422}  # 413 only for a body over MAX_CONTENT_LENGTH
 
@@ -59,8 +58,8 @@ def test_of_many_frames_only_the_first_is_decoded(bombs):
 
 def test_a_deflated_dicom_that_lies_about_its_size_is_refused_once_it_inflates_past_the_cap():
     """Its header declares 64 x 64 pixels; its Pixel Data inflates to 200 MB: inflated in pieces, and
-    refused at the cap (33 MiB) before pydicom would inflate the whole."""
-    with pytest.raises(XrayReadError, match="inflates to more than 33 MiB"):
+    refused at the cap (25 MiB) before pydicom would inflate the whole."""
+    with pytest.raises(XrayReadError, match="inflates to more than 25 MiB"):
         decode_xray(deflated_dicom(64, 64, size=200_000_000))
     assert decode_xray(deflated_dicom(64, 64))[0].size == (64, 64)  # one that says the truth is decoded
 
@@ -151,26 +150,12 @@ def test_greyscale_by_strips_equals_pillows_whole_image_conversion(mode):
 
 def test_a_batch_declaring_too_many_pixels_is_a_413_before_any_decode(fresh_shipped_app, bombs, monkeypatch):
     fresh_shipped_app.config["BATCH_MAX_PIXELS"] = 100_000_000
-    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a file of a refused batch"))
+    sandbox = fresh_shipped_app.extensions["decoding_sandbox"]
+    monkeypatch.setattr(sandbox, "prepare", lambda *args, **kwargs: pytest.fail("decoded a file of a refused batch"))
     data = bombs["png 16-bit 7700x7700"][0]
     form = {"file": [(io.BytesIO(data), f"{index}.png") for index in range(2)]}  # 2 x 59.3 Mpx declared
     response = fresh_shipped_app.test_client().post("/api/predict/batch", data=form)
     assert response.status_code == 413 and "119 megapixels" in response.get_json()["error"]
-
-
-@pytest.mark.parametrize(
-    ("pixels", "size", "chunk_lengths"),
-    [
-        ([1_000_000] * 10, 8, [8, 2]),  # small files: by count, as before
-        ([59_000_000, 2_000_000, 1_000_000], 8, [1, 2]),  # one large image is a chunk of its own
-        ([30_000_000, 30_000_000, 1], 8, [2, 1]),  # 60 Mpx fills a chunk
-        ([0, 0, 0], 2, [2, 1]),  # unreadable headers count nothing
-    ],
-)
-def test_chunks_end_at_the_file_count_or_one_large_images_pixels(pixels, size, chunk_lengths):
-    pending = [(index, b"") for index in range(len(pixels))]
-    chunks = pixel_chunks(pending, pixels, size)
-    assert [len(chunk) for chunk in chunks] == chunk_lengths and sum(chunks, []) == pending
 
 
 # --- DICOM headers, fuzzed ---------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_map_has_the_card_layer_size_and_stays_in_range(tiny_screener, ungated_m
 def test_probability_matches_the_package_classifier(tiny_screener, ungated_model_dir):
     data = encode_image(_pneumonia_image(1).resize((200, 160)), "PNG")
     expected = probability_of(XrayClassifier(ungated_model_dir), data)
-    assert tiny_screener.screen(data).probability == pytest.approx(expected, abs=1e-6)
+    assert tiny_screener.screen(tiny_screener.prepare(data, None)).probability == pytest.approx(expected, abs=1e-6)
 
 
 def test_heatmap_flips_to_the_evidence_for_normal():
@@ -122,7 +122,7 @@ def test_hot_area_lands_on_the_pneumonia_blob(gap_screener):
 
 def test_normal_prediction_explains_normal(gap_screener):
     data = encode_image(synthetic_xray(0, np.random.default_rng(7), 64), "PNG")
-    result = gap_screener.screen(data, ".png")
+    result = gap_screener.screen(gap_screener.prepare(data, 1024), ".png")
     assert result.labels["default"] == "NORMAL" and result.gradcam_target == "NORMAL"
 
 
@@ -130,7 +130,7 @@ def test_overlay_keeps_the_xray_aspect_and_puts_the_heat_over_the_blob(gap_scree
     """A 240x160 (3:2) X-ray: the model sees it squashed square, the overlay is 3:2 again
     and its hottest (reddest) pixels sit over the blob."""
     image = _pneumonia_image(20).resize((240, 160), Image.Resampling.BILINEAR)
-    result = gap_screener.screen(encode_image(image, "PNG"), ".png", max_side=120, with_original=True)
+    result = gap_screener.screen(gap_screener.prepare(encode_image(image, "PNG"), 120), ".png", with_original=True)
     assert result.gradcam_target == "PNEUMONIA" and result.localised
     blended = cv2.imdecode(np.frombuffer(result.overlay, np.uint8), cv2.IMREAD_COLOR)  # BGR
     original = cv2.imdecode(np.frombuffer(result.original, np.uint8), cv2.IMREAD_GRAYSCALE)

@@ -57,6 +57,8 @@ COPIED_FROM_SOURCE = (
 
 # What a result must reference: the image's study, series and instance (Type 1 in every image IOD).
 REQUIRED_FROM_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+# Every element of the source a result reads (`reference_dataset`): what the decoding sandbox hands out of a header.
+SOURCE_KEYWORDS = tuple(dict.fromkeys((*COPIED_FROM_SOURCE, *REQUIRED_FROM_SOURCE, "PatientOrientation")))
 
 
 class UnreferableImage(ValueError):

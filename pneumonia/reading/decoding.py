@@ -13,6 +13,7 @@ training cache decodes so too: every path gives the model the same square for th
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.budget import check_decoded_bytes, rows_to_uint8, strips
-from pneumonia.reading.dicom import DICOM_MAGIC_OFFSET, dicom_to_image, is_dicom
 from pneumonia.reading.dicom import declared_pixels as dicom_declared_pixels
+from pneumonia.reading.dicom import dicom_to_image, is_dicom
 from pneumonia.reading.pixel_stats import PixelStats, grey_spread, mean_chroma
 
 Source = bytes | bytearray | str | Path
@@ -60,21 +61,23 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def _open_image(source: Source, bytes_name: str) -> Image.Image:
-    """Opens without decoding pixels, so size checks happen before any large allocation."""
+def _source_bytes(source: Source, bytes_name: str) -> tuple[bytes, str]:
+    """(the bytes, what messages call them): `bytes_name` for bytes, the path for a file."""
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise XrayReadError("The file is empty.")
-        stream = io.BytesIO(source)
-        name = bytes_name
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise XrayReadError(f"No such image file: {path}")
-        if path.stat().st_size == 0:
-            raise XrayReadError(f"{path} is empty.")
-        stream = path  # Pillow opens it, and closes it once the pixels are read or on error
-        name = str(path)
+        return bytes(source), bytes_name
+    path = Path(source)
+    if not path.is_file():
+        raise XrayReadError(f"No such image file: {path}")
+    if path.stat().st_size == 0:
+        raise XrayReadError(f"{path} is empty.")
+    return path.read_bytes(), str(path)
+
+
+def _open_image(data: bytes, name: str) -> Image.Image:
+    """Opens without decoding pixels, so size checks happen before any large allocation."""
+    stream = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -83,8 +86,8 @@ def _open_image(source: Source, bytes_name: str) -> Image.Image:
         if isinstance(err, UnidentifiedImageError):
             raise XrayReadError(f"{name} is not a supported image (JPEG, PNG, BMP, TIFF or DICOM).") from None
         raise XrayReadError(f"{name} declares too many pixels to be an X-ray; refused before decoding.") from None
-    except OSError as err:
-        raise XrayReadError(f"{name} could not be read as an image: {err}") from None
+    except (OSError, ValueError) as err:  # ValueError: a PNG text or ICC chunk that inflates too far
+        raise XrayReadError(f"{name[:1].upper()}{name[1:]} could not be read as an image: {err}") from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
@@ -148,19 +151,6 @@ def _upright(grey: Image.Image, orientation: int | None) -> Image.Image:
     return grey if method is None else grey.transpose(method)
 
 
-def _dicom_bytes(source: Source) -> bytes | None:
-    """The bytes of a DICOM source (by its 'DICM' preamble), else None."""
-    if isinstance(source, (bytes, bytearray)):
-        return bytes(source) if is_dicom(source) else None
-    path = Path(source)
-    if path.is_file():
-        with path.open("rb") as handle:
-            head = handle.read(DICOM_MAGIC_OFFSET + 4)
-        if is_dicom(head):
-            return path.read_bytes()
-    return None
-
-
 def _draft(image: Image.Image, model_side: int | None) -> None:
     """A JPEG not yet decoded: ask libjpeg for the smallest DCT scale that leaves both sides at least
     DRAFT_MARGIN x model_side and DRAFT_MIN_SIDE (none when model_side is None)."""
@@ -174,6 +164,37 @@ def _draft(image: Image.Image, model_side: int | None) -> None:
             return
 
 
+# A progressive JPEG may carry any number of scans, each costing a pass over the whole image (one scan
+# repeated 10,000 times took 24 to 56 s to decode: issue 39). Encoders write about ten (libjpeg's
+# default script: 10 for colour, 6 for grey); libjpeg-turbo's own tools cap untrusted input at 500.
+MAX_JPEG_SCANS = 100
+
+
+def check_decoder_buffers(image: Image.Image, data: bytes) -> None:
+    """XrayReadError for what a decoder would allocate beyond the decoded image, read from the headers:
+    a progressive JPEG's whole-image coefficient buffer (kept at full size whatever the DCT scale) and
+    its number of scans, a TIFF's tile buffer (allocated whole, however small the image)."""
+    if image.format == "JPEG" and image.info.get("progressive"):
+        scans = data.count(b"\xff\xda")  # entropy-coded data never holds FF DA (an FF there is followed by 00 or RST)
+        if scans > MAX_JPEG_SCANS:
+            raise XrayReadError(
+                f"The JPEG has {scans:,} scans; an X-ray has about ten and at most {MAX_JPEG_SCANS} are decoded. "
+                "Refused before decoding."
+            )
+        check_decoded_bytes("The progressive JPEG's coefficient buffer", *image.size, _coefficient_bytes(image))
+    tile = getattr(image, "tag_v2", {}).get(322), getattr(image, "tag_v2", {}).get(323)  # TileWidth, TileLength
+    if image.format == "TIFF" and all(tile):
+        check_decoded_bytes("One tile of the TIFF", int(tile[0]), int(tile[1]), STORED_BYTES.get(image.mode, 4))
+
+
+def _coefficient_bytes(image: Image.Image) -> int:
+    """Bytes per pixel of a JPEG's coefficient buffer, rounded up: 2 bytes a coefficient for each
+    component, scaled by its sampling factors (4:2:0 colour: 3 bytes a pixel; 4:4:4: 6)."""
+    layers = image.layer or [("", 1, 1, 0)]  # (component id, h, v, quantisation table)
+    h_max, v_max = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
+    return math.ceil(sum(2 * h * v / (h_max * v_max) for _, h, v, _ in layers))
+
+
 def decode_xray(
     source: Source, model_side: int | None = None, bytes_name: str = "the upload"
 ) -> tuple[Image.Image, PixelStats]:
@@ -181,15 +202,16 @@ def decode_xray(
     and what the gate's pixel checks measure: the size as stored, the colour before the greyscale
     conversion and the grey-level spread after it. With `model_side`, a large JPEG is decoded at a
     reduced DCT scale (`_draft`); otherwise at its own size. Messages call bytes `bytes_name`, a file its path."""
-    dicom = _dicom_bytes(source)
-    if dicom is not None:
-        image, chroma = dicom_to_image(dicom, MAX_IMAGE_PIXELS), 0.0
+    data, name = _source_bytes(source, bytes_name)
+    if is_dicom(data):
+        image, chroma = dicom_to_image(data, MAX_IMAGE_PIXELS), 0.0
         stored_size = image.size
     else:
-        opened = _open_image(source, bytes_name)
+        opened = _open_image(data, name)
         stored_size = opened.size
-        _draft(opened, model_side)
         try:
+            check_decoder_buffers(opened, data)  # at the stored size: a DCT scale leaves the coefficients whole
+            _draft(opened, model_side)
             check_decoded_bytes("The image", *opened.size, STORED_BYTES.get(opened.mode, 4))
             orientation = opened.getexif().get(ExifTags.Base.Orientation)
             chroma = mean_chroma(opened)

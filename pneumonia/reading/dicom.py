@@ -47,6 +47,25 @@ def read_dicom(data: bytes, stop_before_pixels: bool = False):
         raise XrayReadError(f"The DICOM file could not be parsed ({type(err).__name__}).") from None
 
 
+def header_values(data: bytes, keywords) -> dict[str, str | list[str]]:
+    """The values of `keywords` in the header of DICOM bytes, as text (a multi-valued one as a list of
+    text), read without the pixels: what a result must reference, handed out of the decoding sandbox as
+    plain values rather than a dataset."""
+    from pydicom.multival import MultiValue
+
+    ds = read_dicom(data, stop_before_pixels=True)
+    values: dict[str, str | list[str]] = {}
+    for keyword in keywords:
+        try:
+            value = ds[keyword].value if keyword in ds else None
+        except Exception:  # pydicom raises many types on damaged elements
+            raise XrayReadError(f"The DICOM file's {keyword} could not be read.") from None
+        if value is None or value == "":
+            continue
+        values[keyword] = [str(item) for item in value] if isinstance(value, (MultiValue, list)) else str(value)
+    return values
+
+
 def _dataset_offset(data: bytes) -> tuple[str, int] | None:
     """(transfer syntax UID, where the dataset after the file meta starts), or None when the meta is unreadable."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -69,14 +88,14 @@ def _check_inflated_size(data: bytes) -> None:
     try:
         head = inflater.decompress(pending, INFLATE_PIECE)
         # What the header declares: most bombs are refused on it at once, without inflating the rest.
-        size = max(len(head), _declared_pixel_bytes(head))
+        declared, inflated = _declared_pixel_bytes(head), len(head)
         pending = inflater.unconsumed_tail
-        while pending and size <= cap:
-            size += len(inflater.decompress(pending, INFLATE_PIECE))
+        while pending and max(declared, inflated) <= cap:
+            inflated += len(inflater.decompress(pending, INFLATE_PIECE))
             pending = inflater.unconsumed_tail
     except zlib.error:
         return  # dcmread says the file is damaged
-    if size > cap:
+    if max(declared, inflated) > cap:
         raise XrayReadError(
             f"The deflated DICOM file inflates to more than {cap // MIB} MiB, more than a deflated image may "
             "take; refused before inflating it."

@@ -13,12 +13,17 @@ contrast normalisation to them, augments, then `normalize`s.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import cv2
 import numpy as np
 from PIL import Image
 
-from pneumonia.reading.decoding import Source, load_xray
+from pneumonia.reading.decoding import Source, decode_xray, load_xray
+from pneumonia.reading.pixel_stats import PixelStats
 from pneumonia.serving.card import CONTRASTS, Normalization, Preprocessing
+from pneumonia.serving.gradcam import display_image
 
 # keras.applications.densenet.preprocess_input ("torch" mode): what ImageNet weights expect.
 IMAGENET_NORMALIZATION = Normalization(1 / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -39,6 +44,37 @@ def resize_xray(image: Image.Image, image_size: int) -> np.ndarray:
 def xray_pixels(source: Source, image_size: int) -> np.ndarray:
     """bytes or path -> uint8 (image_size, image_size). What the training cache stores."""
     return resize_xray(load_xray(source, image_size), image_size)
+
+
+@dataclass
+class PreparedXray:
+    """What the screening pipeline needs of one file, and nothing of its decoder: what the gate's pixel
+    checks measure, the model's square and, when asked, the display copy for overlays and thumbnails."""
+
+    stats: PixelStats
+    square: np.ndarray  # uint8 (S, S): resize_xray of the decoded image
+    display: np.ndarray | None = None  # uint8 (H, W), long side <= the display side asked for
+    timing_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess
+    peak_mib: float | None = None  # in the sandbox: the most address space its child took over its start
+
+
+def prepare_xray(
+    source: Source, image_size: int, display_side: int | None = None, bytes_name: str = "the upload"
+) -> PreparedXray:
+    """bytes or path -> PreparedXray: decode_xray, then the square and the display copy from the same
+    decoded image. What a decoding child runs (pneumonia/serving/sandbox.py); the full-size image does
+    not outlive this call."""
+    started = time.perf_counter()
+    xray, stats = decode_xray(source, image_size, bytes_name)
+    decoded = time.perf_counter()
+    display = display_image(xray, display_side) if display_side else None
+    square = resize_xray(xray, image_size)
+    timing = {"decode": _ms(decoded - started), "preprocess": _ms(time.perf_counter() - decoded)}
+    return PreparedXray(stats, square, display, timing)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
 
 
 def normalize_contrast(pixels: np.ndarray, contrast: str) -> np.ndarray:

@@ -1,14 +1,16 @@
 """The one screening pipeline: X-rays in chunks through one model pass, one row per image.
 
-    (name, source) pairs ──chunks of N──> for each image, one after the other:
-        decode_xray ──gate pixel check──> resize_xray (S, S) [+ a display copy for overlays]
-        (the full-size image is dropped here, before the next file is decoded)
-    ──> the chunk's squares: model_input (N, S, S, 3) ──one compiled pass──> features, logits
+    (name, source) pairs ──chunks of N──> prepare: for each image, in the decoding sandbox
+        (a bounded child process, pneumonia/serving/sandbox.py): prepare_xray, the pixel statistics,
+        the model square (S, S) [+ a display copy for overlays] ──gate pixel check──>
+    ──> score: the chunk's squares: model_input (N, S, S, 3) ──one compiled pass──> features, logits
     ──> gate feature check, Platt calibration, labels: one ScreenedImage (its Screening) per file
 
-Memory: at most one full-size decoded image at a time, whatever the number of files; a chunk
-holds N model squares (and N display copies when Grad-CAM is wanted). A file that cannot be
-read, or that the gate refuses, is a row with its error; it never ends the run.
+Memory: no file is decoded in this process; the sandbox's child holds one full-size image at a time
+within its limits, and a chunk here holds N model squares (and N display copies when Grad-CAM is
+wanted). A file that cannot be read, that goes past a limit of the sandbox, or that the gate refuses
+is a row with its error; it never ends the run. `prepare` needs no model, so the web app runs it
+before it takes a model slot and `score` holding one.
 
 With Grad-CAM each accepted image of the chunk goes through the explain graph instead: one pass
 gives the logit, the map and the features, so the probability comes from the same pass as the
@@ -21,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,9 +30,10 @@ import numpy as np
 
 from pneumonia.errors import XrayReadError
 from pneumonia.labels import PNEUMONIA
-from pneumonia.reading.decoding import Source, decode_xray
+from pneumonia.reading.decoding import Source
 from pneumonia.serving.gate import OutOfDistribution, Verdict
-from pneumonia.serving.preprocessing import model_input, resize_xray
+from pneumonia.serving.preprocessing import model_input
+from pneumonia.serving.sandbox import DecodingSandbox, shared_sandbox
 
 LOG = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 16  # images per model pass
@@ -104,6 +106,9 @@ class ScreenedImage:
         return self.screening.error
 
 
+Prepared = tuple["ScreenedImage", np.ndarray | None]  # a row, and its model square while it waits for the model
+
+
 @dataclass
 class Tally:
     """How many images came to each outcome (a subclass adds the outcomes of its own path)."""
@@ -127,8 +132,9 @@ class Tally:
 class BatchScreener:
     """A classifier for many images (or one). Safe to call from several threads."""
 
-    def __init__(self, classifier, names_in_messages: bool = False):
+    def __init__(self, classifier, names_in_messages: bool = False, sandbox: DecodingSandbox | None = None):
         self.classifier = classifier
+        self.sandbox = sandbox or shared_sandbox()  # where every file is decoded
         # Decoding messages call bytes by their row's name (the archive's files), else "the upload".
         self.names_in_messages = names_in_messages
 
@@ -146,49 +152,43 @@ class BatchScreener:
     def screen_chunk(
         self, chunk: list[tuple[str, Source]], display_side: int | None = None, with_gradcam: bool = False
     ) -> list[ScreenedImage]:
-        """One chunk: decoded one file at a time, then one model pass (or Grad-CAM per image)."""
-        rows, squares = [], []  # squares: (row, uint8 (S, S)) waiting for the model
-        for name, source in chunk:
-            row, pixels = self._decode(name, source, display_side)
-            rows.append(row)
-            if pixels is not None:
-                squares.append((row, pixels))
+        """One chunk: decoded one file at a time in the sandbox, then one model pass (or Grad-CAM per image)."""
+        return self.score(self.prepare(chunk, display_side), with_gradcam)
+
+    def prepare(self, chunk: list[tuple[str, Source]], display_side: int | None = None) -> list[Prepared]:
+        """Each file decoded in the decoding sandbox and checked by the gate's pixel checks: no model
+        needed, so the web app does this before it takes a model slot. Raises DecoderBusy when the
+        sandbox has no child free within its wait."""
+        return [self._prepare_one(name, source, display_side) for name, source in chunk]
+
+    def score(self, prepared: list[Prepared], with_gradcam: bool = False) -> list[ScreenedImage]:
+        """The model's part: one pass over the squares (or Grad-CAM per image); the rows in order."""
+        squares = [(row, pixels) for row, pixels in prepared if pixels is not None]
         if squares:
             (self._explain_each if with_gradcam else self._forward_all)(squares)
-        return rows
+        return [row for row, _ in prepared]
 
-    def _decode(self, name: str, source: Source, display_side: int | None) -> tuple[ScreenedImage, np.ndarray | None]:
-        """The row and the model's square; the full-size image does not outlive this call."""
+    def _prepare_one(self, name: str, source: Source, display_side: int | None) -> Prepared:
+        """The row and the model's square (None once the row has its outcome)."""
         row = ScreenedImage(name)
-        started = time.perf_counter()
         try:
             named = {"bytes_name": name} if self.names_in_messages else {}
-            xray, stats = decode_xray(source, self.classifier.image_size, **named)
-        except XrayReadError as err:
+            prepared = self.sandbox.prepare(source, self.classifier.image_size, display_side, **named)
+        except XrayReadError as err:  # unreadable, or past a limit of the sandbox
             row.screening = Screening.failed(str(err))
             return row, None
-        except Exception as err:  # a decoder bug must not end the run; its message could quote the file
-            row.screening = Screening.failed(f"It could not be read ({type(err).__name__}).", unexpected=True)
-            LOG.error(
-                "Unexpected %s while decoding a file (message withheld: it may quote the file)\n%s",
-                type(err).__name__,
-                "".join(traceback.format_tb(err.__traceback__)),
-            )
+        except RuntimeError as err:  # a decoder bug: the child says only its type (the message could quote the file)
+            row.screening = Screening.failed(str(err), unexpected=True)
+            LOG.error("Unexpected error while decoding a file: %s", err)
             return row, None
-        decoded = time.perf_counter()
-        row.timing_ms["decode"] = _ms(decoded - started)
-        if display_side:
-            from pneumonia.serving.gradcam import display_image
-
-            row.display = display_image(xray, display_side)
+        row.timing_ms.update(prepared.timing_ms)
+        row.display = prepared.display
         gate = self.classifier.gate
-        refused = gate.check_pixels(stats) if gate is not None else None
+        refused = gate.check_pixels(prepared.stats) if gate is not None else None
         if refused is not None:
             row.screening = Screening.refused(refused)
             return row, None
-        square = resize_xray(xray, self.classifier.image_size)
-        row.timing_ms["preprocess"] = _ms(time.perf_counter() - decoded)
-        return row, square
+        return row, prepared.square
 
     def _forward_all(self, squares: list[tuple[ScreenedImage, np.ndarray]]) -> None:
         started = time.perf_counter()

@@ -37,6 +37,13 @@ DEFAULTS = {
     # encodes; slots x threads measured on 2 cores: docs/benchmarks.md.
     "MODEL_SLOTS": 2,
     "MODEL_QUEUE_SECONDS": 5,
+    # The decoding sandbox (pneumonia/web/decoders.py, pneumonia/serving/sandbox.py): child processes that
+    # decode uploads, what one decode may take in them, and how long an upload waits for a free one (else 503).
+    # 128 MiB holds the largest image the header checks admit (48 MiB decoded: docs/uploads.md).
+    "DECODERS": 2,
+    "DECODE_MEMORY_MIB": 128,
+    "DECODE_SECONDS": 2,
+    "DECODE_QUEUE_SECONDS": 5,
     # Per-client rate limits (pneumonia/web/rate_limit.py), Flask-Limiter's notation, counted per worker in memory:
     # uploads are every POST (form and API), pages every GET; /healthz and static files never count.
     # Off by default: the client's address is only right when the app knows the proxies in front of it
@@ -67,9 +74,10 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from pneumonia.web import access, api, capacity, device, error_responses, pages, rate_limit, security
+    from pneumonia.web import access, api, capacity, decoders, device, error_responses, pages, rate_limit, security
     from pneumonia.web.screener import load_screener
 
+    decoders.register(app)
     load_screener(app)
     capacity.register(app)
     rate_limit.register(app)

@@ -34,8 +34,9 @@ def predict():
     name, extension = overlay_format()
     data = read_upload(request)
     with_gradcam = flag("gradcam", default=True)
+    prepared = screener.prepare(data, current_app.config["API_IMAGE_MAX_SIDE"] if with_gradcam else None)
     with model_slot():  # 503 with Retry-After when too many uploads wait for the model
-        result = screener.screen(data, extension if with_gradcam else None, current_app.config["API_IMAGE_MAX_SIDE"])
+        result = screener.screen(prepared, extension if with_gradcam else None)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     card = screener.card
     return jsonify(

@@ -12,17 +12,17 @@ it (and a display copy of at most BATCH_IMAGE_MAX_SIDE px when images are shown,
 encoded). A 100-file request holds its raw uploads (at most MAX_CONTENT_LENGTH) and at most one
 decoded full-size image.
 
-Decoding (issue 33): the files' headers are read first (nothing decoded) and a request whose files
+Decoding (issues 33, 39): the files' headers are read first (nothing decoded) and a request whose files
 declare more than BATCH_MAX_PIXELS pixels in all (default 1,000 megapixels, a hundred 10-megapixel
-X-rays) is a 413; a chunk also ends before it would declare more than MAX_IMAGE_PIXELS (60 Mpx), so a
-chunk holds a model slot for the decoding of about one large image at most. Each decode is bounded by
-the memory budget of pneumonia/reading/budget.py.
+X-rays) is a 413. Each file is decoded in the decoding sandbox (pneumonia/web/decoders.py), bounded by
+its memory and time limits, with no model slot held.
 
-Capacity: each chunk takes a model slot (pneumonia/web/capacity.py) for its own work only, and records its
-time per image, so single uploads waiting in line get the slot between chunks and the capacity's
-estimate stays that of one screening. When the first chunk finds the model too busy the request is
-answered 503 with Retry-After, as a single upload is; when a later chunk does, the files already
-screened keep their results and the rest are each answered with status 503.
+Capacity: each chunk takes a model slot (pneumonia/web/capacity.py) for its model work only, once its
+files are decoded, and records its time per image, so single uploads waiting in line get the slot
+between chunks and the capacity's estimate stays that of one screening. When the first chunk finds the
+model or the decoders too busy the request is answered 503 with Retry-After, as a single upload is; when
+a later chunk does, the files already screened keep their results and the rest are each answered with
+status 503.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pneumonia.reading.decoding import MAX_IMAGE_PIXELS, declared_pixels
+from pneumonia.reading.decoding import declared_pixels
 from pneumonia.serving.result_formats import csv_text
+from pneumonia.serving.sandbox import DecoderBusy
 from pneumonia.serving.screening import REFUSED, SCREENED, ScreenedImage, Screening
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.screener import result_json
@@ -105,22 +106,8 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     return BatchEntry(index, filename, ScreenedImage(filename)), data
 
 
-def pixel_chunks(pending: list[tuple[BatchEntry, bytes]], pixels: list[int], size: int) -> list[list]:
-    """`pending` in order, in chunks of at most `size` files and (but for a chunk of one) at most
-    MAX_IMAGE_PIXELS declared pixels: a chunk holds a model slot for about one large image's decode at most."""
-    chunks: list[list] = []
-    held = 0
-    for item, count in zip(pending, pixels):
-        if not chunks or len(chunks[-1]) == size or held + count > MAX_IMAGE_PIXELS:
-            chunks.append([])
-            held = 0
-        chunks[-1].append(item)
-        held += count
-    return chunks
-
-
-def _declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> list[int]:
-    """Each file's declared pixels (headers only); 413 when together they are over BATCH_MAX_PIXELS."""
+def _check_declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> None:
+    """413 when the files' headers declare more than BATCH_MAX_PIXELS pixels in all (nothing decoded)."""
     pixels = [declared_pixels(data) for _, data in pending]
     limit = int(current_app.config["BATCH_MAX_PIXELS"])
     if sum(pixels) > limit:
@@ -129,7 +116,6 @@ def _declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> list[int]:
             f"The files hold {sum(pixels) / 1e6:,.0f} megapixels in all, more than the {limit / 1e6:,.0f} a batch "
             "may hold: send them in smaller batches.",
         )
-    return pixels
 
 
 def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) -> list[BatchEntry]:
@@ -142,12 +128,13 @@ def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) 
         entries.append(entry)
         if data is not None:
             pending.append((entry, data))
-    chunks = pixel_chunks(pending, _declared_pixels(pending), int(current_app.config["BATCH_CHUNK_SIZE"]))
+    _check_declared_pixels(pending)
+    size = int(current_app.config["BATCH_CHUNK_SIZE"])
+    chunks = [pending[start : start + size] for start in range(0, len(pending), size)]
     for number, chunk in enumerate(chunks):
         try:
-            with _chunk_slot(len(chunk)):
-                _screen_chunk(screener, chunk, rendering)
-        except ModelBusy:
+            _screen_chunk(screener, chunk, rendering)
+        except (ModelBusy, DecoderBusy):
             if number == 0:
                 raise
             for entry, _ in itertools.chain.from_iterable(chunks[number:]):
@@ -157,11 +144,12 @@ def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) 
 
 
 def _screen_chunk(screener, chunk: list[tuple[BatchEntry, bytes]], rendering: Rendering | None) -> None:
-    rows = screener.batch.screen_chunk(
-        [(entry.filename, data) for entry, data in chunk],
-        display_side=rendering.max_side if rendering else None,
-        with_gradcam=bool(rendering and rendering.overlay_format),
+    """Decoded in the sandbox with no slot held, then the model's part holding one."""
+    prepared = screener.batch.prepare(
+        [(entry.filename, data) for entry, data in chunk], display_side=rendering.max_side if rendering else None
     )
+    with _chunk_slot(len(chunk)):
+        rows = screener.batch.score(prepared, with_gradcam=bool(rendering and rendering.overlay_format))
     for (entry, _), row in zip(chunk, rows):
         entry.row, entry.status = row, _status(row)
         if rendering:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from flask import Response, request
 
-from pneumonia.reading.dicom import is_dicom, read_dicom
+from pneumonia.reading.dicom import is_dicom
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.uploads import UploadError, read_upload
 
@@ -50,27 +50,33 @@ def related_body(instances: list[bytes]) -> tuple[str, bytes]:
     return f'multipart/related; type="{DICOM}"; boundary={boundary}', body
 
 
-def source_reference(data: bytes, reports):
-    """The upload's identifiers its results carry: 400 without its UIDs or with invalid ones. Its header
-    is read as a decode reads it (`read_dicom`: a deflated one inflated only within the memory budget)."""
+def source_reference(screener, data: bytes, reports):
+    """The upload's identifiers its results carry, read from its header in the decoding sandbox (only
+    text comes back); 400 without its UIDs or with invalid ones."""
+    from pydicom.dataset import Dataset
+
+    source = Dataset()
+    for keyword, value in screener.batch.sandbox.dicom_header(data, reports.SOURCE_KEYWORDS).items():
+        setattr(source, keyword, value)
     try:
-        return reports.reference_dataset(read_dicom(data, stop_before_pixels=True))
+        return reports.reference_dataset(source)
     except reports.UnreferableImage as err:
         raise UploadError(400, str(err)) from None
 
 
 def dicom_results(screener, form: str) -> Response:
-    """The answer to result=dicom-sr or result=dicom. Reading the header, like decoding, is done holding
-    a model slot, so the slots bound its memory and time too."""
+    """The answer to result=dicom-sr or result=dicom. The header and the pixels are read in the decoding
+    sandbox, before the model slot is taken."""
     reports = report_builders()
     data = read_upload(request)
     if not is_dicom(data):
         raise UploadError(
             415, "DICOM results need a DICOM upload: a JPEG, PNG, BMP or TIFF has no study to attach them to."
         )
+    source = source_reference(screener, data, reports)
+    prepared = screener.prepare(data, reports.GRADCAM_SIDE if form == "dicom" else None)
     with model_slot():
-        source = source_reference(data, reports)
-        row = screener.screened_row(data, reports.GRADCAM_SIDE if form == "dicom" else None)
+        row = screener.screened_row(prepared)
     identity, series = reports.ModelIdentity.of(screener.classifier), reports.RunSeries.new()
     try:
         if form == "dicom-sr":

@@ -12,7 +12,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from pneumonia.errors import XrayReadError
 from pneumonia.serving.gate import EXPECTED, OutOfDistribution
+from pneumonia.serving.sandbox import DecoderBusy
 from pneumonia.web.capacity import ModelBusy
+from pneumonia.web.decoders import decoder_retry_after_s
 from pneumonia.web.rate_limit import retry_after_s
 from pneumonia.web.screener import ModelNotReady, current_screener, ood_json
 from pneumonia.web.uploads import MalformedBody, UploadError
@@ -71,6 +73,15 @@ def _busy(err: ModelBusy):
     return body, status, {"Retry-After": str(err.retry_after)}
 
 
+def _decoders_busy(err: DecoderBusy):
+    """503 with Retry-After when every decoding child stayed busy for DECODE_QUEUE_SECONDS."""
+    retry_after = decoder_retry_after_s()
+    body, status = error_response(
+        503, f"The screening service is busy decoding other uploads. Please try again in {retry_after} s."
+    )
+    return body, status, {"Retry-After": str(retry_after)}
+
+
 def _too_many(err: RateLimitExceeded):
     """429 with Retry-After: this client is over a per-client limit (pneumonia/web/rate_limit.py)."""
     retry_after = retry_after_s()
@@ -98,6 +109,7 @@ def register(app) -> None:
     app.register_error_handler(UploadError, lambda err: error_response(err.status, err.message))
     app.register_error_handler(OutOfDistribution, _refused)
     app.register_error_handler(ModelBusy, _busy)
+    app.register_error_handler(DecoderBusy, _decoders_busy)
     app.register_error_handler(XrayReadError, lambda err: error_response(400, str(err)))
     app.register_error_handler(
         ModelNotReady,

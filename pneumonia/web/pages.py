@@ -47,9 +47,9 @@ def predict():
     screener = current_screener()
     if len(uploads := read_uploads(request)) > 1:
         return _batch_result(screener, uploads, started)
-    data = read_upload(request)
+    prepared = screener.prepare(read_upload(request), current_app.config["PAGE_IMAGE_MAX_SIDE"])
     with model_slot():  # 503 with Retry-After when too many uploads wait for the model
-        result = screener.screen(data, ".jpg", current_app.config["PAGE_IMAGE_MAX_SIDE"], with_original=True)
+        result = screener.screen(prepared, ".jpg", with_original=True)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     return render_template(
         "result.html",

@@ -175,7 +175,8 @@ class GradcamFacts(BaseModel):
 
 
 class Timing(BaseModel):
-    """Milliseconds per step: decode, preprocess, model_gradcam, overlay_encode (with an overlay), total."""
+    """Milliseconds per step: decoder_wait (for a free decoding child), decode, preprocess, model_gradcam,
+    overlay_encode (with an overlay), total."""
 
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, float] = Field(init=False)

@@ -1,9 +1,10 @@
 """The model as the web app uses it: one upload -> probability, labels and Grad-CAM images.
 
 One upload is a chunk of one through the package's screening pipeline
-(`pneumonia.serving.screening`), the same as many uploads and `predict`: decoding, the gate's pixel
-checks, the model square, one explain pass (logit, Grad-CAM and the features the gate scores),
-calibration and labels. This module adds the encoded images and the web's exceptions.
+(`pneumonia.serving.screening`), the same as many uploads and `predict`, in its two steps: `prepare`
+(decoding in the sandbox, the gate's pixel checks, the model square), with no model slot, then
+`screen` holding one (one explain pass: logit, Grad-CAM and the features the gate scores, calibration
+and labels). This module adds the encoded images and the web's exceptions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pneumonia.serving.card import ModelCard
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
 from pneumonia.serving.gate import OutOfDistribution, Verdict
 from pneumonia.serving.gradcam import check_map_size, overlay
-from pneumonia.serving.screening import FAILED, REFUSED, SCREENED, BatchScreener, ScreenedImage, Screening
+from pneumonia.serving.sandbox import DecodingSandbox
+from pneumonia.serving.screening import REFUSED, SCREENED, BatchScreener, Prepared, ScreenedImage, Screening
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -65,11 +67,17 @@ class Screener:
     """Loaded once per process. Every call works on its own arrays and the runtime's graphs are
     read-only, so one Screener serves all of a worker's threads."""
 
-    def __init__(self, model_path: str | Path, overlay_alpha: float = 0.5, runtime: str | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        overlay_alpha: float = 0.5,
+        runtime: str | None = None,
+        sandbox: DecodingSandbox | None = None,
+    ):
         self.classifier = XrayClassifier(model_path, runtime)
         self.gradcam = self.classifier.runtime  # .layer, .map_size
         check_map_size(self.gradcam.layer, self.gradcam.map_size)
-        self.batch = BatchScreener(self.classifier)
+        self.batch = BatchScreener(self.classifier, sandbox=sandbox)
         self.overlay_alpha = overlay_alpha
 
     @property
@@ -80,25 +88,29 @@ class Screener:
     def report_dir(self) -> Path:
         return self.classifier.keras_path.parent / "report"
 
-    def screened_row(self, data: bytes, display_side: int | None) -> ScreenedImage:
-        """One upload through the one screening pipeline, with Grad-CAM; raises XrayReadError for
-        unreadable input and OutOfDistribution for what the gate refuses."""
-        [row] = self.batch.screen_chunk([("the upload", data)], display_side=display_side, with_gradcam=True)
-        if row.outcome == REFUSED:
-            raise OutOfDistribution(row.verdict)
-        if row.outcome == FAILED:
-            if row.screening.unexpected:
-                raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
-            raise XrayReadError(row.error)
+    def prepare(self, data: bytes, display_side: int | None) -> Prepared:
+        """One upload decoded in the sandbox and through the gate's pixel checks, before any model slot is
+        taken; raises XrayReadError for unreadable input (or past the sandbox's limits), OutOfDistribution
+        for what the pixel checks refuse, and DecoderBusy when no decoder is free."""
+        [(row, square)] = self.batch.prepare([("the upload", data)], display_side)
+        if row.screening is not None:
+            _raise_unscreened(row)
+        return row, square
+
+    def screened_row(self, prepared: Prepared) -> ScreenedImage:
+        """The model's part for a prepared upload, with Grad-CAM; raises OutOfDistribution when the gate's
+        feature check refuses it. Run holding a model slot."""
+        [row] = self.batch.score([prepared], with_gradcam=True)
+        if row.outcome != SCREENED:
+            _raise_unscreened(row)
         return row
 
     def screen(
-        self, data: bytes, overlay_format: str | None = None, max_side: int = 1024, with_original: bool = False
+        self, prepared: Prepared, overlay_format: str | None = None, with_original: bool = False
     ) -> UploadResult:
-        """Image bytes -> UploadResult. `overlay_format` ".jpg" or ".png" renders the overlay
-        (long side <= max_side); None skips it. Raises XrayReadError for unreadable input and
-        OutOfDistribution for what the gate refuses."""
-        row = self.screened_row(data, max_side if overlay_format else None)
+        """A prepared upload -> UploadResult. `overlay_format` ".jpg" or ".png" renders the overlay over the
+        display copy it was prepared with; None skips it. Raises OutOfDistribution for what the gate refuses."""
+        row = self.screened_row(prepared)
         result = UploadResult(
             row.screening, row.labels["default"], localised=bool(row.heat.max() > 0), timing_ms=row.timing_ms
         )
@@ -126,6 +138,16 @@ class Screener:
         scale = min(1.0, thumbnail_side / max(row.display.shape))
         size = (max(1, round(row.display.shape[1] * scale)), max(1, round(row.display.shape[0] * scale)))
         return encoded, _encode(cv2.resize(row.display, size, interpolation=cv2.INTER_AREA), ".jpg")
+
+
+def _raise_unscreened(row: ScreenedImage) -> None:
+    """The web's exception for a row that was not screened: OutOfDistribution, XrayReadError, or a
+    RuntimeError (logged without its message) for a failure of ours."""
+    if row.outcome == REFUSED:
+        raise OutOfDistribution(row.verdict)
+    if row.screening.unexpected:
+        raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
+    raise XrayReadError(row.error)
 
 
 def result_json(screening: Screening, screener: Screener) -> dict:
@@ -181,7 +203,8 @@ def load_screener(app) -> None:
     path = app.config["MODEL_PATH"]
     screener, error = None, None
     try:
-        screener = Screener(path, app.config["OVERLAY_ALPHA"], app.config.get("RUNTIME"))
+        sandbox = app.extensions["decoding_sandbox"]
+        screener = Screener(path, app.config["OVERLAY_ALPHA"], app.config.get("RUNTIME"), sandbox)
     except ModelLoadError as err:
         error = str(err)
     except Exception as err:  # a card missing keys, a model without a "logit" layer, ...

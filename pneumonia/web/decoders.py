@@ -1,0 +1,29 @@
+"""The decoding sandbox as the web app uses it (pneumonia/serving/sandbox.py): every upload is decoded in
+one of DECODERS child processes, each bounded to DECODE_MEMORY_MIB of address space and DECODE_SECONDS
+of processor time. An upload that finds every child busy for DECODE_QUEUE_SECONDS is answered 503 with
+Retry-After, as one that finds the model busy is; decoding never holds a model slot."""
+
+from __future__ import annotations
+
+import math
+
+from flask import current_app
+
+from pneumonia.serving.sandbox import DecodeLimits, DecodingSandbox, shared_sandbox
+
+
+def register(app) -> None:
+    """app.extensions["decoding_sandbox"]: the process's sandbox for these settings (children start on
+    the first upload; the tests' many apps share them)."""
+    limits = DecodeLimits(int(app.config["DECODE_MEMORY_MIB"]), float(app.config["DECODE_SECONDS"]))
+    sandbox = shared_sandbox(limits, int(app.config["DECODERS"]), float(app.config["DECODE_QUEUE_SECONDS"]))
+    app.extensions["decoding_sandbox"] = sandbox
+
+
+def current_sandbox() -> DecodingSandbox:
+    return current_app.extensions["decoding_sandbox"]
+
+
+def decoder_retry_after_s() -> int:
+    """What a 503 for busy decoders asks a client to wait: one decode at its limit."""
+    return max(1, math.ceil(float(current_app.config["DECODE_SECONDS"])))
