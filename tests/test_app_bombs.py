@@ -5,14 +5,17 @@ Time and memory under a real 512 MiB limit: tests/test_dyno.py (slow) and `pytho
 
 from __future__ import annotations
 
+import csv
 import io
 import socket
+import struct
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import requests
-from builders import SHIPPED_MODEL, dicom_bytes, encode_image, gunicorn_serving, upload
+from builders import REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, encode_image, gunicorn_serving, run_cli, upload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,7 +23,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from bench.bombs import BOMBS, bad_header_dicom, build, deflated_dicom, oversized_pixel_data
+from bench.bombs import (
+    BOMBS,
+    DECODER_BOMBS,
+    bad_header_dicom,
+    build,
+    deflated_dicom,
+    jpeg_segments,
+    oversized_pixel_data,
+)
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.budget import MAX_DECODED_BYTES, STRIP_BYTES, range_to_uint8
 from pneumonia.reading.decoding import decode_xray
@@ -269,3 +280,85 @@ def test_http_errors_are_4xx_with_the_apps_security_headers():
         assert status_line.split()[1] in (b"400", b"431"), (name, answer[:300])
         assert b"Content-Security-Policy: default-src 'none'" in rest, (name, answer[:600])
     assert healthy == 200
+
+
+# --- What the decoders' own buffers and loops take (issue 39) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder_bombs() -> dict[str, bytes]:
+    return {name: build(name)[0] for name in DECODER_BOMBS}
+
+
+@pytest.mark.parametrize("name", list(DECODER_BOMBS))
+def test_every_decoder_bomb_is_a_400_that_says_why(shipped_app, decoder_bombs, name):
+    response = shipped_app.test_client().post("/api/predict", data=upload(decoder_bombs[name], "bomb"))
+    assert response.status_code == 400, response.get_json()
+    assert any(why in response.get_json()["error"] for why in ("Refused before decoding", "refused before", "inflate"))
+
+
+def test_a_batch_of_decoder_bombs_answers_each_and_screens_the_x_ray_among_them(shipped_app, decoder_bombs):
+    xray = REAL_XRAYS[0].read_bytes()
+    form = {"file": [(io.BytesIO(data), f"{name}.bin") for name, data in decoder_bombs.items()]}
+    form["file"].insert(2, (io.BytesIO(xray), "xray.jpeg"))
+    entries = shipped_app.test_client().post("/api/predict/batch", data=form).get_json()
+    assert [entry["status"] for entry in entries] == [400, 400, 200] + [400] * (len(decoder_bombs) - 2)
+    assert entries[2]["probability"] is not None
+
+
+def test_predict_reports_each_decoder_bomb_and_screens_the_rest(decoder_bombs, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index, data in enumerate(decoder_bombs.values()):
+        (
+            folder / f"bomb{index}.{'tif' if data.startswith(b'II') else 'png' if data[1:4] == b'PNG' else 'jpg'}"
+        ).write_bytes(data)
+    (folder / "xray.jpeg").write_bytes(REAL_XRAYS[0].read_bytes())
+    result = run_cli("predict", folder, "--csv", tmp_path / "out.csv", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # some files could not be read
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert len(rows) == len(decoder_bombs) + 1 and by_name["xray.jpeg"]["probability"]
+    assert all(row["error"] for name, row in by_name.items() if name.startswith("bomb"))
+
+
+def _mutated(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value) :]
+
+
+def header_mutations(seed: int = 0, count: int = 12) -> list[tuple[str, bytes]]:
+    """Real X-rays (JPEG, PNG, TIFF) with their declared sizes, tile sizes, scan counts and chunk lengths
+    changed, drawn from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    xray = Image.open(REAL_XRAYS[0]).convert("L")
+    jpeg = encode_image(xray, "JPEG", progressive=True)
+    png = encode_image(xray, "PNG")
+    tiff = encode_image(xray, "TIFF", tiffinfo={322: 64, 323: 64})  # tiled
+    sof = next(start for marker, start, _ in jpeg_segments(jpeg) if marker == 0xC2)
+    cases = []
+    for _ in range(count):
+        side = struct.pack(">H", int(rng.integers(8, 65_535)))
+        cases.append(("jpeg SOF height", _mutated(jpeg, sof + 5, side)))
+        cases.append(("jpeg SOF width", _mutated(jpeg, sof + 7, side)))
+        cases.append(("png IHDR size", _mutated(png, 16, struct.pack(">II", *rng.integers(1, 1 << 20, 2)))))
+        cases.append(("png IDAT length", _mutated(png, 33, struct.pack(">I", int(rng.integers(0, 1 << 31))))))
+        cases.append(
+            (
+                "tiff tile size",
+                tiff.replace(
+                    struct.pack("<HHII", 322, 3, 1, 64),
+                    struct.pack("<HHIHH", 322, 3, 1, int(rng.integers(1, 65_535)), 0),
+                ),
+            )
+        )
+    scan = next((start, end) for marker, start, end in jpeg_segments(jpeg) if marker == 0xDA)
+    cases.append(("jpeg 101 scans", jpeg[: scan[1]] + jpeg[scan[0] : scan[1]] * 100 + jpeg[scan[1] :]))
+    return cases
+
+
+def test_header_mutations_of_real_x_rays_are_answered_never_500(shipped_app):
+    client = shipped_app.test_client()
+    for what, data in header_mutations():
+        response = client.post("/api/predict", data=upload(data, "mutated"))
+        assert response.status_code in {200, 400, 422}, (what, response.get_json())
+    assert client.post("/api/predict", data=upload(REAL_XRAYS[0].read_bytes())).status_code in {200, 422}

@@ -86,8 +86,13 @@ def _open_image(data: bytes, name: str) -> Image.Image:
         if isinstance(err, UnidentifiedImageError):
             raise XrayReadError(f"{name} is not a supported image (JPEG, PNG, BMP, TIFF or DICOM).") from None
         raise XrayReadError(f"{name} declares too many pixels to be an X-ray; refused before decoding.") from None
-    except (OSError, ValueError) as err:  # ValueError: a PNG text or ICC chunk that inflates too far
-        raise XrayReadError(f"{name[:1].upper()}{name[1:]} could not be read as an image: {err}") from None
+    except OSError as err:
+        raise XrayReadError(f"{name} could not be read as an image: {err}") from None
+    except ValueError:  # Pillow's MAX_TEXT_CHUNK: a PNG text or ICC profile chunk that inflates past 1 MB
+        raise XrayReadError(
+            f"{name[:1].upper()}{name[1:]} carries a text or colour-profile chunk that inflates too far to be "
+            "read; refused before decoding."
+        ) from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()

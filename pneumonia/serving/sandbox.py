@@ -255,15 +255,17 @@ class DecodingChild:
             self.connection.send_bytes(job.header())
             if data is not None:
                 self.connection.send_bytes(data)
-            if not self._answered_in_time():
-                self.stop(kill=True)
-                raise DecodeLimitExceeded(time_message(job.bytes_name, self.limits), "time")
-            header = json.loads(self.connection.recv_bytes(MAX_REPLY_HEADER))
-            buffers = [self.connection.recv_bytes() for _ in _buffer_shapes(header)]
-        except (EOFError, OSError, ValueError):
+            in_time = self._answered_in_time()
+            if in_time:
+                header = json.loads(self.connection.recv_bytes(MAX_REPLY_HEADER))
+                buffers = [self.connection.recv_bytes() for _ in _buffer_shapes(header)]
+        except (EOFError, OSError, ValueError):  # ValueError: a header that is not JSON
             # It died: the kernel's CPU backstop, or a decoder that crashed (often on a failed allocation).
             self.stop(kill=True)
             raise DecodeLimitExceeded(crash_message(job.bytes_name, self.limits), "crash") from None
+        if not in_time:
+            self.stop(kill=True)
+            raise DecodeLimitExceeded(time_message(job.bytes_name, self.limits), "time")
         if header.get("retire"):
             self.stop(kill=False)  # it exits by itself once it has answered
         return header, buffers

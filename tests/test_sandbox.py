@@ -1,0 +1,145 @@
+"""The decoding sandbox (pneumonia/serving/sandbox.py): what comes back is what `prepare_xray` gives in
+this process; a decode past the memory or processor-time limit, or a child that dies, is that file's
+4xx-worthy error and the next file is decoded by a fresh child; what a child answers is checked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from builders import REAL_XRAYS, xray_jpeg
+
+from bench.bombs import png_of_zeros
+from pneumonia.errors import XrayReadError
+from pneumonia.serving.preprocessing import prepare_xray
+from pneumonia.serving.sandbox import (
+    DecodeJob,
+    DecodeLimitExceeded,
+    DecodeLimits,
+    DecoderBusy,
+    DecodingSandbox,
+    _prepared,
+)
+
+# A 6,000 x 6,000 greyscale PNG: 34 MiB decoded, within the header checks' 48 MiB, past a 24 MiB sandbox.
+BIG_GREY = 6_000
+# A 5,000 x 5,000 16-bit PNG: over a second of processor time to decode and scale (~0.6 s measured), far
+# past 0.1 s.
+SLOW_SIDE = 5_000
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sandbox = DecodingSandbox(DecodeLimits(), workers=2)
+    yield sandbox
+    sandbox.close()
+
+
+@pytest.mark.parametrize("display_side", [None, 300])
+def test_the_sandbox_gives_what_prepare_xray_gives_here(sandbox, display_side):
+    for source in (REAL_XRAYS[0].read_bytes(), REAL_XRAYS[1]):  # bytes, and a path the child reads itself
+        here = prepare_xray(source, 224, display_side)
+        there = sandbox.prepare(source, 224, display_side)
+        assert np.array_equal(there.square, here.square) and there.square.shape == (224, 224)
+        assert there.stats == here.stats
+        assert (there.display is None) == (display_side is None)
+        if display_side:
+            assert np.array_equal(there.display, here.display) and max(there.display.shape) <= display_side
+
+
+def test_an_unreadable_file_is_an_xray_read_error_and_the_child_goes_on(sandbox):
+    replaced = sandbox.replaced
+    with pytest.raises(XrayReadError, match="not a supported image"):
+        sandbox.prepare(b"\xff\xd8\xff" + b"junk" * 100, 224)
+    assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+    assert sandbox.replaced == replaced  # a plain refusal costs no child
+
+
+def test_a_decode_past_the_memory_limit_is_refused_and_the_next_file_decodes():
+    sandbox = DecodingSandbox(DecodeLimits(memory_mib=24), workers=1)
+    try:
+        with pytest.raises(DecodeLimitExceeded, match="within 24 MiB") as refused:
+            sandbox.prepare(png_of_zeros(BIG_GREY, bit_depth=8), 224)
+        assert refused.value.limit == "memory"
+        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+        assert sandbox.replaced == 1
+    finally:
+        sandbox.close()
+
+
+def test_a_decode_past_the_time_limit_is_killed_and_the_next_file_decodes():
+    sandbox = DecodingSandbox(DecodeLimits(seconds=0.1), workers=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DecodeLimitExceeded, match="within 0.1 s of processor time") as refused:
+            sandbox.prepare(png_of_zeros(SLOW_SIDE), 224)
+        assert refused.value.limit == "time" and time.monotonic() - started < 5
+        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+        assert sandbox.replaced == 1
+    finally:
+        sandbox.close()
+
+
+def test_a_child_that_dies_mid_decode_is_that_files_error_only():
+    sandbox = DecodingSandbox(DecodeLimits(seconds=30), workers=1)
+    try:
+        sandbox.prepare(xray_jpeg(), 224)  # the child is up
+        [child] = list(sandbox._idle.queue)
+        killer = threading.Timer(0.2, os.kill, (child.pid, signal.SIGSEGV))
+        killer.start()
+        with pytest.raises(DecodeLimitExceeded, match="The decoder stopped on the upload") as refused:
+            sandbox.prepare(png_of_zeros(SLOW_SIDE), 224)
+        assert refused.value.limit == "crash"
+        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+    finally:
+        sandbox.close()
+
+
+def test_no_free_child_within_the_wait_is_decoder_busy():
+    sandbox = DecodingSandbox(DecodeLimits(seconds=30), workers=1, wait_s=0.2)
+    try:
+        slow = threading.Thread(target=sandbox.prepare, args=(png_of_zeros(SLOW_SIDE), 224))
+        slow.start()
+        time.sleep(0.1)  # the one child is taken
+        with pytest.raises(DecoderBusy):
+            sandbox.prepare(xray_jpeg(), 224)
+        slow.join()
+        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+    finally:
+        sandbox.close()
+
+
+def test_dicom_header_values_come_back_as_text(sandbox):
+    from builders import PATIENT_NAME, dicom_bytes
+
+    values = sandbox.dicom_header(dicom_bytes(np.zeros((64, 64), np.uint16)), ["PatientName", "Rows", "Modality"])
+    assert values["PatientName"] == PATIENT_NAME and values["Rows"] == "64"
+    with pytest.raises(XrayReadError):
+        sandbox.dicom_header(xray_jpeg(), ["PatientName"])
+
+
+GOOD = {"stats": [10, 10, 0.0, 5.0], "square": [4, 4], "display": None, "timing_ms": {}, "peak_mib": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("header", "buffers", "display_side"),
+    [
+        ({**GOOD, "square": [5, 5]}, [b"\0" * 25], None),  # not the square asked for
+        (GOOD, [b"\0" * 15], None),  # a buffer of the wrong length
+        ({**GOOD, "display": [8, 9]}, [b"\0" * 16, b"\0" * 72], None),  # a display copy not asked for
+        ({**GOOD, "display": [8, 9]}, [b"\0" * 16, b"\0" * 72], 8),  # larger than asked
+    ],
+)
+def test_what_a_child_answers_is_checked(header, buffers, display_side):
+    with pytest.raises(RuntimeError, match="a decoding child answered"):
+        _prepared(header, buffers, DecodeJob("x", 4, display_side))
+
+
+def test_a_childs_arrays_are_the_buffers_it_sent():
+    square = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    prepared = _prepared({**GOOD, "display": [2, 3]}, [square.tobytes(), bytes(6)], DecodeJob("x", 4, 3))
+    assert np.array_equal(prepared.square, square) and prepared.display.shape == (2, 3)
