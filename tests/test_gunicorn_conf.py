@@ -50,3 +50,33 @@ def test_the_memory_limit_is_read_from_this_process_cgroup(tmp_path, proc_line, 
 
 def test_no_cgroup_file_means_no_limit(tmp_path):
     assert memory_limit(tmp_path / "missing", tmp_path) is None
+
+
+def test_the_access_log_prints_no_basic_user_name_whatever_answers():
+    """An answer given before the access check (a 429 of the rate limits) leaves the Authorization header
+    in the environ gunicorn logs from: its format must not print the Basic user name, where a person may
+    type the key (issue 39). The line is rendered as gunicorn renders it."""
+    import base64
+    import datetime
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from pneumonia.web import gunicorn_conf
+
+    key = "typed-key-as-user-93d1e6b0"
+    environ = {
+        "REMOTE_ADDR": "10.1.2.3",
+        "REQUEST_METHOD": "POST",
+        "RAW_URI": "/api/predict",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_AUTHORIZATION": "Basic " + base64.b64encode(f"{key}:x".encode()).decode(),
+    }
+    logger = Logger(Config())
+    atoms = logger.atoms(
+        SimpleNamespace(status="429 TOO MANY REQUESTS", sent=120, headers=[]), [], environ, datetime.timedelta(0)
+    )
+    line = gunicorn_conf.access_log_format % atoms
+    assert "POST /api/predict" in line and " 429 " in line and key not in line
+    assert key in Config().access_log_format % atoms  # gunicorn's default would have printed it

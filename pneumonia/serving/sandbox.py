@@ -1,8 +1,9 @@
-"""The decoding sandbox: bytes from outside are parsed only in child processes whose memory and CPU
-time the operating system bounds (issue 39).
+"""The decoding sandbox, the serving process's side: bytes from outside are parsed only in child
+processes whose memory and processor time the operating system bounds (issue 39; the children's side is
+pneumonia/serving/decoding_child.py).
 
-    screening pipeline ──job: the bytes (or a path), S, display side──> a warm child (forked from a
-    preloaded fork server; RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE=0)
+    screening pipeline ──job: the bytes (or a path), S, display side──> a warm child, forked from a
+    zygote that imported the decoders once (RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE=0):
         prepare_xray: decode (Pillow, OpenCV, pydicom and its pixel handlers), pixel statistics,
         the model square, the display copy
     <──a JSON header and raw uint8 buffers, checked for shape: never a decoder object, never a pickle
@@ -10,24 +11,24 @@ time the operating system bounds (issue 39).
 Why processes with rlimits rather than per-format guesses: an adversarial probe found decoder buffers
 no header check foresaw (a 795-byte progressive JPEG took 343 MiB in libjpeg's coefficient buffer; a
 1 kB TIFF's one LZW tile 512 MiB). An address-space limit bounds what any decoder, of any format or
-library version, can allocate; a CPU limit bounds how long it can spin. rlimits rather than a cgroup:
-they need no privileges, so they hold on a PaaS dyno, in a container run as a non-root user and on a
-laptop alike (a cgroup needs a writable cgroup tree, which none of those give a process).
+library version, can allocate; a processor-time limit bounds how long it can spin. rlimits rather than
+a cgroup: they need no privileges, so they hold on a PaaS dyno, in a container run as a non-root user
+and on a laptop alike (a cgroup needs a writable cgroup tree, which none of those give a process).
 
 The limits (`DecodeLimits`): `memory_mib` of address space over what the child holds when it starts
 (the interpreter and the decoders are mapped already, so the limit is what one decode may add), and
 `seconds` of processor time, which the parent reads from /proc while it waits and enforces with
 SIGKILL (processor time, so that a decode slowed by a busy machine is not cut short; WALL_FACTOR times
 it on the clock for a child that blocks); RLIMIT_CPU, a second or two above it, is the kernel's
-backstop should the parent not. A child that runs out of memory answers
-with the limit and is retired; one that is killed or dies is replaced; either way the request gets
-`DecodeLimitExceeded` (an `XrayReadError`: a 4xx saying which limit), and the server, the other
-requests and the model slots never see the decode. A child whose address space grew more than
-RETIRE_GROWTH_MIB over its start is retired too, so the memory a large decode took goes back.
+backstop. A child that runs out of memory answers with the limit and is retired; one that is killed or
+dies is replaced; either way the file gets `DecodeLimitExceeded` (an `XrayReadError`: a 4xx saying which
+limit), and the server, the other requests and the model slots never see the decode. A child whose
+address space grew more than RETIRE_GROWTH_MIB over its start is retired too, so the memory a large
+decode took goes back to the system.
 
 The pool holds `workers` children: at most that many decodes run at once, and one more waits for a
-child at most `wait_s` (then `DecoderBusy`: the web app's 503). Children are started on first use
-from a fork server that has imported the decoders once, so starting or replacing one costs a fork.
+child at most `wait_s` (then `DecoderBusy`: the web app's 503). Children start on first use; the zygote
+is a new interpreter (no thread of the serving process is ever forked), so a child costs a fork.
 """
 
 from __future__ import annotations
@@ -36,15 +37,12 @@ import json
 import math
 import os
 import queue
-import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -53,26 +51,14 @@ import numpy as np
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.decoding import Source
 from pneumonia.reading.pixel_stats import PixelStats
+from pneumonia.serving.decoding_child import DEFAULT_LIMITS, DecodeJob, DecodeLimits, crash_message, time_message
 from pneumonia.serving.preprocessing import PreparedXray
 
 MIB = 1024 * 1024
-# A child whose address space has grown by more than this over its start is replaced after the job: the
-# limit is measured from its start, so what its heap kept (glibc does not always give a freed top back)
-# would shrink the next decode's room; its memory goes back to the system; and its peak stays this job's.
-RETIRE_GROWTH_MIB = 16
 MAX_REPLY_HEADER = 64 * 1024  # a child's JSON header; a longer one is a broken child
 CPU_POLL_S = 0.05  # how often the parent reads a decoding child's processor time
 WALL_FACTOR = 4  # a decode may take this many times its processor-time limit on the clock
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What one decode may take: `memory_mib` of address space over the child's own at start, and
-    `seconds` of wall-clock time (RLIMIT_CPU a little above it as the kernel's backstop)."""
-
-    memory_mib: int = 128
-    seconds: float = 2.0
 
 
 class DecodeLimitExceeded(XrayReadError):
@@ -89,155 +75,6 @@ class DecoderBusy(Exception):
     def __init__(self, waited_s: float):
         super().__init__(f"no decoder free within {waited_s:g} s")
         self.waited_s = waited_s
-
-
-@dataclass(frozen=True)
-class DecodeJob:
-    """What the child is asked: the file's name in messages, the model's square side, the display
-    copy's long side (None: none), and a path when the child reads the file itself; or, with
-    `header_keywords`, only those values of a DICOM file's header (no pixels decoded)."""
-
-    bytes_name: str
-    image_size: int = 0
-    display_side: int | None = None
-    path: str | None = None
-    header_keywords: list[str] | None = None
-
-    def header(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
-
-
-# --- The child -------------------------------------------------------------------------------------
-
-
-def _vm_bytes() -> int:
-    """This process's address space (VmSize), from /proc/self/statm."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[0]) * resource.getpagesize()
-
-
-def _vm_peak_bytes() -> int:
-    """The largest address space this process has had (VmPeak), from /proc/self/status."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmPeak:"))
-    return int(line.split()[1]) * 1024
-
-
-def _bound_self(limits: DecodeLimits) -> None:
-    """The child's own limits: one thread, address space, no file writes, and a mmap threshold low enough
-    that a large buffer goes back to the kernel when freed (glibc)."""
-    import cv2
-
-    cv2.setNumThreads(0)  # one thread: each of OpenCV's would reserve its own stack and malloc arena
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: a large buffer goes back to the kernel when freed
-        mallopt(-8, 1)  # M_ARENA_MAX: one arena (a second one reserves 64 MiB of address space)
-    except (OSError, AttributeError):
-        pass  # not glibc: the retirement on growth still gives memory back
-    ceiling = _vm_bytes() + limits.memory_mib * MIB
-    resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # a decoder that tries to write a file is killed
-
-
-def _arm_cpu_limit(seconds: float) -> None:
-    """RLIMIT_CPU for the next job: SIGXCPU once it has used `seconds` (+1, the kernel counts whole
-    seconds) more CPU than the child has so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
-
-
-def _child_reply(job: DecodeJob, source: Source, limits: DecodeLimits, start_vm: int) -> tuple[dict, list[bytes]]:
-    """(header, buffers) for one job: the prepared arrays, or the error for a person."""
-    from pneumonia.reading.dicom import header_values
-    from pneumonia.serving.preprocessing import prepare_xray
-
-    try:
-        if job.header_keywords is not None:
-            return {"header": header_values(source, job.header_keywords)}, []
-        prepared = prepare_xray(source, job.image_size, job.display_side, job.bytes_name)
-    except Exception as err:
-        if _ran_out_of_memory(err, limits, start_vm):
-            return {"error": memory_message(job.bytes_name, limits), "limit": "memory"}, []
-        if isinstance(err, XrayReadError):
-            return {"error": str(err)}, []
-        return {"error": f"It could not be read ({type(err).__name__}).", "unexpected": True}, []  # may quote the file
-    stats = prepared.stats
-    header = {
-        "stats": [stats.width, stats.height, stats.chroma, stats.spread],
-        "square": list(prepared.square.shape),
-        "display": None if prepared.display is None else list(prepared.display.shape),
-        "timing_ms": prepared.timing_ms,
-    }
-    buffers = [np.ascontiguousarray(prepared.square, np.uint8).tobytes()]
-    if prepared.display is not None:
-        buffers.append(np.ascontiguousarray(prepared.display, np.uint8).tobytes())
-    return header, buffers
-
-
-def _ran_out_of_memory(err: Exception, limits: DecodeLimits, start_vm: int) -> bool:
-    """Whether a failed decode failed for want of memory: a MemoryError, or a decoder's own error (libjpeg's
-    "Insufficient memory", pydicom's plugins' empty message, Pillow's "decoder error") after the job had
-    taken more than half the limit. Decoders turn a failed allocation into errors of their own, so the
-    address space the job took is what tells (a child is retired once its peak has grown, so its peak
-    is this job's)."""
-    if isinstance(err, MemoryError):
-        return True
-    return _vm_peak_bytes() - start_vm > limits.memory_mib * MIB / 2
-
-
-def child_main(connection: Connection, limits: DecodeLimits) -> None:
-    """A child's life: bound itself, then answer jobs until its parent hangs up or it retires."""
-    _bound_self(limits)
-    start_vm = _vm_bytes()
-    while True:
-        try:
-            job = DecodeJob(**json.loads(connection.recv_bytes(MAX_REPLY_HEADER)))
-            source = job.path if job.path is not None else connection.recv_bytes()
-        except (EOFError, OSError):
-            return
-        _arm_cpu_limit(limits.seconds)
-        header, buffers = _child_reply(job, source, limits, start_vm)
-        del source
-        peak = _vm_peak_bytes() - start_vm  # the most this child has taken: this job's, as it retires once it grew
-        header["peak_mib"] = round(peak / MIB, 1)
-        header["retire"] = peak > RETIRE_GROWTH_MIB * MIB
-        connection.send_bytes(json.dumps(header).encode())
-        for buffer in buffers:
-            connection.send_bytes(buffer)
-        if header["retire"]:
-            return
-
-
-def memory_message(name: str, limits: DecodeLimits) -> str:
-    return (
-        f"{_capitalised(name)} could not be decoded within {limits.memory_mib} MiB of memory: it declares or "
-        "holds more than an X-ray needs, or is damaged. Nothing else was affected."
-    )
-
-
-def time_message(name: str, limits: DecodeLimits) -> str:
-    return (
-        f"{_capitalised(name)} could not be decoded within {limits.seconds:g} s of processor time: an X-ray "
-        "decodes in a fraction of that; this file is damaged or built to keep the decoder busy."
-    )
-
-
-def crash_message(name: str, limits: DecodeLimits) -> str:
-    return (
-        f"The decoder stopped on {name} before it had decoded it (it went past its {limits.memory_mib} MiB or "
-        f"{limits.seconds:g} s, or crashed): the file is damaged or built to break decoders. Nothing else was affected."
-    )
-
-
-def _capitalised(name: str) -> str:
-    return name[:1].upper() + name[1:]
-
-
-# --- The parent ------------------------------------------------------------------------------------
 
 
 class DecodingChild:
@@ -359,7 +196,8 @@ class Zygote:
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         package_root = str(Path(__file__).resolve().parents[2])  # where `pneumonia` is imported from
         code = (
-            f"import sys; sys.path.insert(0, {package_root!r}); from pneumonia.serving.sandbox import zygote_main; "
+            f"import sys; sys.path.insert(0, {package_root!r}); "
+            "from pneumonia.serving.decoding_child import zygote_main; "
             f"zygote_main({theirs.fileno()}, {limits.memory_mib!r}, {limits.seconds!r})"
         )
         self.process = subprocess.Popen(
@@ -385,41 +223,10 @@ class Zygote:
             self.process.kill()
 
 
-def zygote_main(control_fd: int, memory_mib: int, seconds: float) -> None:
-    """The zygote's life: import what a decode needs, then fork a child for each request."""
-    import pydicom.pixels  # noqa: F401  (the pixel handlers pydicom would import on first use)
-    from PIL import Image
-
-    Image.init()  # every Pillow plugin, once
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the parent's to handle
-    limits = DecodeLimits(memory_mib, seconds)
-    control = socket.socket(fileno=control_fd)
-    while control.recv(1):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:
-            control.close()
-            ours.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            status = 0
-            try:
-                child_main(Connection(theirs.detach()), limits)
-            except BaseException as err:  # a bug of ours: its type and where (a message could quote the file)
-                where = "".join(traceback.format_tb(err.__traceback__))
-                print(f"decoding child: {type(err).__name__}\n{where}", file=sys.stderr)
-                status = 1
-            finally:
-                os._exit(status)
-        theirs.close()
-        socket.send_fds(control, [str(pid).encode()], [ours.fileno()])
-        ours.close()
-
-
 class DecodingSandbox:
     """A pool of `workers` bounded children; `prepare` is `prepare_xray` run in one of them."""
 
-    def __init__(self, limits: DecodeLimits = DecodeLimits(), workers: int = 2, wait_s: float | None = None):
+    def __init__(self, limits: DecodeLimits = DEFAULT_LIMITS, workers: int = 2, wait_s: float | None = None):
         if workers < 1:
             raise ValueError("the decoding sandbox needs at least one worker")
         self.limits = limits
@@ -492,7 +299,7 @@ _SHARED: dict[tuple, DecodingSandbox] = {}
 
 
 def shared_sandbox(
-    limits: DecodeLimits = DecodeLimits(), workers: int | None = None, wait_s: float | None = None
+    limits: DecodeLimits = DEFAULT_LIMITS, workers: int | None = None, wait_s: float | None = None
 ) -> DecodingSandbox:
     """One sandbox per process for each setting: the command line, PACS runs, archive actors and the web
     app's instances share it. `workers` by default: one a core, at most two."""

@@ -78,6 +78,10 @@ keepalive = 5
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 accesslog = "-"  # method, path, status and timing only: bodies and uploads are never logged
+# gunicorn's default format less `%(u)s`, the user name of a Basic header: a person may type the access key
+# there, and an answer given before the access check takes the header out (a 429 of the rate limits, a
+# 400 of gunicorn's own) would print it (issue 39).
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 errorlog = "-"
 
 
