@@ -59,6 +59,8 @@ DEFAULTS = {
     "ACCESS_KEYS": None,
     "ACCESS_KEYS_FILE": None,
     "ACCESS_FAILURES_LIMIT": "10 per minute",  # wrong keys per client address, then 429 (whatever it sends)
+    # Static files (pneumonia/web/static_files.py): bodies of 1 MB or more sent at once per worker, else 503.
+    "STATIC_TRANSFERS": 4,
 }
 
 
@@ -74,7 +76,18 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from pneumonia.web import access, api, capacity, decoders, device, error_responses, pages, rate_limit, security
+    from pneumonia.web import (
+        access,
+        api,
+        capacity,
+        decoders,
+        device,
+        error_responses,
+        pages,
+        rate_limit,
+        security,
+        static_files,
+    )
     from pneumonia.web.screener import load_screener
 
     decoders.register(app)
@@ -87,6 +100,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(device.bp)
     error_responses.register(app)
+    static_files.register(app)
     security.register(app)
     return app
 
