@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -376,10 +377,13 @@ def flood(
     oversize_share: float,
     on_tick=None,
     record: list | None = None,
+    hostile_share: float = 0.0,
 ) -> dict:
     """`clients` threads posting back to back for `seconds`; `on_tick()` is called every 10 s. Each
-    answer (status, ms, kind, `at`: time.monotonic() when it came) is appended to `record` when given."""
-    bodies = upload_bodies(image)
+    answer (status, ms, kind, `at`: time.monotonic() when it came) is appended to `record` when given.
+    `hostile_share` of the uploads are the small hostile files of bench/bombs.py, each client's in turn."""
+    bodies = upload_bodies(image, hostile=hostile_share > 0)
+    hostile = [name for name in bodies if name.startswith("hostile:")]
     stop_at = time.monotonic() + seconds
     results: list[dict] = [] if record is None else record
     lock = threading.Lock()
@@ -387,9 +391,13 @@ def flood(
     def client(seed: int) -> None:
         pick = random.Random(seed)
         session = requests.Session()
-        while time.monotonic() < stop_at:
+        for turn in itertools.count(seed):
+            if time.monotonic() >= stop_at:
+                break
             draw = pick.random()
             kind = "junk" if draw < junk_share else "oversize" if draw < junk_share + oversize_share else "real"
+            if draw >= 1 - hostile_share:
+                kind = hostile[turn % len(hostile)]
             answer = post_upload(session, server.url, bodies[kind])
             answer["kind"], answer["at"] = kind, time.monotonic()
             with lock:
@@ -412,13 +420,19 @@ def flood(
     return flood_figures(results, clients, time.monotonic() - started)
 
 
-def upload_bodies(image: bytes) -> dict[str, bytes]:
+def upload_bodies(image: bytes, hostile: bool = False) -> dict[str, bytes]:
     """What a flood's clients send: the real upload, junk under the size limit (a JPEG's first bytes,
-    then noise) and junk over it."""
+    then noise) and junk over it; with `hostile`, each file of bench/bombs.py's DECODER_BOMBS and BOMBS
+    under "hostile:NAME"."""
+    from bench.bombs import BOMBS, DECODER_BOMBS, build
+
     rng = np.random.default_rng(0)
     junk = b"\xff\xd8\xff\xe0" + rng.bytes(JUNK_BYTES - 4)
     oversize = b"\xff\xd8\xff\xe0" + rng.bytes(OVERSIZE_BYTES - 4)
-    return {"real": image, "junk": junk, "oversize": oversize}
+    bodies = {"real": image, "junk": junk, "oversize": oversize}
+    if hostile:
+        bodies.update({f"hostile:{name}": build(name)[0] for name in (*DECODER_BOMBS, *BOMBS)})
+    return bodies
 
 
 def flood_figures(results: list[dict], clients: int, wall: float) -> dict:
@@ -428,9 +442,13 @@ def flood_figures(results: list[dict], clients: int, wall: float) -> dict:
         by_kind[r["kind"]][str(r["status"])] += 1
     real_ok = [r["ms"] for r in results if r["kind"] == "real" and r["status"] == 200]
     statuses = Counter(str(r["status"]) for r in results)
+    slowest = defaultdict(float)
+    for r in results:
+        slowest[r["kind"]] = max(slowest[r["kind"]], r["ms"] or 0.0)
     return {
         "clients": clients,
         "seconds": round(wall, 1),
+        "slowest_ms_by_kind": {kind: round(ms) for kind, ms in sorted(slowest.items())},
         "requests": len(results),
         "statuses": dict(statuses),
         "by_kind": {k: dict(v) for k, v in by_kind.items()},
@@ -449,9 +467,9 @@ def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2,
     """Each bomb of bench/bombs.py alone (or, `at_the_limit`, each of the largest inputs the budget lets
     through), then `clients` clients sending them at once for `rounds` rounds (each client a different
     one), then a real upload: every answer's status and seconds."""
-    from bench.bombs import AT_THE_LIMIT, BOMBS, build
+    from bench.bombs import AT_THE_LIMIT, BOMBS, DECODER_BOMBS, build
 
-    bombs = {name: build(name) for name in (AT_THE_LIMIT if at_the_limit else BOMBS)}
+    bombs = {name: build(name) for name in (AT_THE_LIMIT if at_the_limit else {**BOMBS, **DECODER_BOMBS})}
 
     def send(name: str) -> dict:
         data, query = bombs[name]
@@ -483,7 +501,15 @@ def run_bombs(server: Server, args, image: bytes) -> dict:
 
 def run_flood(server: Server, args, image: bytes) -> dict:
     before = server.worker_rss_mib()
-    result = flood(server, args.clients, args.seconds, image, args.junk_share, args.oversize_share)
+    result = flood(
+        server,
+        args.clients,
+        args.seconds,
+        image,
+        args.junk_share,
+        args.oversize_share,
+        hostile_share=args.hostile_share,
+    )
     result["rss_mib"] = {"before": before, "after": server.worker_rss_mib()}
     return result
 
@@ -612,7 +638,7 @@ def report(scenario: str, result: dict) -> None:
         f"{result['requests']} requests in {result['seconds']} s from {result['clients']} clients: {result['statuses']}"
     )
     for kind, counts in sorted(result["by_kind"].items()):
-        print(f"  {kind:<9}{counts}")
+        print(f"  {kind:<44}{counts}  slowest {result['slowest_ms_by_kind'][kind]} ms")
     r = result["real_upload_ms"]
     print(
         f"good uploads/s {result['good_uploads_per_s']}; real upload ms p50 {r['p50']} p99 {r['p99']} "
@@ -651,6 +677,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=10, help="length of soak")
     parser.add_argument("--junk-share", type=float, default=0.2, help="share of 19 MB junk uploads (flood, soak)")
     parser.add_argument("--oversize-share", type=float, default=0.05, help="share of uploads over the size limit")
+    parser.add_argument(
+        "--hostile-share", type=float, default=0.0, help="share of small hostile files of bench/bombs.py (flood)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --clients bombs at once (bombs)")
     parser.add_argument(
         "--at-the-limit", action="store_true", help="bombs: the largest inputs the memory budget lets through"
