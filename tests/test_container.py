@@ -32,6 +32,7 @@ BASE = os.environ.get("PNEUMONIA_DOCKER_BASE", "pneumonia-base:bookworm")
 MAX_MB_OVER_BASE = 550
 STOP_S = 10
 KEYS_IN_CONTAINER = "/run/secrets/pneumonia-keys"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 # One worker runs them all, in order: one image build, one engine.
 pytestmark = pytest.mark.xdist_group("docker")
@@ -58,11 +59,12 @@ def engine_missing() -> str | None:
 @contextmanager
 def build_ca():
     """The build context's extra-ca.pem: the repository's own if it has one, else the CA bundle this
-    machine's pip trusts (PIP_CERT, SSL_CERT_FILE: a TLS-intercepting proxy's CA is in it), written for
-    the build and removed after it. Neither: the build trusts the base image's CAs alone."""
+    machine trusts (PIP_CERT, SSL_CERT_FILE, else Debian's system bundle: a TLS-intercepting proxy's
+    CA is in it), written for the build and removed after it. None: the base image's CAs alone."""
     target = REPO / "extra-ca.pem"
-    bundle = next((Path(p) for p in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE")) if p), None)
-    written = not target.exists() and bundle is not None and bundle.is_file()
+    candidates = (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"), SYSTEM_CA_BUNDLE)
+    bundle = next((Path(p) for p in candidates if p and Path(p).is_file()), None)
+    written = not target.exists() and bundle is not None
     if written:
         shutil.copyfile(bundle, target)
     try:
