@@ -336,3 +336,113 @@ def test_the_compose_example_validates(tmp_path):
         [compose, "--file", REPO / "compose.yaml", "config", "--quiet"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The orthancteam/orthanc image cannot be pulled here: Debian's Orthanc and DICOMweb plugin stand in for
+# it, reading its configuration from /etc/orthanc/ as that image does (compose.yaml's users file too).
+LOCAL_ORTHANC = "pneumonia-ci-orthanc:latest"
+LOCAL_ORTHANC_DOCKERFILE = f"""FROM {BASE}
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+      orthanc orthanc-dicomweb >/dev/null \\
+ && rm -rf /var/lib/apt/lists/* /etc/orthanc/* \\
+ && echo '{{"Name": "local", "StorageDirectory": "/var/lib/orthanc/db", "IndexDirectory": "/var/lib/orthanc/db", \\
+"RemoteAccessAllowed": true, "AuthenticationEnabled": true, "DicomPort": 4242, \\
+"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"], "DicomWeb": {{"Enable": true}}}}' \\
+    > /etc/orthanc/orthanc.json
+CMD ["Orthanc", "/etc/orthanc/"]
+"""
+# The example as it is, but for its images (this build, the stand-in) and host ports (free ones, on
+# loopback), and a watch that polls every 2 s.
+OVERRIDE = """services:
+  orthanc:
+    image: {orthanc}
+  watch:
+    command: [pacs, watch, "http://orthanc:8042/dicom-web", --user, screener, --interval, "2", --max-runs, "1000"]
+"""
+
+
+@pytest.fixture
+def compose_project(image, tmp_path):
+    """compose.yaml copied to tmp_path with its secrets made as docs/containers.md makes them; yields
+    (run docker-compose, app URL, Orthanc REST root, the PACS password, the access key)."""
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose)")
+    built = subprocess.run(
+        ["docker", "build", "--network", "host", "-t", LOCAL_ORTHANC, "-"],
+        input=LOCAL_ORTHANC_DOCKERFILE, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    app_port, orthanc_port, dicom_port = free_port(), free_port(), free_port()
+    text = (REPO / "compose.yaml").read_text()
+    for old, new in (
+        ('"8000:8000"', f'"127.0.0.1:{app_port}:8000"'),
+        ('"4242:4242"', f'"127.0.0.1:{dicom_port}:4242"'),
+        ('"127.0.0.1:8042:8042"', f'"127.0.0.1:{orthanc_port}:8042"'),
+        ("image: pneumonia\n", f"image: {image}\n"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    (tmp_path / "compose.yaml").write_text(text)
+    (tmp_path / "compose.override.yaml").write_text(OVERRIDE.format(orthanc=LOCAL_ORTHANC))
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    key, password = f"compose-key-{uuid.uuid4().hex}", f"pacs-{uuid.uuid4().hex}"
+    (secrets_dir / "pneumonia-keys").write_text(key + "\n")
+    (secrets_dir / "pacs-password").write_text(password + "\n")
+    (secrets_dir / "orthanc-users.json").write_text(f'{{"RegisteredUsers": {{"screener": "{password}"}}}}\n')
+    for path in secrets_dir.iterdir():
+        path.chmod(0o644)
+    project = f"pneumoniaci{uuid.uuid4().hex[:8]}"
+
+    def run(*args, timeout=180):
+        return subprocess.run(
+            [compose, "--project-name", project, *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout
+        )
+
+    try:
+        up = run("up", "--detach", "--no-build")
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield run, f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{orthanc_port}", password, key
+    finally:
+        run("down", "--volumes")
+
+
+def test_the_compose_example_screens_what_arrives_in_orthanc_and_stops_cleanly(compose_project):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    run, app, orthanc, password, key = compose_project
+    wait_answering(f"{orthanc}/system", auth=("screener", password))
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(xray_pixels(), bits_stored=8)))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CR"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    stored = requests.post(f"{orthanc}/instances", data=buffer.getvalue(), auth=("screener", password), timeout=30)
+    assert stored.status_code == 200, stored.text
+    deadline = time.monotonic() + 120
+    while "stored SR" not in (watched := run("logs", "--no-color", "watch").stdout):
+        assert time.monotonic() < deadline, watched
+        time.sleep(1)
+    wait_answering(f"{app}/healthz")
+    upload = xray_upload()
+    assert requests.post(f"{app}/api/predict", files=upload, headers=bearer(key), timeout=60).status_code == 200
+    assert requests.post(f"{app}/api/predict", files=upload, timeout=60).status_code == 401
+    started = time.monotonic()
+    assert run("stop").returncode == 0
+    print(f"docker-compose stop: {time.monotonic() - started:.2f} s")
+    assert time.monotonic() - started < STOP_S
+    states = run("ps").stdout
+    assert "Exit 137" not in states, states  # nothing was killed for outlasting the grace period
+
+
+def wait_answering(url: str, auth=None, within_s: float = 60) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if requests.get(url, auth=auth, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer 200 within {within_s:g} s"
+        time.sleep(0.5)
