@@ -6,7 +6,8 @@ extra-ca.pem, then run with `--network host --read-only --tmpfs /tmp --memory 51
 from a mounted file: /healthz and the image's HEALTHCHECK, a real X-ray 200 with a key, a colour
 photo 422, no key 401, nothing written outside the tmpfs, no OOM kill, and `docker stop` answering
 the upload in flight and stopping within 10 s. `pacs watch` runs from the image against the local
-Orthanc the PACS tests use, and the compose example validates with `docker-compose config`.
+Orthanc the PACS tests use; the compose example validates with `docker-compose config`, and runs, with
+Debian's Orthanc standing in for the Orthanc team's image (which cannot be pulled here).
 Skipped, saying why, where no Docker engine answers (.ci/run installs docker.io and starts dockerd).
 """
 
