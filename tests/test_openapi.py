@@ -171,7 +171,7 @@ def _failing(app, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(app.extensions["screener"].batch, "screen_chunk", fail)
+    monkeypatch.setattr(app.extensions["screener"].batch, "score", fail)
 
 
 def _rate_limited(app, client, path, method):
