@@ -381,7 +381,8 @@ def flood(
 ) -> dict:
     """`clients` threads posting back to back for `seconds`; `on_tick()` is called every 10 s. Each
     answer (status, ms, kind, `at`: time.monotonic() when it came) is appended to `record` when given.
-    `hostile_share` of the uploads are the small hostile files of bench/bombs.py, each client's in turn."""
+    `hostile_share` of the uploads are the small files of bench/bombs.py's DECODER_BOMBS (issue 39), each
+    client's in turn."""
     bodies = upload_bodies(image, hostile=hostile_share > 0)
     hostile = [name for name in bodies if name.startswith("hostile:")]
     stop_at = time.monotonic() + seconds
@@ -422,16 +423,16 @@ def flood(
 
 def upload_bodies(image: bytes, hostile: bool = False) -> dict[str, bytes]:
     """What a flood's clients send: the real upload, junk under the size limit (a JPEG's first bytes,
-    then noise) and junk over it; with `hostile`, each file of bench/bombs.py's DECODER_BOMBS and BOMBS
-    under "hostile:NAME"."""
-    from bench.bombs import BOMBS, DECODER_BOMBS, build
+    then noise) and junk over it; with `hostile`, each file of bench/bombs.py's DECODER_BOMBS under
+    "hostile:NAME"."""
+    from bench.bombs import DECODER_BOMBS, build
 
     rng = np.random.default_rng(0)
     junk = b"\xff\xd8\xff\xe0" + rng.bytes(JUNK_BYTES - 4)
     oversize = b"\xff\xd8\xff\xe0" + rng.bytes(OVERSIZE_BYTES - 4)
     bodies = {"real": image, "junk": junk, "oversize": oversize}
     if hostile:
-        bodies.update({f"hostile:{name}": build(name)[0] for name in (*DECODER_BOMBS, *BOMBS)})
+        bodies.update({f"hostile:{name}": build(name)[0] for name in DECODER_BOMBS})
     return bodies
 
 
@@ -466,7 +467,9 @@ def flood_figures(results: list[dict], clients: int, wall: float) -> dict:
 def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2, at_the_limit: bool = False) -> dict:
     """Each bomb of bench/bombs.py alone (or, `at_the_limit`, each of the largest inputs the budget lets
     through), then `clients` clients sending them at once for `rounds` rounds (each client a different
-    one), then a real upload: every answer's status and seconds."""
+    one), then a real upload: every answer's status and seconds; the worker's RSS at the start, once each
+    file and a real upload have been answered once, and at the end (memory given back: the end against
+    the second)."""
     from bench.bombs import AT_THE_LIMIT, BOMBS, DECODER_BOMBS, build
 
     bombs = {name: build(name) for name in (AT_THE_LIMIT if at_the_limit else {**BOMBS, **DECODER_BOMBS})}
@@ -476,8 +479,10 @@ def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2,
         answer = post_upload(requests.Session(), server.url, data, query=query or "gradcam=1")
         return {"bomb": name, "status": answer["status"], "s": round(answer["ms"] / 1000, 2)}
 
-    rss_before = server.worker_rss_mib()
+    rss_start = server.worker_rss_mib()
     alone = [send(name) for name in bombs]
+    post_upload(requests.Session(), server.url, image)
+    rss_warm = server.worker_rss_mib()  # each path once: what a worker imports and keeps on first use
     names = list(bombs)
     together = []
     for round_number in range(rounds):
@@ -491,7 +496,11 @@ def bomb_rounds(server: Server, image: bytes, clients: int = 8, rounds: int = 2,
         "slowest_s": max(answer["s"] for answer in alone + together),
         "statuses": dict(Counter(str(answer["status"]) for answer in alone + together)),
         "real_upload_after": {"status": after["status"], "s": round(after["ms"] / 1000, 2)},
-        "worker_rss_mib": {"before": round(rss_before, 1), "after": round(server.worker_rss_mib(), 1)},
+        "worker_rss_mib": {
+            "start": round(rss_start, 1),
+            "after_each_once": round(rss_warm, 1),
+            "after": round(server.worker_rss_mib(), 1),
+        },
     }
 
 
@@ -678,7 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--junk-share", type=float, default=0.2, help="share of 19 MB junk uploads (flood, soak)")
     parser.add_argument("--oversize-share", type=float, default=0.05, help="share of uploads over the size limit")
     parser.add_argument(
-        "--hostile-share", type=float, default=0.0, help="share of small hostile files of bench/bombs.py (flood)"
+        "--hostile-share", type=float, default=0.0, help="share of bench/bombs.py's DECODER_BOMBS (flood)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --clients bombs at once (bombs)")
     parser.add_argument(

@@ -23,9 +23,9 @@ import html
 import os
 from pathlib import Path
 
-# What one worker may take: at the decode budget (pneumonia/reading/budget.py) with both model slots
-# busy, one worker peaked at 397 MiB in a 512 MiB cgroup and was never killed; two workers there were
-# killed twice (docs/uploads.md, `bench.load_test bombs --at-the-limit --memory-limit 512`).
+# What one worker may take with its decoding children: the largest inputs the header checks admit,
+# 8 at once through both children, peaked at 395 MiB of anonymous memory in a 512 MiB cgroup and were
+# never killed (docs/uploads.md, `bench.load_test bombs --at-the-limit --memory-limit 512`).
 WORKER_MEMORY = 400 * 1024 * 1024
 
 
