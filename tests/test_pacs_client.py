@@ -24,7 +24,15 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from urllib3.fields import RequestField
 from urllib3.filepost import choose_boundary, encode_multipart_formdata
 
-from pneumonia.pacs.dicomweb import Connection, DicomWeb, PacsAuthError, PacsError, PacsUnreachable, first_value
+from pneumonia.pacs.dicomweb import (
+    Connection,
+    DicomWeb,
+    PacsAuthError,
+    PacsError,
+    PacsUnreachable,
+    first_value,
+    single_part,
+)
 
 pytest.importorskip("highdicom", reason="pacs needs highdicom: pip install -r requirements-pacs.txt")
 
@@ -290,8 +298,39 @@ def test_an_image_is_asked_for_in_its_stored_transfer_syntax_and_read_from_its_m
         pacs = client(url)
         fetched = pacs.retrieve_instance(STUDY, SERIES, ds.SOPInstanceUID)
     assert accepts == ['multipart/related; type="application/dicom"; transfer-syntax=*']
+    assert fetched == buffer.getvalue()  # the bytes the PACS sent, parsed by nothing here
+    fetched = pydicom.dcmread(io.BytesIO(fetched))
     assert fetched.SOPInstanceUID == ds.SOPInstanceUID and fetched.file_meta.TransferSyntaxUID == JPEGLSLossless
     assert np.array_equal(fetched.pixel_array, pydicom.dcmread(io.BytesIO(image)).pixel_array)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "expected"),
+    [
+        (
+            'multipart/related; type="application/dicom"; boundary=b1',
+            b"--b1\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n\r\n--b1--\r\n",
+            b"DICM\r\n",
+        ),
+        ("application/dicom", b"DICM", b"DICM"),  # a server that sends the part alone
+    ],
+)
+def test_the_one_part_of_an_answer_is_its_bytes(content_type, body, expected):
+    assert single_part(content_type, body) == expected
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b"{}"),
+        ("multipart/related; boundary=b1", b"--b1\r\n\r\nA\r\n--b1\r\n\r\nB\r\n--b1--"),  # two parts
+        ("multipart/related; boundary=b1", b"no delimiter at all"),
+        ("multipart/related", b"--\r\n"),  # no boundary
+    ],
+)
+def test_an_answer_that_is_not_one_instance_is_refused(content_type, body):
+    with pytest.raises(ValueError):
+        single_part(content_type, body)
 
 
 def small_dicom() -> pydicom.Dataset:
@@ -348,7 +387,7 @@ def test_an_answer_that_is_not_dicom_fails_the_image_with_exit_1_and_nothing_is_
     with stub_pacs(routes) as (url, hits):
         result = run_cli("pacs", "screen", url, "--modality", "DX", cwd=tmp_path)
     assert result.returncode == 1 and "1 failed" in result.stderr, result.stderr
-    assert "retrieve an image: the PACS's answer could not be read" in result.stdout and "log in" not in result.stdout
+    assert "retrieve an image: the PACS's answer is not one DICOM instance" in result.stdout and "log in" not in result.stdout
     assert not [hit for hit in hits if hit[0] == "POST"]
 
 

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.message import Message
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -38,7 +39,29 @@ QIDO_PAGE = 500  # results asked for per QIDO request (limit/offset paging)
 # dicomweb-client sends a STOW body over its chunk size chunked; a Content-Length goes through the
 # gateways and WSGI servers in front of some PACSs that refuse chunked uploads (Orthanc takes both)
 STORED_IN_ONE_BODY = 2**31
-AS_STORED = (("application/dicom", "*"),)  # WADO-RS: any transfer syntax, i.e. the PACS's own, not transcoded
+# WADO-RS: any transfer syntax, i.e. the PACS's own, not transcoded
+ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def single_part(content_type: str, body: bytes) -> bytes:
+    """The one body part of a multipart/related answer (PS3.18 8.6.1.2), or the body of an answer sent as
+    application/dicom itself (some servers do); ValueError for anything else. Split on its boundary
+    only: the part's bytes are not parsed."""
+    message = Message()
+    message["Content-Type"] = content_type
+    if message.get_content_type() == "application/dicom":
+        return body
+    boundary = message.get_param("boundary")
+    if message.get_content_type() != "multipart/related" or not boundary:
+        raise ValueError(f"it is {message.get_content_type()}")
+    delimiter = b"--" + str(boundary).encode("latin-1")
+    parts = body.split(delimiter)[1:-1]  # the preamble before the first delimiter, "--" and the epilogue after the last
+    if len(parts) != 1:
+        raise ValueError(f"{len(parts)} parts")
+    head, separator, content = parts[0].partition(b"\r\n\r\n")
+    if not separator:
+        raise ValueError("a part without headers")
+    return content.removesuffix(b"\r\n")
 
 
 class PacsError(Exception):
@@ -207,18 +230,25 @@ class DicomWeb:
 
     # --- WADO-RS ------------------------------------------------------------------------------
 
-    def retrieve_instance(self, study: str, series: str, instance: str) -> Dataset:
-        """One instance in the transfer syntax the PACS holds it in (pydicom's handlers read JPEG 2000,
-        JPEG-LS, ...; transcoding would cost the PACS time and may be lossy)."""
+    def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:
+        """One instance in the transfer syntax the PACS holds it in (transcoding would cost the PACS time and
+        may be lossy), as the Part 10 bytes it sent: nothing of it is parsed here; the decoding sandbox reads
+        its header and its pixels (pneumonia/serving/sandbox.py)."""
         what = "retrieve an image"
+        uids = (study, series, instance)
+        if not all(UID(uid).is_valid for uid in uids):
+            raise PacsError(f"{what}: the PACS named it by UIDs that are not DICOM UIDs")
+        url = f"{self.connection.url.rstrip('/')}/studies/{study}/series/{series}/instances/{instance}"
+        response = self._call(what, self._get, url, {"Accept": ACCEPT_AS_STORED})
         try:
-            return self._call(what, self.client.retrieve_instance, study, series, instance, media_types=AS_STORED)
-        except PacsError:
-            raise
-        except Exception as err:  # pydicom and the multipart decoder raise many types; messages could quote data
-            raise PacsError(
-                f"{what}: the PACS's answer is not a readable DICOM instance ({type(err).__name__})"
-            ) from None
+            return single_part(response.headers.get("Content-Type", ""), response.content)
+        except ValueError as err:
+            raise PacsError(f"{what}: the PACS's answer is not one DICOM instance ({err})") from None
+
+    def _get(self, url: str, headers: dict) -> requests.Response:
+        response = self.session.get(url, headers=headers, timeout=self.connection.timeout_s)
+        response.raise_for_status()
+        return response
 
     def series_metadata(self, study: str, series: str) -> list[dict]:
         """The DICOM JSON metadata of every instance of a series (bulk data left out)."""

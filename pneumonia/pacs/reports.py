@@ -112,6 +112,15 @@ def reference_dataset(source: Dataset) -> Dataset:
     return reference
 
 
+def reference_from_header(values: dict[str, str | list[str]]) -> Dataset:
+    """`reference_dataset` of an image whose header the decoding sandbox read (`DecodingSandbox.dicom_header`
+    with SOURCE_KEYWORDS): the values, as text, set on a dataset; UnreferableImage as there."""
+    source = Dataset()
+    for keyword, value in values.items():
+        setattr(source, keyword, value)
+    return reference_dataset(source)
+
+
 def private_code(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value, PRIVATE_SCHEME, meaning)
 

@@ -21,14 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from pneumonia.errors import XrayReadError
 from pneumonia.pacs.dicomweb import DicomWeb, PacsAuthError, PacsError, PacsUnreachable, first_value
 from pneumonia.pacs.reports import (
     GRADCAM_SIDE,
+    SOURCE_KEYWORDS,
     ModelIdentity,
     RunSeries,
     UnreferableImage,
-    part10,
-    reference_dataset,
+    reference_from_header,
     referenced_instances,
     result_objects,
 )
@@ -43,6 +44,7 @@ from pneumonia.serving.screening import (
 )
 
 STUDY, SERIES, INSTANCE, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
+HEADER_KEYWORDS = (*SOURCE_KEYWORDS, "BodyPartExamined", "ViewPosition")  # what a run reads of an image's header
 BODY_PART, VIEW, SERIES_DESCRIPTION = "00180015", "00185101", "0008103E"
 INCLUDED = (STUDY, SERIES, INSTANCE, SOP_CLASS, "00080060", BODY_PART, VIEW)
 
@@ -128,6 +130,11 @@ def screened_instances(pacs: DicomWeb, identity: ModelIdentity, study: str) -> s
     return done
 
 
+def _text(value: str | list[str] | None) -> str | None:
+    """A header value as the filters compare it: text, the first of several."""
+    return value[0] if isinstance(value, list) and value else value or None
+
+
 class PacsScreener:
     """Screens a PACS's images with one classifier and stores the results back into it."""
 
@@ -154,24 +161,24 @@ class PacsScreener:
                 yield row
 
     def screen_one(self, candidate: Candidate, filters: Filters, series: RunSeries) -> PacsRow | None:
-        """Fetch, screen, store one image; None when its header shows the filters leave it out."""
+        """Fetch, screen, store one image; None when its header shows the filters leave it out. Its header
+        and its pixels are read in the decoding sandbox: a hostile file is its own row's error."""
         try:
-            image = self.pacs.retrieve_instance(candidate.study, candidate.series, candidate.instance)
+            data = self.pacs.retrieve_instance(candidate.study, candidate.series, candidate.instance)
         except (PacsUnreachable, PacsAuthError):
             raise
         except PacsError as err:
             return failed_row(candidate, str(err))
-        if not filters.admits(image.get("BodyPartExamined"), image.get("ViewPosition")):
+        try:
+            header = self.batch.sandbox.dicom_header(data, HEADER_KEYWORDS, f"image {candidate.instance}")
+        except XrayReadError as err:  # not DICOM, or past a limit of the sandbox
+            return failed_row(candidate, str(err))
+        if not filters.admits(_text(header.get("BodyPartExamined")), _text(header.get("ViewPosition"))):
             return None
         try:
-            source = reference_dataset(image)
-            data = part10(image)  # the bytes `predict` would read: the one decoder, pixel handlers included
+            source = reference_from_header(header)
         except UnreferableImage as err:
             return failed_row(candidate, str(err))
-        except Exception as err:  # pydicom raises many types on odd data; the message could quote it
-            error = f"The PACS sent an image that is not writable DICOM ({type(err).__name__})."
-            return failed_row(candidate, error)
-        del image
         row = self.batch.screen_chunk([(candidate.instance, data)], GRADCAM_SIDE, with_gradcam=True)[0]
         del data
         if row.outcome != SCREENED:

@@ -53,13 +53,8 @@ def related_body(instances: list[bytes]) -> tuple[str, bytes]:
 def source_reference(screener, data: bytes, reports):
     """The upload's identifiers its results carry, read from its header in the decoding sandbox (only
     text comes back); 400 without its UIDs or with invalid ones."""
-    from pydicom.dataset import Dataset
-
-    source = Dataset()
-    for keyword, value in screener.batch.sandbox.dicom_header(data, reports.SOURCE_KEYWORDS).items():
-        setattr(source, keyword, value)
     try:
-        return reports.reference_dataset(source)
+        return reports.reference_from_header(screener.batch.sandbox.dicom_header(data, reports.SOURCE_KEYWORDS))
     except reports.UnreferableImage as err:
         raise UploadError(400, str(err)) from None
 
