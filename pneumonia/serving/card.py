@@ -252,6 +252,48 @@ class Recalibration:
     note: str
 
 
+# --- What the drift monitor compares recent screenings with (serving/drift.py) ----------------------
+
+MONITOR_QUANTITIES = ("gate_score", "probability")
+
+
+@dataclass(frozen=True)
+class MonitorBand:
+    """One signal's band of a quantity, low <= x < high (None: unbounded), and how many of the reference
+    images that had the quantity fell in it."""
+
+    quantity: str  # one of MONITOR_QUANTITIES
+    low: float | None
+    high: float | None
+    count: int
+    of: int
+
+    def __post_init__(self):
+        if self.quantity not in MONITOR_QUANTITIES:
+            raise CardFieldError(f"quantity {self.quantity!r} is not one of {', '.join(MONITOR_QUANTITIES)}")
+        if not 0 <= self.count <= self.of or self.of < 1:
+            raise CardFieldError(f"count {self.count} of {self.of}: needs 0 <= count <= of and of >= 1")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise CardFieldError(f"band [{self.low}, {self.high}) is empty")
+
+
+@dataclass(frozen=True)
+class MonitorReference:
+    """The reference the drift monitor tests a window of screenings against: each signal's band with its
+    count on the images the thresholds were chosen on (the validation part, or a recalibration's site
+    sample), and the quantiles of each quantity there (shown beside the window's)."""
+
+    computed_on: str
+    images: int
+    bands: dict[str, MonitorBand]  # signal name (serving/drift.py SIGNALS) -> its band
+    quantiles: dict[str, dict[str, float]]  # quantity -> {"p10": ..., "p50": ..., "p90": ...}
+    command: str | None = optional()
+
+    def __post_init__(self):
+        if self.images < 1:
+            raise CardFieldError("images should be at least 1")
+
+
 @dataclass(frozen=True)
 class Training:
     config: TrainConfig  # the options the run was given
@@ -306,6 +348,7 @@ class ModelCard:
     export: Export | None = optional()
     recalibration: Recalibration | None = optional()  # calibrate: the site sample's figures, what it replaced
     expectations: dict | None = optional()  # what the proxies expect at a new site (training/threshold_rules.py)
+    monitor: MonitorReference | None = optional()  # the drift monitor's reference (serving/drift.py)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
