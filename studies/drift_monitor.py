@@ -56,7 +56,9 @@ def scores_under_shifts(data_dir, model_path, cache: Path, log=print) -> dict:
     names = [BASELINE] + [shift.name for shift in SHIFTS]
     logits, scores = [], []
     for name in names:
-        pixels = np.stack([model_pixels(apply_shift(name, decoded[p], shift_seed(p)), classifier.image_size) for p in val.paths])
+        pixels = np.stack(
+            [model_pixels(apply_shift(name, decoded[p], shift_seed(p)), classifier.image_size) for p in val.paths]
+        )
         features, shift_logits = classifier.features_and_logits_of_pixels(pixels)
         logits.append(shift_logits)
         scores.append(classifier.gate.density.distance(features))

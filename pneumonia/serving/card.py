@@ -239,6 +239,7 @@ class Replaced:
     expectations: dict | None = optional()
     held_out_series: dict | None = optional()
     recalibration: Recalibration | None = optional()  # a recalibrated model recalibrated again
+    monitor: MonitorReference | None = optional()  # the drift monitor's reference before it
 
 
 @dataclass(frozen=True)

@@ -76,19 +76,19 @@ def _band(quantity: str, values: np.ndarray, low: float | None, high: float | No
 def monitor_reference(
     logits,
     scores,
-    calibration,
+    platt_parameters: tuple[float, float],
     thresholds: dict[str, float],
     gate_thresholds: dict[str, float] | None,
     computed_on: str,
     command: str | None = None,
 ) -> MonitorReference:
     """The card's reference from the images the thresholds were chosen on: their raw logits, the gate's
-    scores (None without a gate), the card's calibration and thresholds and the gate's thresholds.
+    scores (None without a gate), the card's calibration (slope, intercept), its thresholds and the gate's.
     The probability bands count the images the gate lets through, as a screening would."""
     from pneumonia.serving.card import platt
 
     logits = np.asarray(logits, np.float64)
-    probabilities = platt(logits, calibration.slope, calibration.intercept)
+    probabilities = platt(logits, *platt_parameters)
     bands, quantiles = {}, {}
     if scores is not None and gate_thresholds is not None:
         scores = np.asarray(scores, np.float64)
@@ -222,11 +222,7 @@ def advice(reference: MonitorReference, signals: list[dict], images: int, min_im
 
 
 def in_band(band: MonitorBand, value: float | None) -> bool:
-    return (
-        value is not None
-        and (band.low is None or value >= band.low)
-        and (band.high is None or value < band.high)
-    )
+    return value is not None and (band.low is None or value >= band.low) and (band.high is None or value < band.high)
 
 
 def counts_of(reference: MonitorReference, probabilities, scores) -> dict[str, Count]:

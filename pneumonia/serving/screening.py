@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +131,8 @@ class BatchScreener:
         self.classifier = classifier
         # Decoding messages call bytes by their row's name (the archive's files), else "the upload".
         self.names_in_messages = names_in_messages
+        # Called with each chunk's rows once decided (the web app's metrics and drift monitor, web/monitoring.py).
+        self.observers: list[Callable[[list[ScreenedImage]], None]] = []
 
     def screen(
         self,
@@ -155,6 +157,8 @@ class BatchScreener:
                 squares.append((row, pixels))
         if squares:
             (self._explain_each if with_gradcam else self._forward_all)(squares)
+        for observe in self.observers:
+            observe(rows)
         return rows
 
     def _decode(self, name: str, source: Source, display_side: int | None) -> tuple[ScreenedImage, np.ndarray | None]:

@@ -52,6 +52,10 @@ DEFAULTS = {
     "ACCESS_KEYS": None,
     "ACCESS_KEYS_FILE": None,
     "ACCESS_FAILURES_LIMIT": "10 per minute",  # wrong keys per client address, then 429 (whatever it sends)
+    # The drift monitor (pneumonia/web/monitoring.py): this worker's last MONITOR_WINDOW screenings, numbers only,
+    # tested against the card's reference once there are MONITOR_MIN_IMAGES (docs/monitoring.md).
+    "MONITOR_WINDOW": 500,
+    "MONITOR_MIN_IMAGES": 100,
 }
 
 
@@ -67,11 +71,24 @@ def create_app(config: dict | None = None) -> Flask:
     app.logger.setLevel(logging.INFO)
     _keep_dicom_tags_out_of_logs()
 
-    from pneumonia.web import access, api, capacity, device, error_responses, pages, rate_limit, security
+    from pneumonia.web import (
+        access,
+        api,
+        capacity,
+        device,
+        error_responses,
+        monitoring,
+        pages,
+        rate_limit,
+        security,
+        telemetry,
+    )
     from pneumonia.web.screener import load_screener
 
     load_screener(app)
     capacity.register(app)
+    telemetry.register(app)  # /metrics; before the limits and the keys, so that their refusals are counted too
+    monitoring.register(app)  # the drift monitor, fed by the screening pipeline
     rate_limit.register(app)
     access.register(app)  # after the limits: a flood of wrong keys is counted by them too
     app.wsgi_app = BodyDeadline(app.wsgi_app, app.config["BODY_TIMEOUT"], app.config["BODY_READ_TIMEOUT"])
