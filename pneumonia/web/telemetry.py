@@ -50,8 +50,9 @@ class Metrics:
     registry of its own rather than the library's global one."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # no `_created` series beside each counter: nothing reads them here
         self.registry = registry = CollectorRegistry()
 
         def gauge(name, text, labels=(), mode="liveall"):
