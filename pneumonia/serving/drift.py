@@ -127,7 +127,7 @@ def acceptance(n: int, count: int, of: int, alpha: float, sided: str) -> tuple[i
     pmf = np.exp(log_pmf - log_pmf.max())
     pmf /= pmf.sum()
     below = np.cumsum(pmf)  # P(K <= k)
-    above = below[::-1].cumsum()[::-1]  # P(K >= k)
+    above = pmf[::-1].cumsum()[::-1]  # P(K >= k)
     tail = alpha if sided == "above" else alpha / 2
     lo = 0 if sided == "above" else int(np.argmax(below >= tail))
     hi = int(np.nonzero(above >= tail)[0][-1])
