@@ -210,7 +210,7 @@ def recalibrated_card(
     )
 
 
-def site_reference(classifier, features, logits, calibration: dict, thresholds: dict, computed_on: str):
+def site_reference(classifier, features, logits, calibration: dict, thresholds: dict, files, split_name: str):
     """The drift monitor's reference on the site sample, at its new calibration and thresholds: the monitor then
     compares the site's screenings with the sample its thresholds were fitted on."""
     gate = classifier.gate
@@ -220,7 +220,8 @@ def site_reference(classifier, features, logits, calibration: dict, thresholds: 
         (calibration["slope"], calibration["intercept"]),
         thresholds,
         None if gate is None else gate.thresholds,
-        computed_on,
+        f"{split_name}, {len(logits)} images",
+        groups=[dataset.patient_id(path) for path in files.paths],
     )
 
 
@@ -309,9 +310,7 @@ def recalibrate(
         ece=ece,
         warning=warning,
         command=command_line(site_dir, model_path, out, split),
-        monitor=site_reference(
-            classifier, features, logits, calibration, thresholds, f"{split_name}, {len(logits)} images"
-        ),
+        monitor=site_reference(classifier, features, logits, calibration, thresholds, kept, split_name),
     )
     write_model_folder(keras_path, card, out, metrics)
     return Recalibration(card, out, warning)

@@ -268,8 +268,13 @@ class MonitorBand:
     high: float | None
     count: int
     of: int
+    # The variance of the band's share over patients (a bootstrap of whole patients) against a binomial's, at
+    # least 1: several X-rays of one patient are not independent (serving/drift.py).
+    design_effect: float = 1.0
 
     def __post_init__(self):
+        if self.design_effect < 1:
+            raise CardFieldError(f"design_effect {self.design_effect} should be at least 1")
         if self.quantity not in MONITOR_QUANTITIES:
             raise CardFieldError(f"quantity {self.quantity!r} is not one of {', '.join(MONITOR_QUANTITIES)}")
         if not 0 <= self.count <= self.of or self.of < 1:

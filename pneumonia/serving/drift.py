@@ -42,6 +42,7 @@ ALPHA = 0.01  # the chance that a window without drift alarms, all signals toget
 WINDOW = 500  # screenings the web app's monitor keeps (per worker process)
 MIN_IMAGES = 100  # a window (or a signal) with fewer never alarms
 UNCERTAIN = (0.1, 0.9)
+TOLERANCE = 1e-9  # a share on the edge of its expected range is inside it
 QUANTILES = {"p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9}
 
 
@@ -64,13 +65,35 @@ SIGNALS = {
 # --- The reference ------------------------------------------------------------------------------
 
 
-def _band(quantity: str, values: np.ndarray, low: float | None, high: float | None) -> MonitorBand:
-    inside = np.ones(len(values), bool)
-    if low is not None:
-        inside &= values >= low
-    if high is not None:
-        inside &= values < high
-    return MonitorBand(quantity, low, high, int(inside.sum()), int(len(values)))
+def _inside(band: MonitorBand, values: np.ndarray) -> np.ndarray:
+    inside = ~np.isnan(values)
+    filled = np.where(inside, values, 0.0)
+    if band.low is not None:
+        inside &= filled >= band.low
+    if band.high is not None:
+        inside &= filled < band.high
+    return inside
+
+
+def design_effect(inside: np.ndarray, groups, resamples: int = 1000, seed: int = 0) -> float:
+    """The variance of the share of `inside` over a bootstrap of whole groups (patients), against the binomial
+    variance of as many independent images; at least 1 (1 without groups)."""
+    share = inside.mean() if len(inside) else 0.0
+    if groups is None or len(inside) < 2 or share in (0.0, 1.0):
+        return 1.0
+    _, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    members = np.bincount(group_of)
+    hits = np.bincount(group_of, weights=inside.astype(float))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(members), (resamples, len(members)))
+    shares = hits[picks].sum(axis=1) / members[picks].sum(axis=1)
+    return float(max(1.0, shares.var() / (share * (1 - share) / len(inside))))
+
+
+def _band(quantity: str, values: np.ndarray, low, high, groups) -> MonitorBand:
+    band = MonitorBand(quantity, low, high, 0, max(1, len(values)))
+    inside = _inside(band, values)
+    return MonitorBand(quantity, low, high, int(inside.sum()), int(len(values)), design_effect(inside, groups))
 
 
 def monitor_reference(
@@ -81,25 +104,29 @@ def monitor_reference(
     gate_thresholds: dict[str, float] | None,
     computed_on: str,
     command: str | None = None,
+    groups=None,
 ) -> MonitorReference:
     """The card's reference from the images the thresholds were chosen on: their raw logits, the gate's
-    scores (None without a gate), the card's calibration (slope, intercept), its thresholds and the gate's.
-    The probability bands count the images the gate lets through, as a screening would."""
+    scores (None without a gate), the card's calibration (slope, intercept), its thresholds and the gate's;
+    `groups` (a patient per image, when known) gives each band's design effect. The probability bands count
+    the images the gate lets through, as a screening would."""
     from pneumonia.serving.card import platt
 
     logits = np.asarray(logits, np.float64)
     probabilities = platt(logits, *platt_parameters)
-    bands, quantiles = {}, {}
+    groups = None if groups is None else np.asarray(groups)
+    bands, quantiles, kept = {}, {}, groups
     if scores is not None and gate_thresholds is not None:
         scores = np.asarray(scores, np.float64)
         median = float(np.median(scores))
-        bands["unusual_share"] = _band("gate_score", scores, float(gate_thresholds["unusual"]), None)
-        bands["gate_score_above_median"] = _band("gate_score", scores, median, None)
+        bands["unusual_share"] = _band("gate_score", scores, float(gate_thresholds["unusual"]), None, groups)
+        bands["gate_score_above_median"] = _band("gate_score", scores, median, None, groups)
         quantiles["gate_score"] = {name: float(np.quantile(scores, q)) for name, q in QUANTILES.items()}
-        probabilities = probabilities[scores <= float(gate_thresholds["rejected"])]
-    bands["uncertain_share"] = _band("probability", probabilities, *UNCERTAIN)
-    bands["above_default"] = _band("probability", probabilities, float(thresholds["default"]), None)
-    bands["above_screening"] = _band("probability", probabilities, float(thresholds["screening"]), None)
+        through = scores <= float(gate_thresholds["rejected"])
+        probabilities, kept = probabilities[through], None if groups is None else groups[through]
+    bands["uncertain_share"] = _band("probability", probabilities, *UNCERTAIN, kept)
+    bands["above_default"] = _band("probability", probabilities, float(thresholds["default"]), None, kept)
+    bands["above_screening"] = _band("probability", probabilities, float(thresholds["screening"]), None, kept)
     quantiles["probability"] = {name: float(np.quantile(probabilities, q)) for name, q in QUANTILES.items()}
     return MonitorReference(computed_on, int(len(logits)), bands, quantiles, command)
 
@@ -108,10 +135,10 @@ def monitor_reference(
 
 
 @lru_cache(maxsize=4096)
-def acceptance(n: int, count: int, of: int, alpha: float, sided: str) -> tuple[int, int]:
-    """(lo, hi): the window counts k of n that do not alarm, lo <= k <= hi, for a reference count of `count`
-    of `of`: each tail outside holds less than alpha / 2 ("both") or the upper one less than alpha ("above")
-    of the beta-binomial predictive distribution."""
+def _acceptance(n: int, count: float, of: float, alpha: float, sided: str) -> tuple[int, int]:
+    """(lo, hi): the counts k of n that do not alarm, lo <= k <= hi, for a reference count of `count` of `of`:
+    each tail outside holds less than alpha / 2 ("both") or the upper one less than alpha ("above") of the
+    beta-binomial predictive distribution."""
     a, b = count + 0.5, of - count + 0.5
     k = np.arange(n + 1)
     lgamma = np.vectorize(math.lgamma, otypes=[float])
@@ -134,6 +161,14 @@ def acceptance(n: int, count: int, of: int, alpha: float, sided: str) -> tuple[i
     return lo, hi
 
 
+def acceptance(n: int, count: int, of: int, alpha: float, sided: str, design_effect: float = 1.0):
+    """(lowest, highest) share of a window of n that does not alarm. With a design effect d > 1 both the
+    reference and the window count as n / d independent images (clustered images carry less information)."""
+    effective = max(1, round(n / design_effect))
+    lo, hi = _acceptance(effective, count / design_effect, of / design_effect, alpha, sided)
+    return lo / effective, hi / effective
+
+
 @dataclass(frozen=True)
 class Count:
     inside: int  # window values in the signal's band
@@ -151,9 +186,10 @@ def assessed_signal(name: str, band: MonitorBand, count: Count, alpha: float, mi
     answer["reference"] = band.count / band.of
     if count.of == 0:
         return answer | {"value": None, "expected": None, "alarm": False}
-    lo, hi = acceptance(count.of, band.count, band.of, alpha, sided)
-    alarm = count.of >= min_images and not lo <= count.inside <= hi
-    return answer | {"value": count.inside / count.of, "expected": [lo / count.of, hi / count.of], "alarm": alarm}
+    low, high = acceptance(count.of, band.count, band.of, alpha, sided, band.design_effect)
+    value = count.inside / count.of
+    alarm = count.of >= min_images and not low - TOLERANCE <= value <= high + TOLERANCE
+    return answer | {"value": value, "expected": [low, high], "alarm": alarm}
 
 
 def assess(
@@ -230,13 +266,8 @@ def counts_of(reference: MonitorReference, probabilities, scores) -> dict[str, C
     values = {"probability": np.asarray(probabilities, float), "gate_score": np.asarray(scores, float)}
     counts = {}
     for name, band in reference.bands.items():
-        present = values[band.quantity][~np.isnan(values[band.quantity])]
-        inside = np.ones(len(present), bool)
-        if band.low is not None:
-            inside &= present >= band.low
-        if band.high is not None:
-            inside &= present < band.high
-        counts[name] = Count(int(inside.sum()), int(len(present)))
+        present = values[band.quantity]
+        counts[name] = Count(int(_inside(band, present).sum()), int((~np.isnan(present)).sum()))
     return counts
 
 

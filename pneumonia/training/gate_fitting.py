@@ -66,9 +66,11 @@ def fit_gate(
 VALIDATION_PART = "validation part of train/ (patient-grouped)"
 
 
-def validation_reference(card: ModelCard, val_logits, val_scores, gate: OodGate | None) -> MonitorReference:
+def validation_reference(
+    card: ModelCard, val_logits, val_scores, gate: OodGate | None, val_files: dataset.SplitFiles
+) -> MonitorReference:
     """The drift monitor's reference (serving/drift.py) on the validation part, at the card's calibration and
-    thresholds: what `fit-ood` (and so `train`) writes in the card."""
+    thresholds, with the design effect of its patients: what `fit-ood` (and so `train`) writes in the card."""
     return monitor_reference(
         val_logits,
         None if gate is None else val_scores,
@@ -76,6 +78,7 @@ def validation_reference(card: ModelCard, val_logits, val_scores, gate: OodGate 
         card.thresholds.as_dict(),
         None if gate is None else gate.thresholds,
         f"{VALIDATION_PART}, {len(val_logits)} images",
+        groups=[dataset.patient_id(path) for path in val_files.paths],
     )
 
 
@@ -92,7 +95,7 @@ def write_monitor_reference(model_path: str | Path, data_dir: str | Path, cache_
     features, logits = classifier.features_and_logits_of_pixels(pixels)
     gate = classifier.gate
     scores = gate.density.distance(features) if gate is not None else None
-    reference = validation_reference(classifier.card, logits, scores, gate)
+    reference = validation_reference(classifier.card, logits, scores, gate, kept)
     model_dir = classifier.keras_path.parent
     write_card(model_dir, dataclasses.replace(ModelCard.load(model_dir / CARD_NAME), monitor=reference))
     return reference
@@ -231,7 +234,7 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     model_dir = classifier.keras_path.parent
     gate.save(model_dir / GATE_FILE)
     card = ModelCard.load(model_dir / CARD_NAME)
-    reference = validation_reference(card, val_logits, val_scores, gate)
+    reference = validation_reference(card, val_logits, val_scores, gate, val_files)
     write_card(model_dir, dataclasses.replace(card, ood={**gate.summary(), "file": GATE_FILE}, monitor=reference))
     return gate
 
