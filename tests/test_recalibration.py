@@ -202,6 +202,16 @@ def test_card_keeps_the_previous_values_and_records_the_site_sample(model_dir, s
     assert json.loads((out / "report" / "site" / "metrics.json").read_text()) == recal["metrics"]
 
 
+def test_the_drift_monitors_reference_becomes_the_site_samples(model_dir, recalibrated):
+    """The monitor then compares the site's screenings with the sample its thresholds were fitted on."""
+    card = ModelCard.load(recalibrated[0] / "model.json")
+    assert card.monitor.computed_on.startswith("site sample site-a")
+    assert set(card.monitor.bands) == {"uncertain_share", "above_default", "above_screening"}  # no gate here
+    assert card.monitor.bands["above_default"].low == card.thresholds.default
+    assert card.monitor.bands["above_screening"].of == sum(card.recalibration.site_sample.counts.values())
+    assert card.recalibration.previous.monitor == ModelCard.load(model_dir / "model.json").monitor
+
+
 def test_the_model_file_is_copied_byte_for_byte_with_report_and_sidecars(model_dir, recalibrated):
     out, _ = recalibrated
     assert (out / "model.keras").read_bytes() == (model_dir / "model.keras").read_bytes()

@@ -38,9 +38,9 @@ def pixel_stats_of(files: dataset.SplitFiles, log=print) -> list:
 
 def fit_gate(
     classifier: XrayClassifier, train_pixels, train_labels, train_stats, val_pixels, val_stats
-) -> tuple[OodGate, np.ndarray, np.ndarray]:
+) -> tuple[OodGate, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Pixel bounds and feature density from the training part, thresholds from validation.
-    Returns the gate, the validation distances and the validation logits."""
+    Returns the gate, the validation distances and the validation (features, logits)."""
     bounds = pixel_bounds(train_stats)
     train_features, _ = classifier.features_and_logits_of_pixels(train_pixels)
     density = fit_feature_density(train_features, train_labels)
@@ -60,7 +60,7 @@ def fit_gate(
     }
     gate = OodGate(bounds, density, thresholds, info)
     gate.info["validation"] = verdict_counts(gate, val_stats, val_scores)
-    return gate, val_scores, val_logits
+    return gate, val_scores, (val_features, val_logits)
 
 
 VALIDATION_PART = "validation part of train/ (patient-grouped)"
@@ -228,13 +228,14 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     log(f"pixel statistics of {len(train_files.paths)} training and {len(val_files.paths)} validation images")
     train_stats, val_stats = pixel_stats_of(train_files, log), pixel_stats_of(val_files, log)
     log("features, density and thresholds")
-    gate, val_scores, val_logits = fit_gate(classifier, train_x, train_y, train_stats, val_x, val_stats)
+    gate, val_scores, (val_features, val_logits) = fit_gate(classifier, train_x, train_y, train_stats, val_x, val_stats)
     log("measuring on images that are not chest X-rays")
     gate.info["detection"] = detection_figures(classifier, gate, not_xray_sets(val_files.paths), val_scores)
     model_dir = classifier.keras_path.parent
     gate.save(model_dir / GATE_FILE)
     card = ModelCard.load(model_dir / CARD_NAME)
-    reference = validation_reference(card, val_logits, val_scores, gate, val_files)
+    served = OodGate.load(model_dir / GATE_FILE)  # the stored (float32) gate: the scores a screening gets
+    reference = validation_reference(card, val_logits, served.density.distance(val_features), served, val_files)
     write_card(model_dir, dataclasses.replace(card, ood={**gate.summary(), "file": GATE_FILE}, monitor=reference))
     return gate
 
