@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pneumonia.serving.card import MonitorBand, MonitorReference
+from pneumonia.serving.drift_reference import MonitorBand, MonitorReference
 
 ALPHA = 0.01  # the chance that a window without drift alarms, all signals together (at most)
 WINDOW = 500  # screenings the web app's monitor keeps (per worker process)

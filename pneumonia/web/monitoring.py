@@ -18,7 +18,7 @@ from __future__ import annotations
 from flask import current_app, has_request_context
 
 from pneumonia.serving.drift import ALPHA, DriftMonitor
-from pneumonia.web import telemetry
+from pneumonia.web.telemetry import count_rows, set_drift
 
 SCOPE = (
     "this worker process's last screenings, in memory (numbers only): a restart empties the window, and each "
@@ -34,12 +34,12 @@ class Observer:
         self.app, self.monitor = app, monitor
 
     def __call__(self, rows) -> None:
-        telemetry.count_rows(rows)
+        count_rows(rows)
         for row in rows:
             verdict = row.screening.verdict
             self.monitor.observe(row.screening.probability, None if verdict is None else verdict.score)
         if not has_request_context():
-            telemetry.set_drift(self.monitor.report())
+            set_drift(self.monitor.report())
             return
         from flask import g
 
@@ -58,14 +58,14 @@ def register(app) -> None:
     )
     app.extensions["drift_monitor"] = monitor
     screener.batch.observers.append(Observer(app, monitor))
-    telemetry.set_drift(monitor.report())
+    set_drift(monitor.report())
 
     @app.after_request
     def drift_gauges(response):
         from flask import g
 
         if g.pop("drift_observed", False):
-            telemetry.set_drift(monitor.report())
+            set_drift(monitor.report())
         return response
 
 
