@@ -256,11 +256,27 @@ def detection(data: dict, setting: Setting, streams: int, length: int, rng) -> d
         clean = rng.integers(0, images, (streams, WINDOW))  # row 0: no shift
         changed = stream_alarms(inside, present, np.concatenate([clean, rows * images + picks], axis=1), table)
         figures[case] = {
+            "operating": operating(setting, data, mixture),
             "new_site": delay_figures(first_alarm(new_site)),
             "after_change": delay_figures(first_alarm(changed, WINDOW)),
             "alarmed_before_change": float(changed[:, :WINDOW].any(axis=1).mean()),
         }
     return figures
+
+
+def operating(setting: Setting, data: dict, mixture: dict[str, float]) -> dict | None:
+    """Specificity and sensitivity at the screening threshold under a single shift (None for a mixture): what the
+    shift does to the operating point, beside whether the monitor sees it."""
+    if len(mixture) != 1:
+        return None
+    row = data["shifts"].tolist().index(next(iter(mixture)))
+    probabilities, _ = values(setting, data["logits"][row], data["scores"][row])
+    labels, positive = data["labels"].astype(bool), probabilities >= setting.thresholds["screening"]
+    screened = ~np.isnan(probabilities)
+    return {
+        "specificity": float((~positive & ~labels & screened).sum() / (~labels & screened).sum()),
+        "sensitivity": float((positive & labels).sum() / (labels & screened).sum()),
+    }
 
 
 def study(data: dict, card, seed: int = 0, windows: int = 2000, splits: int = 100, streams: int = 200) -> dict:
@@ -295,11 +311,13 @@ def to_markdown(figures: dict) -> str:
         f"Detection (window {figures['window']}, no alarm under {figures['min_images']}; images until the first alarm, "
         "median and 90th percentile of the streams that alarmed within 2,000):",
         "",
-        "| shift | new site: alarmed | median | p90 | after a change: alarmed | median | p90 |",
-        "|---|---|---|---|---|---|---|",
+        "| shift | specificity / sensitivity at screening | new site: alarmed | median | p90 | after a change: "
+        "alarmed | median | p90 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case, found in figures["detection"].items():
-        cells = []
+        point = found["operating"]
+        cells = ["-" if point is None else f"{point['specificity']:.3f} / {point['sensitivity']:.3f}"]
         for key in ("new_site", "after_change"):
             f = found[key]
             cells += [f"{100 * f['caught']:.0f} %", _count(f["median"]), _count(f["p90"])]

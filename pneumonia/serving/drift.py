@@ -28,7 +28,6 @@ validation part, and after how many images each shift proxy is caught.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -140,17 +139,11 @@ def _acceptance(n: int, count: float, of: float, alpha: float, sided: str) -> tu
     each tail outside holds less than alpha / 2 ("both") or the upper one less than alpha ("above") of the
     beta-binomial predictive distribution."""
     a, b = count + 0.5, of - count + 0.5
-    k = np.arange(n + 1)
-    lgamma = np.vectorize(math.lgamma, otypes=[float])
-    log_pmf = (
-        math.lgamma(n + 1)
-        - lgamma(k + 1)
-        - lgamma(n - k + 1)
-        + lgamma(k + a)
-        + lgamma(n - k + b)
-        - math.lgamma(n + a + b)
-        - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
-    )
+    k = np.arange(n, dtype=float)
+    # pmf(k + 1) / pmf(k) = (n - k) / (k + 1) * (k + a) / (n - k - 1 + b): the log pmf, up to a constant, in
+    # one vectorised pass (microseconds for n = 500, on every screening that changes the window's size)
+    log_ratio = np.log(n - k) - np.log(k + 1) + np.log(k + a) - np.log(n - k - 1 + b)
+    log_pmf = np.concatenate([[0.0], np.cumsum(log_ratio)])
     pmf = np.exp(log_pmf - log_pmf.max())
     pmf /= pmf.sum()
     below = np.cumsum(pmf)  # P(K <= k)
