@@ -163,6 +163,8 @@ def windows_of(inside, present, index: np.ndarray):
 
 def false_alarms_in_part(data: dict, setting: Setting, sizes, windows: int, rng) -> dict:
     """Reference = the whole validation part; windows drawn from it without replacement."""
+    if not sizes:
+        return {}
     probabilities, scores = values(setting, data["logits"][0], data["scores"][0])
     reference = reference_of(setting, data["logits"][0], scores, data["patients"])
     inside, present = membership(reference, probabilities, scores)
@@ -188,17 +190,19 @@ def false_alarms_split_half(data: dict, setting: Setting, sizes, splits: int, wi
     is what a site like the validation part's patients would send (with replacement, a window would repeat
     images and follow the half's own quirks twice)."""
     logits, scores = data["logits"][0], data["scores"][0]
-    alarmed = {n: [] for n in sizes}
+    alarmed: dict[int, list] = {n: [] for n in sizes}
+    if not sizes:
+        return {}
     for _ in range(splits):
         for ref, win in patient_halves(data["patients"], rng), patient_halves(data["patients"], rng)[::-1]:
             reference = reference_of(setting, logits[ref], scores[ref], data["patients"][ref])
             inside, present = membership(reference, *values(setting, logits[win], scores[win]))
             table = acceptance_table(reference, max(sizes))
-            for n in sizes:
+            for n in (n for n in sizes if n <= len(win)):
                 index = np.stack([rng.choice(len(win), n, replace=False) for _ in range(windows)])
                 counts, ofs = windows_of(inside, present, index)
                 alarmed[n].append(alarms(counts, ofs, np.full(windows, n), table))
-    return {n: float(np.concatenate(found).mean()) for n, found in alarmed.items()}
+    return {n: float(np.concatenate(found).mean()) for n, found in alarmed.items() if found}
 
 
 # --- 2. Detection delay ---------------------------------------------------------------------------
@@ -248,7 +252,8 @@ def detection(data: dict, setting: Setting, streams: int, length: int, rng) -> d
     inside, present = membership(reference, probabilities.ravel(), scores.ravel())
     table = acceptance_table(reference, WINDOW)
     images = probabilities.shape[1]
-    cases = {name: {name: 1.0} for name in names} | MIXTURES
+    cases = {name: {name: 1.0} for name in names}
+    cases |= {case: mixture for case, mixture in MIXTURES.items() if set(mixture) <= set(names)}
     figures = {}
     for case, mixture in cases.items():
         rows, picks = mixture_index(names, mixture, images, (streams, length), rng)
@@ -273,23 +278,29 @@ def operating(setting: Setting, data: dict, mixture: dict[str, float]) -> dict |
     probabilities, _ = values(setting, data["logits"][row], data["scores"][row])
     labels, positive = data["labels"].astype(bool), probabilities >= setting.thresholds["screening"]
     screened = ~np.isnan(probabilities)
+    normal, pneumonia = (~labels & screened).sum(), (labels & screened).sum()
+    if not normal or not pneumonia:
+        return None
     return {
-        "specificity": float((~positive & ~labels & screened).sum() / (~labels & screened).sum()),
-        "sensitivity": float((positive & labels).sum() / (labels & screened).sum()),
+        "specificity": float((~positive & ~labels & screened).sum() / normal),
+        "sensitivity": float((positive & labels).sum() / pneumonia),
     }
 
 
 def study(data: dict, card, seed: int = 0, windows: int = 2000, splits: int = 100, streams: int = 200) -> dict:
     rng = np.random.default_rng(seed)
     setting = setting_of(card)
-    sizes = (MIN_IMAGES, 200, WINDOW)
+    images = data["logits"].shape[1]
+    sizes = tuple(n for n in (MIN_IMAGES, 200, WINDOW) if n <= images)  # windows without replacement
     return {
-        "images": int(data["logits"].shape[1]),
+        "images": int(images),
         "window": WINDOW,
         "min_images": MIN_IMAGES,
         "false_alarm_rate": ALPHA,
         "false_alarms_in_part": false_alarms_in_part(data, setting, sizes, windows, rng),
-        "false_alarms_split_half": false_alarms_split_half(data, setting, sizes[:2], splits, windows // 20, rng),
+        "false_alarms_split_half": false_alarms_split_half(
+            data, setting, tuple(n for n in sizes[:2] if n <= 0.4 * images), splits, windows // 20, rng
+        ),
         "detection": detection(data, setting, streams, 2000, rng),
     }
 
