@@ -203,3 +203,21 @@ def _wait_ready(url: str) -> None:
         if time.time() > deadline:
             pytest.fail("gunicorn did not become ready")
         time.sleep(0.3)
+
+
+def test_the_gunicorn_settings_make_or_empty_the_metrics_folder(tmp_path):
+    from pneumonia.web import gunicorn_conf
+
+    environ: dict[str, str] = {}
+    made = gunicorn_conf.metrics_folder(environ)
+    try:
+        assert environ["PROMETHEUS_MULTIPROC_DIR"] == made and os.path.isdir(made)  # the workers inherit it
+    finally:
+        gunicorn_conf.on_exit(None)
+    assert not os.path.exists(made)  # a folder it made goes at exit
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "gauge_livesum_123.db").write_bytes(b"stale")
+    (given / "notes.txt").write_text("not ours")
+    assert gunicorn_conf.metrics_folder({"PROMETHEUS_MULTIPROC_DIR": str(given)}) == str(given)
+    assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]  # only metric files are removed

@@ -196,8 +196,8 @@ def test_card_keeps_the_previous_values_and_records_the_site_sample(model_dir, s
     assert set(recal["metrics"]["ci95_by_threshold"]) == {"default", "screening"}
     assert recal["command"].startswith("python -m pneumonia calibrate site-a --model ")
     assert str(site) not in json.dumps(card)  # no absolute paths of the site sample
-    # Everything else is the old card's.
-    changed = ("calibration", "thresholds", "recalibration", *recalibration.MEASURED_AT_THE_THRESHOLDS)
+    # Everything else is the old card's (the drift monitor's reference is the site sample's: the next test).
+    changed = ("calibration", "thresholds", "recalibration", "monitor", *recalibration.MEASURED_AT_THE_THRESHOLDS)
     assert {k: v for k, v in card.items() if k not in changed} == {k: v for k, v in old.items() if k not in changed}
     assert json.loads((out / "report" / "site" / "metrics.json").read_text()) == recal["metrics"]
 
