@@ -191,7 +191,8 @@ def _answered(response):
 
 
 def _set_capacity(capacity) -> None:
-    if capacity is None:
+    """The capacity's gauges from its snapshot (web/capacity.py); nothing for a capacity without one."""
+    if not hasattr(capacity, "snapshot"):
         return
     snapshot = capacity.snapshot()
     recorded = metrics()
