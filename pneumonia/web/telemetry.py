@@ -146,15 +146,16 @@ def count_rows(rows) -> None:
             recorded.labels.labels(threshold, label).inc()
         if screening.verdict is not None:
             recorded.verdicts.labels(screening.verdict.verdict).inc()
+    timings = [row.timing_ms for row in rows]  # the dicts themselves: the overlay's time is added to them later
     if has_request_context():
-        g.setdefault("telemetry_rows", []).extend(rows)
+        g.setdefault("telemetry_timings", []).extend(timings)
     else:
-        _observe_stages(rows)
+        _observe_stages(timings)
 
 
-def _observe_stages(rows) -> None:
-    for row in rows:
-        for stage, ms in row.timing_ms.items():
+def _observe_stages(timings) -> None:
+    for timing_ms in timings:
+        for stage, ms in timing_ms.items():
             if stage in STAGES:
                 metrics().stage_seconds.labels(stage).observe(ms / 1000)
 
@@ -185,7 +186,7 @@ def _answered(response):
         recorded.request_seconds.labels(route).observe(time.perf_counter() - g.telemetry_started)
     if response.status_code in (429, 503):
         recorded.refused.labels(str(response.status_code)).inc()
-    _observe_stages(g.pop("telemetry_rows", ()))
+    _observe_stages(g.pop("telemetry_timings", ()))
     _set_capacity(current_app.extensions.get("model_capacity"))
     return response
 
