@@ -117,7 +117,13 @@ def test_random_and_mutated_uploads_never_give_a_server_error(client):
 
 # Generated cases per operation and mode (schema-valid, then schema-violating), and a wall-clock
 # bound on the whole run: past it, the cases left are not sent. ~600 cases in ~20 s on 2 busy cores.
-FUZZ_EXAMPLES = {"POST /api/predict": 200, "POST /api/predict/batch": 100, "GET /healthz": 3, "GET /openapi.json": 3}
+FUZZ_EXAMPLES = {
+    "POST /api/predict": 200,
+    "POST /api/predict/batch": 100,
+    "GET /healthz": 3,
+    "GET /openapi.json": 3,
+    "GET /api/monitor": 3,
+}
 FUZZ_SECONDS = 40
 FUZZ_CONFIG = {
     "checks": {

@@ -387,7 +387,8 @@ def test_an_answer_that_is_not_dicom_fails_the_image_with_exit_1_and_nothing_is_
     with stub_pacs(routes) as (url, hits):
         result = run_cli("pacs", "screen", url, "--modality", "DX", cwd=tmp_path)
     assert result.returncode == 1 and "1 failed" in result.stderr, result.stderr
-    assert "retrieve an image: the PACS's answer is not one DICOM instance" in result.stdout and "log in" not in result.stdout
+    assert "retrieve an image: the PACS's answer is not one DICOM instance" in result.stdout
+    assert "log in" not in result.stdout
     assert not [hit for hit in hits if hit[0] == "POST"]
 
 

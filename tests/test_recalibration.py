@@ -196,10 +196,20 @@ def test_card_keeps_the_previous_values_and_records_the_site_sample(model_dir, s
     assert set(recal["metrics"]["ci95_by_threshold"]) == {"default", "screening"}
     assert recal["command"].startswith("python -m pneumonia calibrate site-a --model ")
     assert str(site) not in json.dumps(card)  # no absolute paths of the site sample
-    # Everything else is the old card's.
-    changed = ("calibration", "thresholds", "recalibration", *recalibration.MEASURED_AT_THE_THRESHOLDS)
+    # Everything else is the old card's (the drift monitor's reference is the site sample's: the next test).
+    changed = ("calibration", "thresholds", "recalibration", "monitor", *recalibration.MEASURED_AT_THE_THRESHOLDS)
     assert {k: v for k, v in card.items() if k not in changed} == {k: v for k, v in old.items() if k not in changed}
     assert json.loads((out / "report" / "site" / "metrics.json").read_text()) == recal["metrics"]
+
+
+def test_the_drift_monitors_reference_becomes_the_site_samples(model_dir, recalibrated):
+    """The monitor then compares the site's screenings with the sample its thresholds were fitted on."""
+    card = ModelCard.load(recalibrated[0] / "model.json")
+    assert card.monitor.computed_on.startswith("site sample site-a")
+    assert set(card.monitor.bands) == {"uncertain_share", "above_default", "above_screening"}  # no gate here
+    assert card.monitor.bands["above_default"].low == card.thresholds.default
+    assert card.monitor.bands["above_screening"].of == sum(card.recalibration.site_sample.counts.values())
+    assert card.recalibration.previous.monitor == ModelCard.load(model_dir / "model.json").monitor
 
 
 def test_the_model_file_is_copied_byte_for_byte_with_report_and_sidecars(model_dir, recalibrated):

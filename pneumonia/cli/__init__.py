@@ -1,5 +1,5 @@
-"""`python -m pneumonia {train,evaluate,predict,fit-ood,export,export-web,calibrate}`: one module per command,
-each a parser and a `run(args)` that calls the library and turns its errors into exit codes."""
+"""`python -m pneumonia {train,evaluate,predict,fit-ood,export,export-web,calibrate,pacs,archive,monitor}`: one
+module per command, each a parser and a `run(args)` that calls the library and turns its errors into exit codes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the output
 
-COMMANDS = ("train", "evaluate", "predict", "fit_ood", "export", "export_web", "calibrate", "pacs", "archive")
+COMMANDS = (
+    "train",
+    "evaluate",
+    "predict",
+    "fit_ood",
+    "export",
+    "export_web",
+    "calibrate",
+    "pacs",
+    "archive",
+    "monitor",
+)
 
 
 class CommandFailed(Exception):

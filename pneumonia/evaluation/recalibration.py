@@ -41,6 +41,7 @@ from pneumonia.serving.card import (
     Calibration,
     Metrics,
     ModelCard,
+    MonitorReference,
     Replaced,
     SiteSample,
     Thresholds,
@@ -51,6 +52,7 @@ from pneumonia.serving.card import (
     Recalibration as RecalibrationRecord,
 )
 from pneumonia.serving.classifier import XrayClassifier, find_card
+from pneumonia.serving.drift import monitor_reference
 from pneumonia.training import dataset
 from pneumonia.training.operating_points import choose_thresholds, fit_platt
 
@@ -160,14 +162,17 @@ def recalibrated_card(
     ece: dict,
     warning: str | None,
     command: str,
+    monitor: MonitorReference | None = None,
 ) -> ModelCard:
-    """The old card with the new calibration and thresholds, the old ones under `recalibration`."""
+    """The old card with the new calibration and thresholds (and the drift monitor's reference, on the site
+    sample), the old ones under `recalibration`."""
     counts = files.counts()
     n = sum(counts.values())
     previous = Replaced(
         calibration=card.calibration,
         thresholds=card.thresholds,
         recalibration=card.recalibration,  # a recalibrated model recalibrated again keeps its history
+        monitor=card.monitor,
         **{name: getattr(card, name) or None for name in MEASURED_AT_THE_THRESHOLDS},
     )
     new_calibration = Calibration(
@@ -200,7 +205,23 @@ def recalibrated_card(
         calibration=new_calibration,
         thresholds=new_thresholds,
         recalibration=recalibration,
+        monitor=monitor,
         **dict.fromkeys(MEASURED_AT_THE_THRESHOLDS),
+    )
+
+
+def site_reference(classifier, features, logits, calibration: dict, thresholds: dict, files, split_name: str):
+    """The drift monitor's reference on the site sample, at its new calibration and thresholds: the monitor then
+    compares the site's screenings with the sample its thresholds were fitted on."""
+    gate = classifier.gate
+    return monitor_reference(
+        logits,
+        None if gate is None else gate.density.distance(features),
+        (calibration["slope"], calibration["intercept"]),
+        thresholds,
+        None if gate is None else gate.thresholds,
+        f"{split_name}, {len(logits)} images",
+        groups=[dataset.patient_id(path) for path in files.paths],
     )
 
 
@@ -252,7 +273,7 @@ def recalibrate(
     pixels, labels, kept = dataset.load_pixels(files, classifier.image_size, None, log=log)  # logs what it skips
     warnings = [sample_size_warning(kept.counts())]
 
-    logits = raw_logits(classifier, pixels)
+    features, logits = classifier.features_and_logits_of_pixels(pixels)
     calibration = refit_calibration(labels, logits)
     probs = platt(logits, calibration["slope"], calibration["intercept"])
     previous_probs = classifier.calibrated(logits)
@@ -289,6 +310,7 @@ def recalibrate(
         ece=ece,
         warning=warning,
         command=command_line(site_dir, model_path, out, split),
+        monitor=site_reference(classifier, features, logits, calibration, thresholds, kept, split_name),
     )
     write_model_folder(keras_path, card, out, metrics)
     return Recalibration(card, out, warning)

@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from pneumonia.errors import ModelLoadError
+from pneumonia.serving.drift_reference import MonitorReference
 from pneumonia.serving.records import CardFieldError, as_json, optional, parsed_record
 
 CARD_NAME = "model.json"
@@ -239,6 +240,7 @@ class Replaced:
     expectations: dict | None = optional()
     held_out_series: dict | None = optional()
     recalibration: Recalibration | None = optional()  # a recalibrated model recalibrated again
+    monitor: MonitorReference | None = optional()  # the drift monitor's reference before it
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,7 @@ class ModelCard:
     export: Export | None = optional()
     recalibration: Recalibration | None = optional()  # calibrate: the site sample's figures, what it replaced
     expectations: dict | None = optional()  # what the proxies expect at a new site (training/threshold_rules.py)
+    monitor: MonitorReference | None = optional()  # the drift monitor's reference (serving/drift.py)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,6 +137,9 @@ class BatchScreener:
         self.sandbox = sandbox or shared_sandbox()  # where every file is decoded
         # Decoding messages call bytes by their row's name (the archive's files), else "the upload".
         self.names_in_messages = names_in_messages
+        # Called with rows once decided, each row once: by `prepare` those it decided (unreadable, refused by
+        # the pixel checks), by `score` the others (the web app's metrics and drift monitor, web/monitoring.py).
+        self.observers: list[Callable[[list[ScreenedImage]], None]] = []
 
     def screen(
         self,
@@ -159,14 +162,22 @@ class BatchScreener:
         """Each file decoded in the decoding sandbox and checked by the gate's pixel checks: no model
         needed, so the web app does this before it takes a model slot. Raises DecoderBusy when the
         sandbox has no child free within its wait."""
-        return [self._prepare_one(name, source, display_side) for name, source in chunk]
+        prepared = [self._prepare_one(name, source, display_side) for name, source in chunk]
+        self._observed([row for row, pixels in prepared if pixels is None])
+        return prepared
 
     def score(self, prepared: list[Prepared], with_gradcam: bool = False) -> list[ScreenedImage]:
         """The model's part: one pass over the squares (or Grad-CAM per image); the rows in order."""
         squares = [(row, pixels) for row, pixels in prepared if pixels is not None]
         if squares:
             (self._explain_each if with_gradcam else self._forward_all)(squares)
+        self._observed([row for row, _ in squares])
         return [row for row, _ in prepared]
+
+    def _observed(self, rows: list[ScreenedImage]) -> None:
+        if rows:
+            for observe in self.observers:
+                observe(rows)
 
     def _prepare_one(self, name: str, source: Source, display_side: int | None) -> Prepared:
         """The row and the model's square (None once the row has its outcome)."""

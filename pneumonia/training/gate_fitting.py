@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw, ImageOps
 
 from pneumonia.errors import TrainingError
 from pneumonia.reading.decoding import decode_xray
-from pneumonia.serving.card import CARD_NAME, ModelCard, file_sha256, write_card
+from pneumonia.serving.card import CARD_NAME, ModelCard, MonitorReference, file_sha256, write_card
 from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.drift import monitor_reference
 from pneumonia.serving.gate import GATE_FILE, OodGate, feature_thresholds, fit_feature_density, pixel_bounds
 from pneumonia.serving.preprocessing import resize_xray
 from pneumonia.training import dataset
@@ -37,13 +38,13 @@ def pixel_stats_of(files: dataset.SplitFiles, log=print) -> list:
 
 def fit_gate(
     classifier: XrayClassifier, train_pixels, train_labels, train_stats, val_pixels, val_stats
-) -> tuple[OodGate, np.ndarray]:
+) -> tuple[OodGate, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Pixel bounds and feature density from the training part, thresholds from validation.
-    Returns the gate and the validation distances."""
+    Returns the gate, the validation distances and the validation (features, logits)."""
     bounds = pixel_bounds(train_stats)
     train_features, _ = classifier.features_and_logits_of_pixels(train_pixels)
     density = fit_feature_density(train_features, train_labels)
-    val_features, _ = classifier.features_and_logits_of_pixels(val_pixels)
+    val_features, val_logits = classifier.features_and_logits_of_pixels(val_pixels)
     val_scores = density.distance(val_features)
     thresholds = feature_thresholds(val_scores)
     model = classifier.runtime.model
@@ -59,7 +60,45 @@ def fit_gate(
     }
     gate = OodGate(bounds, density, thresholds, info)
     gate.info["validation"] = verdict_counts(gate, val_stats, val_scores)
-    return gate, val_scores
+    return gate, val_scores, (val_features, val_logits)
+
+
+VALIDATION_PART = "validation part of train/ (patient-grouped)"
+
+
+def validation_reference(
+    card: ModelCard, val_logits, val_scores, gate: OodGate | None, val_files: dataset.SplitFiles
+) -> MonitorReference:
+    """The drift monitor's reference (serving/drift.py) on the validation part, at the card's calibration and
+    thresholds, with the design effect of its patients: what `fit-ood` (and so `train`) writes in the card."""
+    return monitor_reference(
+        val_logits,
+        None if gate is None else val_scores,
+        (card.calibration.slope, card.calibration.intercept),
+        card.thresholds.as_dict(),
+        None if gate is None else gate.thresholds,
+        f"{VALIDATION_PART}, {len(val_logits)} images",
+        groups=[dataset.patient_id(path) for path in val_files.paths],
+    )
+
+
+def write_monitor_reference(model_path: str | Path, data_dir: str | Path, cache_dir: str | None = None, log=print):
+    """`fit-ood --monitor-only`: the drift monitor's reference of an existing model and gate, computed on the
+    validation part its card records (refused when the part found differs), written in its card."""
+    classifier = XrayClassifier(model_path)
+    val, info = dataset.validation_part(data_dir, classifier.card)
+    if not info["fingerprint_matches"]:
+        raise TrainingError(f"{info['warning']}: the reference must come from the card's own validation part")
+    pixels, _, kept = dataset.load_pixels(val, classifier.image_size, cache_dir, log)
+    if len(kept.paths) != len(val.paths):
+        raise TrainingError("some validation images could not be read: the reference would not be the card's part")
+    features, logits = classifier.features_and_logits_of_pixels(pixels)
+    gate = classifier.gate
+    scores = gate.density.distance(features) if gate is not None else None
+    reference = validation_reference(classifier.card, logits, scores, gate, kept)
+    model_dir = classifier.keras_path.parent
+    write_card(model_dir, dataclasses.replace(ModelCard.load(model_dir / CARD_NAME), monitor=reference))
+    return reference
 
 
 def verdict_counts(gate: OodGate, stats: list, scores: np.ndarray) -> dict:
@@ -189,13 +228,15 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
     log(f"pixel statistics of {len(train_files.paths)} training and {len(val_files.paths)} validation images")
     train_stats, val_stats = pixel_stats_of(train_files, log), pixel_stats_of(val_files, log)
     log("features, density and thresholds")
-    gate, val_scores = fit_gate(classifier, train_x, train_y, train_stats, val_x, val_stats)
+    gate, val_scores, (val_features, val_logits) = fit_gate(classifier, train_x, train_y, train_stats, val_x, val_stats)
     log("measuring on images that are not chest X-rays")
     gate.info["detection"] = detection_figures(classifier, gate, not_xray_sets(val_files.paths), val_scores)
     model_dir = classifier.keras_path.parent
     gate.save(model_dir / GATE_FILE)
     card = ModelCard.load(model_dir / CARD_NAME)
-    write_card(model_dir, dataclasses.replace(card, ood={**gate.summary(), "file": GATE_FILE}))
+    served = OodGate.load(model_dir / GATE_FILE)  # the stored (float32) gate: the scores a screening gets
+    reference = validation_reference(card, val_logits, served.density.distance(val_features), served, val_files)
+    write_card(model_dir, dataclasses.replace(card, ood={**gate.summary(), "file": GATE_FILE}, monitor=reference))
     return gate
 
 

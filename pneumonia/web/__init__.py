@@ -61,6 +61,10 @@ DEFAULTS = {
     "ACCESS_FAILURES_LIMIT": "10 per minute",  # wrong keys per client address, then 429 (whatever it sends)
     # Static files (pneumonia/web/static_files.py): bodies of 1 MB or more sent at once per worker, else 503.
     "STATIC_TRANSFERS": 4,
+    # The drift monitor (pneumonia/web/monitoring.py): this worker's last MONITOR_WINDOW screenings, numbers only,
+    # tested against the card's reference once there are MONITOR_MIN_IMAGES (docs/monitoring.md).
+    "MONITOR_WINDOW": 500,
+    "MONITOR_MIN_IMAGES": 100,
 }
 
 
@@ -83,16 +87,20 @@ def create_app(config: dict | None = None) -> Flask:
         decoders,
         device,
         error_responses,
+        monitoring,
         pages,
         rate_limit,
         security,
         static_files,
+        telemetry,
     )
     from pneumonia.web.screener import load_screener
 
     decoders.register(app)
     load_screener(app)
     capacity.register(app)
+    telemetry.register(app)  # /metrics; before the limits and the keys, so that their refusals are counted too
+    monitoring.register(app)  # the drift monitor, fed by the screening pipeline
     rate_limit.register(app)
     access.register(app)  # after the limits: a flood of wrong keys is counted by them too
     app.wsgi_app = BodyDeadline(app.wsgi_app, app.config["BODY_TIMEOUT"], app.config["BODY_READ_TIMEOUT"])

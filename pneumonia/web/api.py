@@ -12,8 +12,9 @@ from flask import Blueprint, current_app, jsonify, request
 from pneumonia.web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.dicom_results import dicom_results
+from pneumonia.web.monitoring import monitor_json
 from pneumonia.web.openapi import document, documented
-from pneumonia.web.operations import HEALTH, OPENAPI, PREDICT, PREDICT_BATCH
+from pneumonia.web.operations import HEALTH, MONITOR, OPENAPI, PREDICT, PREDICT_BATCH
 from pneumonia.web.queries import flag, overlay_format, result_form
 from pneumonia.web.schemas import NOTICE
 from pneumonia.web.screener import current_screener, result_json
@@ -95,3 +96,10 @@ def healthz():
 @documented(OPENAPI)
 def openapi_json():
     return jsonify(document(current_app.config, bp))
+
+
+@bp.get("/api/monitor")
+@documented(MONITOR)
+def monitor():
+    """The drift monitor's answer (pneumonia/web/monitoring.py)."""
+    return jsonify(monitor_json())

@@ -91,6 +91,46 @@ def on_starting(server):
             f"WEB_CONCURRENCY={requested_workers}, but the memory limit of {memory_limit() // 2**20} MiB holds "
             f"{workers} worker(s) of {WORKER_MEMORY // 2**20} MiB: starting {workers}"
         )
+    server.log.info(f"Prometheus metrics of every worker in {metrics_folder()} (GET /metrics adds them up)")
+
+
+# /metrics under several workers (pneumonia/web/telemetry.py): prometheus_client's multiprocess mode, each worker
+# writing its metrics to files in PROMETHEUS_MULTIPROC_DIR. The master makes the folder before any worker starts
+# (in memory where there is a /dev/shm), empties one it is given (files of an earlier run would be added to this
+# one's), and marks a worker's files dead when it exits, so its gauges leave the sum; it removes a folder it made.
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_made_metrics_folder: list[str] = []
+
+
+def metrics_folder(environ=os.environ) -> str:
+    """PROMETHEUS_MULTIPROC_DIR, made (or emptied) and set in `environ`, which the workers inherit."""
+    import tempfile
+
+    given = environ.get(METRICS_ENV)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        return given
+    folder = tempfile.mkdtemp(prefix="pneumonia-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    _made_metrics_folder.append(folder)
+    environ[METRICS_ENV] = folder
+    return folder
+
+
+def child_exit(server, worker):
+    """A worker's gauges leave /metrics with it (its counters stay: they are counts of what it did)."""
+    if os.environ.get(METRICS_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    import shutil
+
+    for folder in _made_metrics_folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def post_fork(server, worker):

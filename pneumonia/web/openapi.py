@@ -44,7 +44,8 @@ answer is 401 with `WWW-Authenticate`; more than PNEUMONIA_ACCESS_FAILURES_LIMIT
 client address are answered 429 with Retry-After, whatever that client then sends. Keys go in the header only, \
 never in the URL. Without keys the server is open and the served document declares no security.
 
-GET /model (the model card) is an HTML page, not part of this API.""",
+GET /model (the model card) is an HTML page and GET /metrics is for Prometheus (its text format, behind the same \
+keys): neither is part of this API.""",
 }
 SECURITY_SCHEMES = {
     "accessKey": {

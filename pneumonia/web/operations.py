@@ -19,6 +19,7 @@ from pneumonia.web.schemas import (
     Document,
     Error,
     Health,
+    Monitor,
     NotReady,
     Prediction,
     PredictQuery,
@@ -304,6 +305,61 @@ OPENAPI = Operation(
     "The OpenAPI document, with `info.x-limits` set to the limits this server enforces.",
     {
         200: Answer("The OpenAPI 3.1 document.", {"application/json": Body(Document)}),
+        401: UNAUTHORIZED,
+        429: TOO_MANY,
+    },
+)
+
+MONITOR_EXAMPLE = {
+    "alarm": True,
+    "images": 500,
+    "window": 500,
+    "min_images": 100,
+    "false_alarm_rate": 0.01,
+    "reference": {"computed_on": "validation part of train/ (patient-grouped), 524 images", "images": 524},
+    "signals": [
+        {
+            "name": "uncertain_share",
+            "quantity": "probability",
+            "sided": "both",
+            "value": 0.182,
+            "count": 91,
+            "of": 500,
+            "expected": [0.034, 0.106],
+            "reference": 0.0651,
+            "alarm": True,
+        },
+        {
+            "name": "unusual_share",
+            "quantity": "gate_score",
+            "sided": "above",
+            "value": 0.024,
+            "count": 12,
+            "of": 500,
+            "expected": [0.0, 0.058],
+            "reference": 0.0267,
+            "alarm": False,
+        },
+    ],
+    "advice": "This site's X-rays differ from the validation set the thresholds were chosen on: 18.2 % of "
+    "probabilities between 10 % and 90 % against between 3.4 % and 10.6 % expected. The thresholds may not hold "
+    "here: check them with `pneumonia calibrate` on about 200 labelled X-rays from this site.",
+    "scope": "this worker process's last screenings, in memory (numbers only): a restart empties the window, and "
+    "each gunicorn worker keeps its own",
+}
+
+MONITOR = Operation(
+    "monitor",
+    "Drift: do recent screenings still look like the reference",
+    "The drift monitor (docs/monitoring.md): the share of this worker's last PNEUMONIA_MONITOR_WINDOW screenings "
+    "(default 500) in each signal's band (the gate's unusual share, gate scores above the reference median, "
+    "probabilities between 10 % and 90 %, above each threshold), each against the range a window of that size "
+    "shows without drift; `alarm` when any is outside, at most `false_alarm_rate` (1 %) of windows alarming "
+    "without drift. Under `min_images` (default 100) it never alarms; a model card without reference statistics "
+    "answers `signals: []` and says how to compute them; without a model, `signals: []` too. Numbers only, in "
+    "memory: a restart empties the window.",
+    {
+        200: Answer("The monitor's answer.", {"application/json": Body(Monitor, {"drift": MONITOR_EXAMPLE})}),
         401: UNAUTHORIZED,
         429: TOO_MANY,
     },

@@ -11,6 +11,7 @@ from pneumonia.reading.decoding import ACCEPTED_TYPES
 from pneumonia.serving.screening import SCREENED
 from pneumonia.web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
+from pneumonia.web.monitoring import monitor_json
 from pneumonia.web.screener import current_screener
 from pneumonia.web.uploads import read_upload
 
@@ -101,6 +102,7 @@ def model_card():
         ood=gate.summary() if gate else None,
         gate_status=screener.classifier.gate_status,
         serving=screener.classifier.serving(),
+        monitor=monitor_json(),
     )
 
 

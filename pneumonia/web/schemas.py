@@ -284,6 +284,41 @@ class NotReady(BaseModel):
     reason: str
 
 
+class MonitorSignal(BaseModel):
+    """One drift signal: the share of the window's values in its band, and the range of shares a window of this
+    size shows without drift (its test's acceptance range, at the monitor's false-alarm rate)."""
+
+    name: Literal["unusual_share", "gate_score_above_median", "uncertain_share", "above_default", "above_screening"]
+    quantity: Literal["gate_score", "probability"]
+    sided: Literal["above", "both"] = Field(description="`above`: only a larger share alarms; `both`: either way.")
+    value: float | None = Field(ge=0, le=1, description="The window's share; null while it holds no such value.")
+    count: int = Field(ge=0, description="Values of the window in the band.")
+    of: int = Field(ge=0, description="Values of the window of this quantity (gate scores, or screened images).")
+    expected: list[float] | None = Field(min_length=2, max_length=2, description="[lowest, highest] share expected.")
+    reference: float = Field(ge=0, le=1, description="The share on the reference (the card's).")
+    alarm: bool
+
+
+class MonitorReferenceFacts(BaseModel):
+    computed_on: str
+    images: int
+
+
+class Monitor(BaseModel):
+    """The drift monitor: this worker's recent screenings (numbers only, in memory) against the reference the
+    model card carries. Too few images never alarm; a card without a reference answers `signals: []`."""
+
+    alarm: bool
+    images: int = Field(ge=0, description="Screenings in the window.")
+    window: int = Field(ge=1, description="The most screenings the window keeps (PNEUMONIA_MONITOR_WINDOW).")
+    min_images: int = Field(ge=1, description="Below this many the monitor does not alarm.")
+    false_alarm_rate: float = Field(description="The chance, at most, that a window without drift alarms.")
+    reference: MonitorReferenceFacts | None
+    signals: list[MonitorSignal]
+    advice: str = Field(min_length=1)
+    scope: str
+
+
 class Document(BaseModel):
     """The OpenAPI 3.1 document."""
 
