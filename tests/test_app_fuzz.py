@@ -192,12 +192,17 @@ def test_schema_driven_fuzzing_gets_no_server_error_and_only_documented_answers(
             modes.append(schemathesis.GenerationMode.NEGATIVE)
         for mode in modes:
             fuzz_operation(operation, mode, shipped_server, session, started + FUZZ_SECONDS, statuses)
+    # Each documented answer once, whatever the deadline let the fuzzing draw (issue 41: a loaded machine's
+    # run once drew no 413, and a test must not depend on how many cases a deadline let through).
     xray, photo = REAL_XRAYS[0].read_bytes(), encode_image(Image.new("RGB", (300, 300), (200, 30, 30)), "PNG")
     for label, body, query, status in [
         ("POST /api/predict", {"file": xray}, {}, 200),
         ("POST /api/predict", {"file": xray}, {"overlay": "jpeg"}, 200),
         ("POST /api/predict", {"file": photo}, {}, 422),
+        ("POST /api/predict", {"file": b"notes"}, {}, 415),
+        ("POST /api/predict", {"file": xray}, {"gradcam": "maybe"}, 400),
         ("POST /api/predict/batch", {"file": [xray, photo]}, {"gradcam": "1"}, 200),
+        ("POST /api/predict/batch", {"file": [photo] * 101}, {}, 413),
     ]:
         case = operations[label].Case(body=body, query=query)
         response = case.call(base_url=shipped_server, session=session, timeout=60)
@@ -207,5 +212,3 @@ def test_schema_driven_fuzzing_gets_no_server_error_and_only_documented_answers(
     sent = sum(statuses.values())
     print(f"\nschemathesis: {sent} cases in {time.monotonic() - started:.1f} s: {dict(sorted(statuses.items()))}")
     assert not [key for key in statuses if key[2] >= 500], statuses
-    assert sent >= 100, statuses  # the deadline left most of the budget sent
-    assert {status for (_, _, status) in statuses} >= {200, 400, 413, 415, 422}, statuses

@@ -53,6 +53,7 @@ class DecodeJob:
     display_side: int | None = None
     path: str | None = None
     header_keywords: list[str] | None = None
+    size: int = 0  # the bytes that follow the job on the socket, unframed (none with a path)
 
     def header(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -140,11 +141,12 @@ def _ran_out_of_memory(err: Exception, limits: DecodeLimits, start_vm: int) -> b
 def child_main(connection: Connection, limits: DecodeLimits) -> None:
     """A child's life: bound itself, then answer jobs until its parent hangs up or it retires."""
     _bound_self(limits)
+    peer = socket.socket(fileno=os.dup(connection.fileno()))  # the same socket, for the unframed upload
     start_vm = _vm_bytes()
     while True:
         try:
             job = DecodeJob(**json.loads(connection.recv_bytes(MAX_JOB_HEADER)))
-            source = job.path if job.path is not None else connection.recv_bytes()
+            source = job.path if job.path is not None else receive_exactly(peer, job.size)
         except (EOFError, OSError):
             return
         _arm_cpu_limit(limits.seconds)
@@ -158,6 +160,26 @@ def child_main(connection: Connection, limits: DecodeLimits) -> None:
             connection.send_bytes(buffer)
         if header["retire"]:
             return
+
+
+def send_all(fd: int, data) -> None:
+    """`data` written to `fd` in full, unframed: no copy of it is made (a 20 MB upload stays one buffer)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def receive_exactly(peer: socket.socket, size: int) -> bytes:
+    """`size` bytes from `peer`, read into one bytes object (MSG_WAITALL: the kernel fills it as the upload
+    arrives; a framed read would hold the upload twice, and a bytearray would be copied again by the
+    decoders' BytesIO); EOFError when the other end hangs up first."""
+    data = peer.recv(size, socket.MSG_WAITALL)
+    while len(data) < size:  # a signal cut the wait short
+        more = peer.recv(size - len(data), socket.MSG_WAITALL)
+        if not more:
+            raise EOFError("the other end hung up")
+        data += more
+    return data
 
 
 def memory_message(name: str, limits: DecodeLimits) -> str:

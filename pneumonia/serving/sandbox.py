@@ -51,7 +51,14 @@ import numpy as np
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.decoding import Source
 from pneumonia.reading.pixel_stats import PixelStats
-from pneumonia.serving.decoding_child import DEFAULT_LIMITS, DecodeJob, DecodeLimits, crash_message, time_message
+from pneumonia.serving.decoding_child import (
+    DEFAULT_LIMITS,
+    DecodeJob,
+    DecodeLimits,
+    crash_message,
+    send_all,
+    time_message,
+)
 from pneumonia.serving.preprocessing import PreparedXray
 
 MIB = 1024 * 1024
@@ -91,7 +98,7 @@ class DecodingChild:
         try:
             self.connection.send_bytes(job.header())
             if data is not None:
-                self.connection.send_bytes(data)
+                send_all(self.connection.fileno(), data)
             in_time = self._answered_in_time()
             if in_time:
                 header = json.loads(self.connection.recv_bytes(MAX_REPLY_HEADER))
@@ -245,7 +252,8 @@ class DecodingSandbox:
         """bytes or a path -> PreparedXray, decoded in a child. XrayReadError for what cannot be read,
         DecodeLimitExceeded past a limit, DecoderBusy when no child was free within `wait_s`."""
         path = None if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-        job = DecodeJob(bytes_name if path is None else path, int(image_size), display_side, path)
+        size = 0 if path is not None else len(source)
+        job = DecodeJob(bytes_name if path is None else path, int(image_size), display_side, path, size=size)
         (header, buffers), waited = self._run(job, None if path is not None else source)
         prepared = _prepared(header, buffers, job)
         prepared.timing_ms["decoder_wait"] = round(waited * 1000, 2)
@@ -253,7 +261,7 @@ class DecodingSandbox:
 
     def dicom_header(self, data: bytes, keywords, bytes_name: str = "the upload") -> dict[str, str | list[str]]:
         """The values of `keywords` in a DICOM file's header, read in a child (no pixels decoded)."""
-        header, _ = self._run(DecodeJob(bytes_name, header_keywords=list(keywords)), data)[0]
+        header, _ = self._run(DecodeJob(bytes_name, header_keywords=list(keywords), size=len(data)), data)[0]
         return _header_values(header)
 
     def _run(self, job: DecodeJob, data: bytes | None) -> tuple[tuple[dict, list[bytes]], float]:
