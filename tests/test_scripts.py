@@ -23,6 +23,7 @@ SCRIPTS = sorted(
 )
 # The studies whose tests call their main (with the data their figures need).
 RUN_ELSEWHERE = {
+    "studies.drift_monitor": "tests/studies/test_drift_monitor_study.py",
     "studies.int8_quantisation": "tests/studies/test_int8_quantisation.py",
     "studies.robustness": "tests/studies/test_robustness.py",
     "studies.lever_table": "tests/studies/test_robustness.py",  # on the report the robustness test writes
@@ -200,3 +201,10 @@ def test_bombs_are_refused_in_a_batch_and_one_alone(monkeypatch, capsys):
     assert batch["status"] == 200 and batch["files"] == [400] * 10
     assert run_main("bench.bombs", ["--one", "png 16-bit 7700x7700"], monkeypatch) == 0
     assert json.loads(capsys.readouterr().out)["answer"].startswith("refused: ")
+
+
+@runs("bench.sandbox_overhead")
+def test_sandbox_overhead_times_both_sides(monkeypatch, capsys):
+    argv = ["--image", str(REAL_XRAYS[0]), "--repeats", "3", "--display-side", "0"]
+    assert run_main("bench.sandbox_overhead", argv, monkeypatch) == 0
+    assert "the sandbox costs" in capsys.readouterr().out

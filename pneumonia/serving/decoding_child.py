@@ -73,19 +73,19 @@ def _vm_peak_bytes() -> int:
 
 
 def _bound_self(limits: DecodeLimits) -> None:
-    """The child's own limits: one thread, address space, no file writes, and a mmap threshold low enough
-    that a large buffer goes back to the kernel when freed (glibc)."""
+    """The child's own limits: one thread and one malloc arena, address space, no file writes."""
     import cv2
 
     cv2.setNumThreads(0)  # one thread: each of OpenCV's would reserve its own stack and malloc arena
     try:
         import ctypes
 
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: a large buffer goes back to the kernel when freed
-        mallopt(-8, 1)  # M_ARENA_MAX: one arena (a second one reserves 64 MiB of address space)
+        # M_ARENA_MAX: one arena (a second one reserves 64 MiB of address space). glibc's mmap threshold is
+        # left to adapt: a fixed 256 KiB one cost an upload 0.8 ms of page faults (`bench.benchmark_upload`),
+        # and a child that kept what a large decode took is retired anyway (RETIRE_GROWTH_MIB).
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)
     except (OSError, AttributeError):
-        pass  # not glibc: the retirement on growth still gives memory back
+        pass  # not glibc
     ceiling = _vm_bytes() + limits.memory_mib * MIB
     resource.setrlimit(resource.RLIMIT_AS, (ceiling, ceiling))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # a decoder that tries to write a file is killed
