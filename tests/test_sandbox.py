@@ -143,3 +143,15 @@ def test_a_childs_arrays_are_the_buffers_it_sent():
     square = np.arange(16, dtype=np.uint8).reshape(4, 4)
     prepared = _prepared({**GOOD, "display": [2, 3]}, [square.tobytes(), bytes(6)], DecodeJob("x", 4, 3))
     assert np.array_equal(prepared.square, square) and prepared.display.shape == (2, 3)
+
+
+def test_warming_starts_every_child_before_the_first_file():
+    sandbox = DecodingSandbox(DecodeLimits(), workers=2)
+    try:
+        sandbox.warm()
+        children = list(sandbox._idle.queue)
+        assert len(children) == 2 and all(child is not None and child.usable for child in children)
+        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+        assert sandbox.replaced == 0  # the warm children served it
+    finally:
+        sandbox.close()

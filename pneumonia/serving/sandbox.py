@@ -280,6 +280,16 @@ class DecodingSandbox:
                 child, self.replaced = None, self.replaced + 1  # the next job starts a fresh one
             self._idle.put(child)
 
+    def warm(self) -> None:
+        """Start the zygote and every child now rather than on the first file (the zygote's imports take
+        most of a second): each slot is taken, filled and given back."""
+        children = [self._idle.get() for _ in range(self.workers)]
+        try:
+            children = [child if child is not None and child.usable else self._start() for child in children]
+        finally:
+            for child in children:
+                self._idle.put(child)
+
     def _start(self) -> DecodingChild:
         with self._zygote_lock:
             if self._zygote is None or self._zygote.process.poll() is not None:

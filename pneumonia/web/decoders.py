@@ -6,6 +6,7 @@ Retry-After, as one that finds the model busy is; decoding never holds a model s
 from __future__ import annotations
 
 import math
+import threading
 
 from flask import current_app
 
@@ -13,11 +14,13 @@ from pneumonia.serving.sandbox import DecodeLimits, DecodingSandbox, shared_sand
 
 
 def register(app) -> None:
-    """app.extensions["decoding_sandbox"]: the process's sandbox for these settings (children start on
-    the first upload; the tests' many apps share them)."""
+    """app.extensions["decoding_sandbox"]: the process's sandbox for these settings (the tests' many apps
+    share it); outside testing its children are started at once, in the background."""
     limits = DecodeLimits(int(app.config["DECODE_MEMORY_MIB"]), float(app.config["DECODE_SECONDS"]))
     sandbox = shared_sandbox(limits, int(app.config["DECODERS"]), float(app.config["DECODE_QUEUE_SECONDS"]))
     app.extensions["decoding_sandbox"] = sandbox
+    if not app.testing:  # a worker's first upload should not wait for the zygote's imports (~0.7 s)
+        threading.Thread(target=sandbox.warm, name="decoding-sandbox-warm-up", daemon=True).start()
 
 
 def current_sandbox() -> DecodingSandbox:
