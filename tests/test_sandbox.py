@@ -27,8 +27,8 @@ from pneumonia.serving.sandbox import (
 
 # A 6,000 x 6,000 greyscale PNG: 34 MiB decoded, within the header checks' 48 MiB, past a 24 MiB sandbox.
 BIG_GREY = 6_000
-# A 5,000 x 5,000 16-bit PNG: over a second of processor time to decode and scale (~0.6 s measured), far
-# past 0.1 s.
+# A 5,000 x 5,000 16-bit PNG: about 0.5 s of processor time to decode and scale (measured), twice the 0.25 s
+# limit; a small X-ray in a fresh child (its first pages copied from the zygote) takes a tenth of it.
 SLOW_SIDE = 5_000
 
 
@@ -72,10 +72,10 @@ def test_a_decode_past_the_memory_limit_is_refused_and_the_next_file_decodes():
 
 
 def test_a_decode_past_the_time_limit_is_killed_and_the_next_file_decodes():
-    sandbox = DecodingSandbox(DecodeLimits(seconds=0.1), workers=1)
+    sandbox = DecodingSandbox(DecodeLimits(seconds=0.25), workers=1)
     try:
         started = time.monotonic()
-        with pytest.raises(DecodeLimitExceeded, match="within 0.1 s of processor time") as refused:
+        with pytest.raises(DecodeLimitExceeded, match="within 0.25 s of processor time") as refused:
             sandbox.prepare(png_of_zeros(SLOW_SIDE), 224)
         assert refused.value.limit == "time" and time.monotonic() - started < 5
         assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)

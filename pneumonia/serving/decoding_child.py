@@ -23,9 +23,9 @@ from pneumonia.errors import XrayReadError
 from pneumonia.reading.decoding import Source
 
 MIB = 1024 * 1024
-# A child whose address space has grown by more than this over its start is replaced after the job: the
-# limit is measured from its start, so what its heap kept (glibc does not always give a freed top back)
-# would shrink the next decode's room; its memory goes back to the system; and its peak stays this job's.
+# A child whose address space is still more than this over its start after a job is replaced: the limit is
+# measured from its start, so what its heap kept (glibc does not always give a freed top back) would shrink
+# the next decode's room, and its memory goes back to the system with it.
 RETIRE_GROWTH_MIB = 16
 MAX_JOB_HEADER = 64 * 1024  # a job's JSON header
 
@@ -131,8 +131,8 @@ def _ran_out_of_memory(err: Exception, limits: DecodeLimits, start_vm: int) -> b
     """Whether a failed decode failed for want of memory: a MemoryError, or a decoder's own error (libjpeg's
     "Insufficient memory", pydicom's plugins' empty message, Pillow's "decoder error") after the job had
     taken more than half the limit. Decoders turn a failed allocation into errors of their own, so the
-    address space the job took is what tells (a child is retired once its peak has grown, so its peak
-    is this job's)."""
+    address space the job took is what tells (a child is retired once its peak passes half the limit, so
+    a peak past it is this job's)."""
     if isinstance(err, MemoryError):
         return True
     return _vm_peak_bytes() - start_vm > limits.memory_mib * MIB / 2
@@ -152,9 +152,12 @@ def child_main(connection: Connection, limits: DecodeLimits) -> None:
         _arm_cpu_limit(limits.seconds)
         header, buffers = _child_reply(job, source, limits, start_vm)
         del source
-        peak = _vm_peak_bytes() - start_vm  # the most this child has taken: this job's, as it retires once it grew
+        peak = _vm_peak_bytes() - start_vm  # the most this child has taken over its life
         header["peak_mib"] = round(peak / MIB, 1)
-        header["retire"] = peak > RETIRE_GROWTH_MIB * MIB
+        kept = _vm_bytes() - start_vm
+        # Retired when it kept memory, or once its peak passed half the limit: a later failure's peak is then
+        # its own (`_ran_out_of_memory`). A 19 MB upload that is not an image passes through without a fork.
+        header["retire"] = kept > RETIRE_GROWTH_MIB * MIB or peak > limits.memory_mib * MIB / 2
         connection.send_bytes(json.dumps(header).encode())
         for buffer in buffers:
             connection.send_bytes(buffer)

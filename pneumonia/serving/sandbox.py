@@ -23,8 +23,8 @@ it on the clock for a child that blocks); RLIMIT_CPU, a second or two above it, 
 backstop. A child that runs out of memory answers with the limit and is retired; one that is killed or
 dies is replaced; either way the file gets `DecodeLimitExceeded` (an `XrayReadError`: a 4xx saying which
 limit), and the server, the other requests and the model slots never see the decode. A child whose
-address space grew more than RETIRE_GROWTH_MIB over its start is retired too, so the memory a large
-decode took goes back to the system.
+address space stays more than RETIRE_GROWTH_MIB over its start after a job, or whose peak passed half the
+limit, is retired too, so the memory a large decode took goes back to the system.
 
 The pool holds `workers` children: at most that many decodes run at once, and one more waits for a
 child at most `wait_s` (then `DecoderBusy`: the web app's 503). Children start on first use; the zygote
