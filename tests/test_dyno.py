@@ -28,21 +28,29 @@ def dyno_and_xray():
     return cgroup, encode_image(Image.open(REAL_XRAYS[0]).convert("L").resize((1600, 1200)), "JPEG", quality=90)
 
 
-def test_a_512_mib_dyno_survives_a_flood_of_uploads():
-    cgroup, xray = dyno_and_xray()
+def in_dyno(cgroup, run) -> tuple[dict, dict, int, str]:
+    """`run(server)` against gunicorn as the Procfile starts it (the shipped default of one worker) in
+    `cgroup`: (its result, the cgroup's figures, workers killed, the log's tail)."""
     server = None
     try:
-        server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)  # the shipped default
+        server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)
         server.wait_ready(60)
-        # 6 clients for 20 s; about 1 upload in 7 is 19 MB of junk behind a JPEG signature. No oversize
-        # ones: the server closes a connection it answered 413 unread, and the client's next upload on
-        # it fails to connect, which says nothing about memory.
-        result = flood(server, 6, 20, xray, junk_share=0.15, oversize_share=0)
-        memory, killed, log = cgroup.figures(), server.workers_killed(), server.log_tail()
+        result = run(server)
+        return result, cgroup.figures(), server.workers_killed(), server.log_tail()
     finally:
         if server is not None:
             server.stop()  # removes the cgroup once gunicorn is gone
         cgroup.remove()  # a no-op then; here when gunicorn never started
+
+
+def test_a_512_mib_dyno_survives_a_flood_of_uploads():
+    cgroup, xray = dyno_and_xray()
+    # 6 clients for 20 s; about 1 upload in 7 is 19 MB of junk behind a JPEG signature. No oversize ones:
+    # the server closes a connection it answered 413 unread, and the client's next upload on it fails to
+    # connect, which says nothing about memory.
+    result, memory, killed, log = in_dyno(
+        cgroup, lambda server: flood(server, 6, 20, xray, junk_share=0.15, oversize_share=0)
+    )
 
     context = f"{result}\n{memory}\n{log}"
     assert killed == 0 and memory["oom_kills"] == 0, context
@@ -64,16 +72,7 @@ def test_a_512_mib_dyno_refuses_bombs_alone_and_eight_at_a_time_without_a_kill()
     chunks) is answered with a 4xx, alone and from 8 clients at once, within 2 s; no worker is killed; a
     real upload is answered normally afterwards; the worker gives back what the bombs took."""
     cgroup, xray = dyno_and_xray()
-    server = None
-    try:
-        server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)
-        server.wait_ready(60)
-        result = bomb_rounds(server, xray, clients=8, rounds=2)
-        memory, killed, log = cgroup.figures(), server.workers_killed(), server.log_tail()
-    finally:
-        if server is not None:
-            server.stop()
-        cgroup.remove()
+    result, memory, killed, log = in_dyno(cgroup, lambda server: bomb_rounds(server, xray, clients=8, rounds=2))
 
     context = f"{result}\n{memory}\n{log}"
     print(f"bombs in a {DYNO_MIB} MiB cgroup: {memory}; slowest answer {result['slowest_s']} s")
@@ -95,17 +94,11 @@ def test_a_512_mib_dyno_answers_eight_clients_of_hostile_files_and_still_screens
     uploads in ten) and real X-rays between them for 20 s: no kill, every hostile file a 4xx within 2 s,
     every real upload a 200 (or a 503 with Retry-After when the service is busy)."""
     cgroup, xray = dyno_and_xray()
-    server = None
-    try:
-        server = Server(str(SHIPPED_MODEL), {"WEB_CONCURRENCY": "1"}, cgroup)
-        server.wait_ready(60)
-        answers: list[dict] = []
-        result = flood(server, 8, 20, xray, junk_share=0, oversize_share=0, record=answers, hostile_share=0.9)
-        memory, killed, log = cgroup.figures(), server.workers_killed(), server.log_tail()
-    finally:
-        if server is not None:
-            server.stop()
-        cgroup.remove()
+    answers: list[dict] = []
+    result, memory, killed, log = in_dyno(
+        cgroup,
+        lambda server: flood(server, 8, 20, xray, junk_share=0, oversize_share=0, record=answers, hostile_share=0.9),
+    )
 
     context = f"{result}\n{memory}\n{log}"
     assert killed == 0 and memory["oom_kills"] == 0, context
