@@ -61,7 +61,6 @@ from pneumonia.serving.decoding_child import (
 )
 from pneumonia.serving.preprocessing import PreparedXray
 
-MIB = 1024 * 1024
 MAX_REPLY_HEADER = 64 * 1024  # a child's JSON header; a longer one is a broken child
 CPU_POLL_S = 0.05  # how often the parent reads a decoding child's processor time
 WALL_FACTOR = 4  # a decode may take this many times its processor-time limit on the clock
@@ -189,9 +188,8 @@ def _prepared(header: dict, buffers: list[bytes], job: DecodeJob) -> PreparedXra
     width, height, chroma, spread = header["stats"]
     stats = PixelStats(int(width), int(height), float(chroma), float(spread))
     timing = {str(key): float(value) for key, value in dict(header["timing_ms"]).items()}
-    prepared = PreparedXray(stats, arrays[0], arrays[1] if len(arrays) > 1 else None, timing)
-    prepared.peak_mib = float(header["peak_mib"])
-    return prepared
+    display = arrays[1] if len(arrays) > 1 else None
+    return PreparedXray(stats, arrays[0], display, timing, peak_mib=float(header["peak_mib"]))
 
 
 class Zygote:

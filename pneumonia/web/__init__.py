@@ -13,6 +13,7 @@ import warnings
 from flask import Flask
 
 from pneumonia.serving.classifier import SHIPPED_MODEL_DIR
+from pneumonia.serving.decoding_child import DEFAULT_LIMITS
 from pneumonia.web.uploads import BodyDeadline, InMemoryRequest
 
 DEFAULTS = {
@@ -41,8 +42,8 @@ DEFAULTS = {
     # decode uploads, what one decode may take in them, and how long an upload waits for a free one (else 503).
     # 128 MiB holds the largest image the header checks admit (48 MiB decoded: docs/uploads.md).
     "DECODERS": 2,
-    "DECODE_MEMORY_MIB": 128,
-    "DECODE_SECONDS": 2,
+    "DECODE_MEMORY_MIB": DEFAULT_LIMITS.memory_mib,
+    "DECODE_SECONDS": DEFAULT_LIMITS.seconds,
     "DECODE_QUEUE_SECONDS": 5,
     # Per-client rate limits (pneumonia/web/rate_limit.py), Flask-Limiter's notation, counted per worker in memory:
     # uploads are every POST (form and API), pages every GET; /healthz and static files never count.
