@@ -89,7 +89,29 @@ DICOMS = {
     # 12 bits stored, body in 1000..2000, corners at 0 and 4095: only the VOI window
     # (linear, centre 1500.5, width 1001 maps 1000..2000 onto 0..255) gives the reference back.
     "VOI window 12-bit": lambda ref: dicom_bytes(_windowed(ref), bits_stored=12, window=(1500.5, 1001)),
+    # RLE Lossless, decoded by pylibjpeg-rle (reading/dicom.py): lossless, so the reference again.
+    "RLE Lossless 16-bit": lambda ref: _rle(ref.astype(np.uint16) * 257),
 }
+
+
+def _rle(pixels: np.ndarray) -> bytes:
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.encoders import RLELosslessEncoder
+    from pydicom.uid import RLELossless
+
+    frame = RLELosslessEncoder.encode(
+        pixels,
+        rows=pixels.shape[0],
+        columns=pixels.shape[1],
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=16,
+        pixel_representation=0,
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+        encoding_plugin="pydicom",
+    )
+    return dicom_bytes(pixels, transfer_syntax=RLELossless, encapsulated=encapsulate([frame]))
 
 
 def _windowed(reference: np.ndarray) -> np.ndarray:
