@@ -188,8 +188,9 @@ def test_predict_json_reports_a_bad_file_and_still_scores_the_others(ungated_mod
         expected = classifier.labels(probability)
         assert (row["label"], row["screening_label"]) == (expected["default"], expected["screening"])
         assert expected["default"] == ("PNEUMONIA" if probability >= classifier.thresholds["default"] else "NORMAL")
-    assert set(rows[1]) == {"path", "error"} and "truncated" in rows[1]["error"].lower()
-    assert set(rows[3]) == {"path", "error"} and "No such image file" in rows[3]["error"]
+    assert set(rows[1]) == {"path", "probability", "error"} and "truncated" in rows[1]["error"].lower()
+    assert rows[1]["probability"] is None  # the API's shape for a file not screened (result_formats.screening_json)
+    assert set(rows[3]) == {"path", "probability", "error"} and "No such image file" in rows[3]["error"]
     assert "Traceback" not in result.stderr
 
 

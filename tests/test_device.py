@@ -27,7 +27,7 @@ from builders import (
 from PIL import Image
 from test_browser import CHROMEDRIVER, CHROMIUM, FLAGS, serve
 
-from pneumonia.serving.screening import REFUSED
+from pneumonia.serving.outcomes import Outcome
 from pneumonia.web.device_site import build_site, write_site
 
 TOLERANCE = 0.005  # issue 31: probability within this of `predict`; labels may differ this close to a threshold
@@ -195,7 +195,7 @@ def compare(name: str, answer: dict, row, thresholds: dict) -> dict:
     """Asserts the browser's answer for one file matches the server's row; the measured differences."""
     if row.probability is None:
         assert answer["verdict"] == "refused", (name, answer, row.error)
-        if row.outcome == REFUSED:
+        if row.outcome == Outcome.REFUSED:
             assert answer["reason"] == row.verdict.reason and answer["refusal"] == row.verdict.message, name
         else:
             assert answer["reason"] == "unreadable", (name, answer)

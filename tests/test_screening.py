@@ -15,8 +15,9 @@ from pneumonia.reading.image_files import find_images
 from pneumonia.serving import preprocessing
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.gate import Verdict
+from pneumonia.serving.outcomes import GateVerdict, Outcome
 from pneumonia.serving.result_formats import CSV_COLUMNS, csv_text, overlay_file_name
-from pneumonia.serving.screening import REFUSED, BatchScreener, ScreenedImage, Screening, Tally
+from pneumonia.serving.screening import BatchScreener, ScreenedImage, Screening, Tally
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_batched_gate_verdicts_equal_one_image_at_a_time(shipped_screener, tmp_p
         assert (
             row.probability == pytest.approx(probability, abs=1e-5)
             if probability is not None
-            else row.outcome == REFUSED
+            else row.outcome == Outcome.REFUSED
         )
     assert [row.verdict.reason for row in rows[-2:]] == ["colour", "features"]
     assert all(row.probability is not None for row in rows[:-2])
@@ -138,7 +139,12 @@ def test_csv_has_a_row_per_file_and_quotes_formula_like_text():
         ),
         ScreenedImage("b.png", Screening.failed("b.png is empty.")),
         ScreenedImage(
-            "c.png", Screening(REFUSED, verdict=Verdict("rejected", "colour", 71.5, 16.0), error="Not screened: colour")
+            "c.png",
+            Screening(
+                Outcome.REFUSED,
+                verdict=Verdict(GateVerdict.REJECTED, "colour", 71.5, 16.0),
+                error="Not screened: colour",
+            ),
         ),
     ]
     table = list(csv.reader(io.StringIO(csv_text(rows, "file", thresholds, gated=True))))
@@ -187,8 +193,8 @@ def test_a_screening_carries_its_outcome_and_cannot_be_changed():
     labels = {"default": "NORMAL", "screening": "PNEUMONIA"}
     screened = Screening.screened(0.2, labels, Verdict("ok", None, 1.0))
     assert (screened.outcome, screened.probability, screened.labels, screened.error) == ("screened", 0.2, labels, None)
-    refused = Screening.refused(Verdict("rejected", "colour", 71.5, 16.0))
-    assert refused.outcome == REFUSED and refused.probability is None
+    refused = Screening.refused(Verdict(GateVerdict.REJECTED, "colour", 71.5, 16.0))
+    assert refused.outcome == Outcome.REFUSED and refused.probability is None
     assert refused.error.startswith("Not screened: ") and refused.verdict.reason == "colour"
     failed = Screening.failed("x.png is empty.", unexpected=True)
     assert (failed.outcome, failed.error, failed.unexpected, failed.verdict) == (
@@ -244,21 +250,23 @@ def test_result_values_are_what_the_csv_parquet_and_sr_are_written_from():
     failed = result_values(ScreenedImage("b", Screening.failed("=cmd|' /C calc'!A0")), thresholds, gated=False)
     assert failed["probability"] is failed["label_default"] is failed["ood_verdict"] is None
     assert text_cell(failed["error"], "error") == "'=cmd|' /C calc'!A0"  # a spreadsheet would run it
-    refused = Screening.refused(Verdict("rejected", "colour", 71.5, 16.0))
+    refused = Screening.refused(Verdict(GateVerdict.REJECTED, "colour", 71.5, 16.0))
     assert result_values(ScreenedImage("c", refused), thresholds, gated=True)["ood_verdict"] == "rejected"
 
 
-def test_result_json_says_per_outcome_what_the_api_answers():
+def test_screening_json_says_per_outcome_what_the_api_answers_and_predict_prints():
     from types import SimpleNamespace
 
-    from pneumonia.web.screener import result_json
+    from pneumonia.serving.result_formats import screening_json
 
-    screener = SimpleNamespace(
+    classifier = SimpleNamespace(
         card=SimpleNamespace(shown_probability=lambda p: f"{100 * p:.0f} %"),
-        classifier=SimpleNamespace(thresholds={"default": 0.5, "screening": 0.25}, gate=None, gate_status="no ood.npz"),
+        thresholds={"default": 0.5, "screening": 0.25},
+        gate=None,
+        gate_status="no ood.npz",
     )
     labels = {"default": "NORMAL", "screening": "PNEUMONIA"}
-    assert result_json(Screening.screened(0.3, labels, None), screener) == {
+    assert screening_json(Screening.screened(0.3, labels, None), classifier) == {
         "probability": 0.3,
         "probability_text": "30 %",
         "label": "NORMAL",
@@ -266,4 +274,4 @@ def test_result_json_says_per_outcome_what_the_api_answers():
         "thresholds": {"default": 0.5, "screening": 0.25},
         "ood": {"verdict": "unchecked", "gate": "off", "detail": "no ood.npz"},
     }
-    assert result_json(Screening.failed("x is empty."), screener) == {"probability": None, "error": "x is empty."}
+    assert screening_json(Screening.failed("x is empty."), classifier) == {"probability": None, "error": "x is empty."}

@@ -11,7 +11,8 @@ import time
 
 from pneumonia.archive.result_files import encode_part, record
 from pneumonia.archive.sources import PATH_COLUMN
-from pneumonia.serving.screening import OUTCOMES, ScreenedImage, Screening, Tally
+from pneumonia.serving.outcomes import Outcome
+from pneumonia.serving.screening import ScreenedImage, Screening, Tally
 
 
 def peak_rss_mb() -> float:
@@ -51,7 +52,7 @@ class ScreeningActor:
             "part": np.asarray([part]),
             "content": np.asarray([content], dtype=object),
             "rows": np.asarray([len(rows)]),
-            **{outcome: np.asarray([getattr(tally, outcome)]) for outcome in OUTCOMES},
+            **{outcome: np.asarray([getattr(tally, outcome)]) for outcome in Outcome},
             "seconds": np.asarray([time.perf_counter() - started]),
             "actor": np.asarray([self.actor]),
             "node": np.asarray([self.node]),

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from pneumonia.archive.sources import PATH_COLUMN, file_system
+from pneumonia.serving.outcomes import Outcome
 from pneumonia.serving.result_formats import CSV_COLUMNS, DECIMALS, result_values, stored_outcome, text_cell
-from pneumonia.serving.screening import FAILED, Tally
+from pneumonia.serving.screening import Tally
 
 PART_PREFIX, PART_SUFFIX, TEMPORARY_PREFIX = "part-", ".parquet", ".tmp-"
 COLUMNS = (PATH_COLUMN, *CSV_COLUMNS)
@@ -109,7 +110,7 @@ def tally(table, wanted: set[str] | None = None, max_errors: int = 100) -> Archi
             continue
         outcome = stored_outcome(probability, verdict)
         counts.count(outcome)
-        if outcome == FAILED and len(counts.errors) < max_errors:
+        if outcome == Outcome.FAILED and len(counts.errors) < max_errors:
             counts.errors.append({PATH_COLUMN: path, "error": error})
     return counts
 

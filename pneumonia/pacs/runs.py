@@ -33,15 +33,8 @@ from pneumonia.pacs.reports import (
     referenced_instances,
     result_objects,
 )
-from pneumonia.serving.screening import (
-    FAILED,
-    REFUSED,
-    SCREENED,
-    BatchScreener,
-    ScreenedImage,
-    Screening,
-    Tally,
-)
+from pneumonia.serving.outcomes import Outcome
+from pneumonia.serving.screening import BatchScreener, ScreenedImage, Screening, Tally
 
 STUDY, SERIES, INSTANCE, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
 HEADER_KEYWORDS = (*SOURCE_KEYWORDS, "BodyPartExamined", "ViewPosition")  # what a run reads of an image's header
@@ -98,7 +91,12 @@ class RunTally(Tally):
     skipped: int = 0
 
     def summary(self) -> str:
-        counts = {SCREENED: self.screened, SKIPPED: self.skipped, REFUSED: self.refused, FAILED: self.failed}
+        counts = {
+            Outcome.SCREENED: self.screened,
+            SKIPPED: self.skipped,
+            Outcome.REFUSED: self.refused,
+            Outcome.FAILED: self.failed,
+        }
         return f"{self.files} image(s): " + ", ".join(f"{count} {status}" for status, count in counts.items())
 
 
@@ -181,7 +179,7 @@ class PacsScreener:
             return failed_row(candidate, str(err))
         row = self.batch.screen_chunk([(candidate.instance, data)], GRADCAM_SIDE, with_gradcam=True)[0]
         del data
-        if row.outcome != SCREENED:
+        if row.outcome != Outcome.SCREENED:
             return PacsRow(candidate, row)
         return self._store(candidate, source, row, series)
 
@@ -200,7 +198,9 @@ class PacsScreener:
         except PacsError as err:
             done = "its Grad-CAM image went in, its SR did not (the next run redoes it): " if stored else ""
             # Failed in this run, the probability kept: the CSV row shows what was not stored.
-            row.screening = replace(row.screening, outcome=FAILED, error=f"Screened but not stored: {done}{err}")
+            row.screening = replace(
+                row.screening, outcome=Outcome.FAILED, error=f"Screened but not stored: {done}{err}"
+            )
             return PacsRow(candidate, row, ("", stored))
         return PacsRow(candidate, row, (sr.SOPInstanceUID, capture.SOPInstanceUID))
 

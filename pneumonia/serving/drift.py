@@ -36,6 +36,7 @@ from functools import lru_cache
 import numpy as np
 
 from pneumonia.serving.drift_reference import MonitorBand, MonitorReference
+from pneumonia.serving.outcomes import GateVerdict
 
 ALPHA = 0.01  # the chance that a window without drift alarms, all signals together (at most)
 WINDOW = 500  # screenings the web app's monitor keeps (per worker process)
@@ -118,10 +119,10 @@ def monitor_reference(
     if scores is not None and gate_thresholds is not None:
         scores = np.asarray(scores, np.float64)
         median = float(np.median(scores))
-        bands["unusual_share"] = _band("gate_score", scores, float(gate_thresholds["unusual"]), None, groups)
+        bands["unusual_share"] = _band("gate_score", scores, float(gate_thresholds[GateVerdict.UNUSUAL]), None, groups)
         bands["gate_score_above_median"] = _band("gate_score", scores, median, None, groups)
         quantiles["gate_score"] = {name: float(np.quantile(scores, q)) for name, q in QUANTILES.items()}
-        through = scores <= float(gate_thresholds["rejected"])
+        through = scores <= float(gate_thresholds[GateVerdict.REJECTED])
         probabilities, kept = probabilities[through], None if groups is None else groups[through]
     bands["uncertain_share"] = _band("probability", probabilities, *UNCERTAIN, kept)
     bands["above_default"] = _band("probability", probabilities, float(thresholds["default"]), None, kept)

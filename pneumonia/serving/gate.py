@@ -26,6 +26,7 @@ import numpy as np
 
 from pneumonia.reading.pixel_stats import PixelStats
 from pneumonia.serving.card import file_sha256
+from pneumonia.serving.outcomes import GateVerdict
 from pneumonia.serving.records import CardFieldError, parsed_record
 
 GATE_FILE = "ood.npz"
@@ -61,20 +62,20 @@ UNUSUAL_WARNING = (
 class Verdict:
     """The gate's answer for one image."""
 
-    verdict: str  # "ok" | "unusual" | "rejected"
+    verdict: GateVerdict
     reason: str | None = None  # one of REASONS when rejected
     score: float | None = None  # feature distance, when computed
     threshold: float | None = None  # the bound that was crossed, when rejected
 
     @property
     def accepted(self) -> bool:
-        return self.verdict != "rejected"
+        return self.verdict != GateVerdict.REJECTED
 
     @property
     def message(self) -> str | None:
-        if self.verdict == "rejected":
+        if self.verdict == GateVerdict.REJECTED:
             return MESSAGES[self.reason]
-        return UNUSUAL_WARNING if self.verdict == "unusual" else None
+        return UNUSUAL_WARNING if self.verdict == GateVerdict.UNUSUAL else None
 
 
 class OutOfDistribution(ValueError):
@@ -131,7 +132,7 @@ def pixel_verdict(stats: PixelStats, bounds: PixelBounds) -> Verdict | None:
     )
     for reason, failed, value, bound in checks:
         if failed:
-            return Verdict("rejected", reason, float(value), float(bound))
+            return Verdict(GateVerdict.REJECTED, reason, float(value), float(bound))
     return None
 
 
@@ -170,7 +171,7 @@ class OodGate:
     def __init__(self, bounds: PixelBounds, density: FeatureDensity, thresholds: dict, info: dict):
         self.bounds = bounds
         self.density = density
-        self.thresholds = {k: float(thresholds[k]) for k in ("unusual", "rejected")}
+        self.thresholds = {k: float(thresholds[k]) for k in (GateVerdict.UNUSUAL, GateVerdict.REJECTED)}
         self.info = info  # layer, model sha256, validation figures, detection figures
 
     def check_pixels(self, stats: PixelStats) -> Verdict | None:
@@ -181,9 +182,11 @@ class OodGate:
         return self.check_score(float(self.density.distance(features)[0]))
 
     def check_score(self, score: float) -> Verdict:
-        if score > self.thresholds["rejected"]:
-            return Verdict("rejected", "features", score, self.thresholds["rejected"])
-        return Verdict("unusual" if score > self.thresholds["unusual"] else "ok", None, score)
+        if score > self.thresholds[GateVerdict.REJECTED]:
+            return Verdict(GateVerdict.REJECTED, "features", score, self.thresholds[GateVerdict.REJECTED])
+        return Verdict(
+            GateVerdict.UNUSUAL if score > self.thresholds[GateVerdict.UNUSUAL] else GateVerdict.OK, None, score
+        )
 
     def verdict(self, stats: PixelStats, score: float) -> Verdict:
         """The gate's answer for an image whose pixel statistics and feature distance are both known:
@@ -279,6 +282,6 @@ def load_gate_for(keras_path: Path, keras_sha256: str | None = None) -> tuple[Oo
 def feature_thresholds(val_scores: np.ndarray) -> dict:
     """Quantiles of the validation distances: at least ACCEPT_QUANTILE of them pass."""
     return {
-        "unusual": float(np.quantile(val_scores, UNUSUAL_QUANTILE)),
-        "rejected": float(np.quantile(val_scores, ACCEPT_QUANTILE, method="higher")),
+        GateVerdict.UNUSUAL: float(np.quantile(val_scores, UNUSUAL_QUANTILE)),
+        GateVerdict.REJECTED: float(np.quantile(val_scores, ACCEPT_QUANTILE, method="higher")),
     }

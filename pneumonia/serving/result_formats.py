@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from pneumonia.serving.screening import FAILED, REFUSED, SCREENED, ScreenedImage
+from pneumonia.serving.gate import Verdict
+from pneumonia.serving.outcomes import GateVerdict, Outcome
+from pneumonia.serving.screening import ScreenedImage, Screening
 
 CSV_COLUMNS = (
     "probability",
@@ -49,7 +51,13 @@ def ood_verdict_name(row: ScreenedImage, gated: bool) -> str:
 def stored_outcome(probability: float | None, ood_verdict: str | None) -> str:
     """A row's outcome read back from its values: a probability when screened, the gate's verdict
     without one when refused, neither when it failed."""
-    return SCREENED if probability is not None else REFUSED if ood_verdict == "rejected" else FAILED
+    return (
+        Outcome.SCREENED
+        if probability is not None
+        else Outcome.REFUSED
+        if ood_verdict == GateVerdict.REJECTED
+        else Outcome.FAILED
+    )
 
 
 def result_values(row: ScreenedImage, thresholds: dict[str, float], gated: bool) -> dict:
@@ -127,29 +135,55 @@ def write_overlay(folder: str, index: int, row) -> str | None:
     return str(path)
 
 
+def screening_json(screening: Screening, classifier) -> dict:
+    """One screening as JSON values, the one shape of a result: what the API answers for an upload or a
+    batch's file (which add their own fields) and what `predict --json` prints after the file's path. The
+    probability (null unless screened), its shown text, the labels and thresholds when screened; the gate's
+    `ood` when screened or refused; the error when it was not screened."""
+    answer: dict = {"probability": screening.probability}
+    if screening.outcome == Outcome.SCREENED:
+        answer.update(
+            probability_text=classifier.card.shown_probability(screening.probability),
+            label=screening.labels["default"],
+            screening_label=screening.labels["screening"],
+            thresholds=classifier.thresholds,
+        )
+    if screening.outcome in (Outcome.SCREENED, Outcome.REFUSED):
+        answer["ood"] = ood_json(screening.verdict, classifier)
+    if screening.error:
+        answer["error"] = screening.error
+    return answer
+
+
+def ood_json(verdict: Verdict | None, classifier) -> dict:
+    """The `ood` object of a result: the verdict with the gate's thresholds, or why the gate is off."""
+    gate = classifier.gate
+    if gate is None:
+        return {"verdict": "unchecked", "gate": "off", "detail": classifier.gate_status}
+    if not verdict.accepted:
+        return {
+            "verdict": verdict.verdict,
+            "reason": verdict.reason,
+            "score": verdict.score,
+            "threshold": verdict.threshold,
+        }
+    answer = {"verdict": verdict.verdict, "score": verdict.score, "thresholds": gate.thresholds}
+    if verdict.message:
+        answer["warning"] = verdict.message
+    return answer
+
+
 def prediction_line(row, classifier, as_json: bool) -> str:
     """One output line: the probability and labels, or why the file was not screened."""
+    if as_json:
+        return json.dumps({"path": row.name, **screening_json(row.screening, classifier)})
     image, verdict = row.name, row.verdict
-    ood = None if verdict is None else {k: v for k, v in vars(verdict).items() if v is not None}
-    if row.outcome == FAILED:
-        return json.dumps({"path": image, "error": row.error}) if as_json else f"{image}\terror: {row.error}"
-    if row.outcome == REFUSED:
-        if as_json:
-            return json.dumps({"path": image, "probability": None, "ood": ood, "error": verdict.message})
+    if row.outcome == Outcome.FAILED:
+        return f"{image}\terror: {row.error}"
+    if row.outcome == Outcome.REFUSED:
         return f"{image}\tnot screened ({verdict.reason}): {verdict.message}"
     probability, labels = row.probability, row.labels
-    if as_json:
-        return json.dumps(
-            {
-                "path": image,
-                "probability": round(probability, 6),
-                "label": labels["default"],
-                "screening_label": labels["screening"],
-                "thresholds": classifier.thresholds,
-                "ood": ood,
-            }
-        )
-    warning = "\tunusual for this model" if verdict is not None and verdict.verdict == "unusual" else ""
+    warning = "\tunusual for this model" if verdict is not None and verdict.verdict == GateVerdict.UNUSUAL else ""
     return (
         f"{image}\t{probability:.4f}\tdefault({classifier.thresholds['default']:.3f}): {labels['default']}"
         f"\tscreening({classifier.thresholds['screening']:.3f}): {labels['screening']}{warning}"

@@ -32,6 +32,7 @@ from pneumonia.errors import XrayReadError
 from pneumonia.labels import PNEUMONIA
 from pneumonia.reading.decoding import Source
 from pneumonia.serving.gate import OutOfDistribution, Verdict
+from pneumonia.serving.outcomes import Outcome
 from pneumonia.serving.preprocessing import model_input
 from pneumonia.serving.sandbox import DecodingSandbox, shared_sandbox
 
@@ -45,16 +46,12 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-SCREENED, REFUSED, FAILED = "screened", "refused", "failed"
-OUTCOMES = (SCREENED, REFUSED, FAILED)
-
-
 @dataclass(frozen=True)
 class Screening:
     """What became of one image, decided once, by the pipeline: screened (a probability and labels),
     refused by the gate (its verdict, and the refusal as `error`) or failed (unreadable: the message)."""
 
-    outcome: str  # one of OUTCOMES (a PACS run adds skipped: pneumonia/pacs)
+    outcome: Outcome
     probability: float | None = None
     labels: dict[str, str] | None = None  # threshold name -> class
     verdict: Verdict | None = None  # the gate's; None without a gate, or when the file was unreadable
@@ -63,15 +60,15 @@ class Screening:
 
     @classmethod
     def screened(cls, probability: float, labels: dict[str, str], verdict: Verdict | None) -> Screening:
-        return cls(SCREENED, probability, labels, verdict)
+        return cls(Outcome.SCREENED, probability, labels, verdict)
 
     @classmethod
     def refused(cls, verdict: Verdict) -> Screening:
-        return cls(REFUSED, verdict=verdict, error=str(OutOfDistribution(verdict)))
+        return cls(Outcome.REFUSED, verdict=verdict, error=str(OutOfDistribution(verdict)))
 
     @classmethod
     def failed(cls, error: str, unexpected: bool = False) -> Screening:
-        return cls(FAILED, error=error, unexpected=unexpected)
+        return cls(Outcome.FAILED, error=error, unexpected=unexpected)
 
 
 @dataclass
@@ -86,7 +83,7 @@ class ScreenedImage:
 
     # Read through to the Screening: what every reader of a row asks.
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Outcome:
         return self.screening.outcome
 
     @property
@@ -220,7 +217,7 @@ class BatchScreener:
             started = time.perf_counter()
             logit, cam, features = self.classifier.explain(model_input(pixels, self.classifier.preprocessing)[None])
             self._score(row, logit, gate.check_features(features) if gate is not None else None)
-            if row.outcome == SCREENED:
+            if row.outcome == Outcome.SCREENED:
                 row.heat = heatmap(cam, for_pneumonia=row.labels["default"] == PNEUMONIA)
             row.timing_ms["model_gradcam"] = _ms(time.perf_counter() - started)
 

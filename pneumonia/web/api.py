@@ -9,6 +9,7 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
+from pneumonia.serving.result_formats import screening_json
 from pneumonia.web.batch import Rendering, entry_json, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.dicom_results import dicom_results
@@ -17,7 +18,7 @@ from pneumonia.web.openapi import document, documented
 from pneumonia.web.operations import HEALTH, MONITOR, OPENAPI, PREDICT, PREDICT_BATCH
 from pneumonia.web.queries import flag, overlay_format, result_form
 from pneumonia.web.schemas import NOTICE
-from pneumonia.web.screener import current_screener, result_json
+from pneumonia.web.screener import current_screener
 from pneumonia.web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)
@@ -41,7 +42,7 @@ def predict():
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     card = screener.card
     return jsonify(
-        **result_json(result.screening, screener),
+        **screening_json(result.screening, screener.classifier),
         model={
             "name": screener.classifier.name,
             "architecture": card.architecture,

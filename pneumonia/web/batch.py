@@ -37,11 +37,12 @@ from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from pneumonia.reading.decoding import declared_pixels
-from pneumonia.serving.result_formats import csv_text
+from pneumonia.serving.outcomes import Outcome
+from pneumonia.serving.result_formats import csv_text, screening_json
 from pneumonia.serving.sandbox import DecoderBusy
-from pneumonia.serving.screening import REFUSED, SCREENED, ScreenedImage, Screening
+from pneumonia.serving.screening import ScreenedImage, Screening
+from pneumonia.web.answers import http_status
 from pneumonia.web.capacity import ModelBusy
-from pneumonia.web.screener import result_json
 from pneumonia.web.uploads import UploadError, checked_upload, upload_bytes
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table
@@ -151,20 +152,12 @@ def _screen_chunk(screener, chunk: list[tuple[BatchEntry, bytes]], rendering: Re
     with _chunk_slot(len(chunk)):
         rows = screener.batch.score(prepared, with_gradcam=bool(rendering and rendering.overlay_format))
     for (entry, _), row in zip(chunk, rows):
-        entry.row, entry.status = row, _status(row)
+        entry.row, entry.status = row, http_status(row.screening)
         if rendering:
             entry.overlay, entry.thumbnail = screener.batch_images(
                 row, rendering.overlay_format, rendering.thumbnail_side
             )
         row.display = row.heat = None  # encoded: the arrays need not outlive the chunk
-
-
-def _status(row: ScreenedImage) -> int:
-    if row.outcome == SCREENED:
-        return 200
-    if row.outcome == REFUSED:
-        return 422
-    return 500 if row.screening.unexpected else 400
 
 
 @contextmanager
@@ -184,8 +177,8 @@ def entry_json(entry: BatchEntry, screener, with_gradcam: bool = False) -> dict:
     timings), with its index, file name and status."""
     row = entry.row
     answer = {"index": entry.index, "filename": entry.filename, "status": entry.status}
-    answer.update(result_json(row.screening, screener))
-    if with_gradcam and row.outcome == SCREENED:
+    answer.update(screening_json(row.screening, screener.classifier))
+    if with_gradcam and row.outcome == Outcome.SCREENED:
         answer["gradcam_png"] = base64.b64encode(entry.overlay).decode("ascii") if entry.overlay else None
     return answer
 

@@ -11,14 +11,17 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from pneumonia.errors import XrayReadError
-from pneumonia.serving.gate import EXPECTED, OutOfDistribution
+from pneumonia.serving.gate import EXPECTED
+from pneumonia.serving.result_formats import ood_json
 from pneumonia.serving.sandbox import DecoderBusy
+from pneumonia.web.answers import UNEXPECTED_STATUS, NotScreened, http_status
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.decoders import decoder_retry_after_s
 from pneumonia.web.rate_limit import retry_after_s
-from pneumonia.web.screener import ModelNotReady, current_screener, ood_json
+from pneumonia.web.screener import ModelNotReady, current_screener
 from pneumonia.web.uploads import MalformedBody, UploadError
 
+UNEXPECTED_MESSAGE = "Something went wrong on our side. Nothing was stored; please try again."
 HTTP_MESSAGES = {
     404: "There is no page at this address.",
     405: "This address does not accept that kind of request.",
@@ -58,11 +61,20 @@ def _http_error(err: HTTPException):
     return body, status
 
 
-def _refused(err: OutOfDistribution):
-    """422: the upload decoded but the gate says it is not a chest X-ray; no probability, no heatmap."""
-    if wants_json():
-        return jsonify(error=str(err), status=422, ood=ood_json(err.verdict, current_screener())), 422
-    return render_template("refused.html", verdict=err.verdict, expected=EXPECTED), 422
+def _not_screened(err: NotScreened):
+    """An upload the pipeline did not screen, at its outcome's status (pneumonia/web/answers.py): 422 refused
+    by the gate (its verdict; no probability, no heatmap), 400 unreadable, 500 a failure of ours (logged by
+    the pipeline without its message)."""
+    screening, status = err.screening, http_status(err.screening)
+    if status == 422 and wants_json():
+        ood = ood_json(screening.verdict, current_screener().classifier)
+        return jsonify(error=screening.error, status=422, ood=ood), 422
+    if status == 422:
+        return render_template("refused.html", verdict=screening.verdict, expected=EXPECTED), 422
+    if status == UNEXPECTED_STATUS:
+        current_app.logger.error("The screening pipeline failed on an upload of %s %s", request.method, request.path)
+        return error_response(status, UNEXPECTED_MESSAGE)
+    return error_response(status, screening.error)
 
 
 def _busy(err: ModelBusy):
@@ -102,12 +114,12 @@ def _unexpected(err: Exception):
         request.path,
         "".join(traceback.format_tb(err.__traceback__)),
     )
-    return error_response(500, "Something went wrong on our side. Nothing was stored; please try again.")
+    return error_response(500, UNEXPECTED_MESSAGE)
 
 
 def register(app) -> None:
     app.register_error_handler(UploadError, lambda err: error_response(err.status, err.message))
-    app.register_error_handler(OutOfDistribution, _refused)
+    app.register_error_handler(NotScreened, _not_screened)
     app.register_error_handler(ModelBusy, _busy)
     app.register_error_handler(DecoderBusy, _decoders_busy)
     app.register_error_handler(XrayReadError, lambda err: error_response(400, str(err)))

@@ -8,7 +8,7 @@ import time
 from flask import Blueprint, abort, current_app, render_template, request, send_from_directory
 
 from pneumonia.reading.decoding import ACCEPTED_TYPES
-from pneumonia.serving.screening import SCREENED
+from pneumonia.serving.outcomes import Outcome
 from pneumonia.web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_files, read_uploads, screen_uploads
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.monitoring import monitor_json
@@ -82,7 +82,7 @@ def _batch_result(screener, uploads: list, started: float):
         card=screener.card,
         csv_uri=csv_uri,
         gated=screener.classifier.gate is not None,
-        screened=sum(entry.row.outcome == SCREENED for entry in entries),
+        screened=sum(entry.row.outcome == Outcome.SCREENED for entry in entries),
         elapsed_ms=(time.perf_counter() - started) * 1000,
     )
 

@@ -4,7 +4,8 @@ One upload is a chunk of one through the package's screening pipeline
 (`pneumonia.serving.screening`), the same as many uploads and `predict`, in its two steps: `prepare`
 (decoding in the sandbox, the gate's pixel checks, the model square), with no model slot, then
 `screen` holding one (one explain pass: logit, Grad-CAM and the features the gate scores, calibration
-and labels). This module adds the encoded images and the web's exceptions.
+and labels). This module adds the encoded images, and raises NotScreened for what was not screened
+(pneumonia/web/answers.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pneumonia.errors import XrayReadError
 from pneumonia.serving.card import ModelCard
 from pneumonia.serving.classifier import ModelLoadError, XrayClassifier
-from pneumonia.serving.gate import OutOfDistribution, Verdict
+from pneumonia.serving.gate import Verdict
 from pneumonia.serving.gradcam import check_map_size, overlay
+from pneumonia.serving.outcomes import Outcome
 from pneumonia.serving.sandbox import DecodingSandbox
-from pneumonia.serving.screening import REFUSED, SCREENED, BatchScreener, Prepared, ScreenedImage, Screening
+from pneumonia.serving.screening import BatchScreener, Prepared, ScreenedImage, Screening
+from pneumonia.web.answers import NotScreened
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -41,7 +43,7 @@ ENCODE_PARAMS = {
 
 @dataclass
 class UploadResult:
-    """One upload's screening (screened: the other outcomes are raised) and its Grad-CAM images."""
+    """One upload's screening (screened: the other outcomes are raised as NotScreened) and its Grad-CAM images."""
 
     screening: Screening
     gradcam_target: str  # the class whose evidence the heatmap shows
@@ -90,26 +92,26 @@ class Screener:
 
     def prepare(self, data: bytes, display_side: int | None) -> Prepared:
         """One upload decoded in the sandbox and through the gate's pixel checks, before any model slot is
-        taken; raises XrayReadError for unreadable input (or past the sandbox's limits), OutOfDistribution
-        for what the pixel checks refuse, and DecoderBusy when no decoder is free."""
+        taken; raises NotScreened for unreadable input (or past the sandbox's limits) and for what the pixel
+        checks refuse, and DecoderBusy when no decoder is free."""
         [(row, square)] = self.batch.prepare([("the upload", data)], display_side)
         if row.screening is not None:
-            _raise_unscreened(row)
+            raise NotScreened(row.screening)
         return row, square
 
     def screened_row(self, prepared: Prepared) -> ScreenedImage:
-        """The model's part for a prepared upload, with Grad-CAM; raises OutOfDistribution when the gate's
-        feature check refuses it. Run holding a model slot."""
+        """The model's part for a prepared upload, with Grad-CAM; raises NotScreened when the gate's feature
+        check refuses it. Run holding a model slot."""
         [row] = self.batch.score([prepared], with_gradcam=True)
-        if row.outcome != SCREENED:
-            _raise_unscreened(row)
+        if row.outcome != Outcome.SCREENED:
+            raise NotScreened(row.screening)
         return row
 
     def screen(
         self, prepared: Prepared, overlay_format: str | None = None, with_original: bool = False
     ) -> UploadResult:
         """A prepared upload -> UploadResult. `overlay_format` ".jpg" or ".png" renders the overlay over the
-        display copy it was prepared with; None skips it. Raises OutOfDistribution for what the gate refuses."""
+        display copy it was prepared with; None skips it. Raises NotScreened for what the gate refuses."""
         row = self.screened_row(prepared)
         result = UploadResult(
             row.screening, row.labels["default"], localised=bool(row.heat.max() > 0), timing_ms=row.timing_ms
@@ -138,48 +140,6 @@ class Screener:
         scale = min(1.0, thumbnail_side / max(row.display.shape))
         size = (max(1, round(row.display.shape[1] * scale)), max(1, round(row.display.shape[0] * scale)))
         return encoded, _encode(cv2.resize(row.display, size, interpolation=cv2.INTER_AREA), ".jpg")
-
-
-def _raise_unscreened(row: ScreenedImage) -> None:
-    """The web's exception for a row that was not screened: OutOfDistribution, XrayReadError, or a
-    RuntimeError (logged without its message) for a failure of ours."""
-    if row.outcome == REFUSED:
-        raise OutOfDistribution(row.verdict)
-    if row.screening.unexpected:
-        raise RuntimeError("the screening pipeline failed on an upload (logged without its message)")
-    raise XrayReadError(row.error)
-
-
-def result_json(screening: Screening, screener: Screener) -> dict:
-    """A screening as the API answers it, for one upload or a batch's file: the probability (null
-    unless screened), its shown text, the labels and thresholds when screened; the gate's `ood` when
-    screened or refused; the error when it was not screened."""
-    answer: dict = {"probability": screening.probability}
-    if screening.outcome == SCREENED:
-        answer.update(
-            probability_text=screener.card.shown_probability(screening.probability),
-            label=screening.labels["default"],
-            screening_label=screening.labels["screening"],
-            thresholds=screener.classifier.thresholds,
-        )
-    if screening.outcome in (SCREENED, REFUSED):
-        answer["ood"] = ood_json(screening.verdict, screener)
-    if screening.error:
-        answer["error"] = screening.error
-    return answer
-
-
-def ood_json(verdict: Verdict | None, screener: Screener) -> dict:
-    """The `ood` object of the API: the verdict with the gate's thresholds, or why the gate is off."""
-    gate = screener.classifier.gate
-    if gate is None:
-        return {"verdict": "unchecked", "gate": "off", "detail": screener.classifier.gate_status}
-    if not verdict.accepted:
-        return {"verdict": "rejected", "reason": verdict.reason, "score": verdict.score, "threshold": verdict.threshold}
-    answer = {"verdict": verdict.verdict, "score": verdict.score, "thresholds": gate.thresholds}
-    if verdict.message:
-        answer["warning"] = verdict.message
-    return answer
 
 
 def _encode(image: np.ndarray, extension: str) -> bytes:

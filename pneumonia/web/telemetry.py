@@ -37,6 +37,8 @@ import time
 
 from flask import Blueprint, Response, current_app, g, has_request_context, request
 
+from pneumonia.serving.outcomes import Outcome
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STAGES = ("decoder_wait", "decode", "preprocess", "model", "model_gradcam", "overlay_encode")
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -137,9 +139,9 @@ def count_rows(rows) -> None:
         screening = row.screening
         outcome = screening.outcome
         reason = ""
-        if outcome == "refused":
+        if outcome == Outcome.REFUSED:
             reason = screening.verdict.reason or ""
-        elif outcome == "failed":
+        elif outcome == Outcome.FAILED:
             outcome = "error" if screening.unexpected else "unreadable"
         recorded.screenings.labels(outcome, reason).inc()
         for threshold, label in (screening.labels or {}).items():
