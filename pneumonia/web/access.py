@@ -43,7 +43,10 @@ from limits.strategies import MovingWindowRateLimiter
 from pneumonia.web.error_responses import wants_json
 from pneumonia.web.rate_limit import client_address
 
-OPEN_ENDPOINTS = {"api.healthz", "static"}
+# Static files are open: the page's CSS and scripts hold nothing of a patient's and load before a key can be
+# typed (issue 39 keeps them from starving the screening: pneumonia/web/static_files.py). Every other route is
+# closed unless its documented operation says `open` (pneumonia/web/operations.py).
+OPEN_WITHOUT_OPERATION = {"static"}
 KEYS_ENV, KEYS_FILE_ENV = "PNEUMONIA_ACCESS_KEYS", "PNEUMONIA_ACCESS_KEYS_FILE"
 MIN_KEY_LENGTH = 16  # `python -c "import secrets; print(secrets.token_urlsafe(32))"` gives 43
 KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: what a header carries intact
@@ -52,6 +55,14 @@ REALM = "pneumonia screening"
 
 class AccessKeyError(ValueError):
     """The access-key settings cannot be used; the message names keys by position, never by value."""
+
+
+def is_open(endpoint: str | None) -> bool:
+    """Whether a request to `endpoint` is answered without a key: its operation's own `open` flag."""
+    if endpoint in OPEN_WITHOUT_OPERATION:
+        return True
+    operation = getattr(current_app.view_functions.get(endpoint), "operation", None)
+    return bool(operation is not None and operation.open)
 
 
 def checked_keys(entries: list[str], source: str) -> list[bytes]:
@@ -156,7 +167,7 @@ class AccessGuard:
     def check(self):
         """Before every request: None lets it through; otherwise the 401 or 429 answer."""
         header = taken_authorization()  # from every request, the open routes' too: browsers send it there
-        if request.endpoint in OPEN_ENDPOINTS:
+        if is_open(request.endpoint):
             return None
         client = client_address()
         if not self.failures.test(self.limit, "access", client):

@@ -16,8 +16,8 @@ from pneumonia.web.dicom_results import dicom_results
 from pneumonia.web.monitoring import monitor_json
 from pneumonia.web.openapi import document, documented
 from pneumonia.web.operations import HEALTH, MONITOR, OPENAPI, PREDICT, PREDICT_BATCH
-from pneumonia.web.queries import flag, overlay_format, result_form
-from pneumonia.web.schemas import NOTICE
+from pneumonia.web.queries import parsed_query
+from pneumonia.web.schemas import NOTICE, BatchQuery, PredictQuery
 from pneumonia.web.screener import current_screener
 from pneumonia.web.uploads import UploadError, read_upload
 
@@ -31,11 +31,12 @@ def predict():
     `?result=dicom-sr` or `?result=dicom` answers DICOM objects instead (pneumonia/web/dicom_results.py)."""
     started = time.perf_counter()
     screener = current_screener()
-    if (form := result_form()) != "json":
-        return dicom_results(screener, form)
-    name, extension = overlay_format()
+    query = parsed_query(PredictQuery)
+    if query.result_form != "json":
+        return dicom_results(screener, query.result_form)
+    name, extension = query.overlay_format
     data = read_upload(request)
-    with_gradcam = flag("gradcam", default=True)
+    with_gradcam = query.with_gradcam
     prepared = screener.prepare(data, current_app.config["API_IMAGE_MAX_SIDE"] if with_gradcam else None)
     with model_slot():  # 503 with Retry-After when too many uploads wait for the model
         result = screener.screen(prepared, extension if with_gradcam else None)
@@ -70,7 +71,7 @@ def predict_batch():
     uploads = read_uploads(request)
     if not uploads:
         raise UploadError(400, 'No file was uploaded: send one or more chest X-ray images as form fields "file".')
-    with_gradcam = flag("gradcam", default=False)
+    with_gradcam = parsed_query(BatchQuery).with_gradcam
     rendering = Rendering(".png", current_app.config["API_IMAGE_MAX_SIDE"]) if with_gradcam else None
     entries = screen_uploads(screener, uploads, rendering)
     return jsonify([dict(entry_json(entry, screener, with_gradcam), notice=NOTICE) for entry in entries])

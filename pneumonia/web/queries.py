@@ -1,51 +1,38 @@
-"""The JSON API's query parameters: the words each one takes and how a request's value is read. The
-OpenAPI document (pneumonia/web/schemas.py) states the same words, so a request that keeps to the
-document is never refused for them, and one that does not gets a 400 naming what it may send."""
+"""The JSON API's query parameters: the words each one takes, and the request's query read through the
+models that the OpenAPI document is generated from (pneumonia/web/schemas.py: PredictQuery, BatchQuery), so
+a request that keeps to the document is never refused for them, and one that does not gets a 400 naming
+what it may send."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from flask import request
+from pydantic import BaseModel, ValidationError
 
 from pneumonia.web.uploads import UploadError
 
 # One convention for every on/off parameter (`gradcam`), in any case.
 YES = ("1", "true", "yes")
 NO = ("0", "false", "no")
-# ?overlay=: the overlay's encoding. JPEG by default: for the 1,632x1,225 sample X-ray the PNG took
-# 9.4 ms of an upload's 60 ms and made most of its 359 KB answer, the JPEG 0.6 ms (issue 30;
-# docs/performance.md). PNG, lossless, on request.
+# ?overlay=: the overlay's encoding. JPEG by default: the PNG costs far more time and bytes for the same
+# picture (docs/benchmarks.md, "One upload"). PNG, lossless, on request.
 OVERLAY_FORMATS = {"png": ".png", "jpeg": ".jpg"}
 DEFAULT_OVERLAY = "jpeg"
 RESULT_FORMS = ("json", "dicom-sr", "dicom")
+WORDS = {"gradcam": YES + NO, "overlay": tuple(OVERLAY_FORMATS), "result": RESULT_FORMS}  # what a 400 offers
+
+Query = TypeVar("Query", bound=BaseModel)
 
 
-def flag(name: str, default: bool) -> bool:
-    """?name= as on (1, true, yes) or off (0, false, no), any case; `default` when absent; 400 for anything else."""
-    value = request.args.get(name)
-    if value is None:
-        return default
-    if value.lower() not in YES + NO:
-        raise UploadError(400, f"{name}={value}: choose one of {', '.join(YES + NO)}.")
-    return value.lower() in YES
-
-
-def choice(name: str, choices, default: str) -> str:
-    """?name= as one of `choices`, any case; `default` when absent; 400 for anything else."""
-    value = request.args.get(name, default).lower()
-    if value not in choices:
-        raise UploadError(400, f"{name}={value}: choose one of {', '.join(choices)}.")
-    return value
-
-
-def overlay_format() -> tuple[str, str]:
-    """(field suffix, encoder extension) from ?overlay=jpeg|png."""
-    name = choice("overlay", OVERLAY_FORMATS, DEFAULT_OVERLAY)
-    return name, OVERLAY_FORMATS[name]
-
-
-def result_form() -> str:
-    """?result=json (the default), dicom-sr or dicom (pneumonia/web/dicom_results.py answers the DICOM ones)."""
-    return choice("result", RESULT_FORMS, "json")
+def parsed_query(model: type[Query]) -> Query:
+    """The request's query parameters as `model`; a 400 naming the first parameter the document refuses."""
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as err:
+        name = str(err.errors()[0]["loc"][0])
+        value = request.args.get(name, "").lower()
+        raise UploadError(400, f"{name}={value}: choose one of {', '.join(WORDS[name])}.") from None
 
 
 def any_case(words) -> str:

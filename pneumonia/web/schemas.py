@@ -49,8 +49,7 @@ class PredictQuery(BaseModel):
         pattern=any_case(OVERLAY_FORMATS),
         examples=["png"],
         description="The overlay's encoding, `jpeg` (the default) or `png` (any case): `png` answers `gradcam_png` "
-        "instead of `gradcam_jpeg`: lossless, but ~8x larger (359 against 46 kB of JSON for a 1,632 x 1,225 X-ray) "
-        "and slower to encode. Anything else is a 400.",
+        "instead of `gradcam_jpeg`: lossless, but several times larger and slower to encode. Anything else is a 400.",
     )
     result: str = Field(
         "json",
@@ -63,15 +62,32 @@ class PredictQuery(BaseModel):
         "(else 501). `gradcam` and `overlay` apply to `json` only. Anything else is a 400.",
     )
 
+    @property
+    def with_gradcam(self) -> bool:
+        return self.gradcam.lower() in YES
+
+    @property
+    def overlay_format(self) -> tuple[str, str]:
+        """(the answer's field suffix, the encoder's extension)."""
+        return self.overlay.lower(), OVERLAY_FORMATS[self.overlay.lower()]
+
+    @property
+    def result_form(self) -> str:
+        return self.result.lower()
+
 
 class BatchQuery(BaseModel):
     gradcam: str = Field(
         "0",
         pattern=FLAG_PATTERN,
         examples=["1"],
-        description=f"Whether to add each screened entry's overlay as `gradcam_png` (a Grad-CAM pass and ~340 kB "
-        f"of JSON per file), one of {FLAG_WORDS} (any case). Anything else is a 400.",
+        description=f"Whether to add each screened entry's overlay as `gradcam_png` (a Grad-CAM pass and a few hundred "
+        f"kB of JSON per file), one of {FLAG_WORDS} (any case). Anything else is a 400.",
     )
+
+    @property
+    def with_gradcam(self) -> bool:
+        return self.gradcam.lower() in YES
 
 
 class Upload(BaseModel):
