@@ -138,7 +138,9 @@ class Settings(BaseModel):
         """The defaults, then PNEUMONIA_<NAME> in `environ`, then <NAME> in `config`; SettingsError naming
         each variable whose value cannot be used."""
         config = config or {}
-        values, sources = {}, {}
+        values = {}
+        # a default may be refused too, for another setting's value (MONITOR_MIN_IMAGES for MONITOR_WINDOW's)
+        sources = {name: f"{ENV_PREFIX}{name.upper()} (unset: its default)" for name in cls.model_fields}
         for name in cls.model_fields:
             key = name.upper()
             if key in config:
