@@ -12,8 +12,9 @@ import pytest
 from builders import ACCESS_KEYS, upload, xray_jpeg
 from flask import Flask, request
 
-from pneumonia.web import DEFAULTS, access
+from pneumonia.web import access
 from pneumonia.web.access import AccessKeyError
+from pneumonia.web.settings import configure, settings
 
 WRONG_KEY = "wrong-key-7a1c9e3f5b2d"
 FILE_KEY = "file-key-6e2b8f4a0d17"
@@ -46,8 +47,7 @@ def send(app, method: str, path: str, authorization: str | None = None, address:
 def bare_app(**config) -> Flask:
     """A Flask app with only the access check and one JSON route: start-up checks without a model."""
     app = Flask(__name__)
-    app.config.update(DEFAULTS)
-    app.config.update(config)
+    configure(app, config, environ={})
     access.register(app)
     app.add_url_rule("/api/echo", "echo", lambda: "ok")
     return app
@@ -158,12 +158,11 @@ def test_create_app_does_not_start_open_when_the_keys_are_unusable(tmp_path):
 
 
 def test_a_key_that_looks_like_a_number_is_read_as_its_text(monkeypatch):
-    """Flask parses PNEUMONIA_* values as JSON: 12345678901234567e3 would become 1.2345678901234567e+19."""
+    """Read as JSON (Flask's from_prefixed_env), 12345678901234567e3 would become 1.2345678901234567e+19."""
     monkeypatch.setenv("PNEUMONIA_ACCESS_KEYS", "12345678901234567e3")
     app = Flask(__name__)
-    app.config.update(DEFAULTS)
-    app.config.from_prefixed_env("PNEUMONIA")
-    assert isinstance(app.config["ACCESS_KEYS"], float)
+    configure(app, {})
+    assert settings(app).access_keys == "12345678901234567e3"
     access.register(app)
     app.add_url_rule("/api/echo", "echo", lambda: "ok")
     client = app.test_client()

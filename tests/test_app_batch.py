@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sample_photo, upload, xray_jpeg
+from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, app_on, dicom_bytes, sample_photo, upload, xray_jpeg
 from PIL import Image
 
 from pneumonia.serving import preprocessing
@@ -86,9 +86,9 @@ def test_gradcam_overlays_on_request(client, web_app):
         assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == size and max(size) <= side
 
 
-def test_limits_are_answered_with_what_they_are(fresh_app):
-    fresh_app.config["BATCH_MAX_FILES"] = 3
-    client = fresh_app.test_client()
+def test_limits_are_answered_with_what_they_are(ungated_model_dir):
+    app = app_on(ungated_model_dir, BATCH_MAX_FILES=3)
+    client = app.test_client()
     for path in ("/api/predict/batch", "/predict"):
         response = client.post(path, data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(4)]))
         assert response.status_code == 413
@@ -99,7 +99,7 @@ def test_limits_are_answered_with_what_they_are(fresh_app):
     assert [e["status"] for e in three.get_json()] == [200, 200, 200]
     nothing = client.post("/api/predict/batch", data=upload(b"", ""))
     assert nothing.status_code == 400 and "No file was uploaded" in nothing.get_json()["error"]
-    fresh_app.config["MAX_CONTENT_LENGTH"] = 4096
+    app.config["MAX_CONTENT_LENGTH"] = 4096  # Flask reads its own limit from app.config at each request
     large = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(3)]))
     assert large.status_code == 413 and "too large" in large.get_json()["error"]
 
@@ -122,11 +122,11 @@ class RecordingCapacity:
         self.capacity.release(elapsed_s)
 
 
-def test_each_chunk_takes_a_model_slot_and_records_its_time_per_image(fresh_app):
-    recorder = RecordingCapacity(fresh_app.extensions["model_capacity"])
-    fresh_app.extensions["model_capacity"] = recorder
-    fresh_app.config["BATCH_CHUNK_SIZE"] = 2
-    response = fresh_app.test_client().post(
+def test_each_chunk_takes_a_model_slot_and_records_its_time_per_image(ungated_model_dir):
+    app = app_on(ungated_model_dir, BATCH_CHUNK_SIZE=2)
+    recorder = RecordingCapacity(app.extensions["model_capacity"])
+    app.extensions["model_capacity"] = recorder
+    response = app.test_client().post(
         "/api/predict/batch", data=files(*MIXED)
     )  # 3 files to screen, 3 refused before decoding
     assert [e["status"] for e in response.get_json()] == [200, 400, 415, 400, 200, 200]
@@ -135,17 +135,17 @@ def test_each_chunk_takes_a_model_slot_and_records_its_time_per_image(fresh_app)
     assert recorder.capacity.running == 0  # every slot was given back
 
 
-def test_a_busy_model_mid_batch_answers_the_rest_503(fresh_app):
-    client = fresh_app.test_client()
-    fresh_app.config["BATCH_CHUNK_SIZE"] = 2
-    capacity = fresh_app.extensions["model_capacity"]
-    fresh_app.extensions["model_capacity"] = RecordingCapacity(capacity, refuse_at=2)
+def test_a_busy_model_mid_batch_answers_the_rest_503(ungated_model_dir):
+    app = app_on(ungated_model_dir, BATCH_CHUNK_SIZE=2)
+    client = app.test_client()
+    capacity = app.extensions["model_capacity"]
+    app.extensions["model_capacity"] = RecordingCapacity(capacity, refuse_at=2)
     entries = client.post(
         "/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)])
     ).get_json()
     assert [e["status"] for e in entries] == [200, 200, 503, 503, 503]
     assert all("busy" in e["error"] and e["probability"] is None for e in entries[2:])
-    fresh_app.extensions["model_capacity"] = RecordingCapacity(capacity, refuse_at=1)
+    app.extensions["model_capacity"] = RecordingCapacity(capacity, refuse_at=1)
     refused = client.post("/api/predict/batch", data=files(*[(xray_jpeg(seed=i), f"{i}.jpeg") for i in range(5)]))
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
 

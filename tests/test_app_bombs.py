@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from builders import REAL_XRAYS, SHIPPED_MODEL, dicom_bytes, encode_image, gunicorn_serving, run_cli, upload
+from builders import REAL_XRAYS, SHIPPED_MODEL, app_on, dicom_bytes, encode_image, gunicorn_serving, run_cli, upload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -159,13 +159,13 @@ def test_greyscale_by_strips_equals_pillows_whole_image_conversion(mode):
     assert np.array_equal(np.asarray(grey), np.asarray(expected.convert("L")))
 
 
-def test_a_batch_declaring_too_many_pixels_is_a_413_before_any_decode(fresh_shipped_app, bombs, monkeypatch):
-    fresh_shipped_app.config["BATCH_MAX_PIXELS"] = 100_000_000
-    sandbox = fresh_shipped_app.extensions["decoding_sandbox"]
+def test_a_batch_declaring_too_many_pixels_is_a_413_before_any_decode(bombs, monkeypatch):
+    app = app_on(SHIPPED_MODEL, BATCH_MAX_PIXELS=100_000_000)
+    sandbox = app.extensions["decoding_sandbox"]
     monkeypatch.setattr(sandbox, "prepare", lambda *args, **kwargs: pytest.fail("decoded a file of a refused batch"))
     data = bombs["png 16-bit 7700x7700"][0]
     form = {"file": [(io.BytesIO(data), f"{index}.png") for index in range(2)]}  # 2 x 59.3 Mpx declared
-    response = fresh_shipped_app.test_client().post("/api/predict/batch", data=form)
+    response = app.test_client().post("/api/predict/batch", data=form)
     assert response.status_code == 413 and "119 megapixels" in response.get_json()["error"]
 
 

@@ -12,6 +12,8 @@ import pytest
 from builders import SHARED_SAMPLES, app_on, sample_photo, synthetic_xray, xray_jpeg
 from PIL import Image
 
+from pneumonia.web.settings import settings
+
 SAMPLE = SHARED_SAMPLES / "original-train" / "PNEUMONIA" / "person279_bacteria_1315.jpeg"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -173,12 +175,15 @@ def test_several_files_give_a_table_and_a_working_csv_link(browser, live_server,
     downloads.mkdir()
     _allow_downloads(browser, downloads)
     browser.get_log("browser")  # drains what earlier tests left (a refused upload logs its 422)
-    monkeypatch.setitem(browser_app.config, "BATCH_MAX_FILES", 2)  # over the limit: the form says so before sending
+    # The module's live server keeps running: its Settings are swapped for this test, and monkeypatch puts them back.
+    started = settings(browser_app)
+    # 2, under the 3 files chosen: the form says so before sending
+    monkeypatch.setitem(browser_app.extensions, "settings", started.model_copy(update={"batch_max_files": 2}))
     browser.get(f"{live_server}/")
     browser.find_element(By.ID, "file").send_keys("\n".join(map(str, paths)))
     message = browser.execute_script("return document.getElementById('file').validationMessage;")
     assert message == "At most 2 files can be screened at once."
-    monkeypatch.setitem(browser_app.config, "BATCH_MAX_FILES", 3)
+    monkeypatch.setitem(browser_app.extensions, "settings", started.model_copy(update={"batch_max_files": 3}))
     browser.get(f"{live_server}/")
     browser.find_element(By.ID, "file").send_keys("\n".join(map(str, paths)))
     assert browser.find_element(By.ID, "chosen").text == "3 files: xray-0.jpeg, xray-1.jpeg, xray-2.jpeg"

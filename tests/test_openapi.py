@@ -23,6 +23,7 @@ from pneumonia.web import DEFAULTS
 from pneumonia.web.api import bp
 from pneumonia.web.openapi import document, generated
 from pneumonia.web.queries import NO, YES
+from pneumonia.web.settings import settings
 
 SPEC = document(DEFAULTS, bp)  # as a server with the default settings serves it
 XRAY = REAL_XRAYS[0].read_bytes()
@@ -206,8 +207,11 @@ def produce(case, shipped_app, not_ready_app, monkeypatch, request):
         return client.post(f"{path}?result=dicom-sr", data=form)
     if status == 408:
         monkeypatch.setattr(shipped_app.wsgi_app, "total_s", 0.0)  # pneumonia.web.uploads BodyDeadline: no time at all
-    if status == 413:
-        monkeypatch.setitem(shipped_app.config, "BATCH_MAX_FILES" if batch else "MAX_CONTENT_LENGTH", 1)
+    if status == 413 and batch:
+        at_most_one = settings(shipped_app).model_copy(update={"batch_max_files": 1})
+        monkeypatch.setitem(shipped_app.extensions, "settings", at_most_one)
+    if status == 413 and not batch:
+        monkeypatch.setitem(shipped_app.config, "MAX_CONTENT_LENGTH", 1)  # Flask reads its own limit from app.config
     if status == 500:
         _failing(shipped_app, monkeypatch)
     if status == 503:

@@ -30,7 +30,6 @@ import base64
 import binascii
 import hmac
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from pneumonia.web.error_responses import wants_json
 from pneumonia.web.rate_limit import client_address
+from pneumonia.web.settings import Settings, settings
 
 # Static files are open: the page's CSS and scripts hold nothing of a patient's and load before a key can be
 # typed (issue 39 keeps them from starving the screening: pneumonia/web/static_files.py). Every other route is
@@ -77,12 +77,9 @@ def checked_keys(entries: list[str], source: str) -> list[bytes]:
     return [key.encode("ascii") for key in entries]
 
 
-def keys_from_setting(value) -> list[bytes]:
-    """ACCESS_KEYS: comma-separated text (a PaaS config var) or a list. Flask reads PNEUMONIA_* values as
-    JSON where they parse, so a key of digits arrives as a number: its text is taken from the environment."""
-    if not isinstance(value, (str, list, tuple)):
-        value = os.environ.get(KEYS_ENV, str(value))
-    entries = value.split(",") if isinstance(value, str) else [str(entry) for entry in value]
+def keys_from_setting(value: str | tuple[str, ...]) -> list[bytes]:
+    """ACCESS_KEYS: comma-separated text (a PaaS config var) or a tuple of keys (the config dict's list)."""
+    entries = value.split(",") if isinstance(value, str) else list(value)
     return checked_keys([entry.strip() for entry in entries if entry.strip()], KEYS_ENV)
 
 
@@ -96,13 +93,13 @@ def keys_from_file(path: str) -> list[bytes]:
     return checked_keys([line for line in lines if line and not line.startswith("#")], f"{KEYS_FILE_ENV}={path}")
 
 
-def configured_keys(config) -> list[bytes]:
+def configured_keys(configured: Settings) -> list[bytes]:
     """Every key the settings name (both sources together), [] when neither is set."""
     keys = []
-    if config.get("ACCESS_KEYS") is not None:
-        keys += keys_from_setting(config["ACCESS_KEYS"])
-    if config.get("ACCESS_KEYS_FILE"):
-        keys += keys_from_file(str(config["ACCESS_KEYS_FILE"]))
+    if configured.access_keys is not None:
+        keys += keys_from_setting(configured.access_keys)
+    if configured.access_keys_file:
+        keys += keys_from_file(configured.access_keys_file)
     return keys
 
 
@@ -189,7 +186,8 @@ class AccessGuard:
 
 def register(app) -> None:
     """app.extensions["access_guard"]: the guard in front of every route when keys are set, else None."""
-    keys = configured_keys(app.config)
+    configured = settings(app)
+    keys = configured_keys(configured)
     if not keys:
         app.extensions["access_guard"] = None
         app.logger.warning(
@@ -198,7 +196,7 @@ def register(app) -> None:
             KEYS_FILE_ENV,
         )
         return
-    guard = AccessGuard(keys, str(app.config["ACCESS_FAILURES_LIMIT"]))
+    guard = AccessGuard(keys, configured.access_failures_limit)
     app.extensions["access_guard"] = guard
     app.before_request(guard.check)
     app.logger.info("Access: %d key(s); every route but /healthz and static files needs one", len(keys))

@@ -43,6 +43,7 @@ from pneumonia.serving.sandbox import DecoderBusy
 from pneumonia.serving.screening import ScreenedImage, Screening
 from pneumonia.web.answers import http_status
 from pneumonia.web.capacity import ModelBusy
+from pneumonia.web.settings import current_settings
 from pneumonia.web.uploads import UploadError, checked_upload, upload_bytes
 
 BATCH_IMAGE_MAX_SIDE = 512  # the Grad-CAM overlays of the results table
@@ -73,7 +74,7 @@ class Rendering:
 
 
 def max_files() -> int:
-    return int(current_app.config["BATCH_MAX_FILES"])
+    return current_settings().batch_max_files
 
 
 def read_uploads(request) -> list:
@@ -82,7 +83,7 @@ def read_uploads(request) -> list:
     A browser sends one empty, nameless part when no file was chosen; such parts are dropped.
     More than BATCH_MAX_FILES files is a 413 that says so."""
     limit = max_files()
-    request.max_form_parts = limit + int(current_app.config["MAX_FORM_PARTS"])  # before the body is parsed
+    request.max_form_parts = limit + current_settings().max_form_parts  # before the body is parsed
     try:
         parts = request.files.getlist("file")
     except RequestEntityTooLarge:
@@ -110,7 +111,7 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
 def _check_declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> None:
     """413 when the files' headers declare more than BATCH_MAX_PIXELS pixels in all (nothing decoded)."""
     pixels = [declared_pixels(data) for _, data in pending]
-    limit = int(current_app.config["BATCH_MAX_PIXELS"])
+    limit = current_settings().batch_max_pixels
     if sum(pixels) > limit:
         raise UploadError(
             413,
@@ -130,7 +131,7 @@ def screen_uploads(screener, uploads: list, rendering: Rendering | None = None) 
         if data is not None:
             pending.append((entry, data))
     _check_declared_pixels(pending)
-    size = int(current_app.config["BATCH_CHUNK_SIZE"])
+    size = current_settings().batch_chunk_size
     chunks = [pending[start : start + size] for start in range(0, len(pending), size)]
     for number, chunk in enumerate(chunks):
         try:

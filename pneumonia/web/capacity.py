@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 from flask import current_app
 
+from pneumonia.web.settings import settings
+
 SMOOTHING = 0.2  # weight of the latest screening in the moving average
 INITIAL_SERVICE_S = 0.5  # the estimate until a screening has been timed
 
@@ -121,9 +123,8 @@ class ModelCapacity:
 
 def register(app) -> None:
     """app.extensions["model_capacity"], from MODEL_SLOTS and MODEL_QUEUE_SECONDS."""
-    app.extensions["model_capacity"] = ModelCapacity(
-        int(app.config["MODEL_SLOTS"]), float(app.config["MODEL_QUEUE_SECONDS"])
-    )
+    configured = settings(app)
+    app.extensions["model_capacity"] = ModelCapacity(configured.model_slots, configured.model_queue_seconds)
 
 
 @contextmanager

@@ -11,13 +11,15 @@ import threading
 from flask import current_app
 
 from pneumonia.serving.sandbox import DecodeLimits, DecodingSandbox, shared_sandbox
+from pneumonia.web.settings import current_settings, settings
 
 
 def register(app) -> None:
     """app.extensions["decoding_sandbox"]: the process's sandbox for these settings (the tests' many apps
     share it); outside testing its children are started at once, in the background."""
-    limits = DecodeLimits(int(app.config["DECODE_MEMORY_MIB"]), float(app.config["DECODE_SECONDS"]))
-    sandbox = shared_sandbox(limits, int(app.config["DECODERS"]), float(app.config["DECODE_QUEUE_SECONDS"]))
+    configured = settings(app)
+    limits = DecodeLimits(configured.decode_memory_mib, configured.decode_seconds)
+    sandbox = shared_sandbox(limits, configured.decoders, configured.decode_queue_seconds)
     app.extensions["decoding_sandbox"] = sandbox
     if not app.testing:  # a worker's first upload should not wait for the zygote's imports (~0.7 s)
         threading.Thread(target=sandbox.warm, name="decoding-sandbox-warm-up", daemon=True).start()
@@ -29,4 +31,4 @@ def current_sandbox() -> DecodingSandbox:
 
 def decoder_retry_after_s() -> int:
     """What a 503 for busy decoders asks a client to wait: one decode at its limit."""
-    return max(1, math.ceil(float(current_app.config["DECODE_SECONDS"])))
+    return max(1, math.ceil(current_settings().decode_seconds))

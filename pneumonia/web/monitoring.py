@@ -18,6 +18,7 @@ from __future__ import annotations
 from flask import current_app, has_request_context
 
 from pneumonia.serving.drift import ALPHA, DriftMonitor
+from pneumonia.web.settings import current_settings, settings
 from pneumonia.web.telemetry import count_rows, set_drift
 
 SCOPE = (
@@ -53,9 +54,8 @@ def register(app) -> None:
     if screener is None:
         app.extensions["drift_monitor"] = None
         return
-    monitor = DriftMonitor(
-        screener.card.monitor, int(app.config["MONITOR_WINDOW"]), int(app.config["MONITOR_MIN_IMAGES"])
-    )
+    configured = settings(app)
+    monitor = DriftMonitor(screener.card.monitor, configured.monitor_window, configured.monitor_min_images)
     app.extensions["drift_monitor"] = monitor
     screener.batch.observers.append(Observer(app, monitor))
     set_drift(monitor.report())
@@ -73,13 +73,8 @@ def monitor_json() -> dict:
     """GET /api/monitor and the model page: the monitor's answer, or why there is none."""
     monitor = current_app.extensions.get("drift_monitor")
     if monitor is None:
-        config = current_app.config
-        answer = {
-            "alarm": False,
-            "images": 0,
-            "min_images": int(config["MONITOR_MIN_IMAGES"]),
-            "false_alarm_rate": ALPHA,
-        }
-        answer |= {"reference": None, "signals": [], "advice": NO_MODEL, "window": int(config["MONITOR_WINDOW"])}
+        configured = current_settings()
+        answer = {"alarm": False, "images": 0, "min_images": configured.monitor_min_images, "false_alarm_rate": ALPHA}
+        answer |= {"reference": None, "signals": [], "advice": NO_MODEL, "window": configured.monitor_window}
         return answer | {"scope": SCOPE}
     return monitor.report() | {"scope": SCOPE}

@@ -23,11 +23,13 @@ import time
 from flask import current_app, request
 from flask_limiter import Limit, Limiter
 
+from pneumonia.web.settings import current_settings, settings
+
 EXEMPT_ENDPOINTS = {"api.healthz"}
 
 
 def client_address() -> str:
-    hops = int(current_app.config["RATE_LIMIT_PROXY_HOPS"])
+    hops = current_settings().rate_limit_proxy_hops
     if hops > 0:
         forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
         if len(forwarded) >= hops:
@@ -38,17 +40,17 @@ def client_address() -> str:
 def register(app) -> None:
     """app.extensions["rate_limiter"]: on when RATE_LIMIT_ENABLED, with RATE_LIMIT_UPLOADS and
     RATE_LIMIT_PAGES ("30 per minute", "120/minute;1000/hour": Flask-Limiter's notation)."""
-    config = app.config
+    configured = settings(app)
     limiter = Limiter(
         client_address,
         default_limits=[
-            Limit(config["RATE_LIMIT_UPLOADS"], scope="uploads", shared=True, methods=["POST"]),
-            Limit(config["RATE_LIMIT_PAGES"], scope="pages", shared=True, methods=["GET", "HEAD"]),
+            Limit(configured.rate_limit_uploads, scope="uploads", shared=True, methods=["POST"]),
+            Limit(configured.rate_limit_pages, scope="pages", shared=True, methods=["GET", "HEAD"]),
         ],
         storage_uri="memory://",
         strategy="moving-window",
         headers_enabled=False,  # its headers would add a Retry-After to every answer; errors.py sets 429's
-        enabled=bool(config["RATE_LIMIT_ENABLED"]),
+        enabled=configured.rate_limit_enabled,
     )
     limiter.request_filter(lambda: request.endpoint in EXEMPT_ENDPOINTS)
     limiter.init_app(app)

@@ -26,6 +26,7 @@ from pathlib import Path
 from flask import abort, current_app, request
 
 from pneumonia.web.error_responses import error_response
+from pneumonia.web.settings import settings
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 LARGE_STATIC_BYTES = 1024 * 1024
@@ -98,7 +99,7 @@ def _on_body_closed(response, callback) -> None:
 
 def register(app) -> None:
     """Content-hashed static URLs, their cache headers, and STATIC_TRANSFERS."""
-    slots = TransferSlots(int(app.config["STATIC_TRANSFERS"]))
+    slots = TransferSlots(settings(app).static_transfers)
     app.url_defaults(_hashed_urls)
 
     @app.before_request
