@@ -114,8 +114,8 @@ def gate_binary(gate: OodGate) -> bytes:
 
 
 def screener_parameters(card: ModelCard, gate: OodGate | None, gate_bytes: bytes | None, overlay: Overlay) -> dict:
-    """What the page's modules (static/device/) read: the card's preprocessing, calibration and thresholds, the gate, the
-    reading limits and messages, the colour map; and the sha256 the downloaded files must have."""
+    """What the page's modules (static/device/) read: the card's preprocessing, calibration and thresholds,
+    the gate, the reading limits and messages, the overlay; and the sha256 the downloaded files must have."""
     export = card.export
     return {
         "name": card.name,
