@@ -379,3 +379,28 @@ def test_export_web_writes_the_site(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("index.html", "model/screener.json", "model/explain.onnx", "static/device/page.js"):
         assert (tmp_path / "site" / name).is_file(), name
+
+
+def test_the_device_parameters_follow_the_apps_overlay_settings():
+    from builders import app_on
+
+    from pneumonia.web.device_site import Overlay
+
+    client = app_on(SHIPPED_MODEL, OVERLAY_ALPHA=0.3, PAGE_IMAGE_MAX_SIDE=800).test_client()
+    overlay = client.get("/device/model/screener.json").get_json()["overlay"]
+    assert (overlay["alpha"], overlay["display_max_side"]) == (0.3, 800)
+    exported = json.loads(build_site(SHIPPED_MODEL).content("model/screener.json"))["overlay"]
+    assert (exported["alpha"], exported["display_max_side"]) == (Overlay.alpha, Overlay.display_max_side)
+
+
+def test_the_page_modules_are_revalidated_on_every_load(shipped_app):
+    """They import one another by unversioned relative URLs: a cached one must never outlive a deploy."""
+    client = shipped_app.test_client()
+    module = client.get("/device/static/device/screening.js")
+    assert module.status_code == 200 and module.headers["Content-Type"].startswith("text/javascript")
+    assert "no-cache" in module.headers["Cache-Control"] and module.headers["ETag"]
+    assert (
+        client.get("/device/static/device/screening.js", headers={"If-None-Match": module.headers["ETag"]}).status_code
+        == 304
+    )
+    assert "max-age=3600" in client.get("/device/static/vendor/ort-wasm-simd-threaded.mjs").headers["Cache-Control"]
