@@ -194,14 +194,14 @@ def correlation(a, b) -> float:
 def compare(name: str, answer: dict, row, thresholds: dict) -> dict:
     """Asserts the browser's answer for one file matches the server's row; the measured differences."""
     if row.probability is None:
-        assert answer["verdict"] == "refused", (name, answer, row.error)
+        assert answer["outcome"] == row.outcome, (name, answer, row.error)
         if row.outcome == Outcome.REFUSED:
             assert answer["reason"] == row.verdict.reason and answer["refusal"] == row.verdict.message, name
         else:
             assert answer["reason"] == "unreadable", (name, answer)
             assert answer["error"].split(" (")[0] == row.error.split(" (")[0], (name, answer["error"], row.error)
         return {}
-    assert answer["verdict"] == "screened", (name, answer)
+    assert answer["outcome"] == Outcome.SCREENED, (name, answer)
     probability = float(answer["probability"])
     difference = abs(probability - row.probability)
     assert difference <= TOLERANCE, (name, probability, row.probability)
@@ -248,7 +248,7 @@ def test_the_app_page_is_isolated_for_threads_and_sends_nothing(browser, app_sit
     path = tmp_path / "real.jpeg"
     path.write_bytes(upscaled(REAL_XRAYS[1], (1600, 1400)))
     answer = screen_in_browser(browser, path)
-    assert answer["verdict"] == "screened"
+    assert answer["outcome"] == Outcome.SCREENED
     requests = own_requests(browser)
     assert {r["method"] for r in requests} == {"GET"} and not any(r["body"] for r in requests)
     assert all(r["url"].startswith(app_site + "/device/") for r in requests), [r["url"] for r in requests]
@@ -308,7 +308,7 @@ def test_the_page_applies_every_contrast_a_card_may_name():
     from pneumonia.serving.card import CONTRASTS
     from pneumonia.web.device_site import WEB
 
-    script = (WEB / "static" / "device.js").read_text()
+    script = (WEB / "static" / "device" / "pixels.js").read_text()
     assert json.loads(re.search(r"const CONTRASTS = (\[.*?\]);", script).group(1)) == list(CONTRASTS)
 
 
@@ -377,5 +377,30 @@ def test_export_web_writes_the_site(tmp_path):
 
     result = run_cli("export-web", str(tmp_path / "site"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for name in ("index.html", "model/screener.json", "model/explain.onnx", "static/device.js"):
+    for name in ("index.html", "model/screener.json", "model/explain.onnx", "static/device/page.js"):
         assert (tmp_path / "site" / name).is_file(), name
+
+
+def test_the_device_parameters_follow_the_apps_overlay_settings():
+    from builders import app_on
+
+    from pneumonia.web.device_site import Overlay
+
+    client = app_on(SHIPPED_MODEL, OVERLAY_ALPHA=0.3, PAGE_IMAGE_MAX_SIDE=800).test_client()
+    overlay = client.get("/device/model/screener.json").get_json()["overlay"]
+    assert (overlay["alpha"], overlay["display_max_side"]) == (0.3, 800)
+    exported = json.loads(build_site(SHIPPED_MODEL).content("model/screener.json"))["overlay"]
+    assert (exported["alpha"], exported["display_max_side"]) == (Overlay.alpha, Overlay.display_max_side)
+
+
+def test_the_page_modules_are_revalidated_on_every_load(shipped_app):
+    """They import one another by unversioned relative URLs: a cached one must never outlive a deploy."""
+    client = shipped_app.test_client()
+    module = client.get("/device/static/device/screening.js")
+    assert module.status_code == 200 and module.headers["Content-Type"].startswith("text/javascript")
+    assert "no-cache" in module.headers["Cache-Control"] and module.headers["ETag"]
+    assert (
+        client.get("/device/static/device/screening.js", headers={"If-None-Match": module.headers["ETag"]}).status_code
+        == 304
+    )
+    assert "max-age=3600" in client.get("/device/static/vendor/ort-wasm-simd-threaded.mjs").headers["Cache-Control"]

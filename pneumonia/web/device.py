@@ -11,7 +11,7 @@ from pathlib import Path
 from flask import Blueprint, abort, current_app, send_file
 
 from pneumonia.errors import ModelLoadError
-from pneumonia.web.device_site import PAGE, DeviceSite, build_site
+from pneumonia.web.device_site import PAGE, DeviceSite, Overlay, build_site
 from pneumonia.web.error_responses import error_response
 
 bp = Blueprint("device", __name__)
@@ -20,12 +20,18 @@ bp = Blueprint("device", __name__)
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 # A module script and streaming WebAssembly compilation need these types; Python's table may lack .mjs.
 TYPES = {".mjs": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
+# The page's own modules import one another by relative URLs that carry no version: each is revalidated
+# (ETag, 304) on every load, so a page never runs modules of two versions; the rest keeps its hour.
+MODULES = "static/device/"
 
 
 def device_site() -> DeviceSite:
-    """Built once per worker, on the first request for it (hashing the export takes a moment)."""
+    """Built once per worker, on the first request for it (hashing the export takes a moment), showing the
+    heatmap as the app's result page does."""
     if "device_site" not in current_app.extensions:
-        current_app.extensions["device_site"] = build_site(current_app.config["MODEL_PATH"], server_url="../")
+        config = current_app.config
+        overlay = Overlay(float(config["OVERLAY_ALPHA"]), int(config["PAGE_IMAGE_MAX_SIDE"]))
+        current_app.extensions["device_site"] = build_site(config["MODEL_PATH"], server_url="../", overlay=overlay)
     return current_app.extensions["device_site"]
 
 
@@ -49,7 +55,8 @@ def _send(name: str):
         abort(404)
     mimetype = TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
     if isinstance(source, Path):
-        response = send_file(source, mimetype=mimetype, conditional=True, max_age=3600)
+        max_age = 0 if name.startswith(MODULES) else 3600
+        response = send_file(source, mimetype=mimetype, conditional=True, max_age=max_age)
     else:
         response = send_file(io.BytesIO(source), mimetype=mimetype, download_name=Path(name).name, max_age=0)
     response.headers.update(ISOLATION)

@@ -1,12 +1,12 @@
 """The in-browser screener ("Screen on this device"): every file a browser needs to screen an X-ray
 without sending it anywhere, generated from the model folder.
 
-    model folder ──build_site──> DeviceSite: index.html, static/ (style, device.js, onnxruntime-web),
+    model folder ──build_site──> DeviceSite: index.html, static/ (style, device/*.js, onnxruntime-web),
                                  model/ (the ONNX export, screener.json, gate.bin)
 
 The web app serves a DeviceSite under /device/ (pneumonia/web/device.py); `python -m pneumonia
 export-web DIR` writes one to a folder, a static site for any host. Every link in it is relative, so
-the same files work at both places. What the browser computes (static/device.js) follows the Python
+the same files work at both places. What the browser computes (static/device/, ES modules) follows the Python
 pipeline step by step; the numbers it needs are read here from the card, the gate and the code's own
 constants, never retyped in JavaScript: tests/test_device.py checks it against `predict`.
 """
@@ -39,7 +39,7 @@ GATE_BINARY = "model/gate.bin"
 STATIC = (
     "style.css",
     "favicon.svg",
-    "device.js",
+    *(f"device/{path.name}" for path in sorted((WEB / "static" / "device").glob("*.js"))),
     "vendor/ort.wasm.min.js",
     "vendor/ort-wasm-simd-threaded.mjs",
     "vendor/ort-wasm-simd-threaded.wasm",
@@ -61,8 +61,15 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "base-uri 'none'",
     ]
 )
-OVERLAY_ALPHA = 0.5  # the web app's default (pneumonia/web/__init__.py: OVERLAY_ALPHA)
-DISPLAY_MAX_SIDE = 1024  # the result page's image (PAGE_IMAGE_MAX_SIDE)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """How the page shows the X-ray and its heatmap: the app's OVERLAY_ALPHA and PAGE_IMAGE_MAX_SIDE when
+    it serves the page (pneumonia/web/device.py); these defaults (the app's own) for `export-web`."""
+
+    alpha: float = 0.5
+    display_max_side: int = 1024
 
 
 @dataclass
@@ -77,7 +84,7 @@ class DeviceSite:
         return found.read_bytes() if isinstance(found, Path) else found
 
 
-def build_site(model_path: str | Path, server_url: str | None = None) -> DeviceSite:
+def build_site(model_path: str | Path, server_url: str | None = None, overlay: Overlay = Overlay()) -> DeviceSite:
     """The site for the model at `model_path`; ModelLoadError when its export cannot be served.
     `server_url`: where the page sends a reader whose browser cannot screen (None: no link)."""
     keras_path, card = find_card(model_path)
@@ -93,7 +100,7 @@ def build_site(model_path: str | Path, server_url: str | None = None) -> DeviceS
         files[f"model/{card.export.files[name].file}"] = folder / card.export.files[name].file
     if gate is not None:
         files[GATE_BINARY] = gate_binary(gate)
-    parameters = screener_parameters(card, gate, files.get(GATE_BINARY))
+    parameters = screener_parameters(card, gate, files.get(GATE_BINARY), overlay)
     files[PARAMETERS] = json.dumps(parameters, indent=1).encode()
     files[PAGE] = render_page(card, server_url).encode()
     return DeviceSite(card, files)
@@ -106,9 +113,9 @@ def gate_binary(gate: OodGate) -> bytes:
     return np.concatenate([density.means.ravel(), density.precision.ravel()]).astype("<f4").tobytes()
 
 
-def screener_parameters(card: ModelCard, gate: OodGate | None, gate_bytes: bytes | None) -> dict:
-    """What static/device.js reads: the card's preprocessing, calibration and thresholds, the gate, the
-    reading limits and messages, the colour map; and the sha256 the downloaded files must have."""
+def screener_parameters(card: ModelCard, gate: OodGate | None, gate_bytes: bytes | None, overlay: Overlay) -> dict:
+    """What the page's modules (static/device/) read: the card's preprocessing, calibration and thresholds,
+    the gate, the reading limits and messages, the overlay; and the sha256 the downloaded files must have."""
     export = card.export
     return {
         "name": card.name,
@@ -120,7 +127,7 @@ def screener_parameters(card: ModelCard, gate: OodGate | None, gate_bytes: bytes
         "gradcam": {"layer": card.gradcam.layer, "map_size": card.gradcam.map_size, "epsilon": EPSILON},
         "gate": gate_parameters(gate, gate_bytes),
         "reading": reading_parameters(),
-        "overlay": {"alpha": OVERLAY_ALPHA, "display_max_side": DISPLAY_MAX_SIDE, "jet": jet_colours()},
+        "overlay": {**asdict(overlay), "jet": jet_colours()},
     }
 
 
