@@ -15,6 +15,7 @@ import sys
 from datetime import datetime
 
 from pneumonia.cli import fail, load_classifier, positive_int
+from pneumonia.cli.options import add_model_option, add_runtime_option
 
 PASSWORD_ENV, TOKEN_ENV = "PNEUMONIA_PACS_PASSWORD", "PNEUMONIA_PACS_TOKEN"
 CSV_HEAD = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "status")
@@ -172,8 +173,8 @@ def _common(parser, shipped: str) -> None:
     auth.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
     auth.add_argument("--retries", type=int, default=3, help="retries of a failed request (default %(default)s)")
     auth.add_argument("--backoff", type=float, default=1.0, help="first wait between retries, doubled each time")
-    parser.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
-    parser.add_argument("--runtime", choices=("onnx", "keras"), help="what runs the model (as for predict)")
+    add_model_option(parser, shipped)
+    add_runtime_option(parser)
     parser.set_defaults(run=run)
 
 
