@@ -72,14 +72,16 @@ class Report:
             self.writer.writerow([*CSV_HEAD, *CSV_COLUMNS, *CSV_TAIL])
 
     def write(self, row) -> None:
+        from pneumonia.pacs.runs import SKIPPED
+        from pneumonia.serving.outcomes import Outcome
         from pneumonia.serving.result_formats import csv_fields, prediction_line
 
-        if row.status == "skipped":
+        if row.status == SKIPPED:
             print(f"{row.candidate.instance}\tskipped: this model's result is already in the PACS", flush=True)
-        elif row.status == "failed":
+        elif row.status == Outcome.FAILED:
             print(f"{row.candidate.instance}\terror: {row.screened.error}", flush=True)
         else:
-            stored = f"\tstored SR {row.stored[0]}" if row.status == "screened" else ""
+            stored = f"\tstored SR {row.stored[0]}" if row.status == Outcome.SCREENED else ""
             print(prediction_line(row.screened, self.classifier, False) + stored, flush=True)
         if self.writer:
             c = row.candidate
