@@ -37,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pneumonia.pacs.dicomweb import Connection, DicomWeb
 from pneumonia.pacs.local_orthanc import orthanc_server
 from pneumonia.pacs.runs import Filters, PacsScreener
+from pneumonia.serving.outcomes import Outcome
 
 REPO = Path(__file__).resolve().parent.parent
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -125,7 +126,7 @@ def cli_run(url: str, csv_path: Path) -> dict:
         raise SystemExit(f"pacs screen failed ({done.returncode}):\n{done.stderr[-3000:]}")
     with csv_path.open(newline="") as handle:
         statuses = Counter(row["status"] for row in csv.DictReader(handle))
-    screened = statuses["screened"]
+    screened = statuses[Outcome.SCREENED]
     return {"seconds": round(seconds, 1), "images_per_s": round(screened / seconds, 2), "statuses": dict(statuses)}
 
 
@@ -143,7 +144,7 @@ def timed_run(url: str) -> dict:
     split = {**pacs.seconds, "results": results, "screen": seconds - sum(pacs.seconds.values()) - results}
     return {
         "seconds": round(seconds, 1),
-        "images_per_s": round(statuses["screened"] / seconds, 2),
+        "images_per_s": round(statuses[Outcome.SCREENED] / seconds, 2),
         "statuses": dict(statuses),
         "split_s": {kind: round(value, 1) for kind, value in split.items()},
         "split_share": {kind: round(value / seconds, 3) for kind, value in split.items()},

@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from pneumonia.errors import ModelLoadError
-from pneumonia.evaluation.metrics import bootstrap_ci, metrics_at_threshold
+from pneumonia.scoring.metrics import bootstrap_ci, metrics_at_threshold
 from pneumonia.serving.card import ExportFile
 from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, XrayClassifier
 from pneumonia.serving.preprocessing import model_input

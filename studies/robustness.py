@@ -29,8 +29,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from pneumonia.errors import XrayReadError
-from pneumonia.evaluation.metrics import metrics_at_threshold
 from pneumonia.reading.decoding import load_xray
+from pneumonia.scoring.metrics import metrics_at_threshold
 from pneumonia.training import dataset
 from pneumonia.training.dataset import DataError, validation_part
 from pneumonia.training.shifts import BASELINE, SHIFTS, apply_shift, model_pixels, shift_seed

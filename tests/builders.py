@@ -178,8 +178,10 @@ def dicom_bytes(
     transfer_syntax=None,
     rows_cols=None,
     encapsulated: bytes | None = None,
+    **tags,
 ) -> bytes:
-    """A DX image in DICOM Part 10 format, built in memory, with patient tags that must never be logged."""
+    """A DX image in DICOM Part 10 format, built in memory, with patient tags that must never be logged;
+    `tags` (keyword=value, e.g. PatientBirthDate="99999999") are set on its header last."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -202,6 +204,8 @@ def dicom_bytes(
         ds.PixelData = pixels.tobytes() if encapsulated is None else encapsulated
         if encapsulated is not None:
             ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

@@ -23,20 +23,29 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from bench.bombs import (
-    BOMBS,
-    DECODER_BOMBS,
-    bad_header_dicom,
-    build,
-    deflated_dicom,
-    jpeg_segments,
-    oversized_pixel_data,
-)
+from bench.bombs import BOMBS, DECODER_BOMBS, build, deflated_dicom, jpeg_segments
 from pneumonia.errors import XrayReadError
-from pneumonia.reading.budget import MAX_DECODED_BYTES, STRIP_BYTES, range_to_uint8
+from pneumonia.reading.budget import MAX_DECODED_BYTES, STRIP_BYTES, rows_to_uint8
 from pneumonia.reading.decoding import decode_xray
 
 REFUSED_OR_SCREENED = {400, 413, 415, 422}  # 413 only for a body over MAX_CONTENT_LENGTH
+
+
+def oversized_pixel_data() -> bytes:
+    """100 x 100 8-bit pixels declared, three times the Pixel Data they need."""
+    return dicom_bytes(np.full((300, 100), 0x10, np.uint8), bits_stored=8, rows_cols=(100, 100))
+
+
+def bad_header_dicom(**tags) -> bytes:
+    """A small valid image whose header carries `tags` (e.g. PatientBirthDate="99999999"), and the study
+    and series a DICOM result references."""
+    uids = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid()}
+    return dicom_bytes(np.tile(np.arange(64, dtype=np.uint8), (64, 1)), bits_stored=8, **(uids | tags))
+
+
+def range_to_uint8(values: np.ndarray) -> np.ndarray:
+    """The strip conversion over a whole array in memory: its min at 0 and its max at 255."""
+    return rows_to_uint8(lambda top, bottom: values[top:bottom], *values.shape)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -15,10 +16,12 @@ from builders import minimal_card, probability_of, run_cli
 from sklearn.metrics import roc_auc_score
 
 from pneumonia import cli
+from pneumonia.cli.options import MODEL_HELP, RUNTIME_HELP
 from pneumonia.evaluation.report import model_folder_names
 from pneumonia.serving.card import write_card
-from pneumonia.serving.classifier import XrayClassifier
+from pneumonia.serving.classifier import XrayClassifier, default_model_path
 from pneumonia.serving.preprocessing import UNIT_NORMALIZATION
+from pneumonia.serving.runtime import RUNTIMES
 from pneumonia.training import dataset
 
 PLOTS = ("confusion_matrix_default.png", "confusion_matrix_screening.png", "roc_curve.png", "pr_curve.png")
@@ -356,3 +359,51 @@ def test_train_help_lists_no_rejected_lever(capsys):
         "--hold-out-series",
     ):
         assert kept in text, kept
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its name ('pacs screen' for a command under a command)."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                found[prefix + name] = command
+                found |= subcommands(command, prefix + name + " ")
+    return found
+
+
+def option_of(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | None:
+    return next((action for action in parser._actions if flag in action.option_strings), None)
+
+
+# export-web declares its own --model until the branch that owns pneumonia/cli/export_web.py takes
+# add_model_option (issue 41); then this set is empty.
+OWN_MODEL_OPTION = {"export-web"}
+
+
+def test_every_command_taking_model_shows_the_same_help_and_runtime_choices():
+    commands = subcommands(cli.build_parser())
+    with_model = {name: option_of(p, "--model") for name, p in commands.items() if option_of(p, "--model")}
+    with_runtime = {name: option_of(p, "--runtime") for name, p in commands.items() if option_of(p, "--runtime")}
+    # the commands that screen or score with a model, each found (pacs's through its actions)
+    assert set(with_model) >= {"archive", "calibrate", "evaluate", "monitor", "pacs screen", "pacs watch", "predict"}
+    assert set(with_runtime) == {"archive", "pacs screen", "pacs watch", "predict"}
+    helps = {name: option.help for name, option in with_model.items() if name not in OWN_MODEL_OPTION}
+    assert set(helps.values()) == {MODEL_HELP}, helps
+    for option in with_runtime.values():
+        assert tuple(option.choices) == RUNTIMES and option.help == RUNTIME_HELP
+
+
+def test_model_defaults_to_the_shipped_one_and_evaluate_collects_each_model(monkeypatch, tmp_path):
+    monkeypatch.delenv("PNEUMONIA_MODEL_PATH", raising=False)
+    parser = cli.build_parser()
+    shipped = str(default_model_path())
+    assert parser.parse_args(["predict", "x.png"]).model == shipped
+    assert parser.parse_args(["pacs", "screen", "http://pacs"]).model == shipped
+    # archive leaves the model to its driver, which resolves it once for every node
+    assert parser.parse_args(["archive", "x", "--out", str(tmp_path)]).model is None
+    evaluate = parser.parse_args(["evaluate", "data", "--model", "a", "--model", "b"])
+    assert evaluate.model == ["a", "b"] and evaluate.default_model == shipped
+    assert parser.parse_args(["evaluate", "data"]).model is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["predict", "x.png", "--runtime", "tensorrt"])

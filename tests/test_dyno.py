@@ -1,6 +1,6 @@
 """A Heroku Standard-1X dyno in small: gunicorn as the Procfile starts it, on the shipped model, inside
 a 512 MiB memory cgroup (v1, no swap past it), under a bounded flood of uploads over loopback. The long
-run is `python -m bench.load_test flood --memory-limit 512 --seconds 600`."""
+run is `python -m bench.load flood --memory-limit 512 --seconds 600`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from builders import REAL_XRAYS, SHIPPED_MODEL, encode_image
 from PIL import Image
 
-from bench.load_test import CgroupUnavailable, MemoryCgroup, Server, bomb_rounds, flood
+from bench.load import CgroupUnavailable, MemoryCgroup, Server, bomb_rounds, flood
 
 DYNO_MIB = 512
 # Resident code and model pages of master and worker (RssFile, ~60 MiB measured): anonymous memory

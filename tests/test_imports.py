@@ -1,7 +1,8 @@
 """The project's module graph, read from the source: no module imports one that imports it back (at
 module level or inside a function), so each can be read, tested and loaded on its own; and no layer
 imports one it must not (LAYER_RULES), so the serving install and the web app never need training,
-evaluation, the command line, the studies or the benchmarks."""
+evaluation, the command line, the studies or the benchmarks, and training never needs the evaluation
+workflows built on it."""
 
 from __future__ import annotations
 
@@ -82,8 +83,15 @@ ENTRY_POINTS = ("pneumonia.__main__", "app", "gradcam")
 # package, never imported by it.
 SCRIPTS = ("studies", "bench")
 # What the serving install (requirements.txt) does not have: training and evaluation need TensorFlow,
-# and the command line imports them.
-BEYOND_SERVING = ("pneumonia.training", "pneumonia.evaluation", "pneumonia.cli", *SCRIPTS, *ENTRY_POINTS)
+# scoring scikit-learn, SciPy and matplotlib (requirements-train.txt), and the command line imports them.
+BEYOND_SERVING = (
+    "pneumonia.scoring",
+    "pneumonia.training",
+    "pneumonia.evaluation",
+    "pneumonia.cli",
+    *SCRIPTS,
+    *ENTRY_POINTS,
+)
 # The PACS client and its runs: they need dicomweb-client and requests, which the serving install lacks.
 PACS_CLIENT = ("pneumonia.pacs.dicomweb", "pneumonia.pacs.runs")
 
@@ -104,9 +112,24 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("pneumonia.pacs.reports", PACS_CLIENT),
     # the Ray Data archive run: reading, serving, errors and labels, never the command line
     ("pneumonia.archive", (WEB, *BEYOND_SERVING)),
-    # training and evaluation: anything of the package but the command line and the scripts (and
-    # not the web app, which is a client of these layers, not one of them)
-    ("pneumonia.training", ("pneumonia.cli", WEB, *SCRIPTS, *ENTRY_POINTS)),
+    # scoring (metrics and plots of probabilities against labels): errors and labels only, so that
+    # training, evaluation and the studies all stand on it
+    (
+        "pneumonia.scoring",
+        (
+            "pneumonia.reading",
+            "pneumonia.serving",
+            "pneumonia.pacs",
+            "pneumonia.archive",
+            WEB,
+            *(layer for layer in BEYOND_SERVING if layer != "pneumonia.scoring"),
+        ),
+    ),
+    # training: anything of the package below it (reading, serving, scoring), never the evaluation
+    # workflows built on a trained model, the command line or the scripts (and not the web app, which
+    # is a client of these layers, not one of them)
+    ("pneumonia.training", ("pneumonia.evaluation", "pneumonia.cli", WEB, *SCRIPTS, *ENTRY_POINTS)),
+    # evaluation (report, recalibration): training and what lies below it, never the command line
     ("pneumonia.evaluation", ("pneumonia.cli", WEB, *SCRIPTS, *ENTRY_POINTS)),
     # thin commands over everything of the package (the web app too), never the scripts
     ("pneumonia.cli", (*SCRIPTS, *ENTRY_POINTS)),
@@ -174,10 +197,16 @@ def test_the_layer_checker_names_a_forbidden_import_on_a_synthetic_graph():
         "pneumonia.web.pages": {"pneumonia.serving.screening"},
         "pneumonia.web.debug": {"studies.robustness"},
         "studies.robustness": {"pneumonia.training.dataset", "pneumonia.cli"},
+        "pneumonia.training.fitting": {"pneumonia.scoring.metrics", "pneumonia.evaluation.report"},
+        "pneumonia.scoring.plots": {"pneumonia.scoring.metrics", "pneumonia.training.config"},
     }
     assert forbidden_imports(graph) == [
+        "pneumonia.scoring.plots imports pneumonia.training.config "
+        "(pneumonia.scoring must not import pneumonia.training)",
         "pneumonia.serving.screening imports pneumonia.training.dataset "
         "(pneumonia.serving must not import pneumonia.training)",
+        "pneumonia.training.fitting imports pneumonia.evaluation.report "
+        "(pneumonia.training must not import pneumonia.evaluation)",
         "pneumonia.web.debug imports studies.robustness (pneumonia.web must not import studies)",
     ]
     # a prefix is a module and what lies under it, not a string prefix

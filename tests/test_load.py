@@ -1,6 +1,6 @@
 """Slow clients and overload: the body deadline (408), model capacity (503 with Retry-After),
 and gunicorn as the Procfile starts it staying responsive while slow clients hold connections.
-The full scenarios are `python -m bench.load_test`."""
+The full scenarios are `python -m bench.load`."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pneumonia.evaluation.metrics import (
+from pneumonia.scoring.metrics import (
     bootstrap_ci,
     evaluate_predictions,
     expected_calibration_error,
@@ -16,7 +16,7 @@ from pneumonia.evaluation.metrics import (
     metrics_at_threshold,
     write_metrics,
 )
-from pneumonia.evaluation.plots import save_plots
+from pneumonia.scoring.plots import save_plots
 from pneumonia.serving.card import platt, sigmoid
 from pneumonia.training.operating_points import choose_thresholds, fit_platt, thresholds_from_roc
 

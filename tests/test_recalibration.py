@@ -30,7 +30,7 @@ from PIL import Image
 
 from pneumonia import cli
 from pneumonia.evaluation import recalibration
-from pneumonia.evaluation.metrics import evaluate_predictions, expected_calibration_error
+from pneumonia.scoring.metrics import evaluate_predictions, expected_calibration_error
 from pneumonia.serving.card import Calibration, ModelCard, Thresholds, platt, write_card
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import normalize, xray_pixels

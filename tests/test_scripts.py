@@ -186,11 +186,11 @@ def test_benchmark_upload_times_each_stage(ungated_model_dir, tmp_path, monkeypa
     assert results["throughput"]["requests"] == 2 and results["fast_path_http_ms"]["model_gradcam"]["p50"] > 0
 
 
-@runs("bench.load_test")
+@runs("bench.load")
 @pytest.mark.slow  # gunicorn under a flood of uploads
-def test_load_test_floods_the_app(tiny_model_dir, tmp_path, monkeypatch):
+def test_load_floods_the_app(tiny_model_dir, tmp_path, monkeypatch):
     argv = ["flood", "--clients", 1, "--seconds", 2, "--model", tiny_model_dir, "--image", REAL_XRAYS[0]]
-    assert run_main("bench.load_test", [*argv, "--out", tmp_path / "flood.json"], monkeypatch) == 0
+    assert run_main("bench.load", [*argv, "--out", tmp_path / "flood.json"], monkeypatch) == 0
     assert json.loads((tmp_path / "flood.json").read_text())
 
 

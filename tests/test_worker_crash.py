@@ -1,6 +1,6 @@
 """A worker killed with SIGKILL during a flood of uploads (as the kernel's OOM killer kills): gunicorn
 replaces it, the uploads it held are lost (a dropped connection, never a wrong answer), and uploads
-are answered again within seconds. The scenario with its figures: `python -m bench.load_test crash`."""
+are answered again within seconds. The scenario with its figures: `python -m bench.load crash`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 from builders import REAL_XRAYS, SHIPPED_MODEL
 
-from bench.load_test import Server, flood, kill_figures, kill_worker
+from bench.load import Server, flood, kill_figures, kill_worker
 
 CLIENTS = 4
 RECOVERY_BOUND_S = 6  # measured 1.3-1.9 s on 2 busy cores (ONNX runtime); twice the issue's 3 s for a loaded CI

@@ -11,6 +11,7 @@ import contextlib
 import sys
 
 from pneumonia.cli import fail, positive_int
+from pneumonia.cli.options import add_model_option, add_runtime_option
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -92,7 +93,11 @@ def run(args) -> int:
 def add(commands, shipped: str) -> None:
     from pneumonia.serving.screening import DEFAULT_CHUNK_SIZE
 
-    archive = commands.add_parser("archive", help="screen an archive on Ray Data: Parquet rows, resumable")
+    archive = commands.add_parser(
+        "archive",
+        help="screen an archive on Ray Data: Parquet rows, resumable",
+        description="Screen an archive on Ray Data. --model (relative to here) must be at that path on every node.",
+    )
     archive.add_argument(
         "sources",
         nargs="+",
@@ -120,9 +125,7 @@ def add(commands, shipped: str) -> None:
     )
     archive.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and ONNX threads) per actor")
     archive.add_argument("--csv", metavar="FILE", help="also write `predict --csv`'s file from the Parquet rows")
-    archive.add_argument(
-        "--model",
-        help=f"model folder or .keras file at this path on every node, relative to here (default: {shipped})",
-    )
-    archive.add_argument("--runtime", choices=("onnx", "keras"), help="what runs the model (default as `predict`)")
+    # No default here: the driver resolves the model once for the whole cluster (pipeline.model_path).
+    add_model_option(archive)
+    add_runtime_option(archive)
     archive.set_defaults(run=run)

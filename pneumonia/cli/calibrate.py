@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from pneumonia.cli import fail
+from pneumonia.cli.options import add_model_option
 
 
 def run(args) -> int:
@@ -39,6 +40,6 @@ def add(commands, shipped: str) -> None:
     )
     calibrate.add_argument("site_dir", help="SITE_DIR/NORMAL/* and SITE_DIR/PNEUMONIA/* (or see --split)")
     calibrate.add_argument("--split", help="read SITE_DIR/SPLIT/{NORMAL,PNEUMONIA} (a Kaggle-layout root)")
-    calibrate.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
+    add_model_option(calibrate, shipped)
     calibrate.add_argument("--out", required=True, help="new model folder to write (must not exist or be empty)")
     calibrate.set_defaults(run=run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pneumonia.cli import fail
+from pneumonia.cli.options import add_model_option
 
 
 def run(args) -> int:
@@ -36,12 +37,12 @@ def run(args) -> int:
 def add(commands, shipped: str) -> None:
     from pneumonia.training.dataset import SPLITS
 
-    evaluate = commands.add_parser("evaluate", help="metrics, confusion matrices, ROC and PR curves on a split")
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics, confusion matrices, ROC and PR curves on a split (repeat --model to compare models)"
+    )
     evaluate.add_argument("data_dir")
     evaluate.add_argument("--split", default="test", choices=SPLITS)
-    evaluate.add_argument(
-        "--model", action="append", help="model folder or .keras file (repeat to compare; default: the shipped model)"
-    )
+    add_model_option(evaluate, repeatable=True)
     evaluate.add_argument("--out", default="reports/evaluation")
     evaluate.add_argument("--cache-dir", default=None, help="keep decoded pixels here between runs")
     evaluate.set_defaults(run=run, default_model=shipped)

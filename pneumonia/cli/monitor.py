@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from pneumonia.cli import CommandFailed, fail
+from pneumonia.cli.options import add_model_option
 
 COLUMNS = ("probability", "ood_score", "threshold_default", "threshold_screening")
 
@@ -99,9 +100,11 @@ def add(commands, shipped: str) -> None:
     monitor = commands.add_parser(
         "monitor",
         help="the drift monitor on a run's results: do its X-rays look like those the thresholds were chosen on?",
+        description="The drift monitor on a run's results, against the reference in the card of --model: the model "
+        "that made them.",
     )
     monitor.add_argument("results", help="the CSV of predict --csv or pacs screen --csv, or archive's Parquet (folder)")
-    monitor.add_argument("--model", default=shipped, help="the model that made the results (default: the shipped one)")
+    add_model_option(monitor, shipped)
     monitor.add_argument("--last", type=positive_int, help="only the last N rows (default: all)")
     monitor.add_argument(
         "--min-images", type=positive_int, default=MIN_IMAGES, help=f"no alarm below (default {MIN_IMAGES})"

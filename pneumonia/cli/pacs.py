@@ -15,6 +15,7 @@ import sys
 from datetime import datetime
 
 from pneumonia.cli import fail, load_classifier, positive_int
+from pneumonia.cli.options import add_model_option, add_runtime_option
 
 PASSWORD_ENV, TOKEN_ENV = "PNEUMONIA_PACS_PASSWORD", "PNEUMONIA_PACS_TOKEN"
 CSV_HEAD = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "status")
@@ -71,14 +72,16 @@ class Report:
             self.writer.writerow([*CSV_HEAD, *CSV_COLUMNS, *CSV_TAIL])
 
     def write(self, row) -> None:
+        from pneumonia.pacs.runs import SKIPPED
+        from pneumonia.serving.outcomes import Outcome
         from pneumonia.serving.result_formats import csv_fields, prediction_line
 
-        if row.status == "skipped":
+        if row.status == SKIPPED:
             print(f"{row.candidate.instance}\tskipped: this model's result is already in the PACS", flush=True)
-        elif row.status == "failed":
+        elif row.status == Outcome.FAILED:
             print(f"{row.candidate.instance}\terror: {row.screened.error}", flush=True)
         else:
-            stored = f"\tstored SR {row.stored[0]}" if row.status == "screened" else ""
+            stored = f"\tstored SR {row.stored[0]}" if row.status == Outcome.SCREENED else ""
             print(prediction_line(row.screened, self.classifier, False) + stored, flush=True)
         if self.writer:
             c = row.candidate
@@ -172,8 +175,8 @@ def _common(parser, shipped: str) -> None:
     auth.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
     auth.add_argument("--retries", type=int, default=3, help="retries of a failed request (default %(default)s)")
     auth.add_argument("--backoff", type=float, default=1.0, help="first wait between retries, doubled each time")
-    parser.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
-    parser.add_argument("--runtime", choices=("onnx", "keras"), help="what runs the model (as for predict)")
+    add_model_option(parser, shipped)
+    add_runtime_option(parser)
     parser.set_defaults(run=run)
 
 

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pneumonia.cli import fail, load_classifier, positive_int
+from pneumonia.cli.options import add_model_option, add_runtime_option
 
 if TYPE_CHECKING:
     from pneumonia.serving.screening import Tally
@@ -82,13 +83,9 @@ def add(commands, shipped: str) -> None:
         help="image files (JPEG, PNG, BMP, TIFF, DICOM) and folders, searched recursively for "
         "files that are images by content or by name",
     )
-    predict.add_argument("--model", default=shipped, help="model folder or .keras file (default: the shipped model)")
+    add_model_option(predict, shipped)
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument(
-        "--runtime",
-        choices=("onnx", "keras"),
-        help="what runs the model (default: PNEUMONIA_RUNTIME, else onnx when the model's export is current)",
-    )
+    add_runtime_option(predict)
     predict.add_argument(
         "--csv",
         metavar="FILE",

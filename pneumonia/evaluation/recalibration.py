@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia.evaluation.metrics import bootstrap_ci, evaluate_predictions, expected_calibration_error, write_metrics
+from pneumonia.scoring.metrics import bootstrap_ci, evaluate_predictions, expected_calibration_error, write_metrics
 from pneumonia.serving.card import (
     CARD_NAME,
     Calibration,

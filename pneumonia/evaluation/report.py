@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumonia.errors import ModelLoadError
-from pneumonia.evaluation.metrics import evaluate_predictions, format_table, write_metrics
-from pneumonia.evaluation.plots import save_plots
+from pneumonia.scoring.metrics import evaluate_predictions, format_table, write_metrics
+from pneumonia.scoring.plots import save_plots
 from pneumonia.serving.classifier import XrayClassifier, find_card
 from pneumonia.training import dataset
 from pneumonia.training.gate_fitting import pixel_stats_of, verdict_counts

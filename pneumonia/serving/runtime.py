@@ -26,17 +26,16 @@ RUNTIMES = ("onnx", "keras")
 RUNTIME_ENV = "PNEUMONIA_RUNTIME"
 THREADS_ENV = "PNEUMONIA_RUNTIME_THREADS"
 # Threads ONNX Runtime gives one model call (PNEUMONIA_RUNTIME_THREADS): both cores of a small
-# instance. With the web app's 2 model slots, 2 threads cut an upload's model time by a quarter
-# against 1, for ~5 % fewer uploads/s from 8 clients (docs/benchmarks.md).
+# instance. With the web app's 2 model slots, 2 threads shorten an upload against 1 for slightly fewer
+# uploads a second from 8 clients: docs/benchmarks.md, "Threads and model slots", has the figures.
 DEFAULT_THREADS = 2
 # Whether ONNX Runtime's pool threads spin waiting for work between a call's operators
 # (PNEUMONIA_RUNTIME_SPINNING=1 or 0). Off by default: with both cores to itself the app's model pass
-# took 12.0 ms spinning against 18.2 not (p50; a DenseNet121 pass is hundreds of short operators, each
-# waking the threads), but with the cores shared (other processes, as on a multi-tenant dyno) a
-# spinning thread burns the time its sibling waits for: 47 and 74 ms against 18 and 45 in alternate
-# runs, and 1.6-2.4x slower in seven earlier runs (bench/benchmark_upload.py, docs/performance.md).
-# Set it on an instance whose cores are the app's own. Spinning, the threads stop when a call returns
-# (session.force_spinning_stop), never between calls.
+# is faster spinning (a DenseNet121 pass is hundreds of short operators, each waking the threads), but
+# with the cores shared (other processes, as on a multi-tenant dyno) a spinning thread burns the time
+# its sibling waits for, and the pass is slower than not spinning: docs/benchmarks.md, "ONNX Runtime's
+# spinning", has the figures. Set it on an instance whose cores are the app's own. Spinning, the
+# threads stop when a call returns (session.force_spinning_stop), never between calls.
 SPINNING_ENV = "PNEUMONIA_RUNTIME_SPINNING"
 SPINNING_DEFAULT = False
 

@@ -24,9 +24,9 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 from pneumonia.errors import TrainingError
-from pneumonia.evaluation.metrics import write_metrics
-from pneumonia.evaluation.plots import plot_history, save_plots
 from pneumonia.labels import CLASS_NAMES
+from pneumonia.scoring.metrics import write_metrics
+from pneumonia.scoring.plots import plot_history, save_plots
 from pneumonia.serving.card import CARD_NAME, DataRecord, Gradcam, Metrics, ModelCard, Run, Training, write_card
 from pneumonia.serving.keras_graphs import features_and_logit_model, gradcam_layer_for
 from pneumonia.serving.preprocessing import normalize_contrast, preprocessing_spec

@@ -21,6 +21,7 @@ from pneumonia.serving.card import CARD_NAME, ModelCard, MonitorReference, file_
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.drift import monitor_reference
 from pneumonia.serving.gate import GATE_FILE, OodGate, feature_thresholds, fit_feature_density, pixel_bounds
+from pneumonia.serving.outcomes import GateVerdict
 from pneumonia.serving.preprocessing import resize_xray
 from pneumonia.training import dataset
 
@@ -112,7 +113,7 @@ def verdict_counts(gate: OodGate, stats: list, scores: np.ndarray) -> dict:
     return {
         "images": len(verdicts),
         "refused_fraction": sum(refused_by.values()) / n,
-        "unusual_fraction": sum(v.verdict == "unusual" for v in verdicts) / n,
+        "unusual_fraction": sum(v.verdict == GateVerdict.UNUSUAL for v in verdicts) / n,
         "refused_by": refused_by,
     }
 
@@ -203,7 +204,7 @@ def detection_figures(
         figures[name] = {
             "n": len(images),
             "refused_fraction": float(np.mean([not v.accepted for v in verdicts])),
-            "unusual_fraction": float(np.mean([v.verdict == "unusual" for v in verdicts])),
+            "unusual_fraction": float(np.mean([v.verdict == GateVerdict.UNUSUAL for v in verdicts])),
             "auroc": float(roc_auc_score(labels, np.r_[val_scores, scores])),
         }
     return figures
@@ -243,7 +244,8 @@ def fit_ood(model_path: str | Path, data_dir: str | Path, cache_dir: str | None 
 def format_gate(gate: OodGate) -> str:
     v = gate.info["validation"]
     lines = [
-        f"thresholds: unusual {gate.thresholds['unusual']:.2f}, rejected {gate.thresholds['rejected']:.2f}",
+        f"thresholds: unusual {gate.thresholds[GateVerdict.UNUSUAL]:.2f}, "
+        f"rejected {gate.thresholds[GateVerdict.REJECTED]:.2f}",
         f"validation: {v['images']} images, refused {100 * v['refused_fraction']:.2f} %, "
         f"unusual {100 * v['unusual_fraction']:.1f} %",
         "",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
-from pneumonia.evaluation.metrics import evaluate_predictions, expected_calibration_error
+from pneumonia.scoring.metrics import evaluate_predictions, expected_calibration_error
 from pneumonia.serving.card import Calibration, Thresholds, platt, sigmoid
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia.evaluation.metrics import evaluate_predictions, write_metrics
-from pneumonia.evaluation.plots import save_plots
 from pneumonia.reading.decoding import load_xray
+from pneumonia.scoring.metrics import evaluate_predictions, write_metrics
+from pneumonia.scoring.plots import save_plots
 from pneumonia.serving.card import Metrics, ModelCard, Thresholds, write_card
 from pneumonia.serving.classifier import XrayClassifier
 from pneumonia.serving.preprocessing import resize_xray

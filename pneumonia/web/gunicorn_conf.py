@@ -2,8 +2,8 @@
 imports them; an installed package: `gunicorn -c python:pneumonia.web.gunicorn_conf 'pneumonia.web:create_app()'`).
 
 PORT               port to listen on (default 8000)
-WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model (~210 MiB
-                   on ONNX Runtime); capped by the container's memory limit, one worker per
+WEB_CONCURRENCY    worker processes (default 1): each holds its own copy of the model (its
+                   memory: docs/benchmarks.md); capped by the container's memory limit, one worker per
                    WORKER_MEMORY (Heroku's Python buildpack sets 2 on a 512 MB dyno when the app
                    does not: one is started there, and the log says so)
 GUNICORN_THREADS   threads per worker (default 32): connections a worker serves at once
@@ -23,9 +23,9 @@ import html
 import os
 from pathlib import Path
 
-# What one worker may take with its decoding children: the largest inputs the header checks admit,
-# 8 at once through both children, peaked at 395 MiB of anonymous memory in a 512 MiB cgroup and were
-# never killed (docs/uploads.md, `bench.load_test bombs --at-the-limit --memory-limit 512`).
+# What one worker may take with its decoding children: the peak of the largest inputs the header checks
+# admit, 8 at once through both children, inside a 512 MiB cgroup, rounded up (docs/benchmarks.md,
+# "One worker's memory", has the figure and its command; docs/uploads.md the budget behind it).
 WORKER_MEMORY = 400 * 1024 * 1024
 
 
@@ -137,14 +137,14 @@ def post_fork(server, worker):
     """Keep a worker's memory from ratcheting up under large uploads (glibc only).
 
     glibc raises its mmap threshold to the size of any large block freed (up to 32 MB), after
-    which 20 MB upload buffers come from per-thread heaps that are seldom given back; with many
-    threads the worker's RSS climbed by ~575 MiB in a 30 s flood of uploads. A fixed 1 MiB
-    threshold (large buffers are mapped and unmapped) and two arenas held it to ~20 MiB.
+    which 20 MB upload buffers come from per-thread heaps that are seldom given back, and with many
+    threads a flood of uploads makes the worker's RSS climb. A fixed 1 MiB threshold (large buffers
+    are mapped and unmapped) and two arenas hold it.
     Fixing the mmap threshold also fixes glibc's trim threshold at its 128 KiB default (it too stops
     adapting), so every free at the top of a heap gave memory back and the next request faulted it in
-    again: an upload's overlay + encode took 4.7 ms against 1.8 ms in-process, its preprocessing 0.4 ms
-    more. A 4 MiB trim threshold keeps that much at the top of each heap (two arenas: at most 8 MiB)
-    and gave back ~2.1 ms (bench/benchmark_upload.py, docs/performance.md).
+    again, slowing an upload's overlay, encoding and preprocessing. A 4 MiB trim threshold keeps that
+    much at the top of each heap (two arenas: at most 8 MiB). docs/benchmarks.md, "One worker's
+    memory", has the figures and their commands.
     The glibc variables MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and MALLOC_ARENA_MAX, when set, win.
     """
     try:

@@ -1,4 +1,4 @@
-"""Metrics (from scikit-learn), bootstrap intervals, thresholds, calibration and plots."""
+"""Metrics (from scikit-learn), bootstrap intervals, thresholds and calibration; the plots are in `plots`."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Load scenarios against the app as deployed: slow clients, a flood of uploads, a soak.
+"""Load scenarios against the app as deployed: slow clients, a flood of uploads, a soak, worker kills, bombs.
 
-    .venv/bin/python -m bench.load_test slow  --clients 16 --seconds 60
-    .venv/bin/python -m bench.load_test flood --clients 16 --seconds 90
-    .venv/bin/python -m bench.load_test soak  --clients 16 --minutes 10 --out bench-results/soak.json
-    .venv/bin/python -m bench.load_test crash --clients 8 --seconds 60 --kills 3
-    .venv/bin/python -m bench.load_test bombs --clients 8 --rounds 2 --memory-limit 512
+    .venv/bin/python -m bench.load slow  --clients 16 --seconds 60
+    .venv/bin/python -m bench.load flood --clients 16 --seconds 90
+    .venv/bin/python -m bench.load soak  --clients 16 --minutes 10 --out bench-results/soak.json
+    .venv/bin/python -m bench.load crash --clients 8 --seconds 60 --kills 3
+    .venv/bin/python -m bench.load bombs --clients 8 --rounds 2 --memory-limit 512
 
 It starts gunicorn itself as the Procfile does (`gunicorn app:app`, gunicorn.conf.py, PORT set to
 a free port), bound to 127.0.0.1 only, waits for /healthz, runs one scenario for a bounded time
@@ -39,7 +39,7 @@ PNEUMONIA_MODEL_SLOTS, PNEUMONIA_BODY_TIMEOUT, ...); --env NAME=VALUE adds some 
 (v1) of MIB MiB, swap included, as a PaaS dyno does; the Heroku-dyno scenario (512 MB, and the
 flood's mix of real, junk and oversize uploads) is
 
-    .venv/bin/python -m bench.load_test flood --memory-limit 512 --seconds 600
+    .venv/bin/python -m bench.load flood --memory-limit 512 --seconds 600
 
 It adds the cgroup's peak (memory.max_usage_in_bytes: page cache charged to it included, which the
 kernel reclaims before it kills), the peak of its anonymous memory (sampled every 0.5 s), failcnt
@@ -107,7 +107,7 @@ class MemoryCgroup:
         if os.geteuid() != 0:
             raise CgroupUnavailable("making a memory cgroup needs root")
         self.limit_mib = limit_mib
-        self.path = CGROUP_V1_MEMORY / f"pneumonia_load_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.path = CGROUP_V1_MEMORY / f"pneumonia_load_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         try:
             self.path.mkdir()
             # The memory limit first: the kernel refuses a memory+swap limit below it.
@@ -183,7 +183,7 @@ class Server:
         command = [str(gunicorn)] if gunicorn.exists() else [sys.executable, "-m", "gunicorn"]
         # gunicorn.conf.py binds all interfaces; the command line narrows it to loopback.
         command += ["app:app", "--bind", f"127.0.0.1:{self.port}"]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="load_test_gunicorn_", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="load_gunicorn_", suffix=".log", delete=False)
         if cgroup:
             command = cgroup.wrap(command)
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
