@@ -378,7 +378,7 @@ def option_of(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | N
 
 # export-web declares its own --model until the branch that owns pneumonia/cli/export_web.py takes
 # add_model_option (issue 41); then this set is empty.
-OWN_MODEL_OPTION = {"export-web"}
+OWN_MODEL_OPTION: set[str] = set()
 
 
 def test_every_command_taking_model_shows_the_same_help_and_runtime_choices():

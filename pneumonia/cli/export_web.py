@@ -4,6 +4,7 @@ static host; the X-ray is screened in the reader's browser and never sent anywhe
 from __future__ import annotations
 
 from pneumonia.cli import fail
+from pneumonia.cli.options import add_model_option
 
 
 def run(args) -> int:
@@ -26,7 +27,7 @@ def add(commands, shipped: str) -> None:
         "export-web", help="write the in-browser screener as a static site (the X-ray never leaves the browser)"
     )
     export.add_argument("out", help="folder to write the site into (created; files already there are replaced)")
-    export.add_argument("--model", default=shipped, help="model folder or .keras file (default: %(default)s)")
+    add_model_option(export, shipped)
     export.add_argument(
         "--server-url", default=None, help="the server mode's address, linked for browsers that cannot screen"
     )
