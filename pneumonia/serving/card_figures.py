@@ -58,10 +58,10 @@ class IndependentFigures:
     """The figures at one of the card's thresholds, as the independent evaluation reported them."""
 
     threshold: Rate
-    accuracy: Rate
-    precision: Rate
     recall: Rate  # sensitivity: pneumonia found
     specificity: Rate  # normal X-rays cleared
+    accuracy: Rate | None = optional()  # when the evaluation reported them
+    precision: Rate | None = optional()
 
 
 @record
