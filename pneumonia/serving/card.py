@@ -301,7 +301,7 @@ class ModelCard:
     def _beside_the_card(cls, file: str) -> str:
         """The model file is named as it lies beside the card: a path elsewhere is refused."""
         if Path(file).name != file or file in ("", ".", "..") or "\\" in file:
-            raise ValueError(f"file {file!r} should be a file name beside the card, not a path")
+            raise ValueError(f"{file!r} should be a file name beside the card, not a path")
         return file
 
     @model_validator(mode="after")
