@@ -87,7 +87,7 @@ def _shipped_card_with(change) -> dict:
         (lambda c: c["lineage"][0].update(started_from="pretrained"), r"lineage\[0\]: started_from 'pretrained'"),
         (lambda c: c["export"]["files"]["explain"].pop("sha256"), "field export.files.explain.sha256 is missing"),
         (lambda c: c.update(input_size=True), "input_size should be int"),
-        (lambda c: c.update(file="../other/densenet121.keras"), "file: '../other/densenet121.keras' should be a file name"),
+        (lambda c: c.update(file="../other/m.keras"), "file: '../other/m.keras' should be a file name beside"),
         (lambda c: c["independent_evaluation"].pop("date"), "field independent_evaluation.date is missing"),
         (
             lambda c: c["independent_evaluation"].update(date="7 December 2026"),
