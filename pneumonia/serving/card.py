@@ -98,6 +98,10 @@ class LabelThresholds:
     default: float
     screening: float
 
+    def as_dict(self) -> dict[str, float]:
+        """{"default": ..., "screening": ...}: the two thresholds a label is read at."""
+        return {"default": self.default, "screening": self.screening}
+
 
 @record
 class Thresholds(LabelThresholds):
@@ -107,10 +111,6 @@ class Thresholds(LabelThresholds):
     chosen_on: str = "validation part of train/ (patient-grouped); calibrated probabilities"
     rule: str = THRESHOLD_RULE
     rule_name: str = "validation"  # training/threshold_rules.py: RULES
-
-    def as_dict(self) -> dict[str, float]:
-        """{"default": ..., "screening": ...}: the two thresholds a label is read at."""
-        return {"default": self.default, "screening": self.screening}
 
 
 @record
