@@ -8,6 +8,7 @@ import json
 
 import pytest
 from builders import SHIPPED_MODEL, minimal_card
+from pydantic import ValidationError
 
 from pneumonia.errors import ModelLoadError
 from pneumonia.serving.card import CARD_NAME, ModelCard, Normalization, write_card
@@ -28,6 +29,39 @@ def test_the_shipped_model_is_one_converged_run_from_random_initialisation():
     assert card.training.weights == "the final epoch's" and card.training.epochs_run == card.training.config.epochs
     assert card.training.schedule.startswith("linear warm-up") and "cosine decay to 0" in card.training.schedule
     assert card.lineage[0].epochs_run == card.training.epochs_run and card.lineage[0].best_epoch is None
+
+
+def test_the_shipped_card_holds_the_independent_test_split_figures():
+    """Issue 41: measured independently on the Kaggle test split, the model and thresholds frozen before."""
+    card = ModelCard.load(SHIPPED_MODEL / CARD_NAME)
+    evaluation = card.independent_evaluation
+    assert evaluation.images == 624 and evaluation.auc == 0.969 and evaluation.date == "2026-12-07"
+    assert evaluation.command == "python -m pneumonia evaluate DIR --split test" and "224 x 224" in evaluation.split
+    default, screening = evaluation.thresholds["default"], evaluation.thresholds["screening"]
+    assert (default.accuracy, default.precision, default.recall, default.specificity) == (0.912, 0.9, 0.967, 0.821)
+    assert (screening.recall, screening.specificity, screening.accuracy) == (0.995, 0.615, None)
+    assert f"{default.threshold:.3f}, {screening.threshold:.3f}" == "0.970, 0.675"
+    assert evaluation.measured_at(card.thresholds.default, card.thresholds.screening)
+
+
+def test_the_shipped_card_is_written_back_as_it_is(tmp_path):
+    card = ModelCard.load(SHIPPED_MODEL / CARD_NAME)
+    assert write_card(tmp_path, card).read_text() == (SHIPPED_MODEL / CARD_NAME).read_text()
+
+
+def test_a_card_from_an_older_train_loads_without_its_retired_options(tmp_path):
+    content = _shipped_card_with(lambda c: c["training"]["config"].update(patience=5, ema=False))
+    (tmp_path / CARD_NAME).write_text(json.dumps(content))
+    card = ModelCard.load(tmp_path / CARD_NAME)
+    assert not hasattr(card.training.config, "patience") and "patience" not in card.to_dict()["training"]["config"]
+
+
+def test_a_changed_copy_is_validated_too():
+    card = ModelCard.load(SHIPPED_MODEL / CARD_NAME)
+    with pytest.raises(ValidationError, match="measured at other thresholds"):
+        dataclasses.replace(card, thresholds=dataclasses.replace(card.thresholds, default=0.9))
+    with pytest.raises(ValidationError, match="contrast"):
+        dataclasses.replace(card.preprocessing, contrast="clahe")
 
 
 def test_a_written_card_loads_back_equal(tmp_path):
@@ -53,6 +87,23 @@ def _shipped_card_with(change) -> dict:
         (lambda c: c["lineage"][0].update(started_from="pretrained"), r"lineage\[0\]: started_from 'pretrained'"),
         (lambda c: c["export"]["files"]["explain"].pop("sha256"), "field export.files.explain.sha256 is missing"),
         (lambda c: c.update(input_size=True), "input_size should be int"),
+        (lambda c: c.update(file="../other/m.keras"), "file: '../other/m.keras' should be a file name beside"),
+        (lambda c: c["independent_evaluation"].pop("date"), "field independent_evaluation.date is missing"),
+        (
+            lambda c: c["independent_evaluation"].update(date="7 December 2026"),
+            "independent_evaluation: Invalid isoformat",
+        ),
+        (lambda c: c["independent_evaluation"].update(auc=96.9), "independent_evaluation.auc: Input should be less"),
+        (lambda c: c["independent_evaluation"].update(images=0), "independent_evaluation: images should be at least 1"),
+        (lambda c: c["independent_evaluation"]["thresholds"].pop("screening"), "should be default and screening"),
+        (
+            lambda c: c["independent_evaluation"]["thresholds"]["default"].update(threshold=0.5),
+            "the card: independent_evaluation was measured at other thresholds than the card's",
+        ),
+        (
+            lambda c: c["independent_evaluation"]["thresholds"]["default"].update(sensitivity=0.9),
+            "unknown field independent_evaluation.thresholds.default.sensitivity",
+        ),
     ],
 )
 def test_a_bad_card_is_refused_naming_the_file_and_the_field(tmp_path, change, named):

@@ -2,13 +2,15 @@
 was made, on what, how to preprocess its input, how its logits are calibrated and where its
 thresholds are.
 
-A card is a typed `ModelCard`: `train` builds one, `fit-ood`, `export` and `calibrate` change a
-copy (`dataclasses.replace`), `write_card` writes it, and `ModelCard.load` reads one back, checking
-every field once, so that the rest of the code reads attributes and a bad card is refused at
-start-up with the file and the field named: the training options (`TrainConfig`, which
-`pneumonia.training.config` re-exports: the serving layer may not import training), the validation
-metrics and a recalibration are records too. Sections that are free-form reports (the gate's fit,
-the proxies' expectations, why the model ships) stay JSON objects inside the typed card.
+A card is a typed `ModelCard`, pydantic dataclasses all the way down (serving/records.py): `train`
+builds one, `fit-ood`, `export` and `calibrate` change a copy (`dataclasses.replace`, validated again),
+`write_card` writes it, and `ModelCard.load` reads one back, validating every field once, so that the
+rest of the code reads attributes and a bad card is refused at start-up with the file and the field
+named: the training options (`TrainConfig`, which `pneumonia.training.config` re-exports: the serving
+layer may not import training), the validation metrics, the independent evaluation and a recalibration
+are records too. Sections that are free-form reports (the gate's fit, the proxies' expectations, why
+the model ships) stay JSON objects inside the typed card: their writers and readers are report code
+whose keys change with the report (docs/hooks.py reads them as dicts).
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Literal, get_args
 
 import numpy as np
+from pydantic import field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
 from pneumonia.errors import ModelLoadError
+from pneumonia.serving.card_figures import IndependentEvaluation, Metrics
 from pneumonia.serving.drift_reference import MonitorReference
-from pneumonia.serving.records import CardFieldError, as_json, optional, parsed_record
+from pneumonia.serving.records import (
+    RECORD_CONFIG,
+    CardFieldError,
+    NotJsonError,
+    as_json,
+    optional,
+    parsed_record,
+    record,
+)
 
 CARD_NAME = "model.json"
 
@@ -48,31 +60,28 @@ def platt(logits, slope: float, intercept: float) -> np.ndarray:
 # What a card's "contrast" may say. "equalize": global histogram equalisation of the model's square
 # (model/report/levers.md: it maps each image's grey levels onto a flat histogram, so exposure and how
 # much margin a frame holds stop carrying the label).
-CONTRASTS = ("none", "equalize")
+Contrast = Literal["none", "equalize"]
+CONTRASTS = get_args(Contrast)
 
 
-@dataclass(frozen=True)
+@record
 class Normalization:
     scale: float
     mean: list[float]
     std: list[float]
 
 
-@dataclass(frozen=True)
+@record
 class Preprocessing:
     image_size: int
     normalization: Normalization
-    contrast: str = "none"  # one of CONTRASTS
+    contrast: Contrast = "none"
     colour: str = "greyscale, replicated to 3 channels"
     resize: str = "stretched to a square (as the training copy of the data set), Pillow bilinear with antialiasing"
     bit_depth: str = "16-bit images scaled by their full range into 0..255"
 
-    def __post_init__(self):
-        if self.contrast not in CONTRASTS:
-            raise CardFieldError(f"contrast {self.contrast!r} is not one of {', '.join(CONTRASTS)}")
 
-
-@dataclass(frozen=True)
+@record
 class Calibration:
     slope: float
     intercept: float
@@ -81,27 +90,36 @@ class Calibration:
     method: str = PLATT_METHOD
 
 
-@dataclass(frozen=True)
-class Thresholds:
+@record
+class LabelThresholds:
+    """The two thresholds on the calibrated probability that a label is read at: `default`, and `screening`
+    (the highest that keeps the target sensitivity); what the API answers beside each label."""
+
     default: float
     screening: float
-    target_sensitivity: float
-    chosen_on: str = "validation part of train/ (patient-grouped); calibrated probabilities"
-    rule: str = THRESHOLD_RULE
-    rule_name: str = "validation"  # training/threshold_rules.py: RULES
 
     def as_dict(self) -> dict[str, float]:
         """{"default": ..., "screening": ...}: the two thresholds a label is read at."""
         return {"default": self.default, "screening": self.screening}
 
 
-@dataclass(frozen=True)
+@record
+class Thresholds(LabelThresholds):
+    """The card's thresholds: the two a label is read at, the target they were chosen for, where and how."""
+
+    target_sensitivity: float
+    chosen_on: str = "validation part of train/ (patient-grouped); calibrated probabilities"
+    rule: str = THRESHOLD_RULE
+    rule_name: str = "validation"  # training/threshold_rules.py: RULES
+
+
+@record
 class Gradcam:
     layer: str
     map_size: list[int]
 
 
-@dataclass(frozen=True)
+@record
 class DataRecord:
     """The training and validation parts of train/: counts per class and fingerprints."""
 
@@ -115,14 +133,14 @@ class DataRecord:
 
 # Where a run's weights started: the card says which, so a fine-tune of a from-scratch model never
 # reads as pretrained weights.
-STARTS = ("random initialisation", "ImageNet weights", "a weights file", "a trained model")
+Start = Literal["random initialisation", "ImageNet weights", "a weights file", "a trained model"]
 
 
-@dataclass(frozen=True)
+@record
 class Run:
     """One training run in the model's lineage: where its weights started and how it was trained."""
 
-    started_from: str  # one of STARTS
+    started_from: Start
     command: str
     train_fingerprint: str
     epochs_run: int
@@ -130,15 +148,11 @@ class Run:
     wall_time_s: float
     init_sha256: str | None = None  # the weights file or model it started from
 
-    def __post_init__(self):
-        if self.started_from not in STARTS:
-            raise CardFieldError(f"started_from {self.started_from!r} is not one of {', '.join(STARTS)}")
-
 
 # --- What `train` was asked for ------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(config=RECORD_CONFIG)
 class TrainConfig:
     """What a training run can be asked for: the command line builds its parser from these names and
     defaults (pneumonia/cli/train.py), `training.fitting.train` takes one, and the card records it."""
@@ -166,7 +180,13 @@ class TrainConfig:
     threshold_rule: str = "worst:framing"
     hold_out_series: str | None = None  # one of dataset.NORMAL_SERIES: kept out of training and validation
 
-    RETIRED_FIELDS: ClassVar[dict[str, str]]  # RETIRED_OPTIONS below: accepted on load, dropped
+    @model_validator(mode="before")
+    @classmethod
+    def _without_retired_options(cls, given):
+        """A card's options without RETIRED_OPTIONS (below), which older cards record."""
+        if isinstance(given, dict):
+            return {name: value for name, value in given.items() if name not in RETIRED_OPTIONS}
+        return given
 
 
 # Options older versions of `train` took and recorded in their cards (git log -p pneumonia/training/config.py):
@@ -180,50 +200,12 @@ RETIRED_OPTIONS = {
     "best_val_auc": "resume state, now kept in the checkpoint",
     "earlier_wall_time_s": "resume state, now kept in the checkpoint",
 }
-TrainConfig.RETIRED_FIELDS = RETIRED_OPTIONS
-
-
-# --- The validation metrics (evaluation/metrics.py: evaluate_predictions) -----------------------------
-
-
-@dataclass(frozen=True)
-class ThresholdFigures:
-    """evaluation.metrics.metrics_at_threshold: the figures at one threshold."""
-
-    threshold: float
-    accuracy: float
-    precision: float
-    recall: float
-    specificity: float
-    f1: float
-    confusion_matrix: dict[str, int]  # tn, fp, fn, tp
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """The metrics.json schema: AUC, AP, loss, the figures at each threshold, 95 % intervals."""
-
-    model: str
-    split: str
-    n: dict[str, int]  # images per class
-    auc: float
-    average_precision: float
-    loss: float
-    thresholds: dict[str, ThresholdFigures]  # "default", "screening"
-    ci95: dict[str, list[float]]  # at the default threshold: auc, accuracy, recall, specificity
-    # evaluation.recalibration.site_metrics: the intervals at each threshold as well
-    ci95_by_threshold: dict[str, dict[str, list[float]]] | None = optional()
-
-    @classmethod
-    def of(cls, metrics: dict) -> Metrics:
-        """evaluate_predictions' dict as a record (what the card holds)."""
-        return parsed_record(cls, metrics)
 
 
 # --- A recalibration (evaluation/recalibration.py) ------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class SiteSample:
     path_name: str  # the folder's last part (cards travel)
     counts: dict[str, int]
@@ -231,7 +213,7 @@ class SiteSample:
     date: str  # ISO
 
 
-@dataclass(frozen=True)
+@record
 class Replaced:
     """What a recalibration replaced: the operating point before it, and the figures measured there."""
 
@@ -239,11 +221,12 @@ class Replaced:
     thresholds: Thresholds
     expectations: dict | None = optional()
     held_out_series: dict | None = optional()
+    independent_evaluation: IndependentEvaluation | None = optional()
     recalibration: Recalibration | None = optional()  # a recalibrated model recalibrated again
     monitor: MonitorReference | None = optional()  # the drift monitor's reference before it
 
 
-@dataclass(frozen=True)
+@record
 class Recalibration:
     previous: Replaced
     site_sample: SiteSample
@@ -254,7 +237,7 @@ class Recalibration:
     note: str
 
 
-@dataclass(frozen=True)
+@record
 class Training:
     config: TrainConfig  # the options the run was given
     epochs_run: int
@@ -267,13 +250,13 @@ class Training:
     schedule: str | None = None  # the learning-rate schedule, when the run had one (training/schedule.py)
 
 
-@dataclass(frozen=True)
+@record
 class ExportFile:
     file: str
     sha256: str
 
 
-@dataclass(frozen=True)
+@record
 class Export:
     """The ONNX graphs beside the model (training/export.py) and what they were checked against."""
 
@@ -286,7 +269,7 @@ class Export:
     versions: dict[str, str]
 
 
-@dataclass(frozen=True)
+@record
 class ModelCard:
     name: str
     architecture: str
@@ -309,17 +292,36 @@ class ModelCard:
     recalibration: Recalibration | None = optional()  # calibrate: the site sample's figures, what it replaced
     expectations: dict | None = optional()  # what the proxies expect at a new site (training/threshold_rules.py)
     monitor: MonitorReference | None = optional()  # the drift monitor's reference (serving/drift.py)
+    # Figures measured on images no choice was made on, at these thresholds (a recalibration moves them
+    # under recalibration.previous with the thresholds they were measured at)
+    independent_evaluation: IndependentEvaluation | None = optional()
+
+    @field_validator("file")
+    @classmethod
+    def _beside_the_card(cls, file: str) -> str:
+        """The model file is named as it lies beside the card: a path elsewhere is refused."""
+        if Path(file).name != file or file in ("", ".", "..") or "\\" in file:
+            raise ValueError(f"{file!r} should be a file name beside the card, not a path")
+        return file
+
+    @model_validator(mode="after")
+    def _evaluated_at_these_thresholds(self):
+        evaluation, thresholds = self.independent_evaluation, self.thresholds
+        if evaluation and not evaluation.measured_at(thresholds.default, thresholds.screening):
+            raise ValueError(
+                "independent_evaluation was measured at other thresholds than the card's "
+                f"(default {thresholds.default:.3f}, screening {thresholds.screening:.3f})"
+            )
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
-        """The card at `path`, checked field by field; ModelLoadError naming the file and the field."""
+        """The card at `path`, validated once; ModelLoadError naming the file and the field."""
         path = Path(path)
         try:
-            content = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return parsed_record(cls, path.read_bytes())
+        except (OSError, NotJsonError) as err:
             raise ModelLoadError(f"The model card {path} is unreadable: {err}") from None
-        try:
-            return parsed_record(cls, content)
         except CardFieldError as err:
             raise ModelLoadError(f"The model card {path} is not valid: {err}") from None
 

@@ -4,19 +4,21 @@ itself is pneumonia/serving/drift.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
-from pneumonia.serving.records import CardFieldError, optional
+from pydantic import model_validator
 
-MONITOR_QUANTITIES = ("gate_score", "probability")
+from pneumonia.serving.records import optional, record
+
+MonitorQuantity = Literal["gate_score", "probability"]
 
 
-@dataclass(frozen=True)
+@record
 class MonitorBand:
     """One signal's band of a quantity, low <= x < high (None: unbounded), and how many of the reference
     images that had the quantity fell in it."""
 
-    quantity: str  # one of MONITOR_QUANTITIES
+    quantity: MonitorQuantity
     low: float | None
     high: float | None
     count: int
@@ -25,18 +27,18 @@ class MonitorBand:
     # least 1: several X-rays of one patient are not independent (serving/drift.py).
     design_effect: float = 1.0
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _possible(self):
         if self.design_effect < 1:
-            raise CardFieldError(f"design_effect {self.design_effect} should be at least 1")
-        if self.quantity not in MONITOR_QUANTITIES:
-            raise CardFieldError(f"quantity {self.quantity!r} is not one of {', '.join(MONITOR_QUANTITIES)}")
+            raise ValueError(f"design_effect {self.design_effect} should be at least 1")
         if not 0 <= self.count <= self.of or self.of < 1:
-            raise CardFieldError(f"count {self.count} of {self.of}: needs 0 <= count <= of and of >= 1")
+            raise ValueError(f"count {self.count} of {self.of}: needs 0 <= count <= of and of >= 1")
         if self.low is not None and self.high is not None and not self.low < self.high:
-            raise CardFieldError(f"band [{self.low}, {self.high}) is empty")
+            raise ValueError(f"band [{self.low}, {self.high}) is empty")
+        return self
 
 
-@dataclass(frozen=True)
+@record
 class MonitorReference:
     """The reference the drift monitor tests a window of screenings against: each signal's band with its
     count on the images the thresholds were chosen on (the validation part, or a recalibration's site
@@ -48,6 +50,8 @@ class MonitorReference:
     quantiles: dict[str, dict[str, float]]  # quantity -> {"p10": ..., "p50": ..., "p90": ...}
     command: str | None = optional()
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _of_some_images(self):
         if self.images < 1:
-            raise CardFieldError("images should be at least 1")
+            raise ValueError("images should be at least 1")
+        return self

@@ -27,7 +27,7 @@ import numpy as np
 from pneumonia.reading.pixel_stats import PixelStats
 from pneumonia.serving.card import file_sha256
 from pneumonia.serving.outcomes import GateVerdict
-from pneumonia.serving.records import CardFieldError, parsed_record
+from pneumonia.serving.records import CardFieldError, parsed_record, record
 
 GATE_FILE = "ood.npz"
 REASONS = ("size", "shape", "colour", "blank", "features")
@@ -86,7 +86,7 @@ class OutOfDistribution(ValueError):
         self.verdict = verdict
 
 
-@dataclass
+@record
 class PixelBounds:
     min_pixels: int
     max_aspect: float
@@ -229,13 +229,13 @@ class GateFileError(ValueError):
     """An `ood.npz` whose metadata or arrays are missing or malformed; the message names the file and the field."""
 
 
-@dataclass(frozen=True)
+@record
 class GateThresholds:
     unusual: float
     rejected: float
 
 
-@dataclass(frozen=True)
+@record
 class GateMetadata:
     """`ood.npz`'s `meta` (JSON): the pixel bounds, the distance thresholds and the fit's report."""
 

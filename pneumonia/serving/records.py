@@ -1,102 +1,107 @@
-"""Records read from JSON (the model card, the gate's metadata): dataclasses checked field by field on
-load, with an error naming the field, and written back in the same shape.
+"""Records read from JSON (the model card, the gate's metadata) as pydantic dataclasses: validated when made
+and when read, refused with an error that names the field as the card's readers know it
+("preprocessing.normalization.std[2]"), and written back in the same shape.
 
-Hand-written rather than pydantic, cattrs or msgspec: the whole validator is the ~70 lines below, its
-errors name the field as the card's readers know it ("preprocessing.normalization.std[2]"), and the slim
-serving install (requirements.txt) stays without another compiled dependency.
+Pydantic dataclasses, not BaseModel: they stay dataclasses, so the card's writers change a copy with
+`dataclasses.replace` (validated again) and `dataclasses.asdict` reads one, as before pydantic.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
-import types
-import typing
-from dataclasses import field
 
-# A field that a card (or one of its records) leaves out when it has no value, as cards always have:
-# `to_dict` omits it, `load` reads its absence as None. Other fields that may be None are written as null.
-OMITTED_WHEN_NONE = "omitted when None"
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+# The card's format is ours: a field it does not define is refused (a misspelt one would be lost silently).
+RECORD_CONFIG = ConfigDict(extra="forbid")
+
+
+def record(cls):
+    """A card record: a frozen pydantic dataclass that refuses unknown fields."""
+    return dataclass(cls, frozen=True, config=RECORD_CONFIG)
 
 
 def optional():
-    return field(default=None, metadata={OMITTED_WHEN_NONE: True})
+    """A field that a card (or one of its records) leaves out when it has no value, as cards always have:
+    `to_dict` omits it, `load` reads its absence as None. Other fields that may be None are written as null."""
+    return Field(default=None, exclude_if=lambda value: value is None)
 
 
 class CardFieldError(ValueError):
     """A field of a card that is missing, unknown or of the wrong type; the message names it."""
 
 
+class NotJsonError(CardFieldError):
+    """A record's text that is not JSON at all."""
+
+
+@functools.cache
+def _adapter(kind) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
 def parsed_record(kind, content, where: str = ""):
-    """`content` (parsed JSON) as the record type `kind`, checked field by field; CardFieldError naming the
-    field (under `where`, the name of the record in its file)."""
-    return _typed(kind, content, where)
+    """`content` (JSON text, or parsed JSON) as the record type `kind`, read strictly as JSON is (1 is a float,
+    true is not an int, "0.5" is not a float); CardFieldError naming the first bad field (under `where`, the
+    name of the record in its file)."""
+    text = content if isinstance(content, (str, bytes)) else json.dumps(content)
+    try:
+        return _adapter(kind).validate_json(text, strict=True)
+    except ValidationError as err:
+        error = err.errors()[0]
+        if error["type"] == "json_invalid":
+            raise NotJsonError(f"not JSON ({error['ctx']['error']})") from None
+        raise CardFieldError(field_error(error, where)) from None
 
 
-def _typed(kind, value, where: str):
-    """`value` (parsed JSON) as `kind` (a card dataclass or a typing annotation), or CardFieldError."""
-    name = where or "the card"
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise CardFieldError(f"{name} should be an object")
-        fields = {f.name: f for f in dataclasses.fields(kind)}
-        unknown = sorted(set(value) - set(fields) - set(getattr(kind, "RETIRED_FIELDS", ())))
-        if unknown:
-            raise CardFieldError(f"unknown field {_join(where, unknown[0])}")
-        hints = typing.get_type_hints(kind)
-        given = {}
-        for key, spec in fields.items():
-            if key in value:
-                given[key] = _typed(hints[key], value[key], _join(where, key))
-            elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise CardFieldError(f"field {_join(where, key)} is missing")
-        try:
-            return kind(**given)
-        except CardFieldError as err:  # a dataclass's own check (__post_init__)
-            raise CardFieldError(f"{name}: {err}") from None
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        return _typed(next(option for option in options if option is not type(None)), value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise CardFieldError(f"{name} should be a list")
-        (item,) = typing.get_args(kind)
-        return [_typed(item, entry, f"{where}[{i}]") for i, entry in enumerate(value)]
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict):
-            raise CardFieldError(f"{name} should be an object")
-        args = typing.get_args(kind)
-        return {k: _typed(args[1], v, _join(where, k)) for k, v in value.items()} if args else value
-    return _scalar(kind, value, name)
+def as_json(value) -> dict:
+    """A card or one of its records as parsed JSON, leaving out the `optional()` fields without a value."""
+    return _adapter(type(value)).dump_python(value)
 
 
-def as_json(value):
-    """A card or one of its records as parsed JSON, leaving out the OMITTED_WHEN_NONE fields without a value."""
-    if dataclasses.is_dataclass(value):
-        return {
-            spec.name: as_json(getattr(value, spec.name))
-            for spec in dataclasses.fields(value)
-            if not (getattr(value, spec.name) is None and spec.metadata.get(OMITTED_WHEN_NONE))
-        }
-    if isinstance(value, dict):
-        return {key: as_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [as_json(item) for item in value]
-    return value
+# What the field's value should have been, by pydantic's error type.
+EXPECTED = {
+    "float_type": "float",
+    "float_parsing": "float",
+    "int_type": "int",
+    "int_parsing": "int",
+    "int_from_float": "int",
+    "string_type": "str",
+    "bool_type": "bool",
+    "bool_parsing": "bool",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "dataclass_type": "an object",
+}
 
 
-def _scalar(kind, value, name: str):
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (str, bool) and isinstance(value, kind):
-        return value
-    raise CardFieldError(f"{name} should be {kind.__name__}, not {json.dumps(value)[:40]}")
+def field_error(error: dict, where: str = "") -> str:
+    """One pydantic error as the card's readers read it: "field thresholds.screening is missing"."""
+    parts = [where, *error["loc"]] if where else list(error["loc"])
+    name = _path(*parts) or "the card"
+    kind = error["type"]
+    if kind == "missing":
+        return f"field {name} is missing"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"unknown field {name}"
+    if kind == "literal_error":
+        parent = _path(*parts[:-1]) or "the card"
+        return f"{parent}: {parts[-1]} {error['input']!r} is not one of {error['ctx']['expected']}"
+    if kind == "value_error":  # a record's own check
+        return f"{name}: {error['ctx']['error']}"
+    if kind in EXPECTED:
+        return f"{name} should be {EXPECTED[kind]}, not {json.dumps(error['input'])[:40]}"
+    return f"{name}: {error['msg']}"
 
 
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+def _path(*parts) -> str:
+    """("lineage", 0, "started_from") -> "lineage[0].started_from"."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part != "":
+            text += f".{part}" if text else part
+    return text
