@@ -110,11 +110,11 @@ def _parsers(parser, words: list[str]):
 
 
 def api_reference() -> str:
-    from pneumonia.web import DEFAULTS
     from pneumonia.web.api import bp
     from pneumonia.web.openapi import document
+    from pneumonia.web.settings import Settings
 
-    spec = document(DEFAULTS, bp)
+    spec = document(Settings(), bp)
     parts = [spec["info"].get("description", ""), _limits(spec["info"].get("x-limits", {}))]
     for path, item in spec["paths"].items():
         for method, operation in item.items():

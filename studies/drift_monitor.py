@@ -42,6 +42,7 @@ from pneumonia.serving.drift import (
     monitor_reference,
     signal_alpha,
 )
+from pneumonia.serving.outcomes import GateVerdict
 from pneumonia.training import dataset
 from pneumonia.training.shifts import BASELINE, SHIFTS, apply_shift, model_pixels, shift_seed
 
@@ -109,7 +110,7 @@ def setting_of(card) -> Setting:
 def values(setting: Setting, logits, scores) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, scores) as the web app sees them: no probability for an image the gate refuses."""
     probabilities = platt(np.asarray(logits, float), *setting.platt)
-    return np.where(scores > setting.gate["rejected"], np.nan, probabilities), np.asarray(scores, float)
+    return np.where(scores > setting.gate[GateVerdict.REJECTED], np.nan, probabilities), np.asarray(scores, float)
 
 
 def reference_of(setting: Setting, logits, scores, patients) -> MonitorReference:

@@ -28,6 +28,7 @@ from pneumonia.errors import ModelLoadError
 from pneumonia.scoring.metrics import bootstrap_ci, metrics_at_threshold
 from pneumonia.serving.card import ExportFile
 from pneumonia.serving.classifier import SHIPPED_MODEL_DIR, XrayClassifier
+from pneumonia.serving.outcomes import GateVerdict
 from pneumonia.serving.preprocessing import model_input
 from pneumonia.serving.runtime import OnnxModel
 from pneumonia.training.dataset import DataError, scan_split, training_parts, validation_part
@@ -232,8 +233,8 @@ def gate_agreement(gate, features_f32: np.ndarray, features_int8: np.ndarray) ->
     distances = [gate.density.distance(f) for f in (features_f32, features_int8)]
     verdicts = [[gate.check_score(float(d)).verdict for d in ds] for ds in distances]
     return {
-        "verdicts_float32": {v: verdicts[0].count(v) for v in ("ok", "unusual", "rejected")},
-        "verdicts_int8": {v: verdicts[1].count(v) for v in ("ok", "unusual", "rejected")},
+        "verdicts_float32": {v: verdicts[0].count(v) for v in GateVerdict},
+        "verdicts_int8": {v: verdicts[1].count(v) for v in GateVerdict},
         "verdicts_changed": sum(a != b for a, b in zip(*verdicts)),
         "distance_relative_diff_max": float(np.max(np.abs(distances[1] - distances[0]) / distances[0])),
     }

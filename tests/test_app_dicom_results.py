@@ -18,16 +18,16 @@ from builders import PATIENT_ID, PATIENT_NAME, REAL_XRAYS, dicom_bytes, sr_conte
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from pneumonia.web import DEFAULTS
 from pneumonia.web.api import bp
 from pneumonia.web.openapi import document
+from pneumonia.web.settings import Settings
 
 pytest.importorskip("highdicom", reason="DICOM results need highdicom: pip install -r requirements-pacs.txt")
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-SPEC = document(DEFAULTS, bp)
+SPEC = document(Settings(), bp)
 ANSWERED = set(SPEC["paths"]["/api/predict"]["post"]["responses"]["200"]["content"])  # documented media types
 
 

@@ -57,12 +57,12 @@ def test_the_command_line_reference_covers_every_command(hooks):
 
 
 def test_the_api_reference_covers_every_operation_of_the_document(hooks):
-    from pneumonia.web import DEFAULTS
     from pneumonia.web.api import bp
     from pneumonia.web.openapi import document
+    from pneumonia.web.settings import Settings
 
     reference = hooks.api_reference()
-    for path, item in document(DEFAULTS, bp)["paths"].items():
+    for path, item in document(Settings(), bp)["paths"].items():
         for method in item:
             assert f"## `{method.upper()} {path}`" in reference
 

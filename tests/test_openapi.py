@@ -19,13 +19,12 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from PIL import Image
 from schemathesis.core.failures import FailureGroup
 
-from pneumonia.web import DEFAULTS
 from pneumonia.web.api import bp
 from pneumonia.web.openapi import document, generated
 from pneumonia.web.queries import NO, YES
-from pneumonia.web.settings import settings
+from pneumonia.web.settings import Settings, settings
 
-SPEC = document(DEFAULTS, bp)  # as a server with the default settings serves it
+SPEC = document(Settings(), bp)  # as a server with the default settings serves it
 XRAY = REAL_XRAYS[0].read_bytes()
 COLOUR_PHOTO = encode_image(Image.new("RGB", (300, 300), (200, 30, 30)), "PNG")  # the gate refuses it (colour)
 
@@ -59,8 +58,9 @@ def test_the_document_is_a_valid_openapi_3_1_document():
     assert SPEC["openapi"].startswith("3.1.")
 
 
-def test_the_served_document_is_valid_and_states_this_servers_limits(not_ready_app):
-    not_ready_app.config.update(BATCH_MAX_FILES=7)
+def test_the_served_document_is_valid_and_states_this_servers_limits(not_ready_app, monkeypatch):
+    changed = not_ready_app.extensions["settings"].model_copy(update={"batch_max_files": 7})
+    monkeypatch.setitem(not_ready_app.extensions, "settings", changed)
     response = not_ready_app.test_client().get("/openapi.json")
     served = response.get_json()
     validate(served, cls=OpenAPIV31SpecValidator)

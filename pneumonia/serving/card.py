@@ -279,7 +279,7 @@ class ModelCard:
     preprocessing: Preprocessing
     calibration: Calibration
     thresholds: Thresholds
-    validation: Metrics  # evaluation.metrics.evaluate_predictions on the validation part
+    validation: Metrics  # scoring.metrics.evaluate_predictions on the validation part
     data: DataRecord
     training: Training
     lineage: list[Run]  # every run from the first weights to these, oldest first

@@ -13,12 +13,12 @@ from pneumonia.serving.records import optional, parsed_record, record
 Rate = Annotated[float, Field(ge=0, le=1)]
 
 
-# --- The validation metrics (evaluation/metrics.py: evaluate_predictions) -----------------------------
+# --- The validation metrics (scoring/metrics.py: evaluate_predictions) -----------------------------
 
 
 @record
 class ThresholdFigures:
-    """evaluation.metrics.metrics_at_threshold: the figures at one threshold."""
+    """scoring.metrics.metrics_at_threshold: the figures at one threshold."""
 
     threshold: float
     accuracy: float

@@ -12,10 +12,8 @@ import warnings
 
 from flask import Flask
 
-from pneumonia.web.settings import Settings, configure
+from pneumonia.web.settings import configure
 from pneumonia.web.uploads import BodyDeadline, InMemoryRequest
-
-DEFAULTS = Settings().as_config()  # the default settings as app.config holds them (openapi.document's input)
 
 
 def create_app(config: dict | None = None) -> Flask:

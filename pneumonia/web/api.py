@@ -19,6 +19,7 @@ from pneumonia.web.operations import HEALTH, MONITOR, OPENAPI, PREDICT, PREDICT_
 from pneumonia.web.queries import parsed_query
 from pneumonia.web.schemas import NOTICE, BatchQuery, PredictQuery
 from pneumonia.web.screener import current_screener
+from pneumonia.web.settings import current_settings
 from pneumonia.web.uploads import UploadError, read_upload
 
 bp = Blueprint("api", __name__)
@@ -37,7 +38,7 @@ def predict():
     name, extension = query.overlay_format
     data = read_upload(request)
     with_gradcam = query.with_gradcam
-    prepared = screener.prepare(data, current_app.config["API_IMAGE_MAX_SIDE"] if with_gradcam else None)
+    prepared = screener.prepare(data, current_settings().api_image_max_side if with_gradcam else None)
     with model_slot():  # 503 with Retry-After when too many uploads wait for the model
         result = screener.screen(prepared, extension if with_gradcam else None)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
@@ -72,7 +73,7 @@ def predict_batch():
     if not uploads:
         raise UploadError(400, 'No file was uploaded: send one or more chest X-ray images as form fields "file".')
     with_gradcam = parsed_query(BatchQuery).with_gradcam
-    rendering = Rendering(".png", current_app.config["API_IMAGE_MAX_SIDE"]) if with_gradcam else None
+    rendering = Rendering(".png", current_settings().api_image_max_side) if with_gradcam else None
     entries = screen_uploads(screener, uploads, rendering)
     return jsonify([dict(entry_json(entry, screener, with_gradcam), notice=NOTICE) for entry in entries])
 
@@ -97,7 +98,7 @@ def healthz():
 @bp.get("/openapi.json")
 @documented(OPENAPI)
 def openapi_json():
-    return jsonify(document(current_app.config, bp))
+    return jsonify(document(current_settings(), bp))
 
 
 @bp.get("/api/monitor")

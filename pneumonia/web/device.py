@@ -13,6 +13,7 @@ from flask import Blueprint, abort, current_app, send_file
 from pneumonia.errors import ModelLoadError
 from pneumonia.web.device_site import PAGE, DeviceSite, Overlay, build_site
 from pneumonia.web.error_responses import error_response
+from pneumonia.web.settings import current_settings
 
 bp = Blueprint("device", __name__)
 
@@ -29,9 +30,9 @@ def device_site() -> DeviceSite:
     """Built once per worker, on the first request for it (hashing the export takes a moment), showing the
     heatmap as the app's result page does."""
     if "device_site" not in current_app.extensions:
-        config = current_app.config
-        overlay = Overlay(float(config["OVERLAY_ALPHA"]), int(config["PAGE_IMAGE_MAX_SIDE"]))
-        current_app.extensions["device_site"] = build_site(config["MODEL_PATH"], server_url="../", overlay=overlay)
+        settings = current_settings()
+        overlay = Overlay(settings.overlay_alpha, settings.page_image_max_side)
+        current_app.extensions["device_site"] = build_site(settings.model_path, server_url="../", overlay=overlay)
     return current_app.extensions["device_site"]
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema
 
 from pneumonia.web.schemas import UPLOAD_TYPES
+from pneumonia.web.settings import Settings
 
 VERSION = "3.1.0"
 SCHEMAS = "#/components/schemas/{model}"
@@ -224,41 +225,41 @@ def generated(blueprint: Blueprint) -> dict:
     return {"openapi": VERSION, "info": INFO, "paths": paths, "components": components, "security": security}
 
 
-def limits(config) -> dict:
-    """The limits a client meets, from the app's settings (pneumonia/web/__init__.py DEFAULTS)."""
+def limits(settings: Settings) -> dict:
+    """The limits a client meets, from the app's settings (pneumonia/web/settings.py)."""
     return {
-        "max_content_length_bytes": int(config["MAX_CONTENT_LENGTH"]),
-        "max_form_parts": int(config["MAX_FORM_PARTS"]),
-        "batch_max_files": int(config["BATCH_MAX_FILES"]),
-        "batch_chunk_size": int(config["BATCH_CHUNK_SIZE"]),
-        "body_timeout_s": float(config["BODY_TIMEOUT"]),
-        "body_read_timeout_s": float(config["BODY_READ_TIMEOUT"]),
-        "model_queue_seconds": float(config["MODEL_QUEUE_SECONDS"]),
+        "max_content_length_bytes": settings.max_content_length,
+        "max_form_parts": settings.max_form_parts,
+        "batch_max_files": settings.batch_max_files,
+        "batch_chunk_size": settings.batch_chunk_size,
+        "body_timeout_s": settings.body_timeout,
+        "body_read_timeout_s": settings.body_read_timeout,
+        "model_queue_seconds": settings.model_queue_seconds,
         "rate_limit": {
-            "enabled": bool(config["RATE_LIMIT_ENABLED"]),
-            "uploads": str(config["RATE_LIMIT_UPLOADS"]),
-            "pages": str(config["RATE_LIMIT_PAGES"]),
+            "enabled": settings.rate_limit_enabled,
+            "uploads": settings.rate_limit_uploads,
+            "pages": settings.rate_limit_pages,
             "scope": "per client address, per worker process",
         },
         "access": {
-            "keys_required": keys_required(config),
-            "failures_limit": str(config["ACCESS_FAILURES_LIMIT"]),
+            "keys_required": keys_required(settings),
+            "failures_limit": settings.access_failures_limit,
             "scope": "per client address, per worker process",
         },
     }
 
 
-def keys_required(config) -> bool:
+def keys_required(settings: Settings) -> bool:
     """Whether this server asks for an access key (start-up refuses a set but empty key setting)."""
-    return config.get("ACCESS_KEYS") is not None or bool(config.get("ACCESS_KEYS_FILE"))
+    return settings.access_keys is not None or bool(settings.access_keys_file)
 
 
-def document(config, blueprint: Blueprint) -> dict:
-    """A fresh copy of the document of `blueprint` for an app with settings `config` (the caller may change it)."""
+def document(settings: Settings, blueprint: Blueprint) -> dict:
+    """A fresh copy of the document of `blueprint` for an app with `settings` (the caller may change it)."""
     spec = copy.deepcopy(generated(blueprint))
-    spec["info"]["x-limits"] = limits(config)
+    spec["info"]["x-limits"] = limits(settings)
     batch = spec["paths"]["/api/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
-    batch["schema"]["properties"]["file"]["maxItems"] = int(config["BATCH_MAX_FILES"])
-    if not keys_required(config):
+    batch["schema"]["properties"]["file"]["maxItems"] = settings.batch_max_files
+    if not keys_required(settings):
         del spec["security"]
     return spec

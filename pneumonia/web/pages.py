@@ -13,6 +13,7 @@ from pneumonia.web.batch import THUMBNAIL_SIDE, Rendering, entries_csv, max_file
 from pneumonia.web.capacity import model_slot
 from pneumonia.web.monitoring import monitor_json
 from pneumonia.web.screener import current_screener
+from pneumonia.web.settings import current_settings
 from pneumonia.web.uploads import read_upload
 
 bp = Blueprint("pages", __name__)
@@ -48,7 +49,7 @@ def predict():
     screener = current_screener()
     if len(uploads := read_uploads(request)) > 1:
         return _batch_result(screener, uploads, started)
-    prepared = screener.prepare(read_upload(request), current_app.config["PAGE_IMAGE_MAX_SIDE"])
+    prepared = screener.prepare(read_upload(request), current_settings().page_image_max_side)
     with model_slot():  # 503 with Retry-After when too many uploads wait for the model
         result = screener.screen(prepared, ".jpg", with_original=True)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)

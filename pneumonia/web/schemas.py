@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
+from pneumonia.serving.card import LabelThresholds
+from pneumonia.serving.gate import GateThresholds
+from pneumonia.serving.outcomes import GateVerdict
 from pneumonia.web.queries import DEFAULT_OVERLAY, NO, OVERLAY_FORMATS, RESULT_FORMS, YES, any_case
 
 NOTICE = "Research tool, not a medical device."
@@ -117,25 +120,10 @@ class Error(BaseModel):
     status: int = Field(ge=400, le=599)
 
 
-class Thresholds(BaseModel):
-    """The model card's decision thresholds on the calibrated probability: `label` uses `default`,
-    `screening_label` uses `screening` (chosen for >= 98 % sensitivity on validation)."""
-
-    model_config = ConfigDict(extra="allow")
-    __pydantic_extra__: dict[str, float] = Field(init=False)
-    default: float
-    screening: float
-
-
-class GateThresholds(BaseModel):
-    unusual: float
-    rejected: float
-
-
 class OodAccepted(BaseModel):
     """The gate accepted the image; `unusual` adds a `warning` sentence."""
 
-    verdict: Literal["ok", "unusual"]
+    verdict: Literal[GateVerdict.OK, GateVerdict.UNUSUAL]
     score: float
     thresholds: GateThresholds
     warning: str | SkipJsonSchema[None] = None  # absent, not null, when the verdict is ok
@@ -145,7 +133,7 @@ class OodRejected(BaseModel):
     """The gate refused the image: `size`, `shape`, `colour`, `blank` (pixel checks) or `features` (unlike the
     training X-rays)."""
 
-    verdict: Literal["rejected"]
+    verdict: Literal[GateVerdict.REJECTED]
     reason: Literal["size", "shape", "colour", "blank", "features"]
     score: float | None
     threshold: float | None
@@ -212,7 +200,7 @@ class Prediction(BaseModel):
     )
     label: Label
     screening_label: Label
-    thresholds: Thresholds
+    thresholds: LabelThresholds
     model: ModelFacts
     gradcam: GradcamFacts
     ood: Annotated[OodAccepted | OodUnchecked, Field(discriminator="verdict")]
@@ -241,7 +229,7 @@ class BatchScreened(BatchFile):
     probability_text: str
     label: Label
     screening_label: Label
-    thresholds: Thresholds
+    thresholds: LabelThresholds
     ood: Ood
     gradcam_png: str | None = base64_image("image/png")
 

@@ -25,6 +25,7 @@ from pneumonia.serving.outcomes import Outcome
 from pneumonia.serving.sandbox import DecodingSandbox
 from pneumonia.serving.screening import BatchScreener, Prepared, ScreenedImage, Screening
 from pneumonia.web.answers import NotScreened
+from pneumonia.web.settings import settings
 
 ENCODE_PARAMS = {
     ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
@@ -160,11 +161,11 @@ class ModelNotReady(Exception):
 def load_screener(app) -> None:
     """At start-up: app.extensions["screener"] is the Screener, or None with the reason in
     app.extensions["model_error"]."""
-    path = app.config["MODEL_PATH"]
+    path = settings(app).model_path
     screener, error = None, None
     try:
         sandbox = app.extensions["decoding_sandbox"]
-        screener = Screener(path, app.config["OVERLAY_ALPHA"], app.config.get("RUNTIME"), sandbox)
+        screener = Screener(path, settings(app).overlay_alpha, settings(app).runtime, sandbox)
     except ModelLoadError as err:
         error = str(err)
     except Exception as err:  # a card missing keys, a model without a "logit" layer, ...
