@@ -1,5 +1,5 @@
 """The product's one vocabulary for what became of an image: every module compares these members, never
-the words; the browser's pipeline mirrors them in `web/static/device/vocabulary.js` (a test holds the two
+the words; the device page's own vocabulary module mirrors them for the browser (a test holds the two
 equal), and the words are what the CSV, JSON and metrics carry."""
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class BatchScreener:
         # Decoding messages call bytes by their row's name (the archive's files), else "the upload".
         self.names_in_messages = names_in_messages
         # Called with rows once decided, each row once: by `prepare` those it decided (unreadable, refused by
-        # the pixel checks), by `score` the others (the web app's metrics and drift monitor, web/monitoring.py).
+        # the pixel checks), by `score` the others (the web app's metrics and drift monitor).
         self.observers: list[Callable[[list[ScreenedImage]], None]] = []
 
     def screen(
