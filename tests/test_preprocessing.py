@@ -380,5 +380,5 @@ def test_the_cards_contrast_is_part_of_the_one_path(grey):
     np.testing.assert_array_equal(
         preprocess(data, preprocessing_spec(SIZE, UNIT_NORMALIZATION)), normalize(pixels, UNIT_NORMALIZATION)
     )
-    with pytest.raises(ValueError, match="'gamma' is not one of none, equalize"):
+    with pytest.raises(ValueError, match="contrast 'gamma' is not one of 'none' or 'equalize'"):
         preprocessing_spec(SIZE, UNIT_NORMALIZATION, contrast="gamma")

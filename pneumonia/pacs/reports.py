@@ -218,15 +218,22 @@ def structured_report(identity: ModelIdentity, source: Dataset, row, series: Run
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=report,
-        series_instance_uid=series.sr_uid,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
-        instance_number=series.count,
-        manufacturer=MANUFACTURER,
+        **_new_instance(series.sr_uid, SR_SERIES_NUMBER, series),
         is_complete=True,
         series_description=identity.series_description("result"),
     )
     return sr
+
+
+def _new_instance(series_uid: str, series_number: int, series: RunSeries) -> dict:
+    """What both result objects say of their series and of themselves: a new instance, numbered in the run."""
+    return {
+        "series_instance_uid": series_uid,
+        "series_number": series_number,
+        "sop_instance_uid": generate_uid(),
+        "instance_number": series.count,
+        "manufacturer": MANUFACTURER,
+    }
 
 
 def gradcam_capture(identity: ModelIdentity, source: Dataset, rgb: np.ndarray, series: RunSeries) -> Dataset:
@@ -238,11 +245,7 @@ def gradcam_capture(identity: ModelIdentity, source: Dataset, rgb: np.ndarray, s
         bits_allocated=8,
         coordinate_system="PATIENT",
         patient_orientation=("L", "F"),  # replaced below by the source's, or left empty (Type 2)
-        series_instance_uid=series.sc_uid,
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(),
-        instance_number=series.count,
-        manufacturer=MANUFACTURER,
+        **_new_instance(series.sc_uid, SC_SERIES_NUMBER, series),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=identity.series_description("Grad-CAM"),
     )

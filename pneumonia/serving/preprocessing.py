@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 
 from pneumonia.reading.decoding import Source, decode_xray, load_xray
 from pneumonia.reading.pixel_stats import PixelStats
 from pneumonia.serving.card import CONTRASTS, Normalization, Preprocessing
 from pneumonia.serving.gradcam import display_image
+from pneumonia.serving.records import CardFieldError, field_error
 
 # keras.applications.densenet.preprocess_input ("torch" mode): what ImageNet weights expect.
 IMAGENET_NORMALIZATION = Normalization(1 / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -31,8 +33,11 @@ UNIT_NORMALIZATION = Normalization(1 / 255, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
 
 
 def preprocessing_spec(image_size: int, normalization: Normalization, contrast: str = "none") -> Preprocessing:
-    """The preprocessing section of a model card."""
-    return Preprocessing(int(image_size), normalization, contrast)
+    """The preprocessing section of a model card; CardFieldError naming a value it cannot hold."""
+    try:
+        return Preprocessing(image_size=int(image_size), normalization=normalization, contrast=contrast)
+    except ValidationError as err:
+        raise CardFieldError(field_error(err.errors()[0], "preprocessing")) from None
 
 
 def resize_xray(image: Image.Image, image_size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from pneumonia.web.monitoring import monitor_json
 from pneumonia.web.openapi import document, documented
 from pneumonia.web.operations import HEALTH, MONITOR, OPENAPI, PREDICT, PREDICT_BATCH
 from pneumonia.web.queries import parsed_query
-from pneumonia.web.schemas import NOTICE, BatchQuery, PredictQuery
+from pneumonia.web.schemas import NOTICE, BatchEntry, BatchQuery, Prediction, PredictQuery, built
 from pneumonia.web.screener import current_screener
 from pneumonia.web.settings import current_settings
 from pneumonia.web.uploads import UploadError, read_upload
@@ -43,7 +43,8 @@ def predict():
         result = screener.screen(prepared, extension if with_gradcam else None)
     result.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 1)
     card = screener.card
-    return jsonify(
+    return built(
+        Prediction,
         **screening_json(result.screening, screener.classifier),
         model={
             "name": screener.classifier.name,
@@ -75,7 +76,7 @@ def predict_batch():
     with_gradcam = parsed_query(BatchQuery).with_gradcam
     rendering = Rendering(".png", current_settings().api_image_max_side) if with_gradcam else None
     entries = screen_uploads(screener, uploads, rendering)
-    return jsonify([dict(entry_json(entry, screener, with_gradcam), notice=NOTICE) for entry in entries])
+    return jsonify([built(BatchEntry, **entry_json(entry, screener, with_gradcam), notice=NOTICE) for entry in entries])
 
 
 @bp.get("/healthz")

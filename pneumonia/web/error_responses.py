@@ -18,6 +18,7 @@ from pneumonia.web.answers import UNEXPECTED_STATUS, NotScreened, http_status
 from pneumonia.web.capacity import ModelBusy
 from pneumonia.web.decoders import decoder_retry_after_s
 from pneumonia.web.rate_limit import retry_after_s
+from pneumonia.web.schemas import Refused, built
 from pneumonia.web.screener import ModelNotReady, current_screener
 from pneumonia.web.uploads import MalformedBody, UploadError
 
@@ -68,7 +69,7 @@ def _not_screened(err: NotScreened):
     screening, status = err.screening, http_status(err.screening)
     if status == 422 and wants_json():
         ood = ood_json(screening.verdict, current_screener().classifier)
-        return jsonify(error=screening.error, status=422, ood=ood), 422
+        return built(Refused, error=screening.error, status=422, ood=ood), 422
     if status == 422:
         return render_template("refused.html", verdict=screening.verdict, expected=EXPECTED), 422
     if status == UNEXPECTED_STATUS:
