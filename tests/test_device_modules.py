@@ -206,9 +206,9 @@ def test_the_gate_answers_as_serving_gate(tmp_path, params):
     stats = [{"pixels": s.pixels, "aspect": s.aspect, "chroma": s.chroma, "spread": s.spread} for s in cases]
     features = np.random.default_rng(2).normal(0, 1, (3, gate.density.means.shape[1])).astype(np.float32)
     features[0] = gate.density.means[1]
-    calls = [{"module": "gate.js", "name": "pixelVerdict", "args": [s, params["gate"]["bounds"]]} for s in stats]
+    calls = [{"module": "ood_checks.js", "name": "pixelVerdict", "args": [s, params["gate"]["bounds"]]} for s in stats]
     density = {"means": gate.density.means.tolist(), "precision": gate.density.precision.ravel().tolist()}
-    calls += [{"module": "gate.js", "name": "mahalanobis", "args": [f.tolist(), density]} for f in features]
+    calls += [{"module": "ood_checks.js", "name": "mahalanobis", "args": [f.tolist(), density]} for f in features]
     answers = run_js(*calls)
     for case, answer in zip(cases, answers):
         verdict = pixel_verdict(case, gate.bounds)
@@ -216,6 +216,6 @@ def test_the_gate_answers_as_serving_gate(tmp_path, params):
     distances = answers[len(cases) :]
     assert distances == pytest.approx(gate.density.distance(features).tolist(), rel=1e-4)
     verdicts = run_js(
-        *({"module": "gate.js", "name": "featureVerdict", "args": [d, gate.thresholds]} for d in distances)
+        *({"module": "ood_checks.js", "name": "featureVerdict", "args": [d, gate.thresholds]} for d in distances)
     )
     assert [v["verdict"] for v in verdicts] == [gate.check_score(d).verdict for d in distances]

@@ -1,7 +1,7 @@
 // The model's download: its parameters (model/screener.json, pneumonia/web/device_site.py), its files
 // checked against the card's fingerprints, and an ONNX Runtime session on WebAssembly (`ort`, the
 // vendored onnxruntime-web loaded by the page before this module).
-import { gateArrays } from "./gate.js";
+import { gateArrays } from "./ood_checks.js";
 import { sha256Hex } from "./hashing.js";
 import { CONTRASTS } from "./pixels.js";
 

@@ -1,7 +1,7 @@
 // The screening pipeline without the page: decoded pixels in, the model's input out (`prepare`);
 // the model's outputs in, the outcome out (`scored`). The page decodes and runs the model between them;
 // tests/test_device_modules.py runs these in node against the Python pipeline.
-import { featureVerdict, mahalanobis, pixelVerdict } from "./gate.js";
+import { featureVerdict, mahalanobis, pixelVerdict } from "./ood_checks.js";
 import { boxReduce, draftScale, greyscale, modelInput, resize } from "./pixels.js";
 import { greySpread, meanChroma } from "./stats.js";
 import { GateVerdict, Outcome } from "./vocabulary.js";
