@@ -64,22 +64,22 @@ def test_a_decode_past_the_memory_limit_is_refused_and_the_next_file_decodes():
     try:
         with pytest.raises(DecodeLimitExceeded, match="within 24 MiB") as refused:
             sandbox.prepare(png_of_zeros(BIG_GREY, bit_depth=8), 224)
-        assert refused.value.limit == "memory"
+        assert refused.value.limit == "memory" and sandbox.replaced == 1  # the killed child, replaced
+        # (the next child may retire too: its peak can pass half of so small a limit, which is not this test's)
         assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
-        assert sandbox.replaced == 1
     finally:
         sandbox.close()
 
 
 def test_a_decode_past_the_time_limit_is_killed_and_the_next_file_decodes():
-    sandbox = DecodingSandbox(DecodeLimits(seconds=0.25), workers=1)
+    sandbox = DecodingSandbox(DecodeLimits(seconds=0.5), workers=1)
     try:
         started = time.monotonic()
-        with pytest.raises(DecodeLimitExceeded, match="within 0.25 s of processor time") as refused:
+        with pytest.raises(DecodeLimitExceeded, match="within 0.5 s of processor time") as refused:
             sandbox.prepare(png_of_zeros(SLOW_SIDE), 224)
         assert refused.value.limit == "time" and time.monotonic() - started < 5
+        assert sandbox.replaced == 1  # the killed child, replaced
         assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
-        assert sandbox.replaced == 1
     finally:
         sandbox.close()
 
