@@ -174,12 +174,15 @@ def screen_in_browser(browser, path: Path) -> dict:
 
 
 def own_requests(browser) -> list[dict]:
-    """Every request the page made, from Chromium's performance (DevTools network) log."""
+    """Every network request made, from Chromium's performance (DevTools network) log; chrome:// resources
+    (the browser's own pages, which a clean clone's CI run logged here) never leave the machine."""
     requests = []
     for entry in browser.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
             request = message["params"]["request"]
+            if request["url"].startswith("chrome://"):
+                continue
             requests.append({"url": request["url"], "method": request["method"], "body": request.get("hasPostData")})
     return requests
 
