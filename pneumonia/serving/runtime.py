@@ -13,6 +13,7 @@ serving install (`requirements.txt`) has ONNX Runtime and no TensorFlow.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,15 +74,11 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.force_spinning_stop", "1")
         self.spinning = spinning
-        self.sessions = {}
-        for name in ("explain", "forward"):
-            path = folder / section.files[name].file
-            try:
-                self.sessions[name] = onnxruntime.InferenceSession(
-                    str(path), options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as err:  # onnxruntime raises its own types for a bad graph
-                raise ModelLoadError(f"ONNX Runtime could not load {path}: {err}") from None
+        self.folder, self.section, self.options = folder, section, options
+        # The forward graph (batches without Grad-CAM) is loaded on its first use: a worker that only screens
+        # single uploads never holds it (its weights, laid out again by ONNX Runtime: docs/benchmarks.md).
+        self.sessions = {"explain": self._session("explain")}
+        self._forward_loading = threading.Lock()
         cam, features = (self._output(name) for name in ("cam", "features"))
         self.map_size = tuple(int(n) for n in cam.shape[1:3])
         self.feature_dim = int(features.shape[-1])
@@ -90,13 +87,29 @@ class OnnxModel:
         self.layer = section.gradcam_layer
         self.explain(np.zeros((1, self.image_size, self.image_size, 3), np.float32))  # allocates now
 
+    def _session(self, name: str):
+        import onnxruntime
+
+        path = self.folder / self.section.files[name].file
+        try:
+            return onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types for a bad graph
+            raise ModelLoadError(f"ONNX Runtime could not load {path}: {err}") from None
+
+    def _forward_session(self):
+        if "forward" not in self.sessions:
+            with self._forward_loading:
+                if "forward" not in self.sessions:
+                    self.sessions["forward"] = self._session("forward")
+        return self.sessions["forward"]
+
     def _output(self, name: str):
         return next(o for o in self.sessions["explain"].get_outputs() if o.name == name)
 
     def forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(inputs) == 0:
             return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.float32)
-        features, logits = self.sessions["forward"].run(["features", "logits"], {"xray": inputs})
+        features, logits = self._forward_session().run(["features", "logits"], {"xray": inputs})
         return features, logits
 
     def explain(self, inputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
