@@ -343,7 +343,8 @@ def test_files_are_closed_after_reading(grey, tmp_path):
             with pytest.raises(XrayReadError):
                 xray_pixels(tmp_path / bad, 16)
         gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    # Only this test's files: the collection may also find another test's socket left to the collector.
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning) and str(tmp_path) in str(w.message)]
 
 
 def test_contrast_normalisation_undoes_a_flatter_exposure():

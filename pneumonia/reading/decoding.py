@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
 from pneumonia.errors import XrayReadError
 from pneumonia.reading.budget import check_decoded_bytes, rows_to_uint8, strips
@@ -61,6 +61,27 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+def refusal_at_start(head: bytes, name: str) -> str | None:
+    """Why a file cannot be read, when its first bytes `head` already settle it, else None (the rest decides).
+    Only a JPEG whose markers break off within them: Pillow's own parser reads the same bytes the same way
+    and refuses the whole file there, so the decoding sandbox need not be handed the rest (a 19 MB upload of
+    noise behind a JPEG signature is refused on its first 64 kB)."""
+    if sniff_format(head) != "JPEG":
+        return None
+    try:
+        JpegImagePlugin.JpegImageFile(io.BytesIO(head)).close()
+    except SyntaxError as err:
+        if str(err) == "no marker found":  # a byte after 0xFF that no JPEG marker has: final, whatever follows
+            return unsupported_message(name)
+    except Exception:  # past the end of `head` (a header longer than it): the whole file decides
+        return None
+    return None
+
+
+def unsupported_message(name: str) -> str:
+    return f"{name} is not a supported image (JPEG, PNG, BMP, TIFF or DICOM)."
+
+
 def _source_bytes(source: Source, bytes_name: str) -> tuple[bytes, str]:
     """(the bytes, what messages call them): `bytes_name` for bytes, the path for a file."""
     if isinstance(source, (bytes, bytearray)):
@@ -84,7 +105,7 @@ def _open_image(data: bytes, name: str) -> Image.Image:
             image = Image.open(stream)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         if isinstance(err, UnidentifiedImageError):
-            raise XrayReadError(f"{name} is not a supported image (JPEG, PNG, BMP, TIFF or DICOM).") from None
+            raise XrayReadError(unsupported_message(name)) from None
         raise XrayReadError(f"{name} declares too many pixels to be an X-ray; refused before decoding.") from None
     except OSError as err:
         raise XrayReadError(f"{name} could not be read as an image: {err}") from None

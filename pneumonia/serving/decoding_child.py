@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from pneumonia.errors import XrayReadError
-from pneumonia.reading.decoding import Source
+from pneumonia.reading.decoding import Source, refusal_at_start
 
 MIB = 1024 * 1024
 # A child whose address space is still more than this over its start after a job is replaced: the limit is
@@ -54,6 +54,7 @@ class DecodeJob:
     path: str | None = None
     header_keywords: list[str] | None = None
     size: int = 0  # the bytes that follow the job on the socket, unframed (none with a path)
+    first: int = 0  # of those, sent first for the child to judge the file's start (0: all at once)
 
     def header(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -146,10 +147,12 @@ def child_main(connection: Connection, limits: DecodeLimits) -> None:
     while True:
         try:
             job = DecodeJob(**json.loads(connection.recv_bytes(MAX_JOB_HEADER)))
+            _arm_cpu_limit(limits.seconds)
+            if job.path is None and job.first and _refused_at_its_start(connection, peer, job):
+                continue
             source = job.path if job.path is not None else receive_exactly(peer, job.size)
         except (EOFError, OSError):
             return
-        _arm_cpu_limit(limits.seconds)
         header, buffers = _child_reply(job, source, limits, start_vm)
         del source
         peak = _vm_peak_bytes() - start_vm  # the most this child has taken over its life
@@ -163,6 +166,19 @@ def child_main(connection: Connection, limits: DecodeLimits) -> None:
             connection.send_bytes(buffer)
         if header["retire"]:
             return
+
+
+def _refused_at_its_start(connection: Connection, peer: socket.socket, job: DecodeJob) -> bool:
+    """Judges the file by its first `job.first` bytes, left on the socket (MSG_PEEK): True once a refusal is
+    answered (those bytes read off, the rest never sent), False once the parent is told to send the rest."""
+    head = peer.recv(job.first, socket.MSG_PEEK | socket.MSG_WAITALL)
+    refusal = refusal_at_start(head, job.bytes_name)
+    if refusal is None:
+        connection.send_bytes(json.dumps({"go": True}).encode())
+        return False
+    receive_exactly(peer, job.first)
+    connection.send_bytes(json.dumps({"error": refusal, "at_start": True}).encode())
+    return True
 
 
 def send_all(fd: int, data) -> None:
@@ -212,8 +228,16 @@ def _capitalised(name: str) -> str:
 
 def zygote_main(control_fd: int, memory_mib: int, seconds: float) -> None:
     """The zygote's life: import what a decode needs, then fork a child for each request."""
+    # Everything a job runs, imported once here rather than in each child on its first job: a fresh child
+    # (after a kill or a retirement) took about a quarter of a second of processor time importing OpenCV,
+    # the preprocessing and the card's models, which counted against its decode's limit; shared, their pages
+    # are not each child's own either.
+    import cv2  # noqa: F401
     import pydicom.pixels  # noqa: F401  (the pixel handlers pydicom would import on first use)
     from PIL import Image
+
+    from pneumonia.reading.dicom import header_values  # noqa: F401
+    from pneumonia.serving.preprocessing import prepare_xray  # noqa: F401
 
     Image.init()  # every Pillow plugin, once
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children

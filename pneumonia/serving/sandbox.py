@@ -62,6 +62,12 @@ from pneumonia.serving.decoding_child import (
 from pneumonia.serving.preprocessing import PreparedXray
 
 MAX_REPLY_HEADER = 64 * 1024  # a child's JSON header; a longer one is a broken child
+# An upload over START_CHECK_FROM goes to its child in two parts, the first START_BYTES then the rest, so that
+# one whose start already settles its refusal is not copied into a decoder whole (decoding.refusal_at_start):
+# in a 10-minute flood, 19 MB of noise behind a JPEG signature (docs/uploads.md). Real X-ray JPEGs are mostly
+# under it and go in one part; a larger one pays a round trip.
+START_BYTES = 64 * 1024
+START_CHECK_FROM = 1024 * 1024
 CPU_POLL_S = 0.05  # how often the parent reads a decoding child's processor time
 WALL_FACTOR = 4  # a decode may take this many times its processor-time limit on the clock
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -93,11 +99,31 @@ class DecodingChild:
 
     def run(self, job: DecodeJob, data: bytes | None) -> tuple[dict, list[bytes]]:
         """The child's answer to one job, its JSON header and buffers; DecodeLimitExceeded when it went
-        past a limit (the child is then unusable)."""
+        past a limit (the child is then unusable). An upload over START_CHECK_FROM is sent in two parts:
+        its first START_BYTES, which the child may refuse the file on (`refusal_at_start`), then the rest."""
+        self._send(job, job.header(), framed=True)
+        if data is not None and job.first:
+            self._send(job, memoryview(data)[: job.first])
+            header, _ = self._answer(job)
+            if not header.get("go"):
+                return header, []  # refused on its start: the child read what it was sent, and stays
+            data = memoryview(data)[job.first :]
+        if data is not None:
+            self._send(job, data)
+        return self._answer(job)
+
+    def _send(self, job: DecodeJob, data, framed: bool = False) -> None:
         try:
-            self.connection.send_bytes(job.header())
-            if data is not None:
+            if framed:
+                self.connection.send_bytes(data)
+            else:
                 send_all(self.connection.fileno(), data)
+        except OSError:  # it died before it read it all
+            self.stop(kill=True)
+            raise DecodeLimitExceeded(crash_message(job.bytes_name, self.limits), "crash") from None
+
+    def _answer(self, job: DecodeJob) -> tuple[dict, list[bytes]]:
+        try:
             in_time = self._answered_in_time()
             if in_time:
                 header = json.loads(self.connection.recv_bytes(MAX_REPLY_HEADER))
@@ -251,7 +277,9 @@ class DecodingSandbox:
         DecodeLimitExceeded past a limit, DecoderBusy when no child was free within `wait_s`."""
         path = None if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
         size = 0 if path is not None else len(source)
-        job = DecodeJob(bytes_name if path is None else path, int(image_size), display_side, path, size=size)
+        first = START_BYTES if size > START_CHECK_FROM else 0
+        name = bytes_name if path is None else path
+        job = DecodeJob(name, int(image_size), display_side, path, size=size, first=first)
         (header, buffers), waited = self._run(job, None if path is not None else source)
         prepared = _prepared(header, buffers, job)
         prepared.timing_ms["decoder_wait"] = round(waited * 1000, 2)
