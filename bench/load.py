@@ -252,11 +252,20 @@ def post_upload(
         )
         status = response.status_code
         retry_after = response.headers.get("Retry-After")
+        error = _error_of(response) if status >= 400 else None
     except requests.Timeout:
-        status, retry_after = "timeout", None
+        status, retry_after, error = "timeout", None, None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):  # dropped, or cut mid-answer
-        status, retry_after = "connection error", None
-    return {"status": status, "ms": (time.perf_counter() - started) * 1000, "retry_after": retry_after}
+        status, retry_after, error = "connection error", None, None
+    return {"status": status, "ms": (time.perf_counter() - started) * 1000, "retry_after": retry_after, "error": error}
+
+
+def _error_of(response) -> str:
+    """The answer's sentence for a person (the JSON `error`), cut short; what a failure said."""
+    try:
+        return str(response.json().get("error", ""))[:160]
+    except ValueError:
+        return response.text[:160]
 
 
 def percentile(values, q) -> float | None:
@@ -461,6 +470,14 @@ def flood_figures(results: list[dict], clients: int, wall: float) -> dict:
         "real_upload_ms": summary_ms(real_ok),
         "all_answers_ms": summary_ms([r["ms"] for r in results if isinstance(r["status"], int)]),
         "retry_after_s": dict(Counter(r["retry_after"] for r in results if r["status"] == 503)),
+        # what every real upload not screened was told (a real X-ray should only ever wait: 200 or 503)
+        "real_not_screened": dict(
+            Counter(
+                f"{r['status']}: {r.get('error')}"
+                for r in results
+                if r["kind"] == "real" and r["status"] not in (200, 503)
+            )
+        ),
     }
 
 
@@ -654,6 +671,8 @@ def report(scenario: str, result: dict) -> None:
         f"max {r['max']}; 5xx other than 503: {result['server_errors_5xx_other_than_503']}; "
         f"client timeouts {result['client_timeouts']}; connection errors {result['connection_errors']}"
     )
+    for said, count in result["real_not_screened"].items():
+        print(f"  a real upload not screened, {count} x: {said}")
     if result["retry_after_s"]:
         print(
             f"Retry-After values (s: count): {result['retry_after_s']}; "
