@@ -88,17 +88,41 @@ def test_a_decode_past_the_time_limit_is_killed_and_the_next_file_decodes():
         sandbox.close()
 
 
-def test_a_child_that_dies_mid_decode_is_that_files_error_only():
+def test_a_child_lost_mid_decode_is_replaced_and_the_file_tried_once_more():
     sandbox = DecodingSandbox(DecodeLimits(seconds=30), workers=1)
     try:
         sandbox.prepare(xray_jpeg(), 224)  # the child is up
         [child] = list(sandbox._idle.queue)
-        killer = threading.Timer(0.2, os.kill, (child.pid, signal.SIGSEGV))
+        killer = threading.Timer(0.1, os.kill, (child.pid, signal.SIGSEGV))
         killer.start()
+        assert sandbox.prepare(png_of_zeros(SLOW_SIDE), 224).square.shape == (224, 224)  # in a fresh child
+        assert sandbox.replaced == 2  # the lost child, and the fresh one, retired after so large a decode
+    finally:
+        sandbox.close()
+
+
+def test_a_file_that_loses_two_children_is_that_files_error_only():
+    sandbox = DecodingSandbox(DecodeLimits(seconds=30), workers=1)
+    sandbox.prepare(xray_jpeg(), 224)  # the zygote is up
+    zygote = sandbox._zygote.process.pid
+    done = threading.Event()
+
+    def kill_every_child() -> None:  # each child the file goes to dies within 20 ms, long before it decodes
+        while not done.wait(0.02):
+            for pid in open(f"/proc/{zygote}/task/{zygote}/children").read().split():
+                os.kill(int(pid), signal.SIGSEGV)
+
+    killer = threading.Thread(target=kill_every_child)
+    killer.start()
+    try:
         with pytest.raises(DecodeLimitExceeded, match="The decoder stopped on the upload") as refused:
             sandbox.prepare(png_of_zeros(SLOW_SIDE), 224)
         assert refused.value.limit == "crash"
-        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)
+    finally:
+        done.set()
+        killer.join()
+    try:
+        assert sandbox.prepare(xray_jpeg(), 224).square.shape == (224, 224)  # the next file: a fresh child
     finally:
         sandbox.close()
 

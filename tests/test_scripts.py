@@ -208,3 +208,9 @@ def test_sandbox_overhead_times_both_sides(monkeypatch, capsys):
     argv = ["--image", str(REAL_XRAYS[0]), "--repeats", "3", "--display-side", "0"]
     assert run_main("bench.sandbox_overhead", argv, monkeypatch) == 0
     assert "the sandbox costs" in capsys.readouterr().out
+
+
+@runs("bench.onnx_layout")
+def test_onnx_layout_compares_both_layouts(tiny_model_dir, monkeypatch, capsys):
+    assert run_main("bench.onnx_layout", ["--model", tiny_model_dir, "--rounds", "2", "--batch", "2"], monkeypatch) == 0
+    assert "without the transform" in capsys.readouterr().out
