@@ -229,3 +229,11 @@ def test_the_start_refuses_only_what_the_whole_file_would_be_refused_for():
     for cut in (3, 100, 5000, START_BYTES):  # a real JPEG's start, however short: the rest decides
         assert refusal_at_start(data[:cut], "the upload") is None
     assert refusal_at_start(png_of_zeros(64)[:START_BYTES], "the upload") is None  # only JPEG is judged early
+
+
+def test_the_pixels_a_header_declares_are_read_in_a_child(sandbox):
+    from builders import dicom_bytes
+
+    assert sandbox.declared_pixels(png_of_zeros(300, bit_depth=8)) == 300 * 300
+    assert sandbox.declared_pixels(dicom_bytes(np.zeros((40, 30), np.uint16))) == 40 * 30
+    assert sandbox.declared_pixels(b"\xff\xd8\xff" + b"junk" * 100) == 0  # unreadable: decoding refuses it

@@ -55,6 +55,7 @@ class DecodeJob:
     header_keywords: list[str] | None = None
     size: int = 0  # the bytes that follow the job on the socket, unframed (none with a path)
     first: int = 0  # of those, sent first for the child to judge the file's start (0: all at once)
+    declared_only: bool = False  # only the pixels the file's header declares (nothing decoded)
 
     def header(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -102,10 +103,13 @@ def _arm_cpu_limit(seconds: float) -> None:
 
 def _child_reply(job: DecodeJob, source: Source, limits: DecodeLimits, start_vm: int) -> tuple[dict, list[bytes]]:
     """(header, buffers) for one job: the prepared arrays, or the error for a person."""
+    from pneumonia.reading.decoding import declared_pixels
     from pneumonia.reading.dicom import header_values
     from pneumonia.serving.preprocessing import prepare_xray
 
     try:
+        if job.declared_only:
+            return {"declared_pixels": declared_pixels(source)}, []
         if job.header_keywords is not None:
             return {"header": header_values(source, job.header_keywords)}, []
         prepared = prepare_xray(source, job.image_size, job.display_side, job.bytes_name)

@@ -292,6 +292,15 @@ class DecodingSandbox:
         header, _ = self._run(DecodeJob(bytes_name, header_keywords=list(keywords), size=len(data)), data)[0]
         return _header_values(header)
 
+    def declared_pixels(self, data: bytes, bytes_name: str = "the upload") -> int:
+        """The pixels a file's header declares, read in a child (nothing decoded); 0 when it cannot be read."""
+        header, _ = self._run(DecodeJob(bytes_name, size=len(data), declared_only=True), data)[0]
+        _raise_error(header)
+        pixels = header.get("declared_pixels")
+        if not isinstance(pixels, int) or pixels < 0:
+            raise RuntimeError("a decoding child answered a pixel count that is not one")
+        return pixels
+
     def _run(self, job: DecodeJob, data: bytes | None) -> tuple[tuple[dict, list[bytes]], float]:
         """(the child's answer, seconds waited for a free child). A child lost mid-job (it died, or its
         answer broke off) is replaced and the file given to a fresh one once more: a child can be lost for

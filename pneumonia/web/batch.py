@@ -12,9 +12,9 @@ it (and a display copy of at most BATCH_IMAGE_MAX_SIDE px when images are shown,
 encoded). A 100-file request holds its raw uploads (at most MAX_CONTENT_LENGTH) and at most one
 decoded full-size image.
 
-Decoding (issues 33, 39): the files' headers are read first (nothing decoded) and a request whose files
-declare more than BATCH_MAX_PIXELS pixels in all (default 1,000 megapixels, a hundred 10-megapixel
-X-rays) is a 413. Each file is decoded in the decoding sandbox (pneumonia/web/decoders.py), bounded by
+Decoding (issues 33, 39): the files' headers are read first, in the decoding sandbox (nothing decoded, and
+nothing of a file parsed in the worker), and a request whose files declare more than BATCH_MAX_PIXELS
+pixels in all (default 1,000 megapixels, a hundred 10-megapixel X-rays) is a 413. Each file is decoded in the decoding sandbox (pneumonia/web/decoders.py), bounded by
 its memory and time limits, with no model slot held.
 
 Capacity: each chunk takes a model slot (pneumonia/web/capacity.py) for its model work only, once its
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pneumonia.reading.decoding import declared_pixels
+from pneumonia.errors import XrayReadError
 from pneumonia.serving.outcomes import Outcome
 from pneumonia.serving.result_formats import csv_text, screening_json
 from pneumonia.serving.sandbox import DecoderBusy
@@ -108,9 +108,18 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     return BatchEntry(index, filename, ScreenedImage(filename)), data
 
 
+def _declared_pixels(entry: BatchEntry, data: bytes) -> int:
+    """What the file's header declares, read in the decoding sandbox; 0 for one it cannot read within its
+    limits (decoding answers that file's 400)."""
+    try:
+        return current_app.extensions["decoding_sandbox"].declared_pixels(data, entry.filename)
+    except XrayReadError:
+        return 0
+
+
 def _check_declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> None:
     """413 when the files' headers declare more than BATCH_MAX_PIXELS pixels in all (nothing decoded)."""
-    pixels = [declared_pixels(data) for _, data in pending]
+    pixels = [_declared_pixels(entry, data) for entry, data in pending]
     limit = current_settings().batch_max_pixels
     if sum(pixels) > limit:
         raise UploadError(
