@@ -33,7 +33,8 @@ def _at_once(app, hostile: bytes) -> tuple:
     ("settings", "hostile", "message"),
     [
         ({"DECODE_MEMORY_MIB": 24}, lambda: png_of_zeros(6_000, bit_depth=8), "within 24 MiB of memory"),
-        ({"DECODE_SECONDS": 0.25}, lambda: png_of_zeros(5_000), "within 0.25 s of processor time"),
+        # 0.24 to 0.29 s of processor time (tests/test_sandbox.py: SLOW_SIDE), over twice the limit
+        ({"DECODE_SECONDS": 0.1}, lambda: png_of_zeros(5_000), "within 0.1 s of processor time"),
     ],
 )
 def test_a_decode_past_a_limit_is_a_400_while_an_x_ray_beside_it_is_screened(

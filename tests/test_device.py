@@ -174,15 +174,15 @@ def screen_in_browser(browser, path: Path) -> dict:
 
 
 def own_requests(browser) -> list[dict]:
-    """Every network request made, from Chromium's performance (DevTools network) log; chrome:// resources
-    (the browser's own pages, which a clean clone's CI run logged here) never leave the machine."""
+    """Every network request made, from Chromium's performance (DevTools network) log: http(s) and ws(s)
+    only (a clean clone's CI run logged the browser's chrome:// pages and a data: image here too)."""
     requests = []
     for entry in browser.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
             request = message["params"]["request"]
-            if request["url"].startswith("chrome://"):
-                continue
+            if not request["url"].startswith(("http://", "https://", "ws://", "wss://")):
+                continue  # data: URLs and the browser's own chrome:// pages never leave the machine
             requests.append({"url": request["url"], "method": request["method"], "body": request.get("hasPostData")})
     return requests
 

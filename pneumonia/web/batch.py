@@ -14,8 +14,9 @@ decoded full-size image.
 
 Decoding (issues 33, 39): the files' headers are read first, in the decoding sandbox (nothing decoded, and
 nothing of a file parsed in the worker), and a request whose files declare more than BATCH_MAX_PIXELS
-pixels in all (default 1,000 megapixels, a hundred 10-megapixel X-rays) is a 413. Each file is decoded in the decoding sandbox (pneumonia/web/decoders.py), bounded by
-its memory and time limits, with no model slot held.
+pixels in all (default 1,000 megapixels, a hundred 10-megapixel X-rays) is a 413. Each file is decoded in
+the decoding sandbox (pneumonia/web/decoders.py), bounded by its memory and time limits, with no model
+slot held.
 
 Capacity: each chunk takes a model slot (pneumonia/web/capacity.py) for its model work only, once its
 files are decoded, and records its time per image, so single uploads waiting in line get the slot
