@@ -212,6 +212,8 @@ def test_a_file_refused_on_its_start_is_never_sent_whole(sandbox, monkeypatch):
         sandbox.prepare(junk, 224)
     assert sent == [START_BYTES] and sandbox.replaced == replaced  # the child read its start, and stays
     sent.clear()
+    assert sandbox.declared_pixels(junk) == 0 and sent == [START_BYTES]  # every job on bytes: a batch's too
+    sent.clear()
     data = large_jpeg()
     assert len(data) > START_CHECK_FROM
     assert np.array_equal(sandbox.prepare(data, 224).square, prepare_xray(data, 224).square)

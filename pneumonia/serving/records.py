@@ -38,7 +38,9 @@ class NotJsonError(CardFieldError):
 
 
 @functools.cache
-def _adapter(kind) -> TypeAdapter:
+def type_adapter(kind) -> TypeAdapter:
+    """One TypeAdapter per type, built once (building one compiles its validator): the card's records, and
+    the API's answers (pneumonia/web/schemas.py: built)."""
     return TypeAdapter(kind)
 
 
@@ -48,7 +50,7 @@ def parsed_record(kind, content, where: str = ""):
     name of the record in its file)."""
     text = content if isinstance(content, (str, bytes)) else json.dumps(content)
     try:
-        return _adapter(kind).validate_json(text, strict=True)
+        return type_adapter(kind).validate_json(text, strict=True)
     except ValidationError as err:
         error = err.errors()[0]
         if error["type"] == "json_invalid":
@@ -58,7 +60,7 @@ def parsed_record(kind, content, where: str = ""):
 
 def as_json(value) -> dict:
     """A card or one of its records as parsed JSON, leaving out the `optional()` fields without a value."""
-    return _adapter(type(value)).dump_python(value)
+    return type_adapter(type(value)).dump_python(value)
 
 
 # What the field's value should have been, by pydantic's error type.

@@ -33,6 +33,7 @@ is a new interpreter (no thread of the serving process is ever forked), so a chi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -279,9 +280,8 @@ class DecodingSandbox:
         DecodeLimitExceeded past a limit, DecoderBusy when no child was free within `wait_s`."""
         path = None if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
         size = 0 if path is not None else len(source)
-        first = START_BYTES if size > START_CHECK_FROM else 0
         name = bytes_name if path is None else path
-        job = DecodeJob(name, int(image_size), display_side, path, size=size, first=first)
+        job = DecodeJob(name, int(image_size), display_side, path, size=size)
         (header, buffers), waited = self._run(job, None if path is not None else source)
         prepared = _prepared(header, buffers, job)
         prepared.timing_ms["decoder_wait"] = round(waited * 1000, 2)
@@ -293,9 +293,13 @@ class DecodingSandbox:
         return _header_values(header)
 
     def declared_pixels(self, data: bytes, bytes_name: str = "the upload") -> int:
-        """The pixels a file's header declares, read in a child (nothing decoded); 0 when it cannot be read."""
-        header, _ = self._run(DecodeJob(bytes_name, size=len(data), declared_only=True), data)[0]
-        _raise_error(header)
+        """The pixels a file's header declares, read in a child (nothing decoded); 0 when it cannot be read
+        within the limits (decoding it answers why)."""
+        try:
+            header, _ = self._run(DecodeJob(bytes_name, size=len(data), declared_only=True), data)[0]
+            _raise_error(header)
+        except XrayReadError:  # DecodeLimitExceeded too
+            return 0
         pixels = header.get("declared_pixels")
         if not isinstance(pixels, int) or pixels < 0:
             raise RuntimeError("a decoding child answered a pixel count that is not one")
@@ -305,7 +309,10 @@ class DecodingSandbox:
         """(the child's answer, seconds waited for a free child). A child lost mid-job (it died, or its
         answer broke off) is replaced and the file given to a fresh one once more: a child can be lost for
         reasons that are not the file's (a signal; in 10-minute floods, 2 of about 16,000 real X-rays, cause
-        not yet found: docs/uploads.md); a file that loses a second child is that file's 400."""
+        not yet found: docs/uploads.md); a file that loses a second child is that file's 400. Bytes over
+        START_CHECK_FROM go in two parts, whatever the job (`DecodingChild.run`)."""
+        if data is not None and len(data) > START_CHECK_FROM:
+            job = dataclasses.replace(job, first=START_BYTES)
         try:
             return self._run_once(job, data)
         except DecodeLimitExceeded as err:

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from flask import current_app
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from pneumonia.errors import XrayReadError
 from pneumonia.serving.outcomes import Outcome
 from pneumonia.serving.result_formats import csv_text, screening_json
 from pneumonia.serving.sandbox import DecoderBusy
@@ -109,18 +108,10 @@ def _checked(index: int, upload) -> tuple[BatchEntry, bytes | None]:
     return BatchEntry(index, filename, ScreenedImage(filename)), data
 
 
-def _declared_pixels(entry: BatchEntry, data: bytes) -> int:
-    """What the file's header declares, read in the decoding sandbox; 0 for one it cannot read within its
-    limits (decoding answers that file's 400)."""
-    try:
-        return current_app.extensions["decoding_sandbox"].declared_pixels(data, entry.filename)
-    except XrayReadError:
-        return 0
-
-
 def _check_declared_pixels(pending: list[tuple[BatchEntry, bytes]]) -> None:
     """413 when the files' headers declare more than BATCH_MAX_PIXELS pixels in all (nothing decoded)."""
-    pixels = [_declared_pixels(entry, data) for entry, data in pending]
+    sandbox = current_app.extensions["decoding_sandbox"]
+    pixels = [sandbox.declared_pixels(data, entry.filename) for entry, data in pending]
     limit = current_settings().batch_max_pixels
     if sum(pixels) > limit:
         raise UploadError(

@@ -5,16 +5,16 @@ Descriptions are the models' docstrings and their fields' `description`."""
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
 from pneumonia.serving.card import LabelThresholds
 from pneumonia.serving.gate import GateThresholds
 from pneumonia.serving.outcomes import GateVerdict
+from pneumonia.serving.records import type_adapter
 from pneumonia.web.queries import DEFAULT_OVERLAY, NO, OVERLAY_FORMATS, RESULT_FORMS, YES, any_case
 
 NOTICE = "Research tool, not a medical device."
@@ -37,15 +37,10 @@ def base64_image(media_type: str, description: str | None = None):
     )
 
 
-@functools.cache
-def _adapter(schema) -> TypeAdapter:
-    return TypeAdapter(schema)
-
-
 def built(schema, /, **values) -> dict:
     """An answer's JSON through the document's own model: what the document does not describe fails here
     (a 500 in the tests) rather than reaching a client; fields left out stay out, `null`s stay."""
-    adapter = _adapter(schema)
+    adapter = type_adapter(schema)
     return adapter.dump_python(adapter.validate_python(values), mode="json", exclude_unset=True)
 
 
