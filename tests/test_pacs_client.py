@@ -94,12 +94,28 @@ class StubPacs(BaseHTTPRequestHandler):
         pass
 
 
+class StubPacsClosingIdleConnections(StubPacs):
+    """The stub keeping each connection open after its answer (HTTP/1.1), then closing it unanswered when a
+    second request comes on it: a PACS whose keep-alive timeout ran out as that request went out."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self):
+        if getattr(self, "answered", False):
+            self.close_connection = True
+            return
+        self.answered = True
+        super()._answer()
+
+    do_GET = do_POST = _answer
+
+
 @contextmanager
-def stub_pacs(routes: dict, accepts: list | None = None, times: list | None = None):
+def stub_pacs(routes: dict, accepts: list | None = None, times: list | None = None, stub: type = StubPacs):
     """The stub on a free port: yields (DICOMweb root, the (method, path) of each request); `accepts`
     gets each request's Accept header, `times` the time each arrived."""
     settings = {"accepts": accepts if accepts is not None else [], "times": times if times is not None else []}
-    handler = type("Routes", (StubPacs,), {"routes": routes, "hits": [], **settings})
+    handler = type("Routes", (stub,), {"routes": routes, "hits": [], **settings})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -235,6 +251,22 @@ def test_a_stow_refused_with_429_is_sent_again_after_its_retry_after():
     with stub_pacs({("POST", "/dicom-web/studies/"): limited}, times=times) as (url, hits):
         client(url, backoff_s=0.01).store(STUDY, [small_dicom()])
     assert hits == [("POST", f"/dicom-web/studies/{STUDY}")] * 2 and gaps(times)[0] >= 1.0
+
+
+def test_a_stow_after_a_search_goes_on_a_new_connection_not_one_the_pacs_may_be_closing():
+    accepted = {"00081199": {"vr": "SQ", "Value": []}}
+    routes = {
+        ("GET", "/dicom-web/instances"): (200, "application/dicom+json", instance_json("1.2")),
+        ("POST", "/dicom-web/studies/"): (200, "application/dicom+json", json.dumps(accepted).encode()),
+    }
+    with stub_pacs(routes, stub=StubPacsClosingIdleConnections) as (url, hits):
+        pacs = client(url)
+        assert len(list(pacs.search_instances(None, {}, ()))) == 1
+        pacs.store(STUDY, [small_dicom()])
+    assert [(method, path.split("?")[0]) for method, path in hits] == [
+        ("GET", "/dicom-web/instances"),
+        ("POST", f"/dicom-web/studies/{STUDY}"),
+    ]
 
 
 def test_an_answer_that_breaks_off_is_asked_for_again_and_then_named(caplog):

@@ -107,6 +107,7 @@ class PacsSession(requests.Session):
     def request(self, method, url, *args, **kwargs):
         kwargs.setdefault("verify", self.verify)
         if method != "GET":
+            self._close_pooled_connections()
             return super().request(method, url, *args, **kwargs)
         retry = self.retry
         for broken in range(retry.total or 0):
@@ -117,6 +118,14 @@ class PacsSession(requests.Session):
                 LOG.warning("GET: try %d failed (its answer broke off); retrying in %.1f s", broken + 1, wait)
                 time.sleep(wait)
         return super().request(method, url, *args, **kwargs)
+
+    def _close_pooled_connections(self) -> None:
+        """Why a POST (STOW-RS) goes on a new connection: it is never sent again once the PACS may have
+        received it, and a kept-alive connection can be closed by the PACS as the request goes out. Orthanc
+        closes one after 1 s idle (measured), and a STOW follows the screening of the images it searched
+        and fetched on that connection; CI once lost a `pacs screen --force` to it. One handshake a study."""
+        for adapter in self.adapters.values():
+            adapter.close()
 
 
 class Backoff(Retry):
