@@ -84,10 +84,15 @@ def image():
         pytest.skip(reason)
     made = subprocess.run([REPO / ".ci" / "docker-base", BASE], capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, f".ci/docker-base {BASE} failed:\n{made.stdout}{made.stderr}"
+    before = docker("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     with build_ca():
         started = time.monotonic()
         docker("build", "--network", "host", "--build-arg", f"BASE={BASE}", "-t", IMAGE, REPO, timeout=900)
         print(f"docker build: {time.monotonic() - started:.1f} s")
+    if before and before != docker("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip():
+        # The last run's image, untagged by this build: removed, or a CI machine keeps one per run
+        # (~680 MB each). Its layers the new image shares stay, and so the build cache.
+        docker("rmi", before, check=False)
     return IMAGE
 
 

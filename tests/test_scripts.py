@@ -210,6 +210,13 @@ def test_sandbox_overhead_times_both_sides(monkeypatch, capsys):
     assert "the sandbox costs" in capsys.readouterr().out
 
 
+@runs("bench.cpu_clocks")
+def test_cpu_clocks_reads_both_clocks(monkeypatch, capsys):
+    argv = ["--image", str(REAL_XRAYS[0]), "--seconds", "0.2", "--busy", "1", "--every", "1000"]
+    assert run_main("bench.cpu_clocks", argv, monkeypatch) == 0
+    assert "the kernel's clock" in capsys.readouterr().out
+
+
 @runs("bench.onnx_layout")
 def test_onnx_layout_compares_both_layouts(tiny_model_dir, monkeypatch, capsys):
     assert run_main("bench.onnx_layout", ["--model", tiny_model_dir, "--rounds", "2", "--batch", "2"], monkeypatch) == 0

@@ -1,13 +1,12 @@
 """The decoding sandbox's children (pneumonia/serving/sandbox.py is the parent's side): the zygote, a new
 interpreter that imports the decoders once and forks a child per request, and the child's life: bound
 itself (RLIMIT_AS over its start, RLIMIT_FSIZE=0, one thread, one malloc arena), then answer jobs, each
-under RLIMIT_CPU, with a JSON header and raw uint8 buffers, until its parent hangs up or it retires.
+under a processor-time timer, with a JSON header and raw uint8 buffers, until its parent hangs up or it retires.
 Nothing here is imported by the serving process but the job's and the limits' shapes and the messages."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import signal
@@ -28,12 +27,15 @@ MIB = 1024 * 1024
 # the next decode's room, and its memory goes back to the system with it.
 RETIRE_GROWTH_MIB = 16
 MAX_JOB_HEADER = 64 * 1024  # a job's JSON header
+# The kernel's backstop to the parent's processor-time limit: this much over it, counted from the job's start.
+BACKSTOP_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
     """What one decode may take: `memory_mib` of address space over the child's own at start, and
-    `seconds` of wall-clock time (RLIMIT_CPU a little above it as the kernel's backstop)."""
+    `seconds` of processor time (the parent enforces it; the child's timer, BACKSTOP_MARGIN_S above it,
+    is the kernel's backstop)."""
 
     memory_mib: int = 128
     seconds: float = 2.0
@@ -93,12 +95,19 @@ def _bound_self(limits: DecodeLimits) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # a decoder that tries to write a file is killed
 
 
-def _arm_cpu_limit(seconds: float) -> None:
-    """RLIMIT_CPU for the next job: SIGXCPU once it has used `seconds` (+1, the kernel counts whole
-    seconds) more CPU than the child has so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+def _arm_cpu_timer(seconds: float) -> None:
+    """SIGPROF, which ends the child, once this job has used `seconds` + BACKSTOP_MARGIN_S of processor
+    time, counted from now on the kernel's own processor clock (ITIMER_PROF).
+
+    Why not RLIMIT_CPU (which this replaced): it bounds a child's processor time over its whole life, so
+    each job set it at what getrusage said the child had used so far plus the limit. But the kernel
+    enforces it on its tick-sampled clock, and over a long-lived child's thousands of small decodes with
+    waits between them the two clocks drift apart, either way (`python -m bench.cpu_clocks`: 1.7 s after
+    2,000 decodes on a busy machine). In a 10-minute flood the kernel killed both first children with
+    SIGXCPU about 6 minutes in, each in the middle of a real X-ray (the "children lost mid-job" of
+    docs/uploads.md). A timer set at each job's start counts on the kernel's clock from there: no drift
+    carries over from one job to the next."""
+    signal.setitimer(signal.ITIMER_PROF, seconds + BACKSTOP_MARGIN_S)
 
 
 def _child_reply(job: DecodeJob, source: Source, limits: DecodeLimits, start_vm: int) -> tuple[dict, list[bytes]]:
@@ -151,7 +160,7 @@ def child_main(connection: Connection, limits: DecodeLimits) -> None:
     while True:
         try:
             job = DecodeJob(**json.loads(connection.recv_bytes(MAX_JOB_HEADER)))
-            _arm_cpu_limit(limits.seconds)
+            _arm_cpu_timer(limits.seconds)
             if job.path is None and job.first and _refused_at_its_start(connection, peer, job):
                 continue
             source = job.path if job.path is not None else receive_exactly(peer, job.size)

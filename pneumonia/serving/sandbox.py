@@ -3,7 +3,7 @@ processes whose memory and processor time the operating system bounds (issue 39;
 pneumonia/serving/decoding_child.py).
 
     screening pipeline ──job: the bytes (or a path), S, display side──> a warm child, forked from a
-    zygote that imported the decoders once (RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE=0):
+    zygote that imported the decoders once (RLIMIT_AS, RLIMIT_FSIZE=0, a processor-time timer):
         prepare_xray: decode (Pillow, OpenCV, pydicom and its pixel handlers), pixel statistics,
         the model square, the display copy
     <──a JSON header and raw uint8 buffers, checked for shape: never a decoder object, never a pickle
@@ -19,8 +19,8 @@ The limits (`DecodeLimits`): `memory_mib` of address space over what the child h
 (the interpreter and the decoders are mapped already, so the limit is what one decode may add), and
 `seconds` of processor time, which the parent reads from /proc while it waits and enforces with
 SIGKILL (processor time, so that a decode slowed by a busy machine is not cut short; WALL_FACTOR times
-it on the clock for a child that blocks); RLIMIT_CPU, a second or two above it, is the kernel's
-backstop. A child that runs out of memory answers with the limit and is retired; one that is killed or
+it on the clock for a child that blocks); a timer in the child (ITIMER_PROF), a second above it, is the
+kernel's backstop. A child that runs out of memory answers with the limit and is retired; one that is killed or
 dies is replaced; either way the file gets `DecodeLimitExceeded` (an `XrayReadError`: a 4xx saying which
 limit), and the server, the other requests and the model slots never see the decode. A child whose
 address space stays more than RETIRE_GROWTH_MIB over its start after a job, or whose peak passed half the
