@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in spinners:
             process.kill()
-    print(f"{name} ({len(data) / 1e6:.2f} MB), {args.idle_ms:g} ms idle between jobs, {args.busy} processes spinning beside it:")
+    print(f"{name} ({len(data) / 1e6:.2f} MB), {args.idle_ms:g} ms idle between jobs, {args.busy} spinning beside it:")
     for reading in readings:
         print(
             f"  after {reading['jobs']:>6} jobs: getrusage {reading['getrusage_s']:8.3f} s, the kernel's clock "
