@@ -15,20 +15,27 @@ OUT = ROOT / "docs" / "images" / "result-page.png"
 XRAY = ROOT / "tests" / "data" / "pneumonia-person1005_bacteria_2936.jpeg"
 
 
+def styled_result_page(client) -> str:
+    """The result page for XRAY as the app's test `client` answers it, its stylesheets inlined."""
+    with XRAY.open("rb") as xray:
+        page = client.post("/predict", data={"file": (xray, "chest.jpeg")}, content_type="multipart/form-data")
+    html, inlined = re.subn(
+        r'<link[^>]+href="(/static/[^"?]+\.css)(\?[^"]*)?"[^>]*>',  # ?v=: the file's content hash
+        lambda link: "<style>" + client.get(link.group(1)).get_data(as_text=True) + "</style>",
+        page.get_data(as_text=True),
+    )
+    if not inlined:
+        raise SystemExit("the result page links no stylesheet this script recognises: the shot would be unstyled")
+    return html
+
+
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from PIL import Image
 
     from pneumonia.web import create_app
 
-    client = create_app().test_client()
-    with XRAY.open("rb") as xray:
-        page = client.post("/predict", data={"file": (xray, "chest.jpeg")}, content_type="multipart/form-data")
-    html = re.sub(
-        r'<link[^>]+href="(/static/[^"]+\.css)"[^>]*>',
-        lambda link: "<style>" + client.get(link.group(1)).get_data(as_text=True) + "</style>",
-        page.get_data(as_text=True),
-    )
+    html = styled_result_page(create_app().test_client())
     with tempfile.TemporaryDirectory() as folder:
         source, shot = Path(folder) / "result.html", Path(folder) / "shot.png"
         source.write_text(html, encoding="utf-8")

@@ -72,3 +72,11 @@ def test_every_generated_part_of_the_pages_can_be_generated(hooks):
         markdown = page.read_text(encoding="utf-8")
         generated = hooks.on_page_markdown(markdown)
         assert "<!-- generated:" not in generated, page.name
+
+
+def test_the_screenshot_script_inlines_the_result_pages_stylesheet(client):
+    spec = importlib.util.spec_from_file_location("docs_screenshot", REPO / "docs" / "screenshot.py")
+    screenshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot)
+    html = screenshot.styled_result_page(client)  # the README's shot was unstyled once the links got ?v=
+    assert "<style>" in html and 'rel="stylesheet"' not in html and "Probability of pneumonia" in html
