@@ -255,9 +255,20 @@ def post_upload(
         error = _error_of(response) if status >= 400 else None
     except requests.Timeout:
         status, retry_after, error = "timeout", None, None
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):  # dropped, or cut mid-answer
-        status, retry_after, error = "connection error", None, None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:  # dropped, or cut mid-answer
+        status, retry_after, error = "connection error", None, _innermost(err)
     return {"status": status, "ms": (time.perf_counter() - started) * 1000, "retry_after": retry_after, "error": error}
+
+
+def _innermost(err: BaseException) -> str:
+    """The exception under requests' and urllib3's wrappers, by type and words: what dropped the connection
+    (a reset, the server closing a kept-alive connection as the request went out, a broken pipe)."""
+    while True:
+        inner = next((arg for arg in getattr(err, "args", ()) if isinstance(arg, BaseException)), None)
+        inner = inner or getattr(err, "reason", None) or err.__cause__ or err.__context__
+        if not isinstance(inner, BaseException) or inner is err:
+            return f"{type(err).__name__}: {err}"[:160]
+        err = inner
 
 
 def _error_of(response) -> str:
@@ -400,7 +411,7 @@ def flood(
 
     def client(seed: int) -> None:
         pick = random.Random(seed)
-        session = requests.Session()
+        session, previous = requests.Session(), None
         for turn in itertools.count(seed):
             if time.monotonic() >= stop_at:
                 break
@@ -409,7 +420,8 @@ def flood(
             if draw >= 1 - hostile_share:
                 kind = hostile[turn % len(hostile)]
             answer = post_upload(session, server.url, bodies[kind])
-            answer["kind"], answer["at"] = kind, time.monotonic()
+            answer["kind"], answer["at"], answer["after"] = kind, time.monotonic(), previous
+            previous = f"{kind} {answer['status']}"  # what this client's connection carried last
             with lock:
                 results.append(answer)
             if answer["status"] == 503 and answer["retry_after"]:
@@ -474,6 +486,7 @@ def flood_figures(results: list[dict], clients: int, wall: float) -> dict:
         "real_not_screened": dict(
             Counter(
                 f"{r['status']}: {r.get('error')}"
+                + (f" (after {r['after']})" if r["status"] == "connection error" else "")
                 for r in results
                 if r["kind"] == "real" and r["status"] not in (200, 503)
             )
