@@ -200,7 +200,7 @@ def operation_object(operation: Operation, schemas: dict[int, dict], shared: dic
     if operation.upload:
         described["requestBody"] = request_body(operation.upload)
     described["responses"] = {}
-    for status, answer in operation.answers.items():
+    for status, answer in sorted(operation.answers.items()):
         if answer.name:
             shared[answer.name] = response(answer, schemas)
             described["responses"][str(status)] = {"$ref": f"#/components/responses/{answer.name}"}

@@ -147,6 +147,16 @@ UNAVAILABLE = Answer(
     {"Retry-After": Header("Present when busy: seconds until the line of waiting uploads drains.", RETRY_AFTER)},
     name="Unavailable",
 )
+# What either upload operation may answer besides its own (the document lists every operation's by status)
+UPLOAD_FAILURES = {
+    400: BAD_REQUEST,
+    401: UNAUTHORIZED,
+    408: TIMEOUT,
+    413: TOO_LARGE,
+    429: TOO_MANY,
+    500: UNEXPECTED,
+    503: UNAVAILABLE,
+}
 
 
 PREDICT = Operation(
@@ -200,16 +210,10 @@ PREDICT = Operation(
                 "multipart/related": Body(DicomResults),
             },
         ),
-        400: BAD_REQUEST,
-        401: UNAUTHORIZED,
-        408: TIMEOUT,
-        413: TOO_LARGE,
+        **UPLOAD_FAILURES,
         415: UNSUPPORTED_TYPE,
         422: REFUSED,
-        429: TOO_MANY,
-        500: UNEXPECTED,
         501: DICOM_UNAVAILABLE,
-        503: UNAVAILABLE,
     },
     query=PredictQuery,
     upload=Upload,
@@ -242,13 +246,7 @@ PREDICT_BATCH = Operation(
             "One entry per file, in upload order.",
             {"application/json": Body(list[BatchEntry], {"mixed": BATCH_EXAMPLE})},
         ),
-        400: BAD_REQUEST,
-        401: UNAUTHORIZED,
-        408: TIMEOUT,
-        413: TOO_LARGE,
-        429: TOO_MANY,
-        500: UNEXPECTED,
-        503: UNAVAILABLE,
+        **UPLOAD_FAILURES,
     },
     query=BatchQuery,
     upload=BatchUpload,
