@@ -308,9 +308,9 @@ class DecodingSandbox:
     def _run(self, job: DecodeJob, data: bytes | None) -> tuple[tuple[dict, list[bytes]], float]:
         """(the child's answer, seconds waited for a free child). A child lost mid-job (it died, or its
         answer broke off) is replaced and the file given to a fresh one once more: a child can be lost for
-        reasons that are not the file's (a signal; in 10-minute floods, 2 of about 16,000 real X-rays, cause
-        not yet found: docs/uploads.md); a file that loses a second child is that file's 400. Bytes over
-        START_CHECK_FROM go in two parts, whatever the job (`DecodingChild.run`)."""
+        reasons that are not the file's (a signal from outside; the OOM killer of a memory cgroup choosing it;
+        once, the drifting processor-time backstop: docs/uploads.md); a file that loses a second child is that
+        file's 400. Bytes over START_CHECK_FROM go in two parts, whatever the job (`DecodingChild.run`)."""
         if data is not None and len(data) > START_CHECK_FROM:
             job = dataclasses.replace(job, first=START_BYTES)
         try:
